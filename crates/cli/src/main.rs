@@ -1,0 +1,40 @@
+//! `supportlm`: the command line. Argument parsing and wiring only; the work lives in the library crates.
+
+mod data;
+
+use clap::{Parser, Subcommand};
+
+/// Fine-tune a small open LLM into a customer-support assistant and measure it against prompting.
+#[derive(Parser)]
+#[command(name = "supportlm", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect and split the Bitext customer-support data.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Data(cmd) => data::run(cmd),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

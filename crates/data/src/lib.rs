@@ -1,0 +1,32 @@
+//! Bitext customer-support data for supportlm.
+//!
+//! What lives where:
+//! - [`shipped`]: the project's own copy of the data under `data/bitext/` and its sha256 check.
+//! - [`labels`]: the 11 categories and 27 intents, and which category each intent belongs to.
+//! - [`load`]: CSV → typed [`Record`]s (through polars), with errors naming file, row and column.
+//! - [`clean`]: text cleaning as the original study did it, and the normalisation used to find duplicates.
+//! - [`split`]: leak-free stratified train/validation/test splits, written as JSONL + `manifest.json`.
+//! - [`kshot`]: the balanced k-shot sampler (few-shot examples come from validation, never from test).
+//! - [`task`]: the task views (category, intent, response) and their chat conversations, shared by
+//!   prompting and fine-tuning so both see exactly the same task text.
+//! - [`stats`]: label counts and length distributions.
+//! - [`fsio`]: atomic file writes and sha256 helpers.
+//!
+//! Not here: anything about models, tokenizers or metrics.
+
+pub mod clean;
+pub mod error;
+pub mod fsio;
+pub mod kshot;
+pub mod labels;
+pub mod load;
+pub mod shipped;
+pub mod split;
+pub mod stats;
+pub mod task;
+
+pub use error::{DataError, Result};
+pub use labels::{Category, Intent};
+pub use load::{load_csv, Record};
+pub use split::{Split, SplitConfig, SplitName, SplitSet};
+pub use task::{Conversation, Message, Role, Task};

@@ -1,0 +1,46 @@
+//! Project automation: `cargo xtask pipeline`, `cargo xtask test`.
+//!
+//! The pipeline grows step by step with the project; every step writes under `runs/<name>/`.
+
+mod pipeline;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "supportlm project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the study end to end and write a report under runs/<name>/.
+    Pipeline(pipeline::PipelineArgs),
+    /// Run the test suite (the same command CI runs after fmt and clippy).
+    Test,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Pipeline(args) => pipeline::run(args),
+        Command::Test => run_tests(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_tests() -> anyhow::Result<()> {
+    let status =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["test", "--workspace"])
+            .status()?;
+    anyhow::ensure!(status.success(), "tests failed");
+    Ok(())
+}
