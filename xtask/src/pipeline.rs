@@ -80,7 +80,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let st = stats::stats(&dataset.records);
     writeln!(report, "\n### Statistics\n\n```text\n{st}```")?;
     let report_path = root.join("report.md");
-    write_atomic(&report_path, report.as_bytes())?;
+    write_atomic(&report_path, report.as_bytes())
+        .with_context(|| report_path.display().to_string())?;
     eprintln!("[report] {}", report_path.display());
     Ok(())
 }

@@ -10,13 +10,13 @@
 //! - [`task`]: the task views (category, intent, response) and their chat conversations, shared by
 //!   prompting and fine-tuning so both see exactly the same task text.
 //! - [`stats`]: label counts and length distributions.
-//! - [`fsio`]: atomic file writes and sha256 helpers.
+//! - [`fsio`]: atomic file writes and sha256 (the shared `supportlm-fsio` crate).
 //!
 //! Not here: anything about models, tokenizers or metrics.
 
 pub mod clean;
+pub use supportlm_fsio as fsio;
 pub mod error;
-pub mod fsio;
 pub mod kshot;
 pub mod labels;
 pub mod load;

@@ -79,7 +79,7 @@ pub fn verify_file(dir: &Path, file: &ShippedFile) -> Result<()> {
             ),
         });
     }
-    let actual = sha256_file(&path)?;
+    let actual = sha256_file(&path).map_err(|e| DataError::io(&path, e))?;
     if actual != file.sha256 {
         return Err(DataError::Altered {
             path,

@@ -270,7 +270,8 @@ impl SplitSet {
         for split in self.splits() {
             let bytes = to_jsonl(&split.records)?;
             let file = split.name.file_name();
-            write_atomic(&dir.join(&file), &bytes)?;
+            let path = dir.join(&file);
+            write_atomic(&path, &bytes).map_err(|e| DataError::io(&path, e))?;
             splits.insert(
                 split.name.as_str().to_string(),
                 self.summary(split, file, &bytes),
@@ -302,7 +303,8 @@ impl SplitSet {
         let mut json =
             serde_json::to_vec_pretty(&manifest).map_err(|e| DataError::Sampling(e.to_string()))?;
         json.push(b'\n');
-        write_atomic(&dir.join("manifest.json"), &json)?;
+        let path = dir.join("manifest.json");
+        write_atomic(&path, &json).map_err(|e| DataError::io(&path, e))?;
         Ok(manifest)
     }
 

@@ -1,32 +1,42 @@
-//! File helpers: atomic writes (temp file + rename in the same folder) and sha256.
+//! Atomic file writes and sha256, shared by every supportlm crate that writes files.
+//!
+//! Writing through [`write_atomic`] means a reader never sees a half-written file and an interrupted
+//! write never destroys the previous version. Errors are plain `std::io::Error`s; callers add the path
+//! and their own context.
 
 use std::io::Write;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{DataError, Result};
-
 /// Lower-case hex sha256 of some bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
-/// Lower-case hex sha256 of a file's contents.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    Ok(sha256_hex(&bytes))
+/// Lower-case hex sha256 of a file, streamed (large model files are not read into memory).
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder is written, synced and
-/// renamed over `path`, so a reader never sees a half-written file and an interrupted write loses nothing.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// renamed over `path`. Creates the folder if needed.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    std::fs::create_dir_all(dir)?;
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -38,11 +48,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
-    if let Err(e) = result {
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(DataError::io(path, e));
     }
-    Ok(())
+    result
 }
 
 #[cfg(test)]
@@ -64,6 +73,7 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(sha256_file(&p).unwrap(), sha256_hex(b"two"));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -1,0 +1,106 @@
+//! The KV cache: per layer, the keys and values of every position seen so far, plus per batch row which
+//! cached positions are real tokens (left/right padding is masked out) and the next RoPE position.
+
+use burn::tensor::Tensor;
+
+/// Keys and values of one layer, `[batch, kv_heads, positions, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    pub k: Option<Tensor<4>>,
+    pub v: Option<Tensor<4>>,
+}
+
+impl LayerCache {
+    /// Appends new keys/values along the position axis and returns the full keys and values.
+    pub fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let k = match self.k.take() {
+            Some(old) => Tensor::cat(vec![old, k], 2),
+            None => k,
+        };
+        let v = match self.v.take() {
+            Some(old) => Tensor::cat(vec![old, v], 2),
+            None => v,
+        };
+        self.k = Some(k.clone());
+        self.v = Some(v.clone());
+        (k, v)
+    }
+}
+
+/// The cache of a whole model for a batch of sequences.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+    /// `valid[row][pos]`: whether cached position `pos` of `row` is a real token (false for padding).
+    pub valid: Vec<Vec<bool>>,
+    /// The RoPE position the next real token of each row gets.
+    pub next_pos: Vec<usize>,
+}
+
+impl KvCache {
+    /// An empty cache for `batch` rows.
+    pub fn new(n_layers: usize, batch: usize) -> Self {
+        KvCache {
+            layers: vec![LayerCache::default(); n_layers],
+            valid: vec![Vec::new(); batch],
+            next_pos: vec![0; batch],
+        }
+    }
+
+    pub fn batch(&self) -> usize {
+        self.valid.len()
+    }
+
+    /// Cached positions (including padding).
+    pub fn len(&self) -> usize {
+        self.valid.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A batch-1 cache repeated `n` times along the batch axis: a shared prefix reused by `n` sequences.
+    /// Tensors are shared until written (Burn clones are cheap handles).
+    pub fn repeat(&self, n: usize) -> KvCache {
+        assert_eq!(self.batch(), 1, "only a batch-1 cache can be repeated");
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerCache {
+                    k: l.k.clone().map(|k| k.repeat_dim(0, n)),
+                    v: l.v.clone().map(|v| v.repeat_dim(0, n)),
+                })
+                .collect(),
+            valid: vec![self.valid[0].clone(); n],
+            next_pos: vec![self.next_pos[0]; n],
+        }
+    }
+
+    /// Keeps only the given batch rows (e.g. sequences that have not finished).
+    pub fn select_rows(&self, rows: &[usize]) -> KvCache {
+        let pick = |t: &Tensor<4>| {
+            let idx = Tensor::<1, burn::tensor::Int>::from_data(
+                burn::tensor::TensorData::new(
+                    rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                    [rows.len()],
+                ),
+                &t.device(),
+            );
+            t.clone().select(0, idx)
+        };
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerCache {
+                    k: l.k.as_ref().map(pick),
+                    v: l.v.as_ref().map(pick),
+                })
+                .collect(),
+            valid: rows.iter().map(|&r| self.valid[r].clone()).collect(),
+            next_pos: rows.iter().map(|&r| self.next_pos[r]).collect(),
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Text generation: batched prompts (left-padded, masked), a KV cache, stop conditions (EOS / end of turn,
+//! stop strings, max new tokens) and a per-token streaming callback.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::llama::{to_vec, StepInput};
+use crate::model::Model;
+use crate::sampling::{Sampler, SamplingConfig};
+
+/// How to generate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingConfig,
+    /// Generation stops when the text contains one of these (the stop string is not returned).
+    pub stop_strings: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 64,
+            sampling: SamplingConfig::default(),
+            stop_strings: Vec::new(),
+        }
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// An end-of-sequence or end-of-turn token.
+    Eos,
+    StopString,
+    MaxTokens,
+}
+
+/// One generated continuation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    /// Generated ids (without the stopping EOS token).
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop: StopReason,
+}
+
+/// Generates a continuation for each prompt. `on_token(row, id, new_text)` is called for every token as it
+/// is produced (`new_text` is the newly decodable text, possibly empty mid-character).
+pub fn generate(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    options: &GenerateOptions,
+    on_token: &mut dyn FnMut(usize, u32, &str),
+) -> Result<Vec<Generation>> {
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(ModelError::Input("a prompt has no tokens".into()));
+    }
+    let llama = &model.llama;
+    let b = prompts.len();
+    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let pad = model
+        .tokenizer
+        .pad_id
+        .or(model.tokenizer.eos_ids.first().copied())
+        .unwrap_or(0);
+    // Left padding: every row's last prompt token sits at the same column.
+    let mut input = StepInput {
+        tokens: Vec::with_capacity(b),
+        valid: Vec::with_capacity(b),
+    };
+    for p in prompts {
+        let n_pad = max_len - p.len();
+        input.tokens.push(
+            std::iter::repeat_n(pad, n_pad)
+                .chain(p.iter().copied())
+                .collect(),
+        );
+        input.valid.push(
+            std::iter::repeat_n(false, n_pad)
+                .chain(std::iter::repeat_n(true, p.len()))
+                .collect(),
+        );
+    }
+    let mut cache = llama.new_cache(b);
+    let mut samplers: Vec<Sampler> = (0..b)
+        .map(|row| {
+            let mut cfg = options.sampling.clone();
+            cfg.seed = cfg.seed.wrapping_add(row as u64);
+            Sampler::new(&cfg)
+        })
+        .collect();
+    let mut out: Vec<Generation> = (0..b)
+        .map(|_| Generation {
+            tokens: Vec::new(),
+            text: String::new(),
+            stop: StopReason::MaxTokens,
+        })
+        .collect();
+    let mut done = vec![false; b];
+    let vocab = llama.config.vocab_size;
+    let mut logits = llama.forward_last(&input, &mut cache)?;
+    for _ in 0..options.max_new_tokens {
+        let values = to_vec(logits)?;
+        let mut next = vec![pad; b];
+        for row in 0..b {
+            if done[row] {
+                continue;
+            }
+            let id = samplers[row].sample(&values[row * vocab..(row + 1) * vocab]);
+            if model.tokenizer.eos_ids.contains(&id) {
+                done[row] = true;
+                out[row].stop = StopReason::Eos;
+                continue;
+            }
+            next[row] = id;
+            let g = &mut out[row];
+            g.tokens.push(id);
+            let text = model.tokenizer.decode(&g.tokens)?;
+            // Hold back text that ends in an incomplete UTF-8 sequence (decoded as U+FFFD).
+            let stable = text.trim_end_matches('\u{FFFD}');
+            let new_text = stable.get(g.text.len()..).unwrap_or("").to_string();
+            g.text = stable.to_string();
+            if let Some(cut) = options
+                .stop_strings
+                .iter()
+                .filter_map(|s| g.text.find(s.as_str()))
+                .min()
+            {
+                g.text.truncate(cut);
+                g.stop = StopReason::StopString;
+                done[row] = true;
+            }
+            on_token(row, id, &new_text);
+        }
+        if done.iter().all(|d| *d) {
+            break;
+        }
+        let step = StepInput {
+            tokens: next.iter().map(|&t| vec![t]).collect(),
+            valid: done.iter().map(|d| vec![!d]).collect(),
+        };
+        logits = llama.forward_last(&step, &mut cache)?;
+    }
+    for g in &mut out {
+        if g.stop != StopReason::StopString {
+            g.text = model.tokenizer.decode(&g.tokens)?;
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,36 @@
+//! The model crate of supportlm: a Burn llama/qwen2 decoder that runs SmolLM2 (and Qwen2.5) from GGUF
+//! files and Hugging Face folders.
+//!
+//! What lives where:
+//! - [`gguf`] reads (and, for F32, writes) GGUF files; [`quants`] dequantizes GGML block types.
+//! - [`config`] mirrors `config.json`; [`loader`] is the one place mapping checkpoint names to fields.
+//! - [`llama`] is the decoder (llama and qwen2), [`cache`] its KV cache.
+//! - [`tokenizer`] builds tokenizers from `tokenizer.json` or GGUF metadata; [`chat`] renders chat templates.
+//! - [`sampling`], [`generate`]: picking tokens and the generation loop; [`score`]: candidate log-probs
+//!   with a reusable prefix cache.
+//! - [`model`]: the bundle (weights + tokenizer + template) and its loaders.
+//!
+//! Not here: datasets, prompts for the study's tasks, training, metrics.
+
+pub mod cache;
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod llama;
+pub mod loader;
+pub mod model;
+pub mod quants;
+pub mod sampling;
+pub mod score;
+pub mod tokenizer;
+
+pub use burn::tensor::Device;
+pub use error::{ModelError, Result};
+pub use model::Model;
+
+/// The CPU device (burn-flex) everything runs on by default.
+pub fn default_device() -> Device {
+    Device::flex()
+}

@@ -1,0 +1,330 @@
+//! The llama / qwen2 decoder (one file for both: qwen2 is llama with q/k/v biases).
+//!
+//! Pre-norm blocks: `h = x + o_proj(attn(rmsnorm(x)))`, `out = h + down(silu(gate(n)) * up(n))` with
+//! `n = rmsnorm(h)`; grouped-query attention; RoPE in the Hugging Face layout (`rotate_half`, pairs
+//! `(i, i + d/2)`); an explicit [`KvCache`] passed to every forward. Weights are kept as
+//! `[out, in]` (the checkpoint layout) and multiplied through a transposed view.
+
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::cache::{KvCache, LayerCache};
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+
+/// Copies a tensor's values to the host.
+pub fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+    t.try_into_vec_as::<f32>()
+        .map_err(|e| ModelError::Input(format!("reading a tensor back: {e:?}")))
+}
+
+/// A dense linear layer `y = x Wᵀ + b` with `W` stored `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor<2>,
+    pub bias: Option<Tensor<1>>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, s, i] = x.dims();
+        let [out, _] = self.weight.dims();
+        let y = x
+            .reshape([b * s, i])
+            .matmul(self.weight.clone().transpose());
+        let y = match &self.bias {
+            Some(bias) => y + bias.clone().unsqueeze_dim(0),
+            None => y,
+        };
+        y.reshape([b, s, out])
+    }
+}
+
+/// RMSNorm: `x / sqrt(mean(x²) + eps) * w`.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor<1>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let inv = (x.clone().square().mean_dim(2) + self.eps).sqrt().recip();
+        x * inv * self.weight.clone().unsqueeze_dims::<3>(&[0, 1])
+    }
+}
+
+/// Self-attention with grouped-query heads.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+/// The SwiGLU feed-forward block.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// Rotary embedding tables, `[max_positions, head_dim]`, Hugging Face layout (frequencies repeated twice).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+    max_positions: usize,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, max_positions: usize, device: &Device) -> Self {
+        let half = head_dim / 2;
+        // As transformers computes it: inv_freq in f32, angle = f32(position) * inv_freq in f32.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * head_dim);
+        let mut sin = Vec::with_capacity(max_positions * head_dim);
+        for p in 0..max_positions {
+            for _ in 0..2 {
+                for f in &inv_freq {
+                    let angle = p as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let table = |v: Vec<f32>| {
+            Tensor::<2>::from_data(TensorData::new(v, [max_positions, head_dim]), device)
+        };
+        Rope {
+            cos: table(cos),
+            sin: table(sin),
+            max_positions,
+        }
+    }
+
+    /// Rotates `x` (`[b, heads, s, d]`) by the angles of `positions` (`[b, s]`).
+    fn apply(&self, x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+        let [_, _, _, d] = x.dims();
+        let x1 = x.clone().narrow(3, 0, d / 2);
+        let x2 = x.clone().narrow(3, d / 2, d / 2);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos.clone() + rotated * sin.clone()
+    }
+
+    /// cos and sin for given positions, shaped `[b, 1, s, d]` to broadcast over heads.
+    fn tables(&self, positions: &[Vec<usize>], device: &Device) -> (Tensor<4>, Tensor<4>) {
+        let b = positions.len();
+        let s = positions.first().map_or(0, Vec::len);
+        let flat: Vec<i64> = positions.iter().flatten().map(|&p| p as i64).collect();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(flat, [b * s]), device);
+        let d = self.cos.dims()[1];
+        let pick = |t: &Tensor<2>| t.clone().select(0, idx.clone()).reshape([b, 1, s, d]);
+        (pick(&self.cos), pick(&self.sin))
+    }
+}
+
+/// The whole decoder: embeddings, layers, final norm and LM head.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: ModelConfig,
+    pub embed_tokens: Tensor<2>,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor<2>>,
+    pub rope: Rope,
+    pub device: Device,
+}
+
+/// One step's input: `tokens[row]` (all rows the same length) and which of them are real (not padding).
+#[derive(Debug, Clone)]
+pub struct StepInput {
+    pub tokens: Vec<Vec<u32>>,
+    pub valid: Vec<Vec<bool>>,
+}
+
+impl StepInput {
+    /// Unpadded rows of equal length.
+    pub fn dense(tokens: Vec<Vec<u32>>) -> Self {
+        let valid = tokens.iter().map(|t| vec![true; t.len()]).collect();
+        StepInput { tokens, valid }
+    }
+}
+
+impl Llama {
+    pub fn new_cache(&self, batch: usize) -> KvCache {
+        KvCache::new(self.layers.len(), batch)
+    }
+
+    /// Runs new tokens through the model, extending `cache`, and returns the final hidden states
+    /// (after the last norm), `[b, s, hidden]`. With `collect` the residual stream after the embedding
+    /// and after every layer is pushed there (for parity tests).
+    pub fn forward_hidden(
+        &self,
+        input: &StepInput,
+        cache: &mut KvCache,
+        mut collect: Option<&mut Vec<Tensor<3>>>,
+    ) -> Result<Tensor<3>> {
+        let b = input.tokens.len();
+        let s = input.tokens.first().map_or(0, Vec::len);
+        if b != cache.batch() || input.tokens.iter().any(|t| t.len() != s) || input.valid.len() != b
+        {
+            return Err(ModelError::Input(format!(
+                "step input has {b} rows of unequal length or does not match the cache's batch of {}",
+                cache.batch()
+            )));
+        }
+        if s == 0 {
+            return Err(ModelError::Input("empty step input".into()));
+        }
+        let vocab = self.config.vocab_size as u32;
+        if let Some(bad) = input.tokens.iter().flatten().find(|&&t| t >= vocab) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+
+        // Positions and the attention mask, from the cache's bookkeeping.
+        let past = cache.len();
+        let total = past + s;
+        let mut positions = Vec::with_capacity(b);
+        let mut mask = vec![0f32; b * s * total];
+        for row in 0..b {
+            let mut pos = cache.next_pos[row];
+            let mut row_pos = Vec::with_capacity(s);
+            for i in 0..s {
+                row_pos.push(pos.min(self.rope.max_positions - 1));
+                if input.valid[row][i] {
+                    pos += 1;
+                }
+            }
+            if pos > self.rope.max_positions {
+                return Err(ModelError::Input(format!(
+                    "sequence of {pos} positions exceeds the model's context of {}",
+                    self.rope.max_positions
+                )));
+            }
+            cache.next_pos[row] = pos;
+            cache.valid[row].extend_from_slice(&input.valid[row]);
+            positions.push(row_pos);
+            for i in 0..s {
+                for j in 0..total {
+                    let visible = j <= past + i && cache.valid[row][j];
+                    if !visible {
+                        mask[(row * s + i) * total + j] = -1e30;
+                    }
+                }
+            }
+        }
+        let device = &self.device;
+        let mask = Tensor::<4>::from_data(TensorData::new(mask, [b, 1, s, total]), device);
+        let (cos, sin) = self.rope.tables(&positions, device);
+
+        let flat: Vec<i64> = input.tokens.iter().flatten().map(|&t| t as i64).collect();
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(flat, [b * s]), device);
+        let hidden = self.config.hidden_size;
+        let mut x = self
+            .embed_tokens
+            .clone()
+            .select(0, ids)
+            .reshape([b, s, hidden]);
+        if let Some(c) = collect.as_deref_mut() {
+            c.push(x.clone());
+        }
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = self.layer_forward(layer, x, lc, &cos, &sin, &mask);
+            if let Some(c) = collect.as_deref_mut() {
+                c.push(x.clone());
+            }
+        }
+        Ok(self.norm.forward(x))
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &DecoderLayer,
+        x: Tensor<3>,
+        cache: &mut LayerCache,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: &Tensor<4>,
+    ) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let c = &self.config;
+        let (h, kvh, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let n = layer.input_layernorm.forward(x.clone());
+        let attn = &layer.self_attn;
+        let q = attn
+            .q_proj
+            .forward(n.clone())
+            .reshape([b, s, h, d])
+            .swap_dims(1, 2);
+        let k = attn
+            .k_proj
+            .forward(n.clone())
+            .reshape([b, s, kvh, d])
+            .swap_dims(1, 2);
+        let v = attn
+            .v_proj
+            .forward(n)
+            .reshape([b, s, kvh, d])
+            .swap_dims(1, 2);
+        let q = self.rope.apply(q, cos, sin);
+        let k = self.rope.apply(k, cos, sin);
+        let (k, v) = cache.append(k, v);
+        let t = k.dims()[2];
+        let rep = h / kvh;
+        // Query head q uses KV head q / rep: group the query heads of each KV head on one axis.
+        let q = q.reshape([b, kvh, rep * s, d]);
+        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt());
+        let scores = scores.reshape([b, h, s, t]) + mask.clone();
+        let probs = softmax(scores, 3).reshape([b, kvh, rep * s, t]);
+        let out = probs
+            .matmul(v)
+            .reshape([b, h, s, d])
+            .swap_dims(1, 2)
+            .reshape([b, s, h * d]);
+        let x = x + attn.o_proj.forward(out);
+        let n = layer.post_attention_layernorm.forward(x.clone());
+        x + layer.mlp.forward(n)
+    }
+
+    /// Logits for hidden states `[b, s, hidden]` → `[b, s, vocab]`.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        let [b, s, d] = hidden.dims();
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        hidden
+            .reshape([b * s, d])
+            .matmul(head.clone().transpose())
+            .reshape([b, s, self.config.vocab_size])
+    }
+
+    /// Runs new tokens and returns the logits of the last position of every row, `[b, vocab]`.
+    pub fn forward_last(&self, input: &StepInput, cache: &mut KvCache) -> Result<Tensor<2>> {
+        let hidden = self.forward_hidden(input, cache, None)?;
+        let [b, s, _] = hidden.dims();
+        let last = hidden.narrow(1, s - 1, 1);
+        Ok(self.logits(last).reshape([b, self.config.vocab_size]))
+    }
+}

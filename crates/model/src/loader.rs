@@ -1,0 +1,354 @@
+//! Where weights come from, and the one place that maps checkpoint tensor names to model fields.
+//!
+//! The model uses Hugging Face names and layouts internally. A [`TensorSource`] hands out f32 tensors by
+//! Hugging Face name: [`SafetensorsDir`] reads them directly, [`GgufFile`] translates the name
+//! ([`gguf_name`]) and un-permutes the Q/K rows that llama.cpp's converter permuted for its RoPE layout.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::llama::{Attention, DecoderLayer, Linear, Llama, Mlp, RmsNorm, Rope};
+
+/// Something that yields f32 tensors by Hugging Face name.
+pub trait TensorSource {
+    /// The tensor as f32 values and its shape (PyTorch order), or `None` if absent.
+    fn tensor(&self, hf_name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>>;
+}
+
+/// The GGUF name of a Hugging Face llama/qwen2 tensor name.
+pub fn gguf_name(hf_name: &str) -> String {
+    const TOP: [(&str, &str); 3] = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    const LAYER: [(&str, &str); 9] = [
+        ("input_layernorm", "attn_norm"),
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("post_attention_layernorm", "ffn_norm"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+    ];
+    if let Some((_, g)) = TOP.iter().find(|(h, _)| *h == hf_name) {
+        return g.to_string();
+    }
+    if let Some(rest) = hf_name.strip_prefix("model.layers.") {
+        if let Some((index, field)) = rest.split_once('.') {
+            for (h, g) in LAYER {
+                if let Some(suffix) = field.strip_prefix(h) {
+                    return format!("blk.{index}.{g}{suffix}");
+                }
+            }
+        }
+    }
+    hf_name.to_string()
+}
+
+/// Reverses llama.cpp's per-head row permutation of Q/K: `W_hf[h*d + i*d/2 + j] = W_gguf[h*d + 2j + i]`.
+/// Works for weights (`cols` = input width) and biases (`cols` = 1).
+pub fn unpermute_rows(w: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
+    let rows = w.len() / cols;
+    let d = rows / n_heads;
+    let half = d / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_heads {
+        for i in 0..2 {
+            for j in 0..half {
+                let dst = h * d + i * half + j;
+                let src = h * d + 2 * j + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// A GGUF file read through Hugging Face names.
+pub struct GgufSource<'a> {
+    pub file: &'a GgufFile,
+    pub config: &'a ModelConfig,
+}
+
+impl TensorSource for GgufSource<'_> {
+    fn tensor(&self, hf_name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
+        let name = gguf_name(hf_name);
+        if self.file.tensor_info(&name).is_none() {
+            return Ok(None);
+        }
+        let (data, shape) = self.file.tensor_f32(&name)?;
+        let cols = if shape.len() == 2 { shape[1] } else { 1 };
+        let heads = if name.contains(".attn_q.") {
+            Some(self.config.num_attention_heads)
+        } else if name.contains(".attn_k.") {
+            Some(self.config.kv_heads())
+        } else {
+            None
+        };
+        // Only llama-architecture GGUFs are permuted by the converter.
+        let data = match heads {
+            Some(n) if self.config.model_type == Architecture::Llama => {
+                unpermute_rows(&data, n, cols)
+            }
+            _ => data,
+        };
+        Ok(Some((data, shape)))
+    }
+}
+
+/// A Hugging Face folder: `config.json` and one or several `*.safetensors` files.
+pub struct SafetensorsDir {
+    dir: PathBuf,
+    maps: Vec<(PathBuf, Mmap)>,
+    /// Tensor name → index into `maps`.
+    index: BTreeMap<String, usize>,
+}
+
+impl SafetensorsDir {
+    /// Opens `model.safetensors`, or every shard named by `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index_path.exists() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Safetensors {
+                    path: index_path.clone(),
+                    message: e.to_string(),
+                })?;
+            let map = json["weight_map"]
+                .as_object()
+                .ok_or_else(|| ModelError::Safetensors {
+                    path: index_path.clone(),
+                    message: "no weight_map".into(),
+                })?;
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut maps = Vec::new();
+        let mut index = BTreeMap::new();
+        for path in files {
+            let file = std::fs::File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+            // SAFETY: read-only map of a file this process does not modify.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| ModelError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            for name in st.names() {
+                index.insert(name.to_string(), maps.len());
+            }
+            maps.push((path, mmap));
+        }
+        Ok(SafetensorsDir {
+            dir: dir.to_path_buf(),
+            maps,
+            index,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+}
+
+impl TensorSource for SafetensorsDir {
+    fn tensor(&self, name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
+        let Some(&i) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let (path, mmap) = &self.maps[i];
+        let err = |message: String| ModelError::Safetensors {
+            path: path.clone(),
+            message,
+        };
+        let st = SafeTensors::deserialize(mmap).map_err(|e| err(e.to_string()))?;
+        let view = st.tensor(name).map_err(|e| err(e.to_string()))?;
+        let bytes = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(err(format!(
+                    "tensor `{name}` has dtype {other:?} (supported: F32, F16, BF16)"
+                )))
+            }
+        };
+        Ok(Some((data, view.shape().to_vec())))
+    }
+}
+
+/// Builds the decoder from a source, checking every tensor's shape against the configuration.
+pub fn load_llama(src: &dyn TensorSource, config: &ModelConfig, device: &Device) -> Result<Llama> {
+    config.validate()?;
+    let c = config;
+    let (hidden, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
+    let (q_out, kv_out) = (c.num_attention_heads * d, c.kv_heads() * d);
+
+    let get = |name: &str, shape: &[usize]| -> Result<Option<Vec<f32>>> {
+        match src.tensor(name)? {
+            None => Ok(None),
+            Some((data, found)) if found == shape => Ok(Some(data)),
+            Some((_, found)) => Err(ModelError::ShapeMismatch {
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found,
+            }),
+        }
+    };
+    let need = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        get(name, shape)?.ok_or_else(|| ModelError::MissingTensor {
+            tensor: name.to_string(),
+        })
+    };
+    let t2 = |data: Vec<f32>, shape: [usize; 2]| {
+        Tensor::<2>::from_data(TensorData::new(data, shape), device)
+    };
+    let t1 = |data: Vec<f32>| {
+        let n = data.len();
+        Tensor::<1>::from_data(TensorData::new(data, [n]), device)
+    };
+    let linear = |prefix: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+        let weight = t2(need(&format!("{prefix}.weight"), &[out, inp])?, [out, inp]);
+        let bias = if bias {
+            Some(t1(need(&format!("{prefix}.bias"), &[out])?))
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    };
+    let norm = |name: &str| -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: t1(need(name, &[hidden])?),
+            eps: c.rms_norm_eps,
+        })
+    };
+
+    let embed_tokens = t2(
+        need("model.embed_tokens.weight", &[c.vocab_size, hidden])?,
+        [c.vocab_size, hidden],
+    );
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        layers.push(DecoderLayer {
+            input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+            self_attn: Attention {
+                q_proj: linear(
+                    &format!("{p}.self_attn.q_proj"),
+                    q_out,
+                    hidden,
+                    c.qkv_bias(),
+                )?,
+                k_proj: linear(
+                    &format!("{p}.self_attn.k_proj"),
+                    kv_out,
+                    hidden,
+                    c.qkv_bias(),
+                )?,
+                v_proj: linear(
+                    &format!("{p}.self_attn.v_proj"),
+                    kv_out,
+                    hidden,
+                    c.qkv_bias(),
+                )?,
+                o_proj: linear(&format!("{p}.self_attn.o_proj"), hidden, q_out, c.o_bias())?,
+            },
+            post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+            mlp: Mlp {
+                gate_proj: linear(&format!("{p}.mlp.gate_proj"), inter, hidden, false)?,
+                up_proj: linear(&format!("{p}.mlp.up_proj"), inter, hidden, false)?,
+                down_proj: linear(&format!("{p}.mlp.down_proj"), hidden, inter, false)?,
+            },
+        });
+    }
+    let lm_head = if c.tie_word_embeddings {
+        None
+    } else {
+        Some(t2(
+            need("lm_head.weight", &[c.vocab_size, hidden])?,
+            [c.vocab_size, hidden],
+        ))
+    };
+    Ok(Llama {
+        config: config.clone(),
+        embed_tokens,
+        layers,
+        norm: norm("model.norm.weight")?,
+        lm_head,
+        rope: Rope::new(d, c.rope_theta, c.max_position_embeddings, device),
+        device: device.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_both_ways_we_need() {
+        assert_eq!(gguf_name("model.embed_tokens.weight"), "token_embd.weight");
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.q_proj.bias"),
+            "blk.3.attn_q.bias"
+        );
+        assert_eq!(
+            gguf_name("model.layers.12.mlp.down_proj.weight"),
+            "blk.12.ffn_down.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight"),
+            "blk.0.ffn_norm.weight"
+        );
+    }
+
+    #[test]
+    fn unpermute_inverts_the_converter_permutation() {
+        // Converter: W_gguf = W_hf.reshape(n_head, 2, d/2, in).swapaxes(1, 2).reshape(out, in).
+        let (heads, d, cols) = (2, 8, 3);
+        let hf: Vec<f32> = (0..heads * d * cols).map(|v| v as f32).collect();
+        let mut gguf = vec![0f32; hf.len()];
+        for h in 0..heads {
+            for i in 0..2 {
+                for j in 0..d / 2 {
+                    let src = h * d + i * d / 2 + j;
+                    let dst = h * d + 2 * j + i;
+                    gguf[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(unpermute_rows(&gguf, heads, cols), hf);
+    }
+}

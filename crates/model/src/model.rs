@@ -1,0 +1,97 @@
+//! A loaded model: decoder weights, tokenizer and chat template, from a GGUF file or a Hugging Face folder.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use serde::Serialize;
+
+use crate::chat::ChatTemplate;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::llama::Llama;
+use crate::loader::{load_llama, GgufSource, SafetensorsDir};
+use crate::tokenizer::Tokenizer;
+
+/// Everything needed to turn text into text.
+#[derive(Debug)]
+pub struct Model {
+    pub llama: Llama,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    /// Where it was loaded from.
+    pub source: PathBuf,
+}
+
+impl Model {
+    /// Loads a `.gguf` file or a Hugging Face folder (`config.json`, `*.safetensors`, `tokenizer.json`).
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        if path.is_dir() {
+            Self::load_hf_dir(path, device)
+        } else if path.exists() {
+            Self::load_gguf(path, device)
+        } else {
+            Err(ModelError::io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such model file or folder (run `cargo xtask setup` for the default model)",
+                ),
+            ))
+        }
+    }
+
+    pub fn load_gguf(path: &Path, device: &Device) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(&file)?;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
+        let llama = load_llama(
+            &GgufSource {
+                file: &file,
+                config: &config,
+            },
+            &config,
+            device,
+        )?;
+        Self::assemble(llama, tokenizer, path)
+    }
+
+    pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+        let config = ModelConfig::from_json(&text)?;
+        let tokenizer = Tokenizer::from_hf_dir(dir)?;
+        let weights = SafetensorsDir::open(dir)?;
+        let llama = load_llama(&weights, &config, device)?;
+        Self::assemble(llama, tokenizer, dir)
+    }
+
+    fn assemble(llama: Llama, tokenizer: Tokenizer, source: &Path) -> Result<Self> {
+        if tokenizer.vocab_size() > llama.config.vocab_size {
+            return Err(ModelError::Tokenizer(format!(
+                "tokenizer has {} tokens but the model's vocabulary is {}",
+                tokenizer.vocab_size(),
+                llama.config.vocab_size
+            )));
+        }
+        let template = ChatTemplate::for_tokenizer(&tokenizer)?;
+        Ok(Model {
+            llama,
+            tokenizer,
+            template,
+            source: source.to_path_buf(),
+        })
+    }
+
+    /// Renders messages with the chat template and tokenizes the result (no extra BOS: templates add
+    /// their own markers).
+    pub fn encode_chat<M: Serialize>(
+        &self,
+        messages: &[M],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let text = self.template.render(messages, add_generation_prompt)?;
+        self.tokenizer.encode(&text, false)
+    }
+}
