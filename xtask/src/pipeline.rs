@@ -1,4 +1,4 @@
-//! `cargo xtask pipeline`: the study, end to end. Today: data check → splits → statistics → report.
+//! `cargo xtask pipeline`: the study, end to end. Today: setup → data check → splits → statistics → report.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -29,6 +29,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let mut report = String::new();
     writeln!(report, "# supportlm report: run `{name}`\n")?;
 
+    crate::setup::run(&workspace_root())?;
     let t = Instant::now();
     let data_dir = shipped::data_dir();
     shipped::verify(&data_dir).context("data check")?;

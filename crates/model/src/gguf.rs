@@ -369,7 +369,7 @@ impl GgufFile {
 /// Writes a GGUF v3 file with the given metadata and F32 tensors (shapes in PyTorch order), atomically.
 pub fn write_f32(
     path: &Path,
-    metadata: &[(&str, GgufValue)],
+    metadata: &[(String, GgufValue)],
     tensors: &[(&str, &[usize], &[f32])],
 ) -> Result<()> {
     fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -462,10 +462,13 @@ mod tests {
         write_f32(
             path,
             &[
-                ("general.architecture", GgufValue::String("llama".into())),
-                ("llama.block_count", GgufValue::U32(1)),
                 (
-                    "tokenizer.ggml.tokens",
+                    "general.architecture".into(),
+                    GgufValue::String("llama".into()),
+                ),
+                ("llama.block_count".into(), GgufValue::U32(1)),
+                (
+                    "tokenizer.ggml.tokens".into(),
                     GgufValue::Array(vec![
                         GgufValue::String("a".into()),
                         GgufValue::String("b".into()),

@@ -9,6 +9,7 @@
 //! - [`sampling`], [`generate`]: picking tokens and the generation loop; [`score`]: candidate log-probs
 //!   with a reusable prefix cache.
 //! - [`model`]: the bundle (weights + tokenizer + template) and its loaders.
+//! - [`tiny`]: tiny random checkpoints (HF folder and GGUF) for tests and CI.
 //!
 //! Not here: datasets, prompts for the study's tasks, training, metrics.
 
@@ -24,6 +25,7 @@ pub mod model;
 pub mod quants;
 pub mod sampling;
 pub mod score;
+pub mod tiny;
 pub mod tokenizer;
 
 pub use burn::tensor::Device;

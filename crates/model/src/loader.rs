@@ -335,20 +335,12 @@ mod tests {
 
     #[test]
     fn unpermute_inverts_the_converter_permutation() {
-        // Converter: W_gguf = W_hf.reshape(n_head, 2, d/2, in).swapaxes(1, 2).reshape(out, in).
         let (heads, d, cols) = (2, 8, 3);
         let hf: Vec<f32> = (0..heads * d * cols).map(|v| v as f32).collect();
-        let mut gguf = vec![0f32; hf.len()];
-        for h in 0..heads {
-            for i in 0..2 {
-                for j in 0..d / 2 {
-                    let src = h * d + i * d / 2 + j;
-                    let dst = h * d + 2 * j + i;
-                    gguf[dst * cols..(dst + 1) * cols]
-                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
-                }
-            }
-        }
+        let gguf = crate::tiny::permute_rows(&hf, heads, cols);
+        assert_ne!(gguf, hf);
         assert_eq!(unpermute_rows(&gguf, heads, cols), hf);
+        // Row 1 of head 0 in GGUF order is row d/2 in Hugging Face order.
+        assert_eq!(gguf[cols..2 * cols], hf[(d / 2) * cols..(d / 2 + 1) * cols]);
     }
 }

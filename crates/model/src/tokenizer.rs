@@ -39,6 +39,45 @@ impl std::fmt::Debug for Tokenizer {
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// A byte-level BPE `tokenizer.json` (as a JSON value) from a vocabulary, merges (`"a b"`), GGUF token
+/// types (3 = control, 4 = user-defined; both matched whole in text, control ones special) and a
+/// pre-tokenizer.
+pub fn bpe_tokenizer_json(
+    tokens: &[String],
+    merges: &[String],
+    types: &[u64],
+    pre_tokenizer: Value,
+) -> Value {
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let added: Vec<Value> = tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (_, ty))| **ty == 3 || **ty == 4)
+        .map(|(id, (t, ty))| {
+            json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": *ty == 3})
+        })
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    })
+}
+
 impl Tokenizer {
     /// Token ids of a text. Special tokens written in the text (`<|im_start|>` …) are matched whole;
     /// BOS is prepended when the checkpoint asks for it and `add_bos` is true.
@@ -179,35 +218,7 @@ impl Tokenizer {
                 )))
             }
         };
-        let vocab: serde_json::Map<String, Value> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), json!(i)))
-            .collect();
-        // Control (3) and user-defined (4) tokens are matched whole in text; control tokens are special.
-        let added: Vec<Value> = tokens
-            .iter()
-            .zip(&types)
-            .enumerate()
-            .filter(|(_, (_, ty))| **ty == 3 || **ty == 4)
-            .map(|(id, (t, ty))| {
-                json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
-                       "normalized": false, "special": *ty == 3})
-            })
-            .collect();
-        let spec = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                      "vocab": vocab, "merges": merges},
-        });
+        let spec = bpe_tokenizer_json(&tokens, &merges, &types, pre_tokenizer);
         let inner: tokenizers::Tokenizer = spec
             .to_string()
             .parse()

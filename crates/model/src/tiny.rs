@@ -1,0 +1,289 @@
+//! Tiny random llama/qwen2 checkpoints for tests and CI: the same weights written as a Hugging Face folder
+//! (`config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`) and as an F32 GGUF file
+//! (with llama.cpp's Q/K row permutation for llama), with a small byte-level BPE tokenizer.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use serde_json::json;
+
+use crate::chat::CHATML;
+use crate::config::{Architecture, ModelConfig, TokenIds};
+use crate::error::{ModelError, Result};
+use crate::gguf::{self, GgufValue};
+use crate::loader::gguf_name;
+use crate::tokenizer::bpe_tokenizer_json;
+
+/// Special tokens of the tiny tokenizer (ids 0, 1, 2), as in SmolLM2.
+pub const SPECIAL: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+const MERGES: [(&str, &str); 6] = [
+    ("Ġ", "t"),
+    ("h", "e"),
+    ("Ġt", "he"),
+    ("e", "r"),
+    ("o", "r"),
+    ("Ġ", "a"),
+];
+
+/// A small configuration: 2 layers, hidden 32, 4 query heads over 2 KV heads, vocab 272.
+pub fn config(arch: Architecture) -> ModelConfig {
+    ModelConfig {
+        model_type: arch,
+        vocab_size: 272,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(2),
+        head_dim: None,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 256,
+        tie_word_embeddings: arch == Architecture::Llama,
+        attention_bias: false,
+        bos_token_id: Some(1),
+        eos_token_id: Some(TokenIds::One(2)),
+        rope_scaling: None,
+        torch_dtype: Some("float32".into()),
+    }
+}
+
+/// GPT-2's byte → printable character map used by byte-level BPE.
+fn byte_chars() -> Vec<char> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut extra = 0;
+    (0u32..256)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap_or('?')
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra).unwrap_or('?')
+            }
+        })
+        .collect()
+}
+
+/// The tiny tokenizer: 3 special tokens, 256 byte tokens, a few merges.
+pub fn vocabulary() -> (Vec<String>, Vec<String>, Vec<u64>) {
+    let mut tokens: Vec<String> = SPECIAL.iter().map(|s| s.to_string()).collect();
+    tokens.extend(byte_chars().into_iter().map(String::from));
+    let mut merges = Vec::new();
+    for (a, b) in MERGES {
+        merges.push(format!("{a} {b}"));
+        tokens.push(format!("{a}{b}"));
+    }
+    let mut types = vec![3u64; SPECIAL.len()];
+    types.resize(tokens.len(), 1);
+    (tokens, merges, types)
+}
+
+/// Random weights by Hugging Face name, shapes in PyTorch order.
+pub fn weights(config: &ModelConfig, seed: u64) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut w = BTreeMap::new();
+    let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+        let n = shape.iter().product();
+        let data = (0..n)
+            .map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0))
+            .collect();
+        w.insert(name, (shape, data));
+    };
+    let (h, i, d) = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.head_dim(),
+    );
+    let (q, kv) = (config.num_attention_heads * d, config.kv_heads() * d);
+    add(
+        "model.embed_tokens.weight".into(),
+        vec![config.vocab_size, h],
+        0.5,
+        0.0,
+    );
+    for l in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        add(format!("{p}.input_layernorm.weight"), vec![h], 0.1, 1.0);
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            0.1,
+            1.0,
+        );
+        add(format!("{p}.self_attn.q_proj.weight"), vec![q, h], 0.3, 0.0);
+        add(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv, h],
+            0.3,
+            0.0,
+        );
+        add(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv, h],
+            0.3,
+            0.0,
+        );
+        add(format!("{p}.self_attn.o_proj.weight"), vec![h, q], 0.3, 0.0);
+        if config.qkv_bias() {
+            add(format!("{p}.self_attn.q_proj.bias"), vec![q], 0.1, 0.0);
+            add(format!("{p}.self_attn.k_proj.bias"), vec![kv], 0.1, 0.0);
+            add(format!("{p}.self_attn.v_proj.bias"), vec![kv], 0.1, 0.0);
+        }
+        add(format!("{p}.mlp.gate_proj.weight"), vec![i, h], 0.3, 0.0);
+        add(format!("{p}.mlp.up_proj.weight"), vec![i, h], 0.3, 0.0);
+        add(format!("{p}.mlp.down_proj.weight"), vec![h, i], 0.3, 0.0);
+    }
+    add("model.norm.weight".into(), vec![h], 0.1, 1.0);
+    if !config.tie_word_embeddings {
+        add(
+            "lm_head.weight".into(),
+            vec![config.vocab_size, h],
+            0.5,
+            0.0,
+        );
+    }
+    w
+}
+
+/// Writes a Hugging Face folder for `config` with random weights from `seed`.
+pub fn write_hf_dir(dir: &Path, config: &ModelConfig, seed: u64) -> Result<()> {
+    let io = |p: &Path, e| ModelError::io(p, e);
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let weights = weights(config, seed);
+    let bytes: BTreeMap<&String, Vec<u8>> = weights
+        .iter()
+        .map(|(n, (_, d))| (n, d.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = weights
+        .iter()
+        .map(|(n, (shape, _))| {
+            TensorView::new(Dtype::F32, shape.clone(), &bytes[n])
+                .map(|v| (n.clone(), v))
+                .map_err(|e| ModelError::Input(e.to_string()))
+        })
+        .collect::<Result<_>>()?;
+    let st = safetensors::serialize(views, None).map_err(|e| ModelError::Input(e.to_string()))?;
+    let write = |name: &str, data: &[u8]| {
+        let p = dir.join(name);
+        supportlm_fsio::write_atomic(&p, data).map_err(|e| io(&p, e))
+    };
+    write("model.safetensors", &st)?;
+    let mut cfg = serde_json::to_value(config).map_err(|e| ModelError::Input(e.to_string()))?;
+    cfg["architectures"] = json!([match config.model_type {
+        Architecture::Llama => "LlamaForCausalLM",
+        Architecture::Qwen2 => "Qwen2ForCausalLM",
+    }]);
+    write("config.json", cfg.to_string().as_bytes())?;
+    let (tokens, merges, types) = vocabulary();
+    let pre = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    write(
+        "tokenizer.json",
+        bpe_tokenizer_json(&tokens, &merges, &types, pre)
+            .to_string()
+            .as_bytes(),
+    )?;
+    let tok_cfg = json!({"bos_token": SPECIAL[1], "eos_token": SPECIAL[2], "pad_token": SPECIAL[2],
+                         "add_bos_token": false, "chat_template": CHATML});
+    write("tokenizer_config.json", tok_cfg.to_string().as_bytes())
+}
+
+/// Writes the same model as an F32 GGUF file.
+pub fn write_gguf(path: &Path, config: &ModelConfig, seed: u64) -> Result<()> {
+    let arch = match config.model_type {
+        Architecture::Llama => "llama",
+        Architecture::Qwen2 => "qwen2",
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    let (tokens, merges, types) = vocabulary();
+    let strings =
+        |v: &[String]| GgufValue::Array(v.iter().cloned().map(GgufValue::String).collect());
+    let u = |v: usize| GgufValue::U32(v as u32);
+    let metadata: Vec<(String, GgufValue)> = vec![
+        (
+            "general.architecture".into(),
+            GgufValue::String(arch.into()),
+        ),
+        (key("block_count"), u(config.num_hidden_layers)),
+        (key("context_length"), u(config.max_position_embeddings)),
+        (key("embedding_length"), u(config.hidden_size)),
+        (key("feed_forward_length"), u(config.intermediate_size)),
+        (key("attention.head_count"), u(config.num_attention_heads)),
+        (key("attention.head_count_kv"), u(config.kv_heads())),
+        (
+            key("rope.freq_base"),
+            GgufValue::F32(config.rope_theta as f32),
+        ),
+        (
+            key("attention.layer_norm_rms_epsilon"),
+            GgufValue::F32(config.rms_norm_eps as f32),
+        ),
+        (key("vocab_size"), u(config.vocab_size)),
+        (
+            "tokenizer.ggml.model".into(),
+            GgufValue::String("gpt2".into()),
+        ),
+        (
+            "tokenizer.ggml.pre".into(),
+            GgufValue::String("gpt2".into()),
+        ),
+        ("tokenizer.ggml.tokens".into(), strings(&tokens)),
+        ("tokenizer.ggml.merges".into(), strings(&merges)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            GgufValue::Array(types.iter().map(|&t| GgufValue::I32(t as i32)).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(2)),
+        ("tokenizer.ggml.padding_token_id".into(), GgufValue::U32(2)),
+        (
+            "tokenizer.ggml.add_bos_token".into(),
+            GgufValue::Bool(false),
+        ),
+        (
+            "tokenizer.chat_template".into(),
+            GgufValue::String(CHATML.into()),
+        ),
+    ];
+    let mut weights = weights(config, seed);
+    if config.model_type == Architecture::Llama {
+        for (name, (shape, data)) in weights.iter_mut() {
+            let heads = if name.contains("q_proj") {
+                config.num_attention_heads
+            } else if name.contains("k_proj") {
+                config.kv_heads()
+            } else {
+                continue;
+            };
+            *data = permute_rows(data, heads, if shape.len() == 2 { shape[1] } else { 1 });
+        }
+    }
+    let names: Vec<String> = weights.keys().map(|n| gguf_name(n)).collect();
+    let tensors: Vec<(&str, &[usize], &[f32])> = weights
+        .values()
+        .zip(&names)
+        .map(|((shape, data), name)| (name.as_str(), shape.as_slice(), data.as_slice()))
+        .collect();
+    gguf::write_f32(path, &metadata, &tensors)
+}
+
+/// llama.cpp's converter permutation of Q/K rows (the inverse of [`crate::loader::unpermute_rows`]).
+pub fn permute_rows(w: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
+    let d = w.len() / cols / n_heads;
+    let half = d / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_heads {
+        for i in 0..2 {
+            for j in 0..half {
+                let src = h * d + i * half + j;
+                let dst = h * d + 2 * j + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}

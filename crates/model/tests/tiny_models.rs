@@ -1,0 +1,174 @@
+//! The Hugging Face and GGUF loading paths, batching, caching and scoring, on tiny random llama and qwen2
+//! models written by the test itself.
+
+use supportlm_model::config::Architecture;
+use supportlm_model::generate::{generate, GenerateOptions};
+use supportlm_model::llama::{to_vec, StepInput};
+use supportlm_model::score::{encode_prefix, score_candidates, sequence_logprob};
+use supportlm_model::{default_device, tiny, Model};
+
+fn models(arch: Architecture) -> (tempfile::TempDir, Model, Model) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny::config(arch);
+    let hf = dir.path().join("hf");
+    let gguf = dir.path().join("tiny.gguf");
+    tiny::write_hf_dir(&hf, &config, 7).unwrap();
+    tiny::write_gguf(&gguf, &config, 7).unwrap();
+    let device = default_device();
+    let a = Model::load(&hf, &device).unwrap();
+    let b = Model::load(&gguf, &device).unwrap();
+    (dir, a, b)
+}
+
+fn logits(m: &Model, tokens: &[u32]) -> Vec<f32> {
+    let mut cache = m.llama.new_cache(1);
+    let h = m
+        .llama
+        .forward_hidden(&StepInput::dense(vec![tokens.to_vec()]), &mut cache, None)
+        .unwrap();
+    to_vec(m.llama.logits(h)).unwrap()
+}
+
+#[test]
+fn safetensors_and_gguf_give_identical_logits_for_llama_and_qwen2() {
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let (_dir, hf, gguf) = models(arch);
+        assert_eq!(hf.llama.config.qkv_bias(), arch == Architecture::Qwen2);
+        let text = "<|im_start|>user\nthe order 42 is late<|im_end|>";
+        let ids = hf.tokenizer.encode(text, false).unwrap();
+        assert_eq!(
+            ids,
+            gguf.tokenizer.encode(text, false).unwrap(),
+            "{arch:?} tokenizers agree"
+        );
+        assert_eq!(ids[0], 1);
+        assert_eq!(hf.tokenizer.decode(&ids).unwrap(), text);
+        let (a, b) = (logits(&hf, &ids), logits(&gguf, &ids));
+        let max = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(max <= 1e-6, "{arch:?}: logits differ by {max}");
+    }
+}
+
+#[test]
+fn kv_cache_and_padded_batches_match_a_plain_forward() {
+    let (_dir, m, _) = models(Architecture::Qwen2);
+    let a: Vec<u32> = vec![5, 9, 40, 77, 3, 12];
+    let b: Vec<u32> = vec![8, 100, 31];
+    let vocab = m.llama.config.vocab_size;
+    let full_a = logits(&m, &a);
+    let full_b = logits(&m, &b);
+    // Incremental: 4 tokens, then 2 more through the cache.
+    let mut cache = m.llama.new_cache(1);
+    m.llama
+        .forward_last(&StepInput::dense(vec![a[..4].to_vec()]), &mut cache)
+        .unwrap();
+    let step = to_vec(
+        m.llama
+            .forward_last(&StepInput::dense(vec![a[4..].to_vec()]), &mut cache)
+            .unwrap(),
+    )
+    .unwrap();
+    let last_a = &full_a[(a.len() - 1) * vocab..];
+    assert!(
+        step.iter().zip(last_a).all(|(x, y)| (x - y).abs() < 1e-4),
+        "cache"
+    );
+    // Left-padded batch of both prompts.
+    let input = StepInput {
+        tokens: vec![a.clone(), [vec![2, 2, 2], b.clone()].concat()],
+        valid: vec![vec![true; 6], [vec![false; 3], vec![true; 3]].concat()],
+    };
+    let mut cache = m.llama.new_cache(2);
+    let both = to_vec(m.llama.forward_last(&input, &mut cache).unwrap()).unwrap();
+    let last_b = &full_b[(b.len() - 1) * vocab..];
+    assert!(
+        both[..vocab]
+            .iter()
+            .zip(last_a)
+            .all(|(x, y)| (x - y).abs() < 1e-4),
+        "row a"
+    );
+    assert!(
+        both[vocab..]
+            .iter()
+            .zip(last_b)
+            .all(|(x, y)| (x - y).abs() < 1e-4),
+        "row b (padded)"
+    );
+}
+
+#[test]
+fn prefix_reuse_scores_equal_scoring_from_scratch() {
+    let (_dir, m, _) = models(Architecture::Llama);
+    let prefix: Vec<u32> = vec![1, 20, 21, 22, 23, 2];
+    let item: Vec<u32> = vec![1, 50, 51, 52];
+    let candidates: Vec<Vec<u32>> = vec![vec![60], vec![61, 62], vec![63, 64, 65, 2]];
+    let cache = encode_prefix(&m, &prefix).unwrap();
+    let reused = score_candidates(&m, &cache, &item, &candidates).unwrap();
+    let context: Vec<u32> = prefix.iter().chain(&item).copied().collect();
+    for (c, r) in candidates.iter().zip(&reused) {
+        let scratch = sequence_logprob(&m, &context, c).unwrap();
+        assert!((scratch - r).abs() < 1e-4, "{c:?}: {scratch} vs {r}");
+    }
+}
+
+#[test]
+fn batched_generation_matches_single_and_is_seeded() {
+    let (_dir, m, _) = models(Architecture::Llama);
+    let prompts = vec![vec![1u32, 30, 31, 32, 33], vec![1, 40]];
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        ..Default::default()
+    };
+    let mut streamed = vec![String::new(); 2];
+    let batch = generate(&m, &prompts, &opts, &mut |row, _, piece| {
+        streamed[row].push_str(piece)
+    })
+    .unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let single = generate(&m, std::slice::from_ref(p), &opts, &mut |_, _, _| {}).unwrap();
+        assert_eq!(single[0].tokens, batch[i].tokens, "row {i}");
+    }
+    assert_eq!(streamed[0], batch[0].text);
+    let mut sampled = opts.clone();
+    sampled.sampling.temperature = 1.0;
+    let x = generate(&m, &prompts, &sampled, &mut |_, _, _| {}).unwrap();
+    let y = generate(&m, &prompts, &sampled, &mut |_, _, _| {}).unwrap();
+    assert_eq!(x, y);
+}
+
+#[test]
+fn wrong_shapes_and_missing_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    let mut config = tiny::config(Architecture::Llama);
+    tiny::write_hf_dir(&hf, &config, 1).unwrap();
+    // Claim a wider FFN than the weights have.
+    config.intermediate_size = 64;
+    std::fs::write(
+        hf.join("config.json"),
+        serde_json::to_string(&config).unwrap(),
+    )
+    .unwrap();
+    let e = Model::load(&hf, &default_device()).unwrap_err().to_string();
+    assert!(
+        e.contains("mlp.gate_proj.weight`: expected shape [64, 32], found [48, 32]"),
+        "{e}"
+    );
+    let e = Model::load(&dir.path().join("nope.gguf"), &default_device())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nope.gguf") && e.contains("cargo xtask setup"),
+        "{e}"
+    );
+    std::fs::write(dir.path().join("bad.gguf"), b"not a model at all").unwrap();
+    let e = Model::load(&dir.path().join("bad.gguf"), &default_device())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad magic"), "{e}");
+}
