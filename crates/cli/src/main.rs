@@ -1,6 +1,7 @@
 //! `supportlm`: the command line. Argument parsing and wiring only; the work lives in the library crates.
 
 mod data;
+mod generate;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +18,8 @@ enum Command {
     /// Inspect and split the Bitext customer-support data.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Generate text with a model (GGUF file or Hugging Face folder).
+    Generate(generate::GenerateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,6 +32,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),
+        Command::Generate(args) => generate::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
