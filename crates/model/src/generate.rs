@@ -1,8 +1,10 @@
-//! Text generation: batched prompts (left-padded, masked), a KV cache, stop conditions (EOS / end of turn,
+//! Text generation: batched prompts (left-padded, masked) prefilled by the Burn model, then token by token
+//! on the quantized decode path ([`crate::decode`]) with its KV cache; stop conditions (EOS / end of turn,
 //! stop strings, max new tokens) and a per-token streaming callback.
 
 use serde::{Deserialize, Serialize};
 
+use crate::decode::DecodeState;
 use crate::error::{ModelError, Result};
 use crate::llama::{to_vec, StepInput};
 use crate::model::Model;
@@ -103,15 +105,18 @@ pub fn generate(
         .collect();
     let mut done = vec![false; b];
     let vocab = llama.config.vocab_size;
-    let mut logits = llama.forward_last(&input, &mut cache)?;
+    let decode = model.decode_weights()?;
+    let prefill = to_vec(llama.forward_last(&input, &mut cache)?)?;
+    let mut logits: Vec<Vec<f32>> = prefill.chunks_exact(vocab).map(<[f32]>::to_vec).collect();
+    let mut state = DecodeState::from_cache(&cache, &llama.config)?;
+    drop(cache);
     for _ in 0..options.max_new_tokens {
-        let values = to_vec(logits)?;
         let mut next = vec![pad; b];
         for row in 0..b {
             if done[row] {
                 continue;
             }
-            let id = samplers[row].sample(&values[row * vocab..(row + 1) * vocab]);
+            let id = samplers[row].sample(&logits[row]);
             if model.tokenizer.eos_ids.contains(&id) {
                 done[row] = true;
                 out[row].stop = StopReason::Eos;
@@ -140,11 +145,8 @@ pub fn generate(
         if done.iter().all(|d| *d) {
             break;
         }
-        let step = StepInput {
-            tokens: next.iter().map(|&t| vec![t]).collect(),
-            valid: done.iter().map(|d| vec![!d]).collect(),
-        };
-        logits = llama.forward_last(&step, &mut cache)?;
+        let active: Vec<bool> = done.iter().map(|d| !d).collect();
+        logits = decode.step(&next, &active, &mut state)?;
     }
     for g in &mut out {
         if g.stop != StopReason::StopString {

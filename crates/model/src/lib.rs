@@ -4,7 +4,8 @@
 //! What lives where:
 //! - [`gguf`] reads (and, for F32, writes) GGUF files; [`quants`] dequantizes GGML block types.
 //! - [`config`] mirrors `config.json`; [`loader`] is the one place mapping checkpoint names to fields.
-//! - [`llama`] is the decoder (llama and qwen2), [`cache`] its KV cache.
+//! - [`llama`] is the decoder (llama and qwen2) in Burn, [`cache`] its KV cache; [`decode`] is the
+//!   token-by-token path over quantized weights with the SIMD kernels of [`kernels`].
 //! - [`tokenizer`] builds tokenizers from `tokenizer.json` or GGUF metadata; [`chat`] renders chat templates.
 //! - [`sampling`], [`generate`]: picking tokens and the generation loop; [`score`]: candidate log-probs
 //!   with a reusable prefix cache.
@@ -16,9 +17,11 @@
 pub mod cache;
 pub mod chat;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod kernels;
 pub mod llama;
 pub mod loader;
 pub mod model;

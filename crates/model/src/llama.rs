@@ -87,6 +87,26 @@ pub struct DecoderLayer {
     pub mlp: Mlp,
 }
 
+/// cos and sin of every RoPE angle, `[max_positions][head_dim]` (each frequency twice: Hugging Face
+/// layout). As transformers computes them: `inv_freq` in f32, angle = f32(position) · inv_freq in f32.
+pub fn rope_tables(head_dim: usize, theta: f64, max_positions: usize) -> (Vec<f32>, Vec<f32>) {
+    let inv_freq: Vec<f32> = (0..head_dim / 2)
+        .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+        .collect();
+    let mut cos = Vec::with_capacity(max_positions * head_dim);
+    let mut sin = Vec::with_capacity(max_positions * head_dim);
+    for p in 0..max_positions {
+        for _ in 0..2 {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+    (cos, sin)
+}
+
 /// Rotary embedding tables, `[max_positions, head_dim]`, Hugging Face layout (frequencies repeated twice).
 #[derive(Debug, Clone)]
 pub struct Rope {
@@ -97,22 +117,7 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(head_dim: usize, theta: f64, max_positions: usize, device: &Device) -> Self {
-        let half = head_dim / 2;
-        // As transformers computes it: inv_freq in f32, angle = f32(position) * inv_freq in f32.
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
-            .collect();
-        let mut cos = Vec::with_capacity(max_positions * head_dim);
-        let mut sin = Vec::with_capacity(max_positions * head_dim);
-        for p in 0..max_positions {
-            for _ in 0..2 {
-                for f in &inv_freq {
-                    let angle = p as f32 * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
-            }
-        }
+        let (cos, sin) = rope_tables(head_dim, theta, max_positions);
         let table = |v: Vec<f32>| {
             Tensor::<2>::from_data(TensorData::new(v, [max_positions, head_dim]), device)
         };

@@ -15,11 +15,30 @@ use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::llama::{Attention, DecoderLayer, Linear, Llama, Mlp, RmsNorm, Rope};
+use crate::quants::GgmlType;
+
+/// A tensor as stored: GGML blocks and the shape in PyTorch order.
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    pub ty: GgmlType,
+    pub bytes: Vec<u8>,
+    pub shape: Vec<usize>,
+}
 
 /// Something that yields f32 tensors by Hugging Face name.
 pub trait TensorSource {
     /// The tensor as f32 values and its shape (PyTorch order), or `None` if absent.
     fn tensor(&self, hf_name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>>;
+
+    /// The tensor's stored GGML blocks and shape, for sources that keep quantized weights.
+    fn raw(&self, _hf_name: &str) -> Result<Option<RawTensor>> {
+        Ok(None)
+    }
+
+    /// Whether [`TensorSource::raw`] rows of llama Q/K are in llama.cpp's permuted order.
+    fn raw_is_permuted(&self) -> bool {
+        false
+    }
 }
 
 /// The GGUF name of a Hugging Face llama/qwen2 tensor name.
@@ -55,23 +74,29 @@ pub fn gguf_name(hf_name: &str) -> String {
     hf_name.to_string()
 }
 
-/// Reverses llama.cpp's per-head row permutation of Q/K: `W_hf[h*d + i*d/2 + j] = W_gguf[h*d + 2j + i]`.
-/// Works for weights (`cols` = input width) and biases (`cols` = 1).
-pub fn unpermute_rows(w: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
-    let rows = w.len() / cols;
+/// Which GGUF row each Hugging Face row of a llama Q/K projection comes from: llama.cpp's converter
+/// permuted rows per head, `W_hf[h*d + i*d/2 + j] = W_gguf[h*d + 2j + i]`.
+pub fn unpermute_order(rows: usize, n_heads: usize) -> Vec<usize> {
     let d = rows / n_heads;
     let half = d / 2;
-    let mut out = vec![0f32; w.len()];
+    let mut order = vec![0; rows];
     for h in 0..n_heads {
         for i in 0..2 {
             for j in 0..half {
-                let dst = h * d + i * half + j;
-                let src = h * d + 2 * j + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+                order[h * d + i * half + j] = h * d + 2 * j + i;
             }
         }
     }
-    out
+    order
+}
+
+/// Reverses llama.cpp's Q/K row permutation on f32 values ([`unpermute_order`]); `cols` = 1 for biases.
+pub fn unpermute_rows(w: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
+    let order = unpermute_order(w.len() / cols, n_heads);
+    order
+        .iter()
+        .flat_map(|&src| w[src * cols..(src + 1) * cols].iter().copied())
+        .collect()
 }
 
 /// A GGUF file read through Hugging Face names.
@@ -103,6 +128,23 @@ impl TensorSource for GgufSource<'_> {
             _ => data,
         };
         Ok(Some((data, shape)))
+    }
+
+    fn raw(&self, hf_name: &str) -> Result<Option<RawTensor>> {
+        let name = gguf_name(hf_name);
+        if self.file.tensor_info(&name).is_none() {
+            return Ok(None);
+        }
+        let (info, bytes) = self.file.tensor_bytes(&name)?;
+        Ok(Some(RawTensor {
+            ty: info.ty,
+            bytes: bytes.to_vec(),
+            shape: info.shape(),
+        }))
+    }
+
+    fn raw_is_permuted(&self) -> bool {
+        true
     }
 }
 

@@ -1,26 +1,44 @@
 //! A loaded model: decoder weights, tokenizer and chat template, from a GGUF file or a Hugging Face folder.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use burn::tensor::Device;
 use serde::Serialize;
 
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
+use crate::decode::DecodeWeights;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::llama::Llama;
-use crate::loader::{load_llama, GgufSource, SafetensorsDir};
+use crate::loader::{load_llama, GgufSource, SafetensorsDir, TensorSource};
 use crate::tokenizer::Tokenizer;
 
+/// The checkpoint file(s), kept open (memory-mapped) for weights read later.
+enum Checkpoint {
+    Gguf(GgufFile),
+    Hf(SafetensorsDir),
+}
+
 /// Everything needed to turn text into text.
-#[derive(Debug)]
 pub struct Model {
     pub llama: Llama,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     /// Where it was loaded from.
     pub source: PathBuf,
+    checkpoint: Checkpoint,
+    decode: OnceLock<DecodeWeights>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("source", &self.source)
+            .field("config", &self.llama.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Model {
@@ -53,7 +71,7 @@ impl Model {
             &config,
             device,
         )?;
-        Self::assemble(llama, tokenizer, path)
+        Self::assemble(llama, tokenizer, path, Checkpoint::Gguf(file))
     }
 
     pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Self> {
@@ -64,10 +82,15 @@ impl Model {
         let tokenizer = Tokenizer::from_hf_dir(dir)?;
         let weights = SafetensorsDir::open(dir)?;
         let llama = load_llama(&weights, &config, device)?;
-        Self::assemble(llama, tokenizer, dir)
+        Self::assemble(llama, tokenizer, dir, Checkpoint::Hf(weights))
     }
 
-    fn assemble(llama: Llama, tokenizer: Tokenizer, source: &Path) -> Result<Self> {
+    fn assemble(
+        llama: Llama,
+        tokenizer: Tokenizer,
+        source: &Path,
+        checkpoint: Checkpoint,
+    ) -> Result<Self> {
         if tokenizer.vocab_size() > llama.config.vocab_size {
             return Err(ModelError::Tokenizer(format!(
                 "tokenizer has {} tokens but the model's vocabulary is {}",
@@ -81,7 +104,22 @@ impl Model {
             tokenizer,
             template,
             source: source.to_path_buf(),
+            checkpoint,
+            decode: OnceLock::new(),
         })
+    }
+
+    /// The weights of the token-by-token decode path (quantized as stored), read on first use.
+    pub fn decode_weights(&self) -> Result<&DecodeWeights> {
+        if let Some(w) = self.decode.get() {
+            return Ok(w);
+        }
+        let config = &self.llama.config;
+        let weights = match &self.checkpoint {
+            Checkpoint::Gguf(file) => DecodeWeights::load(&GgufSource { file, config }, config)?,
+            Checkpoint::Hf(dir) => DecodeWeights::load(dir as &dyn TensorSource, config)?,
+        };
+        Ok(self.decode.get_or_init(|| weights))
     }
 
     /// Renders messages with the chat template and tokenizes the result (no extra BOS: templates add

@@ -150,29 +150,49 @@ pub fn weights(config: &ModelConfig, seed: u64) -> BTreeMap<String, (Vec<usize>,
     w
 }
 
-/// Writes a Hugging Face folder for `config` with random weights from `seed`.
-pub fn write_hf_dir(dir: &Path, config: &ModelConfig, seed: u64) -> Result<()> {
+/// Writes a Hugging Face folder for `config` with random weights from `seed`: one `model.safetensors`, or
+/// with `shards > 1` that many `model-0000i-of-0000n.safetensors` files and `model.safetensors.index.json`.
+pub fn write_hf_dir(dir: &Path, config: &ModelConfig, seed: u64, shards: usize) -> Result<()> {
     let io = |p: &Path, e| ModelError::io(p, e);
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let write = |name: &str, data: &[u8]| {
+        let p = dir.join(name);
+        supportlm_fsio::write_atomic(&p, data).map_err(|e| io(&p, e))
+    };
     let weights = weights(config, seed);
     let bytes: BTreeMap<&String, Vec<u8>> = weights
         .iter()
         .map(|(n, (_, d))| (n, d.iter().flat_map(|v| v.to_le_bytes()).collect()))
         .collect();
-    let views: Vec<(String, TensorView<'_>)> = weights
-        .iter()
-        .map(|(n, (shape, _))| {
-            TensorView::new(Dtype::F32, shape.clone(), &bytes[n])
-                .map(|v| (n.clone(), v))
-                .map_err(|e| ModelError::Input(e.to_string()))
-        })
-        .collect::<Result<_>>()?;
-    let st = safetensors::serialize(views, None).map_err(|e| ModelError::Input(e.to_string()))?;
-    let write = |name: &str, data: &[u8]| {
-        let p = dir.join(name);
-        supportlm_fsio::write_atomic(&p, data).map_err(|e| io(&p, e))
-    };
-    write("model.safetensors", &st)?;
+    let shards = shards.max(1);
+    let mut weight_map = serde_json::Map::new();
+    for shard in 0..shards {
+        let views: Vec<(String, TensorView<'_>)> = weights
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % shards == shard)
+            .map(|(_, (n, (shape, _)))| {
+                TensorView::new(Dtype::F32, shape.clone(), &bytes[n])
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| ModelError::Input(e.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        let file = if shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{shards:05}.safetensors", shard + 1)
+        };
+        for (name, _) in &views {
+            weight_map.insert(name.clone(), json!(file));
+        }
+        let st =
+            safetensors::serialize(views, None).map_err(|e| ModelError::Input(e.to_string()))?;
+        write(&file, &st)?;
+    }
+    if shards > 1 {
+        let index = json!({"metadata": {}, "weight_map": weight_map});
+        write("model.safetensors.index.json", index.to_string().as_bytes())?;
+    }
     let mut cfg = serde_json::to_value(config).map_err(|e| ModelError::Input(e.to_string()))?;
     cfg["architectures"] = json!([match config.model_type {
         Architecture::Llama => "LlamaForCausalLM",
@@ -273,17 +293,11 @@ pub fn write_gguf(path: &Path, config: &ModelConfig, seed: u64) -> Result<()> {
 
 /// llama.cpp's converter permutation of Q/K rows (the inverse of [`crate::loader::unpermute_rows`]).
 pub fn permute_rows(w: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
-    let d = w.len() / cols / n_heads;
-    let half = d / 2;
+    let order = crate::loader::unpermute_order(w.len() / cols, n_heads);
     let mut out = vec![0f32; w.len()];
-    for h in 0..n_heads {
-        for i in 0..2 {
-            for j in 0..half {
-                let src = h * d + i * half + j;
-                let dst = h * d + 2 * j + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
+    for (hf_row, &gguf_row) in order.iter().enumerate() {
+        out[gguf_row * cols..(gguf_row + 1) * cols]
+            .copy_from_slice(&w[hf_row * cols..(hf_row + 1) * cols]);
     }
     out
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use serde_json::Value;
+use supportlm_model::generate::{generate, GenerateOptions};
 use supportlm_model::gguf::GgufFile;
 use supportlm_model::llama::{to_vec, StepInput};
 use supportlm_model::sampling::argmax;
@@ -222,6 +223,22 @@ fn logits_greedy_continuations_and_label_scores_match_transformers() {
             step = vec![next];
         }
         assert_eq!(got, expected, "{name}: greedy continuation");
+
+        // The same through `generate` (quantized decode path), which stops at the end of the turn.
+        let opts = GenerateOptions {
+            max_new_tokens: expected.len(),
+            ..Default::default()
+        };
+        let out = generate(m, std::slice::from_ref(&prompt), &opts, &mut |_, _, _| {}).unwrap();
+        let until_eos: Vec<u32> = expected
+            .iter()
+            .copied()
+            .take_while(|&t| !m.tokenizer.eos_ids.contains(&t))
+            .collect();
+        assert_eq!(
+            out[0].tokens, until_eos,
+            "{name}: greedy continuation on the decode path"
+        );
 
         if let Some(scores) = case.get("label_scores").and_then(Value::as_object) {
             let prefix = encode_prefix(m, &prompt).unwrap();

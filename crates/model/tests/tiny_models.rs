@@ -12,8 +12,18 @@ fn models(arch: Architecture) -> (tempfile::TempDir, Model, Model) {
     let config = tiny::config(arch);
     let hf = dir.path().join("hf");
     let gguf = dir.path().join("tiny.gguf");
-    tiny::write_hf_dir(&hf, &config, 7).unwrap();
+    tiny::write_hf_dir(
+        &hf,
+        &config,
+        7,
+        if arch == Architecture::Qwen2 { 2 } else { 1 },
+    )
+    .unwrap();
     tiny::write_gguf(&gguf, &config, 7).unwrap();
+    assert_eq!(
+        hf.join("model.safetensors.index.json").exists(),
+        arch == Architecture::Qwen2
+    );
     let device = default_device();
     let a = Model::load(&hf, &device).unwrap();
     let b = Model::load(&gguf, &device).unwrap();
@@ -31,6 +41,7 @@ fn logits(m: &Model, tokens: &[u32]) -> Vec<f32> {
 
 #[test]
 fn safetensors_and_gguf_give_identical_logits_for_llama_and_qwen2() {
+    // The qwen2 model is written as two safetensors shards with an index file.
     for arch in [Architecture::Llama, Architecture::Qwen2] {
         let (_dir, hf, gguf) = models(arch);
         assert_eq!(hf.llama.config.qkv_bias(), arch == Architecture::Qwen2);
@@ -146,7 +157,7 @@ fn wrong_shapes_and_missing_files_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf");
     let mut config = tiny::config(Architecture::Llama);
-    tiny::write_hf_dir(&hf, &config, 1).unwrap();
+    tiny::write_hf_dir(&hf, &config, 1, 1).unwrap();
     // Claim a wider FFN than the weights have.
     config.intermediate_size = 64;
     std::fs::write(
@@ -171,4 +182,54 @@ fn wrong_shapes_and_missing_files_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("bad magic"), "{e}");
+}
+
+#[test]
+fn quantized_decode_path_matches_the_burn_forward() {
+    use supportlm_model::decode::DecodeState;
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let (_dir, hf, gguf) = models(arch);
+        for m in [&hf, &gguf] {
+            let vocab = m.llama.config.vocab_size;
+            let prompts = [vec![1u32, 30, 31, 32, 33], vec![2, 2, 1, 40, 41]];
+            let valid = vec![vec![true; 5], vec![false, false, true, true, true]];
+            let mut cache = m.llama.new_cache(2);
+            m.llama
+                .forward_last(
+                    &StepInput {
+                        tokens: prompts.to_vec(),
+                        valid: valid.clone(),
+                    },
+                    &mut cache,
+                )
+                .unwrap();
+            let mut state = DecodeState::from_cache(&cache, &m.llama.config).unwrap();
+            let next = [50u32, 60];
+            let fast = m
+                .decode_weights()
+                .unwrap()
+                .step(&next, &[true, true], &mut state)
+                .unwrap();
+            let slow = to_vec(
+                m.llama
+                    .forward_last(
+                        &StepInput::dense(next.iter().map(|&t| vec![t]).collect()),
+                        &mut cache,
+                    )
+                    .unwrap(),
+            )
+            .unwrap();
+            for row in 0..2 {
+                let max = fast[row]
+                    .iter()
+                    .zip(&slow[row * vocab..(row + 1) * vocab])
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    max < 1e-4,
+                    "{arch:?} row {row}: decode path differs by {max}"
+                );
+            }
+        }
+    }
 }

@@ -1,0 +1,435 @@
+//! The token-by-token decode path: one new token per sequence per step, computed in plain Rust over
+//! quantized weights ([`crate::kernels`]) so that each step reads the compact GGUF blocks once instead of
+//! f32 copies. Prompts are prefilled by the Burn model ([`crate::llama`], compute-bound batched matmuls);
+//! its KV cache is then carried over into a [`DecodeState`]. Same math, same layout (Hugging Face RoPE),
+//! tested against the Burn forward.
+
+use crate::cache::KvCache;
+use crate::config::{Architecture, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::kernels::{QMatrix, MAX_BATCH};
+use crate::llama::{rope_tables, to_vec};
+use crate::loader::{unpermute_order, TensorSource};
+
+/// One layer's weights in kernel formats.
+#[derive(Debug, Clone)]
+struct DecodeLayer {
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    q: QMatrix,
+    k: QMatrix,
+    v: QMatrix,
+    o: QMatrix,
+    q_bias: Option<Vec<f32>>,
+    k_bias: Option<Vec<f32>>,
+    v_bias: Option<Vec<f32>>,
+    o_bias: Option<Vec<f32>>,
+    gate: QMatrix,
+    up: QMatrix,
+    down: QMatrix,
+}
+
+/// All weights of the decode path.
+#[derive(Debug, Clone)]
+pub struct DecodeWeights {
+    config: ModelConfig,
+    embed: QMatrix,
+    lm_head: Option<QMatrix>,
+    norm: Vec<f32>,
+    layers: Vec<DecodeLayer>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// Per-sequence KV cache of the decode path: `k[row][layer]` is `[position][kv_heads × head_dim]`.
+#[derive(Debug, Clone)]
+pub struct DecodeState {
+    k: Vec<Vec<Vec<f32>>>,
+    v: Vec<Vec<Vec<f32>>>,
+    valid: Vec<Vec<bool>>,
+    next_pos: Vec<usize>,
+}
+
+impl DecodeState {
+    /// Takes over a cache filled by the Burn model's prefill.
+    pub fn from_cache(cache: &KvCache, config: &ModelConfig) -> Result<Self> {
+        let b = cache.batch();
+        let t = cache.len();
+        let (kvh, d) = (config.kv_heads(), config.head_dim());
+        let mut k = vec![Vec::with_capacity(cache.layers.len()); b];
+        let mut v = vec![Vec::with_capacity(cache.layers.len()); b];
+        for layer in &cache.layers {
+            for (dst, src) in [(&mut k, &layer.k), (&mut v, &layer.v)] {
+                let src = src
+                    .clone()
+                    .ok_or_else(|| ModelError::Input("cache has not been filled".into()))?;
+                let values = to_vec(src)?; // [b, kvh, t, d]
+                for (row, dst_row) in dst.iter_mut().enumerate() {
+                    let mut flat = Vec::with_capacity((t + 64) * kvh * d);
+                    for pos in 0..t {
+                        for h in 0..kvh {
+                            let at = ((row * kvh + h) * t + pos) * d;
+                            flat.extend_from_slice(&values[at..at + d]);
+                        }
+                    }
+                    dst_row.push(flat);
+                }
+            }
+        }
+        Ok(DecodeState {
+            k,
+            v,
+            valid: cache.valid.clone(),
+            next_pos: cache.next_pos.clone(),
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.valid.len()
+    }
+}
+
+fn matrix(
+    src: &dyn TensorSource,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    heads: Option<usize>,
+) -> Result<QMatrix> {
+    let m = match src.raw(name)? {
+        Some(raw) => {
+            check_shape(name, &raw.shape, &[rows, cols])?;
+            QMatrix::from_ggml(raw.ty, &raw.bytes, rows, cols)
+        }
+        None => {
+            let (values, shape) = src.tensor(name)?.ok_or_else(|| ModelError::MissingTensor {
+                tensor: name.into(),
+            })?;
+            check_shape(name, &shape, &[rows, cols])?;
+            return Ok(QMatrix::from_f32(&values, rows, cols));
+        }
+    };
+    // Raw GGUF rows of llama Q/K are in llama.cpp's order: reorder to the Hugging Face layout.
+    Ok(match heads {
+        Some(h) => m.reorder_rows(&unpermute_order(rows, h)),
+        None => m,
+    })
+}
+
+fn vector(src: &dyn TensorSource, name: &str, len: usize) -> Result<Vec<f32>> {
+    let (values, shape) = src.tensor(name)?.ok_or_else(|| ModelError::MissingTensor {
+        tensor: name.into(),
+    })?;
+    check_shape(name, &shape, &[len])?;
+    Ok(values)
+}
+
+fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
+    if found != expected {
+        return Err(ModelError::ShapeMismatch {
+            tensor: name.into(),
+            expected: expected.to_vec(),
+            found: found.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
+    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (mean + eps as f32).sqrt();
+    x.iter().zip(w).map(|(v, w)| v * inv * w).collect()
+}
+
+/// `y = W x` for each row's vector (up to [`MAX_BATCH`] at a time).
+fn matvec(m: &QMatrix, xs: &[Vec<f32>], bias: Option<&Vec<f32>>) -> Vec<Vec<f32>> {
+    let mut out: Vec<Vec<f32>> = vec![vec![0f32; m.rows]; xs.len()];
+    for start in (0..xs.len()).step_by(MAX_BATCH) {
+        let group: Vec<&[f32]> = xs[start..(start + MAX_BATCH).min(xs.len())]
+            .iter()
+            .map(Vec::as_slice)
+            .collect();
+        let mut ys = vec![0f32; m.rows * group.len()];
+        m.matvecs(&group, &mut ys);
+        for (r, chunk) in ys.chunks_exact(group.len()).enumerate() {
+            for (b, y) in chunk.iter().enumerate() {
+                out[start + b][r] = *y;
+            }
+        }
+    }
+    if let Some(bias) = bias {
+        for y in &mut out {
+            y.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+        }
+    }
+    out
+}
+
+impl DecodeWeights {
+    /// Reads the decode weights (quantized where the source has them) by Hugging Face name.
+    pub fn load(src: &dyn TensorSource, config: &ModelConfig) -> Result<Self> {
+        let c = config;
+        let (hidden, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        let (q_out, kv_out) = (c.num_attention_heads * d, c.kv_heads() * d);
+        let permuted = src.raw_is_permuted() && c.model_type == Architecture::Llama;
+        let (qh, kh) = if permuted {
+            (Some(c.num_attention_heads), Some(c.kv_heads()))
+        } else {
+            (None, None)
+        };
+        let bias = |name: String, len: usize, on: bool| -> Result<Option<Vec<f32>>> {
+            if !on {
+                return Ok(None);
+            }
+            let v = vector(src, &name, len)?;
+            // Biases of permuted Q/K rows are permuted too.
+            let heads = if name.contains("q_proj") {
+                qh
+            } else if name.contains("k_proj") {
+                kh
+            } else {
+                None
+            };
+            Ok(Some(match heads {
+                Some(h) => unpermute_order(len, h).iter().map(|&i| v[i]).collect(),
+                None => v,
+            }))
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(DecodeLayer {
+                attn_norm: vector(src, &format!("{p}.input_layernorm.weight"), hidden)?,
+                ffn_norm: vector(src, &format!("{p}.post_attention_layernorm.weight"), hidden)?,
+                q: matrix(
+                    src,
+                    &format!("{p}.self_attn.q_proj.weight"),
+                    q_out,
+                    hidden,
+                    qh,
+                )?,
+                k: matrix(
+                    src,
+                    &format!("{p}.self_attn.k_proj.weight"),
+                    kv_out,
+                    hidden,
+                    kh,
+                )?,
+                v: matrix(
+                    src,
+                    &format!("{p}.self_attn.v_proj.weight"),
+                    kv_out,
+                    hidden,
+                    None,
+                )?,
+                o: matrix(
+                    src,
+                    &format!("{p}.self_attn.o_proj.weight"),
+                    hidden,
+                    q_out,
+                    None,
+                )?,
+                q_bias: bias(format!("{p}.self_attn.q_proj.bias"), q_out, c.qkv_bias())?,
+                k_bias: bias(format!("{p}.self_attn.k_proj.bias"), kv_out, c.qkv_bias())?,
+                v_bias: bias(format!("{p}.self_attn.v_proj.bias"), kv_out, c.qkv_bias())?,
+                o_bias: bias(format!("{p}.self_attn.o_proj.bias"), hidden, c.o_bias())?,
+                gate: matrix(
+                    src,
+                    &format!("{p}.mlp.gate_proj.weight"),
+                    inter,
+                    hidden,
+                    None,
+                )?,
+                up: matrix(src, &format!("{p}.mlp.up_proj.weight"), inter, hidden, None)?,
+                down: matrix(
+                    src,
+                    &format!("{p}.mlp.down_proj.weight"),
+                    hidden,
+                    inter,
+                    None,
+                )?,
+            });
+        }
+        let embed = matrix(src, "model.embed_tokens.weight", c.vocab_size, hidden, None)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(matrix(src, "lm_head.weight", c.vocab_size, hidden, None)?)
+        };
+        let (cos, sin) = rope_tables(d, c.rope_theta, c.max_position_embeddings);
+        Ok(DecodeWeights {
+            config: config.clone(),
+            embed,
+            lm_head,
+            norm: vector(src, "model.norm.weight", hidden)?,
+            layers,
+            cos,
+            sin,
+        })
+    }
+
+    /// Bytes of weights read per decode step (every matrix once, plus one embedding row per sequence).
+    pub fn bytes_per_step(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|m| m.size_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        layers + self.lm_head.as_ref().unwrap_or(&self.embed).size_bytes()
+    }
+
+    /// Runs one token per sequence (`active[row] == false` feeds padding that is masked out) and returns
+    /// each row's next-token logits.
+    pub fn step(
+        &self,
+        tokens: &[u32],
+        active: &[bool],
+        state: &mut DecodeState,
+    ) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let b = tokens.len();
+        if b != state.batch() || active.len() != b {
+            return Err(ModelError::Input(format!(
+                "{b} tokens for a decode state of {} rows",
+                state.batch()
+            )));
+        }
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        let (h, kvh, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let half = d / 2;
+        let rep = h / kvh;
+        let max_pos = c.max_position_embeddings;
+        let positions: Vec<usize> = state.next_pos.iter().map(|&p| p.min(max_pos - 1)).collect();
+        if let Some(p) = state
+            .next_pos
+            .iter()
+            .zip(active)
+            .find(|(p, a)| **a && **p >= max_pos)
+        {
+            return Err(ModelError::Input(format!(
+                "position {} exceeds the context of {max_pos}",
+                p.0
+            )));
+        }
+        for ((valid, pos), &on) in state.valid.iter_mut().zip(&mut state.next_pos).zip(active) {
+            valid.push(on);
+            if on {
+                *pos += 1;
+            }
+        }
+        let rope = |x: &mut [f32], pos: usize| {
+            let (cos, sin) = (
+                &self.cos[pos * d..(pos + 1) * d],
+                &self.sin[pos * d..(pos + 1) * d],
+            );
+            for head in x.chunks_exact_mut(d) {
+                for i in 0..half {
+                    let (a, bb) = (head[i], head[i + half]);
+                    head[i] = a * cos[i] - bb * sin[i];
+                    head[i + half] = bb * cos[i + half] + a * sin[i + half];
+                }
+            }
+        };
+        let mut x: Vec<Vec<f32>> = tokens
+            .iter()
+            .map(|&t| {
+                let mut row = vec![0f32; c.hidden_size];
+                self.embed.row_f32(t as usize, &mut row);
+                row
+            })
+            .collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        for (li, layer) in self.layers.iter().enumerate() {
+            let n: Vec<Vec<f32>> = x
+                .iter()
+                .map(|r| rms_norm(r, &layer.attn_norm, c.rms_norm_eps))
+                .collect();
+            let mut q = matvec(&layer.q, &n, layer.q_bias.as_ref());
+            let mut k = matvec(&layer.k, &n, layer.k_bias.as_ref());
+            let v = matvec(&layer.v, &n, layer.v_bias.as_ref());
+            let mut attn_out = vec![vec![0f32; h * d]; b];
+            for row in 0..b {
+                rope(&mut q[row], positions[row]);
+                rope(&mut k[row], positions[row]);
+                state.k[row][li].extend_from_slice(&k[row]);
+                state.v[row][li].extend_from_slice(&v[row]);
+                let (ks, vs, valid) = (&state.k[row][li], &state.v[row][li], &state.valid[row]);
+                let t = valid.len();
+                for head in 0..h {
+                    let g = head / rep;
+                    let qh = &q[row][head * d..(head + 1) * d];
+                    let mut scores: Vec<f32> = (0..t)
+                        .map(|pos| {
+                            if !valid[pos] {
+                                return f32::NEG_INFINITY;
+                            }
+                            let kv = &ks[(pos * kvh + g) * d..(pos * kvh + g + 1) * d];
+                            qh.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    if max == f32::NEG_INFINITY {
+                        continue; // a padding row with nothing to attend to
+                    }
+                    let mut total = 0f32;
+                    for s in &mut scores {
+                        *s = (*s - max).exp();
+                        total += *s;
+                    }
+                    let out = &mut attn_out[row][head * d..(head + 1) * d];
+                    for (pos, p) in scores.iter().enumerate() {
+                        if *p == 0.0 {
+                            continue;
+                        }
+                        let w = p / total;
+                        let vv = &vs[(pos * kvh + g) * d..(pos * kvh + g + 1) * d];
+                        out.iter_mut().zip(vv).for_each(|(o, v)| *o += w * v);
+                    }
+                }
+            }
+            let o = matvec(&layer.o, &attn_out, layer.o_bias.as_ref());
+            for (xr, or) in x.iter_mut().zip(&o) {
+                xr.iter_mut().zip(or).for_each(|(a, b)| *a += b);
+            }
+            let n: Vec<Vec<f32>> = x
+                .iter()
+                .map(|r| rms_norm(r, &layer.ffn_norm, c.rms_norm_eps))
+                .collect();
+            let gate = matvec(&layer.gate, &n, None);
+            let up = matvec(&layer.up, &n, None);
+            let act: Vec<Vec<f32>> = gate
+                .iter()
+                .zip(&up)
+                .map(|(g, u)| {
+                    g.iter()
+                        .zip(u)
+                        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                        .collect()
+                })
+                .collect();
+            let down = matvec(&layer.down, &act, None);
+            for (xr, dr) in x.iter_mut().zip(&down) {
+                xr.iter_mut().zip(dr).for_each(|(a, b)| *a += b);
+            }
+        }
+        let n: Vec<Vec<f32>> = x
+            .iter()
+            .map(|r| rms_norm(r, &self.norm, c.rms_norm_eps))
+            .collect();
+        Ok(matvec(
+            self.lm_head.as_ref().unwrap_or(&self.embed),
+            &n,
+            None,
+        ))
+    }
+}

@@ -1,0 +1,233 @@
+//! `cargo xtask bench model`: throughput of the default model on this machine, every ratio measured in one
+//! run: the backend's matmul GFLOP/s; prefill tokens/s and its share of that matmul rate; batch-1 and batch-8
+//! decode tokens/s with the weight bytes read per token against a measured memory-copy bandwidth; and
+//! label scoring after a 10-shot prefix with and without prefix reuse.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use burn::tensor::{Distribution, Tensor};
+use clap::{Args, ValueEnum};
+use rayon::prelude::*;
+use supportlm_data::kshot::balanced_kshot;
+use supportlm_data::{load_csv, shipped, split, SplitConfig, Task};
+use supportlm_model::decode::DecodeState;
+use supportlm_model::llama::{to_vec, StepInput};
+use supportlm_model::score::{encode_prefix, score_candidates};
+use supportlm_model::{default_device, Model};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Suite {
+    /// Model inference: matmul, prefill, decode, scoring.
+    Model,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    suite: Suite,
+    /// Items for the scoring benchmark.
+    #[arg(long, default_value_t = 100)]
+    items: usize,
+    /// Decode steps per decode measurement.
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.suite {
+        Suite::Model => model(&args),
+    }
+}
+
+/// Best time of `reps` runs of `f`.
+fn best<T>(reps: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
+    let mut best = Duration::MAX;
+    let mut last = None;
+    for _ in 0..reps {
+        let t = Instant::now();
+        let out = f();
+        best = best.min(t.elapsed());
+        last = Some(out);
+    }
+    (best, last.expect("reps > 0"))
+}
+
+fn matmul_gflops() -> f64 {
+    let device = default_device();
+    let n = 1024;
+    let a = Tensor::<2>::random([n, n], Distribution::Default, &device);
+    let b = Tensor::<2>::random([n, n], Distribution::Default, &device);
+    let (t, _) = best(5, || to_vec(a.clone().matmul(b.clone())).map(|v| v[0]));
+    2.0 * (n * n * n) as f64 / t.as_secs_f64() / 1e9
+}
+
+/// Bytes copied per second by a 2-thread memcpy of a buffer of `bytes`.
+fn memcpy_gbs(bytes: usize) -> f64 {
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let half = bytes / rayon::current_num_threads().max(1);
+    let (t, _) = best(5, || {
+        dst.par_chunks_mut(half)
+            .zip(src.par_chunks(half))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        dst[bytes - 1]
+    });
+    bytes as f64 / t.as_secs_f64() / 1e9
+}
+
+fn model(args: &BenchArgs) -> anyhow::Result<()> {
+    let root = crate::pipeline::workspace_root();
+    crate::setup::run(&root)?;
+    let path = root.join(crate::setup::DEFAULT_MODEL.dest);
+    let device = default_device();
+    let model = Model::load(&path, &device).context("loading the default model")?;
+    let c = model.llama.config.clone();
+    let decode = model.decode_weights()?;
+    println!(
+        "machine: {} threads (rayon), model {}",
+        rayon::current_num_threads(),
+        path.display()
+    );
+
+    let gemm = matmul_gflops();
+    println!("matmul 1024x1024x1024 f32 (burn-flex): {gemm:.1} GFLOP/s");
+
+    // Prefill: FLOPs of the linear layers for every token, attention, and the LM head for the last token.
+    let n = 128;
+    let prompt: Vec<u32> = (0..n as u32).map(|i| 1000 + (i * 37) % 20000).collect();
+    let d = c.head_dim();
+    let linear_params = c.num_hidden_layers
+        * (c.hidden_size * (c.num_attention_heads * d + 2 * c.kv_heads() * d)
+            + c.num_attention_heads * d * c.hidden_size
+            + 3 * c.hidden_size * c.intermediate_size);
+    let attn_flops = c.num_hidden_layers * c.num_attention_heads * d * 2 * n * (n + 1); // QK^T and PV, causal
+    let flops = 2.0 * (linear_params * n) as f64
+        + attn_flops as f64
+        + 2.0 * (c.vocab_size * c.hidden_size) as f64;
+    let (t, _) = best(3, || {
+        let mut cache = model.llama.new_cache(1);
+        model
+            .llama
+            .forward_last(&StepInput::dense(vec![prompt.clone()]), &mut cache)
+            .map(|l| l.dims())
+    });
+    let prefill_gflops = flops / t.as_secs_f64() / 1e9;
+    println!(
+        "prefill {n} tokens: {:.0} tokens/s, {prefill_gflops:.1} GFLOP/s effective = {:.0}% of matmul (target >= 70%)",
+        n as f64 / t.as_secs_f64(),
+        100.0 * prefill_gflops / gemm
+    );
+
+    let weight_bytes = decode.bytes_per_step();
+    let copy_same = memcpy_gbs(weight_bytes);
+    let copy_dram = memcpy_gbs(1 << 30);
+    println!(
+        "memcpy (2 threads): {copy_same:.1} GB/s over {:.0} MB (the weights' size), {copy_dram:.1} GB/s over 1 GiB",
+        weight_bytes as f64 / 1e6
+    );
+    for batch in [1usize, 8] {
+        let prompts: Vec<Vec<u32>> = (0..batch).map(|b| prompt[..16 + b].to_vec()).collect();
+        let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let input = StepInput {
+            tokens: prompts
+                .iter()
+                .map(|p| [vec![2; len - p.len()], p.clone()].concat())
+                .collect(),
+            valid: prompts
+                .iter()
+                .map(|p| [vec![false; len - p.len()], vec![true; p.len()]].concat())
+                .collect(),
+        };
+        let mut cache = model.llama.new_cache(batch);
+        model.llama.forward_last(&input, &mut cache)?;
+        let state0 = DecodeState::from_cache(&cache, &c)?;
+        let (t, _) = best(3, || -> anyhow::Result<()> {
+            let mut state = state0.clone();
+            let mut tokens = vec![100u32; batch];
+            for _ in 0..args.steps {
+                let logits = decode.step(&tokens, &vec![true; batch], &mut state)?;
+                tokens = logits
+                    .iter()
+                    .map(|l| supportlm_model::sampling::argmax(l) as u32)
+                    .collect();
+            }
+            Ok(())
+        });
+        let steps_per_s = args.steps as f64 / t.as_secs_f64();
+        let gbs = weight_bytes as f64 * steps_per_s / 1e9;
+        println!(
+            "decode batch {batch}: {:.1} tokens/s; {:.1} MB of weights read per step ({:.1} MB per token) -> {gbs:.1} GB/s = {:.0}% of memcpy over the same size, {:.0}% of memcpy over 1 GiB (target for batch 1: >= 50%)",
+            steps_per_s * batch as f64,
+            weight_bytes as f64 / 1e6,
+            weight_bytes as f64 / 1e6 / batch as f64,
+            100.0 * gbs / copy_same,
+            100.0 * gbs / copy_dram,
+        );
+    }
+
+    // Scoring: 11 category labels after a balanced 10-shot (one per category) prefix.
+    let data = load_csv(&shipped::default_input())?;
+    let set = split::split(&data, &SplitConfig::default())?;
+    let shots = balanced_kshot(
+        &set.validation.records,
+        &set.test.records,
+        Task::Category,
+        1,
+        42,
+    )?;
+    let items: Vec<_> = set.test.records.iter().take(args.items).collect();
+    let prefix_conv = Task::Category
+        .conversation(&shots, items[0], false)
+        .context("few-shot conversation")?;
+    // The shared prefix: everything before the item's user turn.
+    let shared = &prefix_conv.messages[..prefix_conv.messages.len() - 1];
+    let prefix_ids = model.encode_chat(shared, false)?;
+    let labels: Vec<Vec<u32>> = Task::Category
+        .labels()
+        .iter()
+        .map(|l| model.tokenizer.encode(&format!("{l}<|im_end|>"), false))
+        .collect::<Result<_, _>>()?;
+    let item_ids: Vec<Vec<u32>> = items
+        .iter()
+        .map(|r| {
+            let full = model.encode_chat(
+                &Task::Category
+                    .conversation(&shots, r, false)
+                    .expect("known")
+                    .messages,
+                true,
+            )?;
+            Ok(full[prefix_ids.len()..].to_vec())
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let t = Instant::now();
+    let prefix = encode_prefix(&model, &prefix_ids)?;
+    let mut reused = Vec::new();
+    for ids in &item_ids {
+        reused.push(score_candidates(&model, &prefix, ids, &labels)?);
+    }
+    let with = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut fresh = Vec::new();
+    for ids in &item_ids {
+        let whole: Vec<u32> = prefix_ids.iter().chain(ids).copied().collect();
+        let own = encode_prefix(&model, &whole)?;
+        fresh.push(score_candidates(&model, &own, &[], &labels)?);
+    }
+    let without = t.elapsed().as_secs_f64();
+    let max_diff = reused
+        .iter()
+        .flatten()
+        .zip(fresh.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    println!(
+        "scoring 11 labels after a 10-shot prefix ({} prefix tokens), {} items: with prefix reuse {:.2} items/s, without {:.2} items/s -> {:.1}x (max log-prob difference {max_diff:.1e})",
+        prefix_ids.len(),
+        items.len(),
+        items.len() as f64 / with,
+        items.len() as f64 / without,
+        without / with
+    );
+    Ok(())
+}
