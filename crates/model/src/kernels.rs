@@ -111,38 +111,78 @@ impl QMatrix {
         assert!(b <= MAX_BATCH && b > 0);
         assert!(xs.iter().all(|x| x.len() == self.cols));
         assert_eq!(ys.len(), self.rows * b);
-        // Per-block sums of x (for the `m · Σx` term of Q4_1).
-        let block_sums: Vec<Vec<f32>> = if self.format == QFormat::Q4_1 {
+        // Per-block sums of x (for the `m · Σx` term of Q4_1), `[batch][block]` flattened.
+        let n_blocks = self.cols / 32;
+        let block_sums: Vec<f32> = if matches!(self.format, QFormat::Q4_1 | QFormat::Q4_0) {
             xs.iter()
-                .map(|x| x.chunks_exact(32).map(|c| c.iter().sum()).collect())
+                .flat_map(|x| x.chunks_exact(32).map(|c| c.iter().sum::<f32>()))
                 .collect()
         } else {
             Vec::new()
         };
         let rb = self.row_bytes();
-        let rows_per_task = (16384 / rb.max(1)).clamp(8, 256);
+        // One task per thread for small matrices (scheduling costs more than imbalance), ~256 KiB tasks beyond.
+        let threads = rayon::current_num_threads().max(1);
+        let rows_per_task = self
+            .rows
+            .div_ceil(threads)
+            .min((256 * 1024 / rb.max(1)).max(16));
+        let simd = simd_available();
         ys.par_chunks_mut(rows_per_task * b)
             .enumerate()
             .for_each(|(chunk, out)| {
                 let first = chunk * rows_per_task;
+                let n_rows = out.len() / b;
+                let job = Job {
+                    format: self.format,
+                    rows: &self.data[first * rb..(first + n_rows) * rb],
+                    row_bytes: rb,
+                    xs,
+                    block_sums: &block_sums,
+                    n_blocks,
+                };
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: AVX2, FMA and F16C were detected at run time.
+                    unsafe { avx2::rows_dot(&job, out) };
+                    return;
+                }
+                let _ = simd;
                 for (i, y) in out.chunks_exact_mut(b).enumerate() {
-                    let row = &self.data[(first + i) * rb..(first + i + 1) * rb];
-                    row_dot(self.format, row, xs, &block_sums, y);
+                    portable_row_dot(&job, i, y);
                 }
             });
     }
 }
 
-fn row_dot(format: QFormat, row: &[u8], xs: &[&[f32]], block_sums: &[Vec<f32>], y: &mut [f32]) {
+/// One thread's share of a product: a run of rows and every input vector.
+struct Job<'a> {
+    format: QFormat,
+    rows: &'a [u8],
+    row_bytes: usize,
+    xs: &'a [&'a [f32]],
+    /// `[batch][block]` sums of x (4-bit formats only).
+    block_sums: &'a [f32],
+    n_blocks: usize,
+}
+
+impl Job<'_> {
+    fn row(&self, i: usize) -> &[u8] {
+        &self.rows[i * self.row_bytes..(i + 1) * self.row_bytes]
+    }
+}
+
+fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features the function needs were just detected.
-            unsafe { avx2::row_dot(format, row, xs, block_sums, y) };
-            return;
-        }
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
-    portable_row_dot(format, row, xs, block_sums, y);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -150,16 +190,11 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 /// The reference kernel (and the fallback on machines without AVX2).
-fn portable_row_dot(
-    format: QFormat,
-    row: &[u8],
-    xs: &[&[f32]],
-    block_sums: &[Vec<f32>],
-    y: &mut [f32],
-) {
-    for (bi, x) in xs.iter().enumerate() {
+fn portable_row_dot(job: &Job<'_>, i: usize, y: &mut [f32]) {
+    let row = job.row(i);
+    for (bi, x) in job.xs.iter().enumerate() {
         let mut acc = 0f32;
-        match format {
+        match job.format {
             QFormat::F32 => {
                 for (w, xv) in row.chunks_exact(4).zip(x.iter()) {
                     acc += f32::from_le_bytes([w[0], w[1], w[2], w[3]]) * xv;
@@ -191,7 +226,8 @@ fn portable_row_dot(
                             (q & 15) as f32 * xb[j] + (q >> 4) as f32 * xb[j + 16]
                         })
                         .sum();
-                    acc += f16_at(blk, 0) * s + f16_at(blk, 2) * block_sums[bi][k];
+                    acc +=
+                        f16_at(blk, 0) * s + f16_at(blk, 2) * job.block_sums[bi * job.n_blocks + k];
                 }
             }
         }
@@ -203,10 +239,13 @@ fn portable_row_dot(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{f16_at, QFormat, MAX_BATCH};
+    use super::{Job, QFormat};
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    /// How far ahead of the block being multiplied its weights are prefetched (bytes).
+    const PREFETCH: usize = 2048;
+
+    // Always inlined into `row_dot`, whose target features then apply to the intrinsics.
+    #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
@@ -216,131 +255,231 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// Eight bytes as eight f32 (unsigned or signed).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    /// Eight unsigned bytes as eight f32.
+    // Always inlined into `row_dot`, whose target features then apply to the intrinsics.
+    #[inline(always)]
     unsafe fn u8x8(v: __m128i) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    /// Eight signed bytes as eight f32.
+    // Always inlined into `row_dot`, whose target features then apply to the intrinsics.
+    #[inline(always)]
     unsafe fn i8x8(v: __m128i) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
     }
 
-    /// Multiplies one block's 32 weights (as 4 × 8 f32 lanes) with every vector's block and accumulates
-    /// `scale · Σ w·x` per vector.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn accumulate(
-        w: [__m256; 4],
-        scale: f32,
-        xs: &[&[f32]],
-        offset: usize,
-        acc: &mut [__m256; MAX_BATCH],
-    ) {
-        let d = _mm256_set1_ps(scale);
-        for (b, x) in xs.iter().enumerate() {
-            let p = x.as_ptr().add(offset);
-            let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(p));
-            s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(p.add(8)), s);
-            s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(p.add(16)), s);
-            s = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(p.add(24)), s);
-            acc[b] = _mm256_fmadd_ps(d, s, acc[b]);
+    /// An f16 at `p` as f32, with the F16C conversion instruction.
+    // Always inlined into `row_dot`, whose target features then apply to the intrinsics.
+    #[inline(always)]
+    unsafe fn f16_ptr(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// The 32 weights of block `k` of a row as 4 × 8 lanes, and the block's scale.
+    // Always inlined into `row_dot`, whose target features then apply to the intrinsics.
+    #[inline(always)]
+    unsafe fn block(format: QFormat, row: *const u8, k: usize) -> ([__m256; 4], f32) {
+        match format {
+            QFormat::F32 => {
+                let w = (row as *const f32).add(k * 32);
+                let ws = [
+                    _mm256_loadu_ps(w),
+                    _mm256_loadu_ps(w.add(8)),
+                    _mm256_loadu_ps(w.add(16)),
+                    _mm256_loadu_ps(w.add(24)),
+                ];
+                (ws, 1.0)
+            }
+            QFormat::Q8_0 => {
+                let blk = row.add(k * 34);
+                let a = _mm_loadu_si128(blk.add(2) as *const __m128i);
+                let c = _mm_loadu_si128(blk.add(18) as *const __m128i);
+                let ws = [
+                    i8x8(a),
+                    i8x8(_mm_srli_si128(a, 8)),
+                    i8x8(c),
+                    i8x8(_mm_srli_si128(c, 8)),
+                ];
+                (ws, f16_ptr(blk))
+            }
+            QFormat::Q4_0 | QFormat::Q4_1 => {
+                let (size, qs, minus) = if format == QFormat::Q4_0 {
+                    (18, 2, 8.0)
+                } else {
+                    (20, 4, 0.0)
+                };
+                let blk = row.add(k * size);
+                let q = _mm_loadu_si128(blk.add(qs) as *const __m128i);
+                let mask = _mm_set1_epi8(0x0f);
+                let lo = _mm_and_si128(q, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                let m = _mm256_set1_ps(minus);
+                let ws = [
+                    _mm256_sub_ps(u8x8(lo), m),
+                    _mm256_sub_ps(u8x8(_mm_srli_si128(lo, 8)), m),
+                    _mm256_sub_ps(u8x8(hi), m),
+                    _mm256_sub_ps(u8x8(_mm_srli_si128(hi, 8)), m),
+                ];
+                (ws, f16_ptr(blk))
+            }
         }
     }
 
-    /// Low and high nibbles of 16 bytes: weights 0..16 and 16..32 of a 4-bit block, as 4 × 8 lanes.
+    /// `y[b] = Σ_k scale_k · Σ w·x_b` for one row and `B` vectors, accumulators in registers.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn nibbles(p: *const u8, minus: __m256) -> [__m256; 4] {
-        let q = _mm_loadu_si128(p as *const __m128i);
-        let mask = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(q, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-        [
-            _mm256_sub_ps(u8x8(lo), minus),
-            _mm256_sub_ps(u8x8(_mm_srli_si128(lo, 8)), minus),
-            _mm256_sub_ps(u8x8(hi), minus),
-            _mm256_sub_ps(u8x8(_mm_srli_si128(hi, 8)), minus),
-        ]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_dot<const B: usize>(job: &Job<'_>, i: usize, y: &mut [f32]) {
+        let row = job.row(i);
+        let p = row.as_ptr();
+        let n_blocks = job.n_blocks;
+        let mut acc = [_mm256_setzero_ps(); B];
+        let mut extra = [0f32; B];
+        let xp: [*const f32; B] = std::array::from_fn(|b| job.xs[b].as_ptr());
+        let block_bytes = job.row_bytes / n_blocks.max(1);
+        for k in 0..n_blocks {
+            _mm_prefetch::<_MM_HINT_T0>(p.add(k * block_bytes + PREFETCH) as *const i8);
+            let (w, scale) = block(job.format, p, k);
+            let d = _mm256_set1_ps(scale);
+            for b in 0..B {
+                let x = xp[b].add(k * 32);
+                let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+                s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), s);
+                s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), s);
+                s = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), s);
+                acc[b] = _mm256_fmadd_ps(d, s, acc[b]);
+            }
+            if job.format == QFormat::Q4_1 {
+                let m = f16_ptr(p.add(k * 20 + 2));
+                for (b, e) in extra.iter_mut().enumerate() {
+                    *e += m * job.block_sums[b * n_blocks + k];
+                }
+            }
+        }
+        if job.format == QFormat::F32 {
+            // f32 rows need not be whole 32-wide blocks: the tail.
+            let w = p as *const f32;
+            let cols = job.row_bytes / 4;
+            for (b, e) in extra.iter_mut().enumerate() {
+                for k in n_blocks * 32..cols {
+                    *e += *w.add(k) * *xp[b].add(k);
+                }
+            }
+        }
+        for b in 0..B {
+            y[b] = hsum(acc[b]) + extra[b];
+        }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn row_dot(
-        format: QFormat,
-        row: &[u8],
-        xs: &[&[f32]],
-        block_sums: &[Vec<f32>],
-        y: &mut [f32],
-    ) {
-        let mut acc = [_mm256_setzero_ps(); MAX_BATCH];
-        let mut extra = [0f32; MAX_BATCH];
-        match format {
-            QFormat::F32 => {
-                let w = row.as_ptr() as *const f32;
-                let n = row.len() / 4;
-                for k in (0..n / 32).map(|b| b * 32) {
-                    let ws = [
-                        _mm256_loadu_ps(w.add(k)),
-                        _mm256_loadu_ps(w.add(k + 8)),
-                        _mm256_loadu_ps(w.add(k + 16)),
-                        _mm256_loadu_ps(w.add(k + 24)),
-                    ];
-                    accumulate(ws, 1.0, xs, k, &mut acc);
-                }
-                for (b, x) in xs.iter().enumerate() {
-                    for k in (n / 32 * 32)..n {
-                        extra[b] += *w.add(k) * x[k];
+    /// Eight f32 weights from the low 8 bytes of `v`, times eight x values, added to `s`.
+    #[inline(always)]
+    unsafe fn fma_u8(v: __m128i, x: *const f32, s: __m256) -> __m256 {
+        _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)),
+            _mm256_loadu_ps(x),
+            s,
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn fma_i8(v: __m128i, x: *const f32, s: __m256) -> __m256 {
+        _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
+            _mm256_loadu_ps(x),
+            s,
+        )
+    }
+
+    /// One row times one vector: the batch-1 decode case. Straight-line loops per format, everything in
+    /// registers (no arrays of vectors, which the compiler spills and reloads at a different width).
+    #[inline(always)]
+    unsafe fn dot1(job: &Job<'_>, i: usize) -> f32 {
+        let row = job.row(i).as_ptr();
+        let x = job.xs[0].as_ptr();
+        let n = job.n_blocks;
+        let mut acc = _mm256_setzero_ps();
+        let mut extra = 0f32;
+        let zero = _mm256_setzero_ps();
+        let mask = _mm_set1_epi8(0x0f);
+        match job.format {
+            QFormat::Q4_1 | QFormat::Q4_0 => {
+                let (size, qs) = if job.format == QFormat::Q4_1 {
+                    (20, 4)
+                } else {
+                    (18, 2)
+                };
+                for k in 0..n {
+                    let blk = row.add(k * size);
+                    _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
+                    let xk = x.add(k * 32);
+                    let q = _mm_loadu_si128(blk.add(qs) as *const __m128i);
+                    let lo = _mm_and_si128(q, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+                    let mut s = fma_u8(lo, xk, zero);
+                    s = fma_u8(_mm_unpackhi_epi64(lo, lo), xk.add(8), s);
+                    s = fma_u8(hi, xk.add(16), s);
+                    s = fma_u8(_mm_unpackhi_epi64(hi, hi), xk.add(24), s);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_ptr(blk)), s, acc);
+                    if job.format == QFormat::Q4_1 {
+                        extra += f16_ptr(blk.add(2)) * *job.block_sums.get_unchecked(k);
+                    } else {
+                        // Q4_0 stores q + 8: subtract 8·Σx of the block.
+                        let sum = *job.block_sums.get_unchecked(k);
+                        extra -= 8.0 * f16_ptr(blk) * sum;
                     }
                 }
             }
             QFormat::Q8_0 => {
-                for (k, blk) in row.chunks_exact(34).enumerate() {
-                    let p = blk.as_ptr().add(2);
-                    let a = _mm_loadu_si128(p as *const __m128i);
-                    let c = _mm_loadu_si128(p.add(16) as *const __m128i);
-                    let ws = [
-                        i8x8(a),
-                        i8x8(_mm_srli_si128(a, 8)),
-                        i8x8(c),
-                        i8x8(_mm_srli_si128(c, 8)),
-                    ];
-                    accumulate(ws, f16_at(blk, 0), xs, k * 32, &mut acc);
+                for k in 0..n {
+                    let blk = row.add(k * 34);
+                    _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
+                    let xk = x.add(k * 32);
+                    let a = _mm_loadu_si128(blk.add(2) as *const __m128i);
+                    let c = _mm_loadu_si128(blk.add(18) as *const __m128i);
+                    let mut s = fma_i8(a, xk, zero);
+                    s = fma_i8(_mm_unpackhi_epi64(a, a), xk.add(8), s);
+                    s = fma_i8(c, xk.add(16), s);
+                    s = fma_i8(_mm_unpackhi_epi64(c, c), xk.add(24), s);
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_ptr(blk)), s, acc);
                 }
             }
-            QFormat::Q4_0 => {
-                let eight = _mm256_set1_ps(8.0);
-                for (k, blk) in row.chunks_exact(18).enumerate() {
-                    accumulate(
-                        nibbles(blk.as_ptr().add(2), eight),
-                        f16_at(blk, 0),
-                        xs,
-                        k * 32,
-                        &mut acc,
-                    );
+            QFormat::F32 => {
+                let w = row as *const f32;
+                let cols = job.row_bytes / 4;
+                for k in 0..cols / 8 {
+                    let (wk, xk) = (_mm256_loadu_ps(w.add(k * 8)), _mm256_loadu_ps(x.add(k * 8)));
+                    acc = _mm256_fmadd_ps(wk, xk, acc);
                 }
-            }
-            QFormat::Q4_1 => {
-                let zero = _mm256_setzero_ps();
-                for (k, blk) in row.chunks_exact(20).enumerate() {
-                    accumulate(
-                        nibbles(blk.as_ptr().add(4), zero),
-                        f16_at(blk, 0),
-                        xs,
-                        k * 32,
-                        &mut acc,
-                    );
-                    let m = f16_at(blk, 2);
-                    for (b, sums) in block_sums.iter().enumerate().take(xs.len()) {
-                        extra[b] += m * sums[k];
-                    }
+                for k in cols / 8 * 8..cols {
+                    extra += *w.add(k) * *x.add(k);
                 }
             }
         }
-        for b in 0..xs.len() {
-            y[b] = hsum(acc[b]) + extra[b];
+        hsum(acc) + extra
+    }
+
+    /// Every row of a job, for every vector.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows_dot(job: &Job<'_>, out: &mut [f32]) {
+        let b = job.xs.len();
+        if b == 1 {
+            for (i, y) in out.iter_mut().enumerate() {
+                *y = dot1(job, i);
+            }
+            return;
+        }
+        for (i, y) in out.chunks_exact_mut(b).enumerate() {
+            match b {
+                1 => row_dot::<1>(job, i, y),
+                2 => row_dot::<2>(job, i, y),
+                3 => row_dot::<3>(job, i, y),
+                4 => row_dot::<4>(job, i, y),
+                5 => row_dot::<5>(job, i, y),
+                6 => row_dot::<6>(job, i, y),
+                7 => row_dot::<7>(job, i, y),
+                _ => row_dot::<8>(job, i, y),
+            }
         }
     }
 }
@@ -378,12 +517,12 @@ mod tests {
 
     #[test]
     fn every_format_matches_dequantize_then_dot() {
-        let (rows, cols) = (37, 96);
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q8_0,
-            GgmlType::F32,
+        for (ty, rows, cols) in [
+            (GgmlType::Q4_0, 37, 96),
+            (GgmlType::Q4_1, 37, 96),
+            (GgmlType::Q8_0, 37, 96),
+            (GgmlType::F32, 37, 96),
+            (GgmlType::F32, 5, 44), // f32 rows need not be whole blocks
         ] {
             let bytes = if ty == GgmlType::F32 {
                 random(rows * cols, 3)
@@ -396,31 +535,36 @@ mod tests {
             let m = QMatrix::from_ggml(ty, &bytes, rows, cols);
             let mut dense = vec![0f32; rows * cols];
             dequantize(ty, &bytes, &mut dense);
-            let xs: Vec<Vec<f32>> = (0..3).map(|i| random(cols, 100 + i)).collect();
-            let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
-            let mut ys = vec![0f32; rows * 3];
-            m.matvecs(&refs, &mut ys);
-            let mut portable = vec![0f32; 3];
-            let block_sums: Vec<Vec<f32>> = xs
-                .iter()
-                .map(|x| x.chunks_exact(32).map(|c| c.iter().sum()).collect())
-                .collect();
-            for r in 0..rows {
-                portable_row_dot(
-                    m.format,
-                    &bytes[r * m.row_bytes()..(r + 1) * m.row_bytes()],
-                    &refs,
-                    &block_sums,
-                    &mut portable,
-                );
-                for b in 0..3 {
-                    let want: f32 = (0..cols).map(|k| dense[r * cols + k] * xs[b][k]).sum();
-                    assert!(
-                        (ys[r * 3 + b] - want).abs() < 1e-4,
-                        "{ty:?} row {r}: {} vs {want}",
-                        ys[r * 3 + b]
-                    );
-                    assert!((portable[b] - want).abs() < 1e-4, "{ty:?} portable row {r}");
+            // Batch 1 has its own kernel; batch 3 goes through the generic one.
+            for batch in [1, 3] {
+                let xs: Vec<Vec<f32>> = (0..batch).map(|i| random(cols, 100 + i as u32)).collect();
+                let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+                let mut ys = vec![0f32; rows * batch];
+                m.matvecs(&refs, &mut ys);
+                let block_sums: Vec<f32> = xs
+                    .iter()
+                    .flat_map(|x| x.chunks_exact(32).map(|c| c.iter().sum::<f32>()))
+                    .collect();
+                let job = Job {
+                    format: m.format,
+                    rows: &bytes,
+                    row_bytes: m.row_bytes(),
+                    xs: &refs,
+                    block_sums: &block_sums,
+                    n_blocks: cols / 32,
+                };
+                let mut portable = vec![0f32; batch];
+                for r in 0..rows {
+                    portable_row_dot(&job, r, &mut portable);
+                    for b in 0..batch {
+                        let want: f32 = (0..cols).map(|k| dense[r * cols + k] * xs[b][k]).sum();
+                        let got = ys[r * batch + b];
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "{ty:?} batch {batch} row {r}: {got} vs {want}"
+                        );
+                        assert!((portable[b] - want).abs() < 1e-4, "{ty:?} portable row {r}");
+                    }
                 }
             }
         }
