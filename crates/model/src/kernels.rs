@@ -4,12 +4,15 @@
 //! kernels multiply straight from the GGUF blocks (Q4_0, Q4_1, Q8_0; other types are widened to f32 rows at
 //! load) without materialising f32 weights. Activations stay f32: per block,
 //! `Σ (d·q + m)·x = d·Σ q·x + m·Σ x`, so the only rounding differences from a dequantize-then-matmul are in
-//! summation order. AVX2+FMA code paths are chosen at run time, with a portable fallback; rows are split
-//! across threads with rayon.
+//! summation order. AVX2+FMA (and AVX-512 for batch 1) code paths are chosen at run time, with a portable
+//! fallback; rows are split across threads with rayon.
 
 use rayon::prelude::*;
 
 use crate::quants::{dequantize, GgmlType};
+
+/// How far ahead of the block being multiplied its weights are prefetched (bytes).
+const PREFETCH: usize = 2048;
 
 /// Most vectors multiplied per weight read (a decode batch).
 pub const MAX_BATCH: usize = 8;
@@ -107,6 +110,12 @@ impl QMatrix {
 
     /// `ys[b][r] = Σ_k W[r, k] · xs[b][k]` for up to [`MAX_BATCH`] vectors; `ys` is `[rows][batch]`.
     pub fn matvecs(&self, xs: &[&[f32]], ys: &mut [f32]) {
+        self.matvecs_with(Simd::detect(), xs, ys)
+    }
+
+    /// [`QMatrix::matvecs`] with a chosen instruction set (never above what the CPU has).
+    fn matvecs_with(&self, simd: Simd, xs: &[&[f32]], ys: &mut [f32]) {
+        let simd = simd.min(Simd::detect());
         let b = xs.len();
         assert!(b <= MAX_BATCH && b > 0);
         assert!(xs.iter().all(|x| x.len() == self.cols));
@@ -127,7 +136,6 @@ impl QMatrix {
             .rows
             .div_ceil(threads)
             .min((256 * 1024 / rb.max(1)).max(16));
-        let simd = simd_available();
         ys.par_chunks_mut(rows_per_task * b)
             .enumerate()
             .for_each(|(chunk, out)| {
@@ -142,12 +150,12 @@ impl QMatrix {
                     n_blocks,
                 };
                 #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // SAFETY: AVX2, FMA and F16C were detected at run time.
-                    unsafe { avx2::rows_dot(&job, out) };
-                    return;
+                match simd {
+                    // SAFETY (both): the instruction sets were detected at run time (`Simd::detect`).
+                    Simd::Avx512 if b == 1 => return unsafe { avx512::rows_dot1(&job, out) },
+                    Simd::Avx2 | Simd::Avx512 => return unsafe { avx2::rows_dot(&job, out) },
+                    Simd::Portable => {}
                 }
-                let _ = simd;
                 for (i, y) in out.chunks_exact_mut(b).enumerate() {
                     portable_row_dot(&job, i, y);
                 }
@@ -172,16 +180,31 @@ impl Job<'_> {
     }
 }
 
-fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+/// The instruction sets the kernels can use, in increasing order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Simd {
+    Portable,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// The above plus AVX-512F (used for batch 1).
+    Avx512,
+}
+
+impl Simd {
+    fn detect() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c");
+            if avx2 && std::is_x86_feature_detected!("avx512f") {
+                return Simd::Avx512;
+            }
+            if avx2 {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Portable
     }
 }
 
@@ -239,10 +262,7 @@ fn portable_row_dot(job: &Job<'_>, i: usize, y: &mut [f32]) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Job, QFormat};
-
-    /// How far ahead of the block being multiplied its weights are prefetched (bytes).
-    const PREFETCH: usize = 2048;
+    use super::{Job, QFormat, PREFETCH};
 
     // Always inlined into `row_dot`, whose target features then apply to the intrinsics.
     #[inline(always)]
@@ -484,6 +504,105 @@ mod avx2 {
     }
 }
 
+/// The batch-1 kernel with 16-lane AVX-512 vectors: half the instructions per block of the AVX2 one.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Job, QFormat, PREFETCH};
+
+    #[inline(always)]
+    unsafe fn f16_ptr(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    #[inline(always)]
+    unsafe fn dot1(job: &Job<'_>, i: usize) -> f32 {
+        let row = job.row(i).as_ptr();
+        let x = job.xs[0].as_ptr();
+        let n = job.n_blocks;
+        let mut acc = _mm512_setzero_ps();
+        let mut extra = 0f32;
+        match job.format {
+            QFormat::Q4_1 | QFormat::Q4_0 => {
+                let (size, qs) = if job.format == QFormat::Q4_1 {
+                    (20, 4)
+                } else {
+                    (18, 2)
+                };
+                let mask = _mm_set1_epi8(0x0f);
+                for k in 0..n {
+                    let blk = row.add(k * size);
+                    _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
+                    let xk = x.add(k * 32);
+                    let q = _mm_loadu_si128(blk.add(qs) as *const __m128i);
+                    let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, mask)));
+                    let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                        _mm_srli_epi16(q, 4),
+                        mask,
+                    )));
+                    let s = _mm512_fmadd_ps(
+                        hi,
+                        _mm512_loadu_ps(xk.add(16)),
+                        _mm512_mul_ps(lo, _mm512_loadu_ps(xk)),
+                    );
+                    let d = f16_ptr(blk);
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(d), s, acc);
+                    let sum = *job.block_sums.get_unchecked(k);
+                    if job.format == QFormat::Q4_1 {
+                        extra += f16_ptr(blk.add(2)) * sum;
+                    } else {
+                        extra -= 8.0 * d * sum; // Q4_0 stores q + 8
+                    }
+                }
+            }
+            QFormat::Q8_0 => {
+                for k in 0..n {
+                    let blk = row.add(k * 34);
+                    _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
+                    let xk = x.add(k * 32);
+                    let a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        blk.add(2) as *const __m128i
+                    )));
+                    let c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        blk.add(18) as *const __m128i
+                    )));
+                    let s = _mm512_fmadd_ps(
+                        c,
+                        _mm512_loadu_ps(xk.add(16)),
+                        _mm512_mul_ps(a, _mm512_loadu_ps(xk)),
+                    );
+                    acc = _mm512_fmadd_ps(_mm512_set1_ps(f16_ptr(blk)), s, acc);
+                }
+            }
+            QFormat::F32 => {
+                let w = row as *const f32;
+                let cols = job.row_bytes / 4;
+                for k in 0..cols / 16 {
+                    let (wk, xk) = (
+                        _mm512_loadu_ps(w.add(k * 16)),
+                        _mm512_loadu_ps(x.add(k * 16)),
+                    );
+                    acc = _mm512_fmadd_ps(wk, xk, acc);
+                }
+                for k in cols / 16 * 16..cols {
+                    extra += *w.add(k) * *x.add(k);
+                }
+            }
+        }
+        _mm512_reduce_add_ps(acc) + extra
+    }
+
+    /// Every row of a batch-1 job.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub unsafe fn rows_dot1(job: &Job<'_>, out: &mut [f32]) {
+        for (i, y) in out.iter_mut().enumerate() {
+            *y = dot1(job, i);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,6 +660,19 @@ mod tests {
                 let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
                 let mut ys = vec![0f32; rows * batch];
                 m.matvecs(&refs, &mut ys);
+                for simd in [Simd::Portable, Simd::Avx2, Simd::Avx512] {
+                    let mut other = vec![0f32; rows * batch];
+                    m.matvecs_with(simd, &refs, &mut other);
+                    let diff = ys
+                        .iter()
+                        .zip(&other)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        diff < 1e-4,
+                        "{ty:?} batch {batch} {simd:?} differs by {diff}"
+                    );
+                }
                 let block_sums: Vec<f32> = xs
                     .iter()
                     .flat_map(|x| x.chunks_exact(32).map(|c| c.iter().sum::<f32>()))
