@@ -110,7 +110,7 @@ pub fn generate(
     let mut logits: Vec<Vec<f32>> = prefill.chunks_exact(vocab).map(<[f32]>::to_vec).collect();
     let mut state = DecodeState::from_cache(&cache, &llama.config)?;
     drop(cache);
-    for _ in 0..options.max_new_tokens {
+    for step in 0..options.max_new_tokens {
         let mut next = vec![pad; b];
         for row in 0..b {
             if done[row] {
@@ -142,7 +142,8 @@ pub fn generate(
             }
             on_token(row, id, &new_text);
         }
-        if done.iter().all(|d| *d) {
+        // No forward pass after the last token: nothing would read its logits.
+        if done.iter().all(|d| *d) || step + 1 == options.max_new_tokens {
             break;
         }
         let active: Vec<bool> = done.iter().map(|d| !d).collect();
