@@ -16,16 +16,15 @@ use crate::loader::{unpermute_order, TensorSource};
 struct DecodeLayer {
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
-    q: QMatrix,
-    k: QMatrix,
-    v: QMatrix,
+    /// q, k and v projections: one stacked matrix when they share a format, else three.
+    qkv: Vec<QMatrix>,
     o: QMatrix,
     q_bias: Option<Vec<f32>>,
     k_bias: Option<Vec<f32>>,
     v_bias: Option<Vec<f32>>,
     o_bias: Option<Vec<f32>>,
-    gate: QMatrix,
-    up: QMatrix,
+    /// gate and up projections, stacked the same way.
+    gate_up: Vec<QMatrix>,
     down: QMatrix,
 }
 
@@ -165,6 +164,17 @@ fn matvec(m: &QMatrix, xs: &[Vec<f32>], bias: Option<&Vec<f32>>) -> Vec<Vec<f32>
     out
 }
 
+/// Products with several matrices (or one stacked matrix), each row's outputs concatenated in order.
+fn stacked_matvec(parts: &[QMatrix], xs: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); xs.len()];
+    for m in parts {
+        for (row, y) in matvec(m, xs, None).into_iter().enumerate() {
+            out[row].extend(y);
+        }
+    }
+    out
+}
+
 impl DecodeWeights {
     /// Reads the decode weights (quantized where the source has them) by Hugging Face name.
     pub fn load(src: &dyn TensorSource, config: &ModelConfig) -> Result<Self> {
@@ -198,56 +208,25 @@ impl DecodeWeights {
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
+            let m = |name: &str, rows, cols, heads| {
+                matrix(src, &format!("{p}.{name}.weight"), rows, cols, heads)
+            };
+            let q = m("self_attn.q_proj", q_out, hidden, qh)?;
+            let k = m("self_attn.k_proj", kv_out, hidden, kh)?;
+            let v = m("self_attn.v_proj", kv_out, hidden, None)?;
+            let gate = m("mlp.gate_proj", inter, hidden, None)?;
+            let up = m("mlp.up_proj", inter, hidden, None)?;
             layers.push(DecodeLayer {
                 attn_norm: vector(src, &format!("{p}.input_layernorm.weight"), hidden)?,
                 ffn_norm: vector(src, &format!("{p}.post_attention_layernorm.weight"), hidden)?,
-                q: matrix(
-                    src,
-                    &format!("{p}.self_attn.q_proj.weight"),
-                    q_out,
-                    hidden,
-                    qh,
-                )?,
-                k: matrix(
-                    src,
-                    &format!("{p}.self_attn.k_proj.weight"),
-                    kv_out,
-                    hidden,
-                    kh,
-                )?,
-                v: matrix(
-                    src,
-                    &format!("{p}.self_attn.v_proj.weight"),
-                    kv_out,
-                    hidden,
-                    None,
-                )?,
-                o: matrix(
-                    src,
-                    &format!("{p}.self_attn.o_proj.weight"),
-                    hidden,
-                    q_out,
-                    None,
-                )?,
+                qkv: QMatrix::stack(&[&q, &k, &v]).map_or_else(|| vec![q, k, v], |m| vec![m]),
+                o: m("self_attn.o_proj", hidden, q_out, None)?,
                 q_bias: bias(format!("{p}.self_attn.q_proj.bias"), q_out, c.qkv_bias())?,
                 k_bias: bias(format!("{p}.self_attn.k_proj.bias"), kv_out, c.qkv_bias())?,
                 v_bias: bias(format!("{p}.self_attn.v_proj.bias"), kv_out, c.qkv_bias())?,
                 o_bias: bias(format!("{p}.self_attn.o_proj.bias"), hidden, c.o_bias())?,
-                gate: matrix(
-                    src,
-                    &format!("{p}.mlp.gate_proj.weight"),
-                    inter,
-                    hidden,
-                    None,
-                )?,
-                up: matrix(src, &format!("{p}.mlp.up_proj.weight"), inter, hidden, None)?,
-                down: matrix(
-                    src,
-                    &format!("{p}.mlp.down_proj.weight"),
-                    hidden,
-                    inter,
-                    None,
-                )?,
+                gate_up: QMatrix::stack(&[&gate, &up]).map_or_else(|| vec![gate, up], |m| vec![m]),
+                down: m("mlp.down_proj", hidden, inter, None)?,
             });
         }
         let embed = matrix(src, "model.embed_tokens.weight", c.vocab_size, hidden, None)?;
@@ -274,9 +253,11 @@ impl DecodeWeights {
             .layers
             .iter()
             .map(|l| {
-                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                l.qkv
                     .iter()
-                    .map(|m| m.size_bytes())
+                    .chain(&l.gate_up)
+                    .chain([&l.o, &l.down])
+                    .map(QMatrix::size_bytes)
                     .sum::<usize>()
             })
             .sum();
@@ -354,9 +335,22 @@ impl DecodeWeights {
                 .iter()
                 .map(|r| rms_norm(r, &layer.attn_norm, c.rms_norm_eps))
                 .collect();
-            let mut q = matvec(&layer.q, &n, layer.q_bias.as_ref());
-            let mut k = matvec(&layer.k, &n, layer.k_bias.as_ref());
-            let v = matvec(&layer.v, &n, layer.v_bias.as_ref());
+            let qkv = stacked_matvec(&layer.qkv, &n);
+            let (q_out, kv_out) = (h * d, kvh * d);
+            let split = |from: usize, len: usize, bias: Option<&Vec<f32>>| -> Vec<Vec<f32>> {
+                qkv.iter()
+                    .map(|r| {
+                        let mut part = r[from..from + len].to_vec();
+                        if let Some(bias) = bias {
+                            part.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+                        }
+                        part
+                    })
+                    .collect()
+            };
+            let mut q = split(0, q_out, layer.q_bias.as_ref());
+            let mut k = split(q_out, kv_out, layer.k_bias.as_ref());
+            let v = split(q_out + kv_out, kv_out, layer.v_bias.as_ref());
             let mut attn_out = vec![vec![0f32; h * d]; b];
             for row in 0..b {
                 rope(&mut q[row], positions[row]);
@@ -405,12 +399,10 @@ impl DecodeWeights {
                 .iter()
                 .map(|r| rms_norm(r, &layer.ffn_norm, c.rms_norm_eps))
                 .collect();
-            let gate = matvec(&layer.gate, &n, None);
-            let up = matvec(&layer.up, &n, None);
-            let act: Vec<Vec<f32>> = gate
+            let act: Vec<Vec<f32>> = stacked_matvec(&layer.gate_up, &n)
                 .iter()
-                .zip(&up)
-                .map(|(g, u)| {
+                .map(|r| {
+                    let (g, u) = r.split_at(c.intermediate_size);
                     g.iter()
                         .zip(u)
                         .map(|(g, u)| g / (1.0 + (-g).exp()) * u)

@@ -92,6 +92,24 @@ impl QMatrix {
         self.data.len()
     }
 
+    /// The rows of several matrices stacked into one, when they share format and width: one product then
+    /// reads the input once for all of them (and wakes the worker threads once).
+    pub fn stack(parts: &[&QMatrix]) -> Option<QMatrix> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|m| m.format != first.format || m.cols != first.cols)
+        {
+            return None;
+        }
+        Some(QMatrix {
+            rows: parts.iter().map(|m| m.rows).sum(),
+            cols: first.cols,
+            format: first.format,
+            data: parts.iter().flat_map(|m| m.data.iter().copied()).collect(),
+        })
+    }
+
     /// Reorders rows: row `i` of the result is row `order[i]` of `self`.
     pub fn reorder_rows(&self, order: &[usize]) -> Self {
         let rb = self.row_bytes();
