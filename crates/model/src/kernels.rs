@@ -308,9 +308,9 @@ mod avx2 {
     }
 
     /// An f16 at `p` as f32, with the F16C conversion instruction.
-    // Always inlined into `row_dot`, whose target features then apply to the intrinsics.
+    // Always inlined into its caller, whose target features then apply to the intrinsics.
     #[inline(always)]
-    unsafe fn f16_ptr(p: *const u8) -> f32 {
+    pub(super) unsafe fn f16_ptr(p: *const u8) -> f32 {
         let bits = u16::from_le_bytes([*p, *p.add(1)]);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
@@ -527,13 +527,8 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::avx2::f16_ptr;
     use super::{Job, QFormat, PREFETCH};
-
-    #[inline(always)]
-    unsafe fn f16_ptr(p: *const u8) -> f32 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
 
     #[inline(always)]
     unsafe fn dot1(job: &Job<'_>, i: usize) -> f32 {
