@@ -14,6 +14,7 @@
 //!
 //! Not here: datasets, prompts for the study's tasks, training, metrics.
 
+pub mod base_quant;
 pub mod cache;
 pub mod chat;
 pub mod config;

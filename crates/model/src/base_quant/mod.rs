@@ -1,0 +1,127 @@
+//! The frozen base of LoRA training, held in f32, int8 or NF4 (QLoRA), and dequantized one matrix at a
+//! time when a layer runs.
+//!
+//! - [`nf4`]: NF4 and double quantization in bitsandbytes' byte layout; [`int8`]: per-row int8.
+//! - [`tables`]: bitsandbytes' code values.
+//! - [`FrozenWeight`]: one weight matrix in the chosen format; [`BaseQuant`] names the format.
+
+pub mod int8;
+pub mod nf4;
+pub mod tables;
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+pub use int8::Int8Matrix;
+pub use nf4::{Absmax, Nf4Tensor};
+
+use crate::error::ModelError;
+
+/// How the frozen base's linear weights are stored during LoRA training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BaseQuant {
+    /// f32 (plain LoRA).
+    None,
+    /// int8 with one scale per output row.
+    Int8,
+    /// NF4 with double-quantized block scales (QLoRA).
+    Nf4,
+}
+
+impl BaseQuant {
+    pub const ALL: [BaseQuant; 3] = [BaseQuant::None, BaseQuant::Int8, BaseQuant::Nf4];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BaseQuant::None => "none",
+            BaseQuant::Int8 => "int8",
+            BaseQuant::Nf4 => "nf4",
+        }
+    }
+}
+
+impl fmt::Display for BaseQuant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BaseQuant {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" | "f32" => Ok(BaseQuant::None),
+            "int8" => Ok(BaseQuant::Int8),
+            "nf4" => Ok(BaseQuant::Nf4),
+            other => Err(ModelError::Input(format!(
+                "unknown base quantization {other:?} (expected nf4, int8 or none)"
+            ))),
+        }
+    }
+}
+
+/// One frozen `[rows, cols]` weight matrix.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    /// Kept as a tensor, ready to use.
+    F32(Tensor<2>),
+    Int8(Int8Matrix),
+    Nf4(Nf4Tensor),
+}
+
+impl FrozenWeight {
+    /// Stores `values` (row-major `[rows, cols]`) in the format `quant` names.
+    pub fn new(
+        values: Vec<f32>,
+        rows: usize,
+        cols: usize,
+        quant: BaseQuant,
+        device: &Device,
+    ) -> Self {
+        match quant {
+            BaseQuant::None => FrozenWeight::F32(Tensor::from_data(
+                TensorData::new(values, [rows, cols]),
+                device,
+            )),
+            BaseQuant::Int8 => FrozenWeight::Int8(Int8Matrix::quantize(&values, rows, cols)),
+            BaseQuant::Nf4 => FrozenWeight::Nf4(Nf4Tensor::quantize(&values, &[rows, cols], true)),
+        }
+    }
+
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            FrozenWeight::F32(t) => t.dims(),
+            FrozenWeight::Int8(m) => [m.rows, m.cols],
+            FrozenWeight::Nf4(t) => [t.shape[0], t.shape[1]],
+        }
+    }
+
+    /// The weight as an f32 tensor; quantized formats are dequantized into a fresh buffer that lives
+    /// only as long as the returned tensor.
+    pub fn tensor(&self, device: &Device) -> Tensor<2> {
+        let [rows, cols] = self.dims();
+        let values = match self {
+            FrozenWeight::F32(t) => return t.clone(),
+            FrozenWeight::Int8(m) => {
+                let mut out = vec![0f32; rows * cols];
+                m.dequantize_into(&mut out);
+                out
+            }
+            FrozenWeight::Nf4(t) => t.dequantize(),
+        };
+        Tensor::from_data(TensorData::new(values, [rows, cols]), device)
+    }
+
+    /// Bytes this weight keeps resident.
+    pub fn resident_bytes(&self) -> usize {
+        match self {
+            FrozenWeight::F32(t) => 4 * t.dims().iter().product::<usize>(),
+            FrozenWeight::Int8(m) => m.resident_bytes(),
+            FrozenWeight::Nf4(t) => t.resident_bytes(),
+        }
+    }
+}
