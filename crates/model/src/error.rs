@@ -46,6 +46,8 @@ pub enum ModelError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    #[error("adapter: {0}")]
+    Adapter(String),
     #[error("invalid input: {0}")]
     Input(String),
 }

@@ -25,6 +25,7 @@ pub mod gguf;
 pub mod kernels;
 pub mod llama;
 pub mod loader;
+pub mod lora;
 pub mod model;
 pub mod quants;
 pub mod sampling;

@@ -18,24 +18,51 @@ pub fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
         .map_err(|e| ModelError::Input(format!("reading a tensor back: {e:?}")))
 }
 
-/// A dense linear layer `y = x Wᵀ + b` with `W` stored `[out, in]`.
+/// A low-rank update `s · B(A(dropout(x)))` added to a linear layer (LoRA), not merged into `W`.
+#[derive(Debug, Clone)]
+pub struct LoraDelta {
+    /// `[r, in]`.
+    pub a: Tensor<2>,
+    /// `[out, r]`.
+    pub b: Tensor<2>,
+    pub scale: f64,
+    /// Dropout on the adapter's input as a mask of `0` and `1/(1-p)`, `[b·s, in]` (training only).
+    pub dropout_mask: Option<Tensor<2>>,
+}
+
+/// A dense linear layer `y = x Wᵀ + b (+ LoRA)` with `W` stored `[out, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor<2>,
     pub bias: Option<Tensor<1>>,
+    pub lora: Option<LoraDelta>,
 }
 
 impl Linear {
+    pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Linear {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, i] = x.dims();
         let [out, _] = self.weight.dims();
-        let y = x
-            .reshape([b * s, i])
-            .matmul(self.weight.clone().transpose());
-        let y = match &self.bias {
-            Some(bias) => y + bias.clone().unsqueeze_dim(0),
-            None => y,
-        };
+        let x = x.reshape([b * s, i]);
+        let mut y = x.clone().matmul(self.weight.clone().transpose());
+        if let Some(bias) = &self.bias {
+            y = y + bias.clone().unsqueeze_dim(0);
+        }
+        if let Some(lora) = &self.lora {
+            let x = match &lora.dropout_mask {
+                Some(mask) => x * mask.clone(),
+                None => x,
+            };
+            let low = x.matmul(lora.a.clone().transpose()) * lora.scale;
+            y = y + low.matmul(lora.b.clone().transpose());
+        }
         y.reshape([b, s, out])
     }
 }

@@ -13,6 +13,7 @@ use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::llama::Llama;
 use crate::loader::{load_llama, GgufSource, SafetensorsDir, TensorSource};
+use crate::lora::{merge, Adapter, MergedSource};
 use crate::tokenizer::Tokenizer;
 
 /// The checkpoint file(s), kept open (memory-mapped) for weights read later.
@@ -28,6 +29,8 @@ pub struct Model {
     pub template: ChatTemplate,
     /// Where it was loaded from.
     pub source: PathBuf,
+    /// The adapter merged into the weights, if any.
+    pub adapter: Option<Adapter>,
     checkpoint: Checkpoint,
     decode: OnceLock<DecodeWeights>,
 }
@@ -104,6 +107,7 @@ impl Model {
             tokenizer,
             template,
             source: source.to_path_buf(),
+            adapter: None,
             checkpoint,
             decode: OnceLock::new(),
         })
@@ -115,11 +119,46 @@ impl Model {
             return Ok(w);
         }
         let config = &self.llama.config;
-        let weights = match &self.checkpoint {
-            Checkpoint::Gguf(file) => DecodeWeights::load(&GgufSource { file, config }, config)?,
-            Checkpoint::Hf(dir) => DecodeWeights::load(dir as &dyn TensorSource, config)?,
+        let gguf;
+        let base: &dyn TensorSource = match &self.checkpoint {
+            Checkpoint::Gguf(file) => {
+                gguf = GgufSource { file, config };
+                &gguf
+            }
+            Checkpoint::Hf(dir) => dir,
+        };
+        let weights = match &self.adapter {
+            Some(adapter) => DecodeWeights::load(
+                &MergedSource {
+                    base,
+                    adapter,
+                    config,
+                },
+                config,
+            )?,
+            None => DecodeWeights::load(base, config)?,
         };
         Ok(self.decode.get_or_init(|| weights))
+    }
+
+    /// Merges a LoRA adapter into this model (Burn weights now, decode weights when next needed).
+    /// A model holds at most one merged adapter; attach others with [`crate::lora::attach`].
+    pub fn merge_adapter(mut self, adapter: Adapter) -> Result<Self> {
+        if self.adapter.is_some() {
+            return Err(ModelError::Adapter(
+                "this model already has an adapter merged in".into(),
+            ));
+        }
+        merge(&mut self.llama, &adapter)?;
+        self.adapter = Some(adapter);
+        self.decode = OnceLock::new();
+        Ok(self)
+    }
+
+    /// Loads the adapter folder `dir` (PEFT format) and merges it.
+    pub fn load_adapter(self, dir: &Path) -> Result<Self> {
+        let adapter = Adapter::load(dir, &self.llama.config)?;
+        self.merge_adapter(adapter)
     }
 
     /// Renders messages with the chat template and tokenizes the result (no extra BOS: templates add

@@ -1,0 +1,178 @@
+//! What an adapter adapts: rank, scaling, dropout, target projections and layers.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+
+/// A linear projection of a decoder layer that can carry a LoRA adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] = [
+        Target::QProj,
+        Target::KProj,
+        Target::VProj,
+        Target::OProj,
+        Target::GateProj,
+        Target::UpProj,
+        Target::DownProj,
+    ];
+
+    /// The module name PEFT uses in `target_modules`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::QProj => "q_proj",
+            Target::KProj => "k_proj",
+            Target::VProj => "v_proj",
+            Target::OProj => "o_proj",
+            Target::GateProj => "gate_proj",
+            Target::UpProj => "up_proj",
+            Target::DownProj => "down_proj",
+        }
+    }
+
+    /// The path inside a decoder layer (`self_attn.q_proj`, `mlp.gate_proj`, …).
+    pub fn module_path(self) -> String {
+        let block = match self {
+            Target::QProj | Target::KProj | Target::VProj | Target::OProj => "self_attn",
+            _ => "mlp",
+        };
+        format!("{block}.{}", self.as_str())
+    }
+
+    /// `[out, in]` of this projection's weight.
+    pub fn shape(self, c: &ModelConfig) -> [usize; 2] {
+        let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        match self {
+            Target::QProj => [c.num_attention_heads * d, h],
+            Target::KProj | Target::VProj => [c.kv_heads() * d, h],
+            Target::OProj => [h, c.num_attention_heads * d],
+            Target::GateProj | Target::UpProj => [i, h],
+            Target::DownProj => [h, i],
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Target {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Target::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| {
+                ModelError::Adapter(format!(
+                    "unknown LoRA target module {s:?} (expected one of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)"
+                ))
+            })
+    }
+}
+
+/// LoRA hyper-parameters, as in PEFT's `LoraConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Vec<Target>,
+    /// Layers that get adapters; `None` for all.
+    pub layers: Option<Vec<usize>>,
+    /// rsLoRA scaling `alpha / sqrt(r)` instead of `alpha / r`.
+    pub use_rslora: bool,
+}
+
+impl Default for LoraConfig {
+    /// The original study's defaults: r 8, alpha 32, dropout 0.05, every linear projection.
+    fn default() -> Self {
+        LoraConfig {
+            r: 8,
+            alpha: 32.0,
+            dropout: 0.05,
+            targets: Target::ALL.to_vec(),
+            layers: None,
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The factor `s` in `y = W x + s · B A x`.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
+        if self.r == 0 {
+            return Err(ModelError::Adapter("LoRA rank r must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(ModelError::Adapter(format!(
+                "LoRA dropout {} is outside [0, 1)",
+                self.dropout
+            )));
+        }
+        if self.targets.is_empty() {
+            return Err(ModelError::Adapter("no LoRA target modules".into()));
+        }
+        if let Some(layers) = &self.layers {
+            if let Some(bad) = layers.iter().find(|&&l| l >= model.num_hidden_layers) {
+                return Err(ModelError::Adapter(format!(
+                    "LoRA layer {bad} does not exist: the model has {} layers",
+                    model.num_hidden_layers
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether layer `layer` gets adapters.
+    pub fn covers_layer(&self, layer: usize) -> bool {
+        self.layers.as_ref().is_none_or(|l| l.contains(&layer))
+    }
+
+    /// Every adapted `(layer, target)`, in a fixed order.
+    pub fn sites(&self, model: &ModelConfig) -> Vec<(usize, Target)> {
+        let mut targets = self.targets.clone();
+        targets.sort();
+        targets.dedup();
+        (0..model.num_hidden_layers)
+            .filter(|&l| self.covers_layer(l))
+            .flat_map(|l| targets.iter().map(move |&t| (l, t)))
+            .collect()
+    }
+
+    /// Trainable parameters: `r · (in + out)` per adapted projection.
+    pub fn trainable_params(&self, model: &ModelConfig) -> usize {
+        self.sites(model)
+            .iter()
+            .map(|&(_, t)| {
+                let [o, i] = t.shape(model);
+                self.r * (o + i)
+            })
+            .sum()
+    }
+}
