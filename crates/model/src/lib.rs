@@ -27,6 +27,7 @@ pub mod llama;
 pub mod loader;
 pub mod lora;
 pub mod model;
+pub mod qlora;
 pub mod quants;
 pub mod sampling;
 pub mod score;

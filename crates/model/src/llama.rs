@@ -139,7 +139,7 @@ pub fn rope_tables(head_dim: usize, theta: f64, max_positions: usize) -> (Vec<f3
 pub struct Rope {
     cos: Tensor<2>,
     sin: Tensor<2>,
-    max_positions: usize,
+    pub max_positions: usize,
 }
 
 impl Rope {
@@ -156,7 +156,7 @@ impl Rope {
     }
 
     /// Rotates `x` (`[b, heads, s, d]`) by the angles of `positions` (`[b, s]`).
-    fn apply(&self, x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    pub fn apply(&self, x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
         let [_, _, _, d] = x.dims();
         let x1 = x.clone().narrow(3, 0, d / 2);
         let x2 = x.clone().narrow(3, d / 2, d / 2);
@@ -165,7 +165,7 @@ impl Rope {
     }
 
     /// cos and sin for given positions, shaped `[b, 1, s, d]` to broadcast over heads.
-    fn tables(&self, positions: &[Vec<usize>], device: &Device) -> (Tensor<4>, Tensor<4>) {
+    pub fn tables(&self, positions: &[Vec<usize>], device: &Device) -> (Tensor<4>, Tensor<4>) {
         let b = positions.len();
         let s = positions.first().map_or(0, Vec::len);
         let flat: Vec<i64> = positions.iter().flatten().map(|&p| p as i64).collect();
@@ -173,6 +173,62 @@ impl Rope {
         let d = self.cos.dims()[1];
         let pick = |t: &Tensor<2>| t.clone().select(0, idx.clone()).reshape([b, 1, s, d]);
         (pick(&self.cos), pick(&self.sin))
+    }
+}
+
+impl DecoderLayer {
+    /// Runs one layer on `x` (`[b, s, hidden]`), appending this step's keys and values to `cache`.
+    /// `cos`/`sin` come from [`Rope::tables`] for the step's positions; `mask` is additive,
+    /// `[b, 1, s, cached + s]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        c: &ModelConfig,
+        rope: &Rope,
+        x: Tensor<3>,
+        cache: &mut LayerCache,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: &Tensor<4>,
+    ) -> Tensor<3> {
+        let layer = self;
+        let [b, s, _] = x.dims();
+        let (h, kvh, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
+        let n = layer.input_layernorm.forward(x.clone());
+        let attn = &layer.self_attn;
+        let q = attn
+            .q_proj
+            .forward(n.clone())
+            .reshape([b, s, h, d])
+            .swap_dims(1, 2);
+        let k = attn
+            .k_proj
+            .forward(n.clone())
+            .reshape([b, s, kvh, d])
+            .swap_dims(1, 2);
+        let v = attn
+            .v_proj
+            .forward(n)
+            .reshape([b, s, kvh, d])
+            .swap_dims(1, 2);
+        let q = rope.apply(q, cos, sin);
+        let k = rope.apply(k, cos, sin);
+        let (k, v) = cache.append(k, v);
+        let t = k.dims()[2];
+        let rep = h / kvh;
+        // Query head q uses KV head q / rep: group the query heads of each KV head on one axis.
+        let q = q.reshape([b, kvh, rep * s, d]);
+        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt());
+        let scores = scores.reshape([b, h, s, t]) + mask.clone();
+        let probs = softmax(scores, 3).reshape([b, kvh, rep * s, t]);
+        let out = probs
+            .matmul(v)
+            .reshape([b, h, s, d])
+            .swap_dims(1, 2)
+            .reshape([b, s, h * d]);
+        let x = x + attn.o_proj.forward(out);
+        let n = layer.post_attention_layernorm.forward(x.clone());
+        x + layer.mlp.forward(n)
     }
 }
 
@@ -285,61 +341,12 @@ impl Llama {
             c.push(x.clone());
         }
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = self.layer_forward(layer, x, lc, &cos, &sin, &mask);
+            x = layer.forward(&self.config, &self.rope, x, lc, &cos, &sin, &mask);
             if let Some(c) = collect.as_deref_mut() {
                 c.push(x.clone());
             }
         }
         Ok(self.norm.forward(x))
-    }
-
-    fn layer_forward(
-        &self,
-        layer: &DecoderLayer,
-        x: Tensor<3>,
-        cache: &mut LayerCache,
-        cos: &Tensor<4>,
-        sin: &Tensor<4>,
-        mask: &Tensor<4>,
-    ) -> Tensor<3> {
-        let [b, s, _] = x.dims();
-        let c = &self.config;
-        let (h, kvh, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
-        let n = layer.input_layernorm.forward(x.clone());
-        let attn = &layer.self_attn;
-        let q = attn
-            .q_proj
-            .forward(n.clone())
-            .reshape([b, s, h, d])
-            .swap_dims(1, 2);
-        let k = attn
-            .k_proj
-            .forward(n.clone())
-            .reshape([b, s, kvh, d])
-            .swap_dims(1, 2);
-        let v = attn
-            .v_proj
-            .forward(n)
-            .reshape([b, s, kvh, d])
-            .swap_dims(1, 2);
-        let q = self.rope.apply(q, cos, sin);
-        let k = self.rope.apply(k, cos, sin);
-        let (k, v) = cache.append(k, v);
-        let t = k.dims()[2];
-        let rep = h / kvh;
-        // Query head q uses KV head q / rep: group the query heads of each KV head on one axis.
-        let q = q.reshape([b, kvh, rep * s, d]);
-        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt());
-        let scores = scores.reshape([b, h, s, t]) + mask.clone();
-        let probs = softmax(scores, 3).reshape([b, kvh, rep * s, t]);
-        let out = probs
-            .matmul(v)
-            .reshape([b, h, s, d])
-            .swap_dims(1, 2)
-            .reshape([b, s, h * d]);
-        let x = x + attn.o_proj.forward(out);
-        let n = layer.post_attention_layernorm.forward(x.clone());
-        x + layer.mlp.forward(n)
     }
 
     /// Logits for hidden states `[b, s, hidden]` → `[b, s, vocab]`.

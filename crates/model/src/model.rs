@@ -17,9 +17,67 @@ use crate::lora::{merge, Adapter, MergedSource};
 use crate::tokenizer::Tokenizer;
 
 /// The checkpoint file(s), kept open (memory-mapped) for weights read later.
-enum Checkpoint {
+enum Weights {
     Gguf(GgufFile),
     Hf(SafetensorsDir),
+}
+
+/// An opened checkpoint (GGUF file or Hugging Face folder): configuration, tokenizer and memory-mapped
+/// weights, read one tensor at a time through [`Checkpoint::with_source`].
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    weights: Weights,
+}
+
+impl Checkpoint {
+    /// Opens a `.gguf` file or a Hugging Face folder (`config.json`, `*.safetensors`, `tokenizer.json`).
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            let config_path = path.join("config.json");
+            let text = std::fs::read_to_string(&config_path)
+                .map_err(|e| ModelError::io(&config_path, e))?;
+            let config = ModelConfig::from_json(&text)?;
+            let tokenizer = Tokenizer::from_hf_dir(path)?;
+            let weights = SafetensorsDir::open(path)?;
+            Ok(Checkpoint {
+                path: path.to_path_buf(),
+                config,
+                tokenizer,
+                weights: Weights::Hf(weights),
+            })
+        } else if path.exists() {
+            let file = GgufFile::open(path)?;
+            let config = ModelConfig::from_gguf(&file)?;
+            let tokenizer = Tokenizer::from_gguf(&file)?;
+            Ok(Checkpoint {
+                path: path.to_path_buf(),
+                config,
+                tokenizer,
+                weights: Weights::Gguf(file),
+            })
+        } else {
+            Err(ModelError::io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such model file or folder (run `cargo xtask setup` for the default model)",
+                ),
+            ))
+        }
+    }
+
+    /// Calls `f` with the weights as a [`TensorSource`] (Hugging Face names and layouts).
+    pub fn with_source<R>(&self, f: impl FnOnce(&dyn TensorSource) -> R) -> R {
+        match &self.weights {
+            Weights::Gguf(file) => f(&GgufSource {
+                file,
+                config: &self.config,
+            }),
+            Weights::Hf(dir) => f(dir),
+        }
+    }
 }
 
 /// Everything needed to turn text into text.
@@ -31,7 +89,7 @@ pub struct Model {
     pub source: PathBuf,
     /// The adapter merged into the weights, if any.
     pub adapter: Option<Adapter>,
-    checkpoint: Checkpoint,
+    checkpoint: Weights,
     decode: OnceLock<DecodeWeights>,
 }
 
@@ -47,53 +105,28 @@ impl std::fmt::Debug for Model {
 impl Model {
     /// Loads a `.gguf` file or a Hugging Face folder (`config.json`, `*.safetensors`, `tokenizer.json`).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        if path.is_dir() {
-            Self::load_hf_dir(path, device)
-        } else if path.exists() {
-            Self::load_gguf(path, device)
-        } else {
-            Err(ModelError::io(
-                path,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no such model file or folder (run `cargo xtask setup` for the default model)",
-                ),
-            ))
-        }
+        Self::from_checkpoint(Checkpoint::open(path)?, device)
     }
 
-    pub fn load_gguf(path: &Path, device: &Device) -> Result<Self> {
-        let file = GgufFile::open(path)?;
-        let config = ModelConfig::from_gguf(&file)?;
-        let tokenizer = Tokenizer::from_gguf(&file)?;
-        let llama = load_llama(
-            &GgufSource {
-                file: &file,
-                config: &config,
-            },
-            &config,
-            device,
-        )?;
-        Self::assemble(llama, tokenizer, path, Checkpoint::Gguf(file))
-    }
-
-    pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let text =
-            std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
-        let config = ModelConfig::from_json(&text)?;
-        let tokenizer = Tokenizer::from_hf_dir(dir)?;
-        let weights = SafetensorsDir::open(dir)?;
-        let llama = load_llama(&weights, &config, device)?;
-        Self::assemble(llama, tokenizer, dir, Checkpoint::Hf(weights))
-    }
-
-    fn assemble(
-        llama: Llama,
-        tokenizer: Tokenizer,
-        source: &Path,
-        checkpoint: Checkpoint,
-    ) -> Result<Self> {
+    /// Builds the decoder of an opened checkpoint.
+    pub fn from_checkpoint(checkpoint: Checkpoint, device: &Device) -> Result<Self> {
+        let Checkpoint {
+            path,
+            config,
+            tokenizer,
+            weights,
+        } = checkpoint;
+        let llama = match &weights {
+            Weights::Gguf(file) => load_llama(
+                &GgufSource {
+                    file,
+                    config: &config,
+                },
+                &config,
+                device,
+            )?,
+            Weights::Hf(dir) => load_llama(dir, &config, device)?,
+        };
         if tokenizer.vocab_size() > llama.config.vocab_size {
             return Err(ModelError::Tokenizer(format!(
                 "tokenizer has {} tokens but the model's vocabulary is {}",
@@ -106,9 +139,9 @@ impl Model {
             llama,
             tokenizer,
             template,
-            source: source.to_path_buf(),
+            source: path,
             adapter: None,
-            checkpoint,
+            checkpoint: weights,
             decode: OnceLock::new(),
         })
     }
@@ -121,11 +154,11 @@ impl Model {
         let config = &self.llama.config;
         let gguf;
         let base: &dyn TensorSource = match &self.checkpoint {
-            Checkpoint::Gguf(file) => {
+            Weights::Gguf(file) => {
                 gguf = GgufSource { file, config };
                 &gguf
             }
-            Checkpoint::Hf(dir) => dir,
+            Weights::Hf(dir) => dir,
         };
         let weights = match &self.adapter {
             Some(adapter) => DecodeWeights::load(

@@ -1,0 +1,612 @@
+//! The model being fine-tuned: a frozen base (f32, int8 or NF4 linear weights; f32 embeddings and norms,
+//! as QLoRA keeps them) plus a LoRA [`Adapter`], with the loss and its gradients for a batch.
+//!
+//! Memory design: the forward pass runs layer by layer without autodiff, keeping only each layer's input
+//! (`[b, s, hidden]`). Backward walks the layers in reverse: it dequantizes that layer's weights again,
+//! re-runs the layer on Burn's autodiff device with the LoRA factors (and the layer input) tracked, and
+//! back-propagates the incoming gradient through it. So at most one layer's dequantized weights and
+//! one layer's activations are alive at a time, gradients reach the input but never the frozen weights,
+//! and the 49k-wide logits exist only for a chunk of target positions at a time.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use rayon::prelude::*;
+
+use crate::base_quant::{BaseQuant, FrozenWeight};
+use crate::cache::LayerCache;
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::llama::{to_vec, Attention, DecoderLayer, Linear, LoraDelta, Mlp, RmsNorm, Rope};
+use crate::loader::TensorSource;
+use crate::lora::{Adapter, LoraPair, Target};
+
+/// One training sequence: token ids and which of them are predicted (`loss_mask[t]`: the loss includes
+/// predicting `ids[t]` from `ids[..t]`; `loss_mask[0]` is ignored).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sequence {
+    pub ids: Vec<u32>,
+    pub loss_mask: Vec<bool>,
+}
+
+impl Sequence {
+    /// Positions whose token is predicted.
+    pub fn targets(&self) -> usize {
+        self.loss_mask.iter().skip(1).filter(|&&m| m).count()
+    }
+}
+
+/// Loss of a batch: the summed cross-entropy over target tokens and how many there were.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossSum {
+    pub sum: f64,
+    pub tokens: usize,
+}
+
+/// [`LossSum`] and the gradient of `sum` for every adapter pair (same keys and layout as the adapter).
+#[derive(Debug, Clone)]
+pub struct StepGrads {
+    pub loss: LossSum,
+    pub grads: BTreeMap<(usize, Target), LoraPair>,
+}
+
+/// Dropout on the LoRA inputs for one step: each `(layer, target)` mask is drawn from `seed`.
+#[derive(Debug, Clone, Copy)]
+pub struct Dropout {
+    pub p: f64,
+    pub seed: u64,
+}
+
+/// How big the frozen base is.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct BaseFootprint {
+    /// Parameters of the quantized linear projections.
+    pub linear_params: usize,
+    /// Bytes those projections occupy.
+    pub linear_bytes: usize,
+    /// Parameters kept in f32 (embeddings, norms, biases, untied LM head).
+    pub other_params: usize,
+}
+
+impl BaseFootprint {
+    pub fn bits_per_linear_param(&self) -> f64 {
+        8.0 * self.linear_bytes as f64 / self.linear_params.max(1) as f64
+    }
+
+    /// Resident bytes of the whole base.
+    pub fn total_bytes(&self) -> usize {
+        self.linear_bytes + 4 * self.other_params
+    }
+}
+
+struct FrozenLinear {
+    weight: FrozenWeight,
+    bias: Option<Tensor<1>>,
+}
+
+struct FrozenLayer {
+    input_layernorm: Tensor<1>,
+    post_attention_layernorm: Tensor<1>,
+    /// Indexed like [`Target::ALL`].
+    linears: Vec<FrozenLinear>,
+}
+
+/// The frozen base for LoRA / QLoRA training.
+pub struct QloraModel {
+    pub config: ModelConfig,
+    pub quant: BaseQuant,
+    embed_tokens: Tensor<2>,
+    norm: Tensor<1>,
+    lm_head: Option<Tensor<2>>,
+    layers: Vec<FrozenLayer>,
+    rope: Rope,
+    device: Device,
+    /// Target positions per cross-entropy chunk (bounds the live logits to `chunk × vocab`).
+    pub loss_chunk: usize,
+}
+
+fn tensor1(v: Vec<f32>, device: &Device) -> Tensor<1> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
+fn target_index(t: Target) -> usize {
+    Target::ALL.iter().position(|&x| x == t).unwrap_or(0)
+}
+
+impl QloraModel {
+    /// Reads the base one tensor at a time from `src` and stores the linear weights as `quant` says
+    /// (never holding the whole f32 model).
+    pub fn load(
+        src: &dyn TensorSource,
+        config: &ModelConfig,
+        quant: BaseQuant,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let need = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            match src.tensor(name)? {
+                Some((data, found)) if found == shape => Ok(data),
+                Some((_, found)) => Err(ModelError::ShapeMismatch {
+                    tensor: name.to_string(),
+                    expected: shape.to_vec(),
+                    found,
+                }),
+                None => Err(ModelError::MissingTensor {
+                    tensor: name.to_string(),
+                }),
+            }
+        };
+        let hidden = c.hidden_size;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut linears = Vec::with_capacity(7);
+            for t in Target::ALL {
+                let [out, inp] = t.shape(c);
+                let name = format!("{p}.{}", t.module_path());
+                let values = need(&format!("{name}.weight"), &[out, inp])?;
+                let has_bias = match t {
+                    Target::QProj | Target::KProj | Target::VProj => c.qkv_bias(),
+                    Target::OProj => c.o_bias(),
+                    _ => false,
+                };
+                let bias = if has_bias {
+                    Some(tensor1(need(&format!("{name}.bias"), &[out])?, device))
+                } else {
+                    None
+                };
+                linears.push(FrozenLinear {
+                    weight: FrozenWeight::new(values, out, inp, quant, device),
+                    bias,
+                });
+            }
+            layers.push(FrozenLayer {
+                input_layernorm: tensor1(
+                    need(&format!("{p}.input_layernorm.weight"), &[hidden])?,
+                    device,
+                ),
+                post_attention_layernorm: tensor1(
+                    need(&format!("{p}.post_attention_layernorm.weight"), &[hidden])?,
+                    device,
+                ),
+                linears,
+            });
+        }
+        let t2 = |v: Vec<f32>, rows: usize| {
+            Tensor::<2>::from_data(TensorData::new(v, [rows, hidden]), device)
+        };
+        let embed_tokens = t2(
+            need("model.embed_tokens.weight", &[c.vocab_size, hidden])?,
+            c.vocab_size,
+        );
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(t2(
+                need("lm_head.weight", &[c.vocab_size, hidden])?,
+                c.vocab_size,
+            ))
+        };
+        Ok(QloraModel {
+            config: config.clone(),
+            quant,
+            embed_tokens,
+            norm: tensor1(need("model.norm.weight", &[hidden])?, device),
+            lm_head,
+            layers,
+            rope: Rope::new(
+                c.head_dim(),
+                c.rope_theta,
+                c.max_position_embeddings,
+                device,
+            ),
+            device: device.clone(),
+            loss_chunk: 256,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Parameters and resident bytes of the base.
+    pub fn footprint(&self) -> BaseFootprint {
+        let mut linear_params = 0;
+        let mut linear_bytes = 0;
+        let mut other = 0;
+        for layer in &self.layers {
+            other += 2 * self.config.hidden_size;
+            for l in &layer.linears {
+                let [o, i] = l.weight.dims();
+                linear_params += o * i;
+                linear_bytes += l.weight.resident_bytes();
+                other += l.bias.as_ref().map_or(0, |b| b.dims()[0]);
+            }
+        }
+        other += self.embed_tokens.dims().iter().product::<usize>() + self.config.hidden_size;
+        other += self
+            .lm_head
+            .as_ref()
+            .map_or(0, |h| h.dims().iter().product::<usize>());
+        BaseFootprint {
+            linear_params,
+            linear_bytes,
+            other_params: other,
+        }
+    }
+
+    /// One layer as a [`DecoderLayer`]: weights dequantized now, LoRA factors from `lora` (already on
+    /// the right device, tracked or not) and dropout masks for `rows` input rows.
+    fn layer(
+        &self,
+        index: usize,
+        lora: &BTreeMap<Target, (Tensor<2>, Tensor<2>)>,
+        scale: f64,
+        dropout: Option<Dropout>,
+        rows: usize,
+    ) -> DecoderLayer {
+        let frozen = &self.layers[index];
+        let linear = |t: Target| {
+            let f = &frozen.linears[target_index(t)];
+            let mut l = Linear::new(f.weight.tensor(&self.device), f.bias.clone());
+            if let Some((a, b)) = lora.get(&t) {
+                let dropout_mask = dropout.filter(|d| d.p > 0.0).map(|d| {
+                    let cols = t.shape(&self.config)[1];
+                    dropout_mask(d, index, t, rows, cols, &self.device)
+                });
+                l.lora = Some(LoraDelta {
+                    a: a.clone(),
+                    b: b.clone(),
+                    scale,
+                    dropout_mask,
+                });
+            }
+            l
+        };
+        let norm = |w: &Tensor<1>| RmsNorm {
+            weight: w.clone(),
+            eps: self.config.rms_norm_eps,
+        };
+        DecoderLayer {
+            input_layernorm: norm(&frozen.input_layernorm),
+            self_attn: Attention {
+                q_proj: linear(Target::QProj),
+                k_proj: linear(Target::KProj),
+                v_proj: linear(Target::VProj),
+                o_proj: linear(Target::OProj),
+            },
+            post_attention_layernorm: norm(&frozen.post_attention_layernorm),
+            mlp: Mlp {
+                gate_proj: linear(Target::GateProj),
+                up_proj: linear(Target::UpProj),
+                down_proj: linear(Target::DownProj),
+            },
+        }
+    }
+
+    /// The adapter's factors of one layer as tensors (tracked when `track`).
+    fn lora_tensors(
+        &self,
+        adapter: &Adapter,
+        layer: usize,
+        track: bool,
+    ) -> BTreeMap<Target, (Tensor<2>, Tensor<2>)> {
+        let r = adapter.config.r;
+        adapter
+            .weights
+            .range((layer, Target::QProj)..=(layer, Target::DownProj))
+            .map(|(&(_, t), pair)| {
+                let [out, inp] = t.shape(&self.config);
+                let mk = |v: &[f32], shape: [usize; 2]| {
+                    let x =
+                        Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), &self.device);
+                    if track {
+                        x.autodiff().require_grad()
+                    } else {
+                        x
+                    }
+                };
+                (t, (mk(&pair.a, [r, inp]), mk(&pair.b, [out, r])))
+            })
+            .collect()
+    }
+
+    fn check_batch(&self, batch: &[Sequence]) -> Result<usize> {
+        if batch.is_empty() {
+            return Err(ModelError::Input("empty training batch".into()));
+        }
+        let s = batch.iter().map(|q| q.ids.len()).max().unwrap_or(0);
+        if s < 2 {
+            return Err(ModelError::Input(
+                "training sequences need at least two tokens".into(),
+            ));
+        }
+        if s > self.rope.max_positions {
+            return Err(ModelError::Input(format!(
+                "a training sequence has {s} tokens, more than the model's context of {}",
+                self.rope.max_positions
+            )));
+        }
+        let vocab = self.config.vocab_size as u32;
+        for q in batch {
+            if q.loss_mask.len() != q.ids.len() {
+                return Err(ModelError::Input(
+                    "loss mask and token ids differ in length".into(),
+                ));
+            }
+            if let Some(bad) = q.ids.iter().find(|&&t| t >= vocab) {
+                return Err(ModelError::Input(format!(
+                    "token id {bad} is outside the vocabulary of {vocab}"
+                )));
+            }
+        }
+        Ok(s)
+    }
+
+    /// Summed loss and LoRA gradients for `batch` (sequences right-padded to the longest).
+    pub fn loss_and_grads(
+        &self,
+        adapter: &Adapter,
+        batch: &[Sequence],
+        dropout: Option<Dropout>,
+    ) -> Result<StepGrads> {
+        adapter.validate_for(&self.config)?;
+        let s = self.check_batch(batch)?;
+        let b = batch.len();
+        let hidden = self.config.hidden_size;
+        let scale = adapter.config.scale();
+        let (cos, sin, mask) = self.attention_inputs(b, s);
+
+        // Forward without autodiff, keeping every layer's input.
+        let mut xs = Vec::with_capacity(self.layers.len() + 1);
+        let mut x = self.embed(batch, s);
+        for l in 0..self.layers.len() {
+            let lora = self.lora_tensors(adapter, l, false);
+            let layer = self.layer(l, &lora, scale, dropout, b * s);
+            let next = layer.forward(
+                &self.config,
+                &self.rope,
+                x.clone(),
+                &mut LayerCache::default(),
+                &cos,
+                &sin,
+                &mask,
+            );
+            xs.push(x);
+            x = next;
+        }
+
+        // Loss and the gradient at the last layer's output.
+        let (loss, mut grad) = self.head_loss(x, batch, s, true)?;
+        let mut grad = grad
+            .take()
+            .unwrap_or_else(|| Tensor::zeros([b, s, hidden], &self.device));
+
+        // Backward, one recomputed layer at a time.
+        let mut grads = BTreeMap::new();
+        for l in (0..self.layers.len()).rev() {
+            let x_in = xs
+                .pop()
+                .unwrap_or_else(|| Tensor::zeros([b, s, hidden], &self.device));
+            let x_ad = x_in.autodiff().require_grad();
+            let lora = self.lora_tensors(adapter, l, true);
+            let layer = self.layer(l, &lora, scale, dropout, b * s);
+            let out = layer.forward(
+                &self.config,
+                &self.rope,
+                x_ad.clone(),
+                &mut LayerCache::default(),
+                &cos,
+                &sin,
+                &mask,
+            );
+            let surrogate = (out * grad).sum();
+            let g = surrogate.backward();
+            for (t, (a, bt)) in &lora {
+                let ga = a.grad(&g).map(to_vec).transpose()?.unwrap_or_default();
+                let gb = bt.grad(&g).map(to_vec).transpose()?.unwrap_or_default();
+                grads.insert((l, *t), LoraPair { a: ga, b: gb });
+            }
+            grad = x_ad
+                .grad(&g)
+                .ok_or_else(|| ModelError::Input("no gradient reached the layer input".into()))?;
+        }
+        for pair in grads.values_mut() {
+            if pair.a.is_empty() || pair.b.is_empty() {
+                return Err(ModelError::Input(
+                    "a LoRA factor received no gradient".into(),
+                ));
+            }
+        }
+        Ok(StepGrads { loss, grads })
+    }
+
+    /// Summed loss of `batch` with `adapter` (no dropout, no gradients): validation.
+    pub fn loss(&self, adapter: Option<&Adapter>, batch: &[Sequence]) -> Result<LossSum> {
+        if let Some(a) = adapter {
+            a.validate_for(&self.config)?;
+        }
+        let s = self.check_batch(batch)?;
+        let b = batch.len();
+        let (cos, sin, mask) = self.attention_inputs(b, s);
+        let mut x = self.embed(batch, s);
+        for l in 0..self.layers.len() {
+            let (lora, scale) = match adapter {
+                Some(a) => (self.lora_tensors(a, l, false), a.config.scale()),
+                None => (BTreeMap::new(), 0.0),
+            };
+            let layer = self.layer(l, &lora, scale, None, b * s);
+            x = layer.forward(
+                &self.config,
+                &self.rope,
+                x,
+                &mut LayerCache::default(),
+                &cos,
+                &sin,
+                &mask,
+            );
+        }
+        Ok(self.head_loss(x, batch, s, false)?.0)
+    }
+
+    /// RoPE tables for positions `0..s` and the causal mask (right padding needs no more: real tokens
+    /// never see the padding after them, and padded positions carry no loss).
+    fn attention_inputs(&self, b: usize, s: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let positions = vec![(0..s).collect::<Vec<_>>(); b];
+        let (cos, sin) = self.rope.tables(&positions, &self.device);
+        let mut mask = vec![0f32; s * s];
+        for i in 0..s {
+            for j in i + 1..s {
+                mask[i * s + j] = -1e30;
+            }
+        }
+        let mask = Tensor::<4>::from_data(TensorData::new(mask, [1, 1, s, s]), &self.device);
+        (cos, sin, mask)
+    }
+
+    fn embed(&self, batch: &[Sequence], s: usize) -> Tensor<3> {
+        let flat: Vec<i64> = batch
+            .iter()
+            .flat_map(|q| (0..s).map(move |t| q.ids.get(t).copied().unwrap_or(0) as i64))
+            .collect();
+        let ids =
+            Tensor::<1, Int>::from_data(TensorData::new(flat, [batch.len() * s]), &self.device);
+        self.embed_tokens
+            .clone()
+            .select(0, ids)
+            .reshape([batch.len(), s, self.config.hidden_size])
+    }
+
+    /// Final norm, LM head and cross-entropy over the target positions, in chunks. With `want_grad`,
+    /// also the gradient of the summed loss with respect to `x` (`[b, s, hidden]`).
+    fn head_loss(
+        &self,
+        x: Tensor<3>,
+        batch: &[Sequence],
+        s: usize,
+        want_grad: bool,
+    ) -> Result<(LossSum, Option<Tensor<3>>)> {
+        let b = batch.len();
+        let hidden = self.config.hidden_size;
+        // Hidden state at t-1 predicts ids[t].
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (r, q) in batch.iter().enumerate() {
+            for t in 1..q.ids.len() {
+                if q.loss_mask[t] {
+                    rows.push((r * s + t - 1) as i64);
+                    targets.push(q.ids[t] as i64);
+                }
+            }
+        }
+        let m = rows.len();
+        if m == 0 {
+            return Ok((
+                LossSum {
+                    sum: 0.0,
+                    tokens: 0,
+                },
+                None,
+            ));
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(rows, [m]), &self.device);
+        let selected = x.reshape([b * s, hidden]).select(0, idx.clone());
+        let selected = if want_grad {
+            selected.autodiff().require_grad()
+        } else {
+            selected
+        };
+        let norm = RmsNorm {
+            weight: self.norm.clone(),
+            eps: self.config.rms_norm_eps,
+        };
+        let h = norm
+            .forward(selected.clone().unsqueeze_dim::<3>(0))
+            .reshape([m, hidden]);
+        let h_plain = h.clone().inner();
+
+        let mut sum = 0f64;
+        let mut dh_chunks = Vec::new();
+        for start in (0..m).step_by(self.loss_chunk.max(1)) {
+            let len = self.loss_chunk.max(1).min(m - start);
+            let hc = h_plain.clone().narrow(0, start, len);
+            let logp = log_softmax(hc.matmul(head.clone().transpose()), 1);
+            let tgt = Tensor::<2, Int>::from_data(
+                TensorData::new(targets[start..start + len].to_vec(), [len, 1]),
+                &self.device,
+            );
+            let picked = to_vec(logp.clone().gather(1, tgt.clone()))?;
+            sum -= picked.iter().map(|&v| v as f64).sum::<f64>();
+            if want_grad {
+                let ones = Tensor::<2>::ones([len, 1], &self.device);
+                let dlogits =
+                    logp.exp()
+                        - Tensor::zeros(logp_dims(len, self.config.vocab_size), &self.device)
+                            .scatter(1, tgt, ones, IndexingUpdateOp::Add);
+                dh_chunks.push(dlogits.matmul(head.clone()));
+            }
+        }
+        let loss = LossSum { sum, tokens: m };
+        if !want_grad {
+            return Ok((loss, None));
+        }
+        let dh = Tensor::cat(dh_chunks, 0);
+        let g = (h * dh).sum().backward();
+        let dsel = selected
+            .grad(&g)
+            .ok_or_else(|| ModelError::Input("no gradient reached the final norm".into()))?;
+        let full = Tensor::<2>::zeros([b * s, hidden], &self.device).select_assign(
+            0,
+            idx,
+            dsel,
+            IndexingUpdateOp::Add,
+        );
+        Ok((loss, Some(full.reshape([b, s, hidden]))))
+    }
+}
+
+fn logp_dims(rows: usize, vocab: usize) -> [usize; 2] {
+    [rows, vocab]
+}
+
+/// SplitMix64: a counter-based generator, so every mask element is a pure function of
+/// `(seed, layer, target, index)` and the same masks come back when a layer is recomputed.
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// An inverted-dropout mask (`0` or `1/(1-p)`), `[rows, cols]`.
+fn dropout_mask(
+    d: Dropout,
+    layer: usize,
+    target: Target,
+    rows: usize,
+    cols: usize,
+    device: &Device,
+) -> Tensor<2> {
+    let stream = splitmix(d.seed ^ splitmix(((layer as u64) << 8) | target_index(target) as u64));
+    let threshold = (d.p * u64::MAX as f64) as u64;
+    let keep = (1.0 / (1.0 - d.p)) as f32;
+    let mut values = vec![0f32; rows * cols];
+    values
+        .par_chunks_mut(4096)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let base = (c * 4096) as u64;
+            for (i, v) in chunk.iter_mut().enumerate() {
+                *v = if splitmix(stream.wrapping_add(base + i as u64)) >= threshold {
+                    keep
+                } else {
+                    0.0
+                };
+            }
+        });
+    Tensor::from_data(TensorData::new(values, [rows, cols]), device)
+}
