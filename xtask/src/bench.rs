@@ -20,6 +20,11 @@ use supportlm_model::{default_device, Model};
 pub enum Suite {
     /// Model inference: matmul, prefill, decode, scoring.
     Model,
+    /// Base memory per format and the peak RSS of one LoRA training step (none / int8 / nf4).
+    Qlora,
+    /// (internal) one training step in this process, for `qlora`.
+    #[value(hide = true)]
+    QloraStep,
 }
 
 #[derive(Args)]
@@ -31,11 +36,22 @@ pub struct BenchArgs {
     /// Decode steps per decode measurement.
     #[arg(long, default_value_t = 32)]
     steps: usize,
+    /// Training batch rows (qlora).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Training sequence length (qlora).
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Base format for `qlora-step`.
+    #[arg(long, default_value = "nf4")]
+    quant: String,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.suite {
         Suite::Model => model(&args),
+        Suite::Qlora => crate::bench_qlora::run(args.batch, args.seq),
+        Suite::QloraStep => crate::bench_qlora::step(args.quant.parse()?, args.batch, args.seq),
     }
 }
 

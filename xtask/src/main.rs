@@ -3,6 +3,7 @@
 //! The pipeline grows step by step with the project; every step writes under `runs/<name>/`.
 
 mod bench;
+mod bench_qlora;
 mod pipeline;
 mod setup;
 
@@ -28,6 +29,12 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pipeline(args) => pipeline::run(args),

@@ -204,7 +204,7 @@ impl QloraModel {
                 device,
             ),
             device: device.clone(),
-            loss_chunk: 256,
+            loss_chunk: 64,
         })
     }
 
@@ -360,6 +360,7 @@ impl QloraModel {
         let scale = adapter.config.scale();
         let (cos, sin, mask) = self.attention_inputs(b, s);
 
+        let clock = std::time::Instant::now();
         // Forward without autodiff, keeping every layer's input.
         let mut xs = Vec::with_capacity(self.layers.len() + 1);
         let mut x = self.embed(batch, s);
@@ -379,12 +380,14 @@ impl QloraModel {
             x = next;
         }
 
+        let t_forward = clock.elapsed();
         // Loss and the gradient at the last layer's output.
         let (loss, mut grad) = self.head_loss(x, batch, s, true)?;
         let mut grad = grad
             .take()
             .unwrap_or_else(|| Tensor::zeros([b, s, hidden], &self.device));
 
+        let t_head = clock.elapsed() - t_forward;
         // Backward, one recomputed layer at a time.
         let mut grads = BTreeMap::new();
         for l in (0..self.layers.len()).rev() {
@@ -414,6 +417,12 @@ impl QloraModel {
                 .grad(&g)
                 .ok_or_else(|| ModelError::Input("no gradient reached the layer input".into()))?;
         }
+        tracing::debug!(
+            forward_ms = t_forward.as_millis() as u64,
+            head_ms = t_head.as_millis() as u64,
+            backward_ms = (clock.elapsed() - t_forward - t_head).as_millis() as u64,
+            "training step"
+        );
         for pair in grads.values_mut() {
             if pair.a.is_empty() || pair.b.is_empty() {
                 return Err(ModelError::Input(
@@ -582,7 +591,8 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// An inverted-dropout mask (`0` or `1/(1-p)`), `[rows, cols]`.
+/// An inverted-dropout mask (`0` or `1/(1-p)`), `[rows, cols]`. Each 64-bit hash gives four 16-bit
+/// uniforms, so `p` is applied with a resolution of 1/65536.
 fn dropout_mask(
     d: Dropout,
     layer: usize,
@@ -592,20 +602,23 @@ fn dropout_mask(
     device: &Device,
 ) -> Tensor<2> {
     let stream = splitmix(d.seed ^ splitmix(((layer as u64) << 8) | target_index(target) as u64));
-    let threshold = (d.p * u64::MAX as f64) as u64;
+    let threshold = (d.p * 65536.0).round() as u64;
     let keep = (1.0 / (1.0 - d.p)) as f32;
     let mut values = vec![0f32; rows * cols];
     values
         .par_chunks_mut(4096)
         .enumerate()
         .for_each(|(c, chunk)| {
-            let base = (c * 4096) as u64;
-            for (i, v) in chunk.iter_mut().enumerate() {
-                *v = if splitmix(stream.wrapping_add(base + i as u64)) >= threshold {
-                    keep
-                } else {
-                    0.0
-                };
+            let base = (c * 1024) as u64;
+            for (i, quad) in chunk.chunks_mut(4).enumerate() {
+                let h = splitmix(stream.wrapping_add(base + i as u64));
+                for (k, v) in quad.iter_mut().enumerate() {
+                    *v = if (h >> (16 * k)) & 0xffff >= threshold {
+                        keep
+                    } else {
+                        0.0
+                    };
+                }
             }
         });
     Tensor::from_data(TensorData::new(values, [rows, cols]), device)
