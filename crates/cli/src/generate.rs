@@ -18,6 +18,10 @@ pub struct GenerateArgs {
     /// A .gguf file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
+    /// A LoRA adapter folder in PEFT's format (adapter_config.json + adapter_model.safetensors),
+    /// merged into the model before generating.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -51,6 +55,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let model = Model::load(&args.model, &default_device())
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     tracing::info!(model = %args.model.display(), config = ?model.llama.config.model_type, "loaded");
+    let model = match &args.adapter {
+        Some(dir) => {
+            let model = model
+                .load_adapter(dir)
+                .with_context(|| format!("applying the adapter in {}", dir.display()))?;
+            tracing::info!(adapter = %dir.display(), "adapter merged");
+            model
+        }
+        None => model,
+    };
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {

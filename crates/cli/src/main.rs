@@ -1,5 +1,6 @@
 //! `supportlm`: the command line. Argument parsing and wiring only; the work lives in the library crates.
 
+mod adapter;
 mod data;
 mod generate;
 
@@ -18,8 +19,11 @@ enum Command {
     /// Inspect and split the Bitext customer-support data.
     #[command(subcommand)]
     Data(data::DataCommand),
-    /// Generate text with a model (GGUF file or Hugging Face folder).
+    /// Generate text with a model (GGUF file or Hugging Face folder), optionally with an adapter.
     Generate(generate::GenerateArgs),
+    /// Inspect LoRA adapters; merge one into its base and export a Hugging Face folder.
+    #[command(subcommand)]
+    Adapter(adapter::AdapterCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,6 +37,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),
         Command::Generate(args) => generate::run(args),
+        Command::Adapter(cmd) => adapter::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -76,6 +76,22 @@ fn default_max_positions() -> usize {
 }
 
 impl ModelConfig {
+    /// Parameters of the whole model (embeddings, layers with biases, final norm, untied head).
+    pub fn num_params(&self) -> usize {
+        let (h, d) = (self.hidden_size, self.head_dim());
+        let (q, kv) = (self.num_attention_heads * d, self.kv_heads() * d);
+        let mut layer = h * (q + 2 * kv) + q * h + 3 * h * self.intermediate_size + 2 * h;
+        if self.qkv_bias() {
+            layer += q + 2 * kv;
+        }
+        if self.o_bias() {
+            layer += h;
+        }
+        let embed = self.vocab_size * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + self.num_hidden_layers * layer + h + head
+    }
+
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
