@@ -42,7 +42,7 @@ pub fn config(arch: Architecture) -> ModelConfig {
         head_dim: None,
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
-        max_position_embeddings: 256,
+        max_position_embeddings: 1024,
         tie_word_embeddings: arch == Architecture::Llama,
         attention_bias: false,
         bos_token_id: Some(1),

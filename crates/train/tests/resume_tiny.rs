@@ -1,0 +1,214 @@
+//! Training on a tiny random model: the loss mask covers the answer only, an interrupted and resumed
+//! run ends byte-identical to an uninterrupted one, and the validation loss falls.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use supportlm_data::{Category, Intent, Record, Task};
+use supportlm_model::base_quant::BaseQuant;
+use supportlm_model::chat::ChatTemplate;
+use supportlm_model::config::Architecture;
+use supportlm_model::model::Checkpoint;
+use supportlm_model::qlora::QloraModel;
+use supportlm_model::{default_device, tiny};
+use supportlm_train::examples::encode;
+use supportlm_train::trainer::{train, MetricsLine, TrainJob};
+use supportlm_train::{TrainConfig, TrainError};
+
+fn records(n: usize, offset: usize) -> Vec<Record> {
+    let pairs = [
+        (Category::Refund, Intent::GetRefund, "refund"),
+        (Category::Order, Intent::CancelOrder, "cancel"),
+        (Category::Payment, Intent::CheckPaymentMethods, "pay"),
+    ];
+    (0..n)
+        .map(|i| {
+            let (category, intent, word) = pairs[i % 3];
+            Record {
+                id: offset + i,
+                flags: None,
+                instruction: format!("{word} {word} please {}", i % 5),
+                category,
+                intent,
+                response: Some(format!("ok {word}")),
+            }
+        })
+        .collect()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    checkpoint: Checkpoint,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    tiny::write_hf_dir(&root.join("base"), &tiny::config(Architecture::Llama), 5, 1).unwrap();
+    let checkpoint = Checkpoint::open(&root.join("base")).unwrap();
+    Setup {
+        _dir: dir,
+        root,
+        checkpoint,
+    }
+}
+
+fn config() -> TrainConfig {
+    TrainConfig::load(
+        None,
+        &[
+            "max_steps=7".into(),
+            "epochs=2".into(),
+            "batch_size=3".into(),
+            "grad_accum=2".into(),
+            "eval_every=3".into(),
+            "save_every=1".into(),
+            "keep_checkpoints=2".into(),
+            "val_examples=6".into(),
+            "lr=5e-3".into(),
+            "lora.r=2".into(),
+            "lora.dropout=0.1".into(),
+            "max_len=1024".into(),
+        ],
+    )
+    .unwrap()
+}
+
+fn run(
+    s: &Setup,
+    out: &Path,
+    config: &TrainConfig,
+    resume: bool,
+    stop_at: Option<usize>,
+) -> Result<Vec<MetricsLine>, TrainError> {
+    let model = s
+        .checkpoint
+        .with_source(|src| {
+            QloraModel::load(src, &s.checkpoint.config, BaseQuant::Nf4, &default_device())
+        })
+        .unwrap();
+    let template = ChatTemplate::for_tokenizer(&s.checkpoint.tokenizer).unwrap();
+    let (train_set, val_set) = (records(20, 0), records(9, 100));
+    let stop = AtomicBool::new(false);
+    let job = TrainJob {
+        model: &model,
+        tokenizer: &s.checkpoint.tokenizer,
+        template: &template,
+        train: &train_set,
+        validation: &val_set,
+        config,
+        out_dir: out,
+        base_model: "tiny",
+        resume,
+        stop: Some(&stop),
+    };
+    let mut lines = Vec::new();
+    train(&job, &mut |line, _| {
+        lines.push(line.clone());
+        if Some(line.step) == stop_at {
+            stop.store(true, Ordering::SeqCst);
+        }
+    })?;
+    Ok(lines)
+}
+
+fn losses(path: &Path) -> Vec<(u64, Option<f64>, Option<f64>)> {
+    std::fs::read_to_string(path.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["train_loss"].as_f64(),
+                v["val_loss"].as_f64(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn interrupted_and_resumed_run_is_byte_identical() {
+    let s = setup();
+    let c = config();
+    let a = s.root.join("a");
+    run(&s, &a, &c, false, None).unwrap();
+    // "Random" interruption points, fixed so the test is reproducible.
+    for stop_at in [1usize, 4] {
+        let b = s.root.join(format!("b{stop_at}"));
+        let err = run(&s, &b, &c, false, Some(stop_at)).unwrap_err();
+        assert!(
+            matches!(err, TrainError::Interrupted { step } if step == stop_at),
+            "{err}"
+        );
+        // Without --resume the folder is protected.
+        assert!(run(&s, &b, &c, false, None).is_err());
+        run(&s, &b, &c, true, None).unwrap();
+        for f in [
+            "adapter/adapter_model.safetensors",
+            "adapter/adapter_config.json",
+            "best-adapter/adapter_model.safetensors",
+        ] {
+            assert_eq!(
+                std::fs::read(a.join(f)).unwrap(),
+                std::fs::read(b.join(f)).unwrap(),
+                "{f} after stopping at {stop_at}"
+            );
+        }
+        assert_eq!(losses(&a), losses(&b));
+    }
+    // Resuming with another config is refused.
+    let other = TrainConfig {
+        lr: 1e-3,
+        ..c.clone()
+    };
+    let b = s.root.join("b1");
+    assert!(run(&s, &b, &other, true, None).is_err());
+    // The validation loss fell.
+    let l = losses(&a);
+    let first = l.first().unwrap().2.unwrap();
+    let best = l.iter().filter_map(|x| x.2).fold(f64::MAX, f64::min);
+    assert!(best < first, "validation loss {first} -> best {best}");
+    assert_eq!(l.len(), 8);
+}
+
+#[test]
+fn loss_mask_covers_the_answer_and_its_end_of_turn_only() {
+    let s = setup();
+    let tok = &s.checkpoint.tokenizer;
+    let template = ChatTemplate::for_tokenizer(tok).unwrap();
+    let r = &records(1, 0)[0];
+    let (seq, truncated) = encode(Task::Category, r, tok, &template, 512)
+        .unwrap()
+        .unwrap();
+    assert!(!truncated);
+    let masked: Vec<u32> = seq
+        .ids
+        .iter()
+        .zip(&seq.loss_mask)
+        .filter(|(_, &m)| m)
+        .map(|(&t, _)| t)
+        .collect();
+    let text = tok.decode(&masked).unwrap();
+    assert!(text.starts_with("REFUND"), "{text:?}");
+    assert!(
+        tok.eos_ids.contains(masked.last().unwrap()),
+        "ends with the end-of-turn token"
+    );
+    let first = seq.loss_mask.iter().position(|&m| m).unwrap();
+    assert!(seq.loss_mask[first..].iter().take(masked.len()).all(|&m| m));
+    let prompt = tok.decode(&seq.ids[..first]).unwrap();
+    assert!(
+        prompt.contains("refund refund please") && prompt.ends_with("assistant\n"),
+        "{prompt:?}"
+    );
+    // Too long: the answer is cut and reported, or the example dropped when the prompt alone is too long.
+    let (short, truncated) = encode(Task::Category, r, tok, &template, first + 2)
+        .unwrap()
+        .unwrap();
+    assert!(truncated && short.ids.len() == first + 2);
+    assert!(encode(Task::Category, r, tok, &template, 10)
+        .unwrap()
+        .is_none());
+}
