@@ -3,6 +3,7 @@
 mod adapter;
 mod data;
 mod generate;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,8 @@ enum Command {
     Data(data::DataCommand),
     /// Generate text with a model (GGUF file or Hugging Face folder), optionally with an adapter.
     Generate(generate::GenerateArgs),
+    /// Fine-tune a LoRA / QLoRA adapter (see configs/).
+    Train(train::TrainArgs),
     /// Inspect LoRA adapters; merge one into its base and export a Hugging Face folder.
     #[command(subcommand)]
     Adapter(adapter::AdapterCommand),
@@ -38,6 +41,7 @@ fn main() -> std::process::ExitCode {
         Command::Data(cmd) => data::run(cmd),
         Command::Generate(args) => generate::run(args),
         Command::Adapter(cmd) => adapter::run(cmd),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
