@@ -1,0 +1,16 @@
+//! Evaluation metrics for supportlm, checked against scikit-learn and statsmodels
+//! (`tests/fixtures/metrics/`). Plain Rust: usable without a model.
+//!
+//! What lives where:
+//! - [`classification`]: accuracy, per-class and averaged precision/recall/F1, confusion matrix,
+//!   Cohen's kappa, Matthews correlation.
+//! - [`intervals`]: Wilson score interval and seeded bootstrap confidence intervals.
+//! - [`significance`]: McNemar's test (exact binomial and continuity-corrected chi-square).
+
+pub mod classification;
+pub mod intervals;
+pub mod significance;
+
+pub use classification::{ClassScores, ClassificationReport};
+pub use intervals::{bootstrap_ci, wilson_interval, Interval};
+pub use significance::{mcnemar, McNemar};
