@@ -272,7 +272,7 @@ impl Llama {
         &self,
         input: &StepInput,
         cache: &mut KvCache,
-        mut collect: Option<&mut Vec<Tensor<3>>>,
+        collect: Option<&mut Vec<Tensor<3>>>,
     ) -> Result<Tensor<3>> {
         let b = input.tokens.len();
         let s = input.tokens.first().map_or(0, Vec::len);
@@ -325,11 +325,33 @@ impl Llama {
                 }
             }
         }
+        let flat: Vec<u32> = input.tokens.iter().flatten().copied().collect();
+        self.run(&flat, b, s, &positions, mask, cache, collect)
+    }
+
+    /// Runs `b × s` tokens with explicit RoPE positions and an additive mask `[b, 1, s, cached + s]`
+    /// (0 visible, -1e30 hidden), appending their keys and values to `cache`.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        tokens: &[u32],
+        b: usize,
+        s: usize,
+        positions: &[Vec<usize>],
+        mask: Vec<f32>,
+        cache: &mut KvCache,
+        mut collect: Option<&mut Vec<Tensor<3>>>,
+    ) -> Result<Tensor<3>> {
+        let total = cache
+            .layers
+            .first()
+            .and_then(|l| l.k.as_ref())
+            .map_or(0, |k| k.dims()[2])
+            + s;
         let device = &self.device;
         let mask = Tensor::<4>::from_data(TensorData::new(mask, [b, 1, s, total]), device);
-        let (cos, sin) = self.rope.tables(&positions, device);
-
-        let flat: Vec<i64> = input.tokens.iter().flatten().map(|&t| t as i64).collect();
+        let (cos, sin) = self.rope.tables(positions, device);
+        let flat: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let ids = Tensor::<1, Int>::from_data(TensorData::new(flat, [b * s]), device);
         let hidden = self.config.hidden_size;
         let mut x = self
@@ -347,6 +369,54 @@ impl Llama {
             }
         }
         Ok(self.norm.forward(x))
+    }
+
+    /// Runs one row of new tokens after a batch-1 cache, with explicit positions and visibility among
+    /// the new tokens (`visible[i][j]`: new token `i` sees new token `j`; every cached position is
+    /// visible). Used to score many candidate continuations in one pass as a tree over a shared prompt.
+    /// The cache's bookkeeping is not updated: use a copy and drop it afterwards.
+    pub fn forward_tree(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        visible: &[Vec<bool>],
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>> {
+        let s = tokens.len();
+        if cache.batch() != 1 || positions.len() != s || visible.len() != s || s == 0 {
+            return Err(ModelError::Input(
+                "tree input needs a batch-1 cache and one position and visibility row per token"
+                    .into(),
+            ));
+        }
+        let vocab = self.config.vocab_size as u32;
+        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        if positions.iter().any(|&p| p >= self.rope.max_positions) {
+            return Err(ModelError::Input(format!(
+                "a position exceeds the model's context of {}",
+                self.rope.max_positions
+            )));
+        }
+        let past = cache.len();
+        let total = past + s;
+        let mut mask = vec![0f32; s * total];
+        for i in 0..s {
+            for j in 0..past {
+                if !cache.valid[0][j] {
+                    mask[i * total + j] = -1e30;
+                }
+            }
+            for j in 0..s {
+                if !visible[i].get(j).copied().unwrap_or(false) {
+                    mask[i * total + past + j] = -1e30;
+                }
+            }
+        }
+        self.run(tokens, 1, s, &[positions.to_vec()], mask, cache, None)
     }
 
     /// Logits for hidden states `[b, s, hidden]` → `[b, s, vocab]`.

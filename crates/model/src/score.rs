@@ -1,8 +1,8 @@
 //! Scoring: the log-probability of candidate continuations after a prompt.
 //!
 //! A prefix shared by many prompts (system prompt + few-shot examples) is encoded once into a
-//! [`PrefixCache`]; each item then runs only its own tokens on a copy of that cache, and all candidates of
-//! an item are scored in one batch on the item's cache repeated per candidate.
+//! [`PrefixCache`]; each item then runs only its own tokens and its candidates, as one tree-masked
+//! pass after that cache.
 
 use burn::tensor::activation::log_softmax;
 
@@ -38,6 +38,11 @@ pub fn encode_prefix(model: &Model, prefix: &[u32]) -> Result<PrefixCache> {
 
 /// Total log-probability of each candidate after `prefix` (already encoded) followed by `item` tokens.
 /// Every candidate must have at least one token.
+///
+/// One forward pass per item: the item's tokens and every candidate's tokens but its last are laid out
+/// as a tree after the shared prefix (each candidate sees the prefix, the item and its own earlier
+/// tokens, at the positions it would have alone), so the prefix's cache is neither recomputed nor
+/// copied per candidate.
 pub fn score_candidates(
     model: &Model,
     prefix: &PrefixCache,
@@ -48,48 +53,75 @@ pub fn score_candidates(
         return Err(ModelError::Input("a candidate has no tokens".into()));
     }
     let llama = &model.llama;
-    let mut cache = prefix.cache.clone();
-    let first = if item.is_empty() {
+    let start = prefix.len;
+    let mut tokens: Vec<u32> = item.to_vec();
+    let mut positions: Vec<usize> = (start..start + item.len()).collect();
+    // For each candidate token i >= 1, the tree row whose output predicts it.
+    let mut rows: Vec<Vec<usize>> = Vec::with_capacity(candidates.len());
+    let mut owner: Vec<Option<usize>> = vec![None; item.len()];
+    for (ci, c) in candidates.iter().enumerate() {
+        let mut r = Vec::with_capacity(c.len() - 1);
+        for (i, &t) in c[..c.len() - 1].iter().enumerate() {
+            r.push(tokens.len());
+            tokens.push(t);
+            positions.push(start + item.len() + i);
+            owner.push(Some(ci));
+        }
+        rows.push(r);
+    }
+    let first = if tokens.is_empty() {
         prefix.next_logprobs.clone()
     } else {
-        let logits = llama.forward_last(&StepInput::dense(vec![item.to_vec()]), &mut cache)?;
-        sampling::log_softmax(&to_vec(logits)?)
-    };
-    let mut scores: Vec<f32> = candidates.iter().map(|c| first[c[0] as usize]).collect();
-    let rest = candidates.iter().map(|c| c.len() - 1).max().unwrap_or(0);
-    if rest == 0 {
-        return Ok(scores);
-    }
-    // Feed every candidate but its last token, right-padded; read the log-prob of each next token.
-    let n = candidates.len();
-    let pad = candidates[0][0];
-    let mut input = StepInput {
-        tokens: Vec::with_capacity(n),
-        valid: Vec::with_capacity(n),
-    };
-    for c in candidates {
-        let body = &c[..c.len() - 1];
-        input.tokens.push(
-            body.iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad, rest - body.len()))
-                .collect(),
-        );
-        input
-            .valid
-            .push((0..rest).map(|i| i < body.len()).collect());
-    }
-    let mut batch_cache = cache.repeat(n);
-    let hidden = llama.forward_hidden(&input, &mut batch_cache, None)?;
-    let logp = log_softmax(llama.logits(hidden), 2);
-    let vocab = llama.config.vocab_size;
-    let values = to_vec(logp)?;
-    for (row, c) in candidates.iter().enumerate() {
-        for (i, &tok) in c.iter().enumerate().skip(1) {
-            scores[row] += values[(row * rest + i - 1) * vocab + tok as usize];
+        let n = tokens.len();
+        let visible: Vec<Vec<bool>> = (0..n)
+            .map(|i| {
+                (0..n)
+                    .map(|j| match (owner[i], owner[j]) {
+                        (_, None) => j <= i,
+                        (Some(a), Some(b)) => a == b && j <= i,
+                        (None, Some(_)) => false,
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut cache = prefix.cache.clone();
+        let hidden = llama.forward_tree(&tokens, &positions, &visible, &mut cache)?;
+        // Rows to read: the last item token (or the prefix's own next-token distribution) and every
+        // candidate token but the last.
+        let mut wanted: Vec<usize> = rows.iter().flatten().copied().collect();
+        let item_row = item.len().checked_sub(1);
+        if let Some(r) = item_row {
+            wanted.push(r);
         }
-    }
-    Ok(scores)
+        if wanted.is_empty() {
+            prefix.next_logprobs.clone()
+        } else {
+            let [_, _, d] = hidden.dims();
+            let idx: Vec<i64> = wanted.iter().map(|&r| r as i64).collect();
+            let idx = burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(
+                burn::tensor::TensorData::new(idx, [wanted.len()]),
+                &llama.device,
+            );
+            let picked = hidden.reshape([n, d]).select(0, idx).unsqueeze_dim::<3>(0);
+            let logp = to_vec(log_softmax(llama.logits(picked), 2))?;
+            let vocab = llama.config.vocab_size;
+            let row_of = |r: usize| wanted.iter().position(|&w| w == r).unwrap_or(0);
+            let mut scores = Vec::with_capacity(candidates.len());
+            let item_lp: Vec<f32> = match item_row {
+                Some(r) => logp[row_of(r) * vocab..(row_of(r) + 1) * vocab].to_vec(),
+                None => prefix.next_logprobs.clone(),
+            };
+            for (c, r) in candidates.iter().zip(&rows) {
+                let mut s = item_lp[c[0] as usize];
+                for (i, &tok) in c.iter().enumerate().skip(1) {
+                    s += logp[row_of(r[i - 1]) * vocab + tok as usize];
+                }
+                scores.push(s);
+            }
+            return Ok(scores);
+        }
+    };
+    Ok(candidates.iter().map(|c| first[c[0] as usize]).collect())
 }
 
 /// Log-probability of `continuation` after `context`, in one pass from scratch (no reuse). The reference
