@@ -4,11 +4,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::KvCache;
 use crate::decode::DecodeState;
 use crate::error::{ModelError, Result};
 use crate::llama::{to_vec, StepInput};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingConfig};
+use crate::score::PrefixCache;
 
 /// How to generate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,14 +64,9 @@ pub fn generate(
     if prompts.iter().any(Vec::is_empty) {
         return Err(ModelError::Input("a prompt has no tokens".into()));
     }
-    let llama = &model.llama;
     let b = prompts.len();
     let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let pad = model
-        .tokenizer
-        .pad_id
-        .or(model.tokenizer.eos_ids.first().copied())
-        .unwrap_or(0);
+    let pad = pad_id(model);
     // Left padding: every row's last prompt token sits at the same column.
     let mut input = StepInput {
         tokens: Vec::with_capacity(b),
@@ -88,7 +85,70 @@ pub fn generate(
                 .collect(),
         );
     }
-    let mut cache = llama.new_cache(b);
+    let cache = model.llama.new_cache(b);
+    continue_generation(model, cache, &input, options, on_token)
+}
+
+/// Generates a continuation for each item after a shared, already encoded prefix (e.g. the system
+/// prompt and few-shot examples): the prefix is neither recomputed nor re-tokenized per item.
+pub fn generate_after(
+    model: &Model,
+    prefix: &PrefixCache,
+    items: &[Vec<u32>],
+    options: &GenerateOptions,
+    on_token: &mut dyn FnMut(usize, u32, &str),
+) -> Result<Vec<Generation>> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    if items.iter().any(Vec::is_empty) {
+        return Err(ModelError::Input("an item has no tokens".into()));
+    }
+    let b = items.len();
+    let max_len = items.iter().map(Vec::len).max().unwrap_or(0);
+    let pad = pad_id(model);
+    // Left padding between the prefix and each item: masked out, and positions count real tokens only.
+    let input = StepInput {
+        tokens: items
+            .iter()
+            .map(|p| {
+                std::iter::repeat_n(pad, max_len - p.len())
+                    .chain(p.iter().copied())
+                    .collect()
+            })
+            .collect(),
+        valid: items
+            .iter()
+            .map(|p| {
+                std::iter::repeat_n(false, max_len - p.len())
+                    .chain(std::iter::repeat_n(true, p.len()))
+                    .collect()
+            })
+            .collect(),
+    };
+    let cache = prefix.cache.repeat(b);
+    continue_generation(model, cache, &input, options, on_token)
+}
+
+fn pad_id(model: &Model) -> u32 {
+    model
+        .tokenizer
+        .pad_id
+        .or(model.tokenizer.eos_ids.first().copied())
+        .unwrap_or(0)
+}
+
+/// Runs `input` after `cache` (prefill), then decodes token by token on the quantized path.
+fn continue_generation(
+    model: &Model,
+    mut cache: KvCache,
+    input: &StepInput,
+    options: &GenerateOptions,
+    on_token: &mut dyn FnMut(usize, u32, &str),
+) -> Result<Vec<Generation>> {
+    let llama = &model.llama;
+    let b = input.tokens.len();
+    let pad = pad_id(model);
     let mut samplers: Vec<Sampler> = (0..b)
         .map(|row| {
             let mut cfg = options.sampling.clone();
@@ -106,7 +166,7 @@ pub fn generate(
     let mut done = vec![false; b];
     let vocab = llama.config.vocab_size;
     let decode = model.decode_weights()?;
-    let prefill = to_vec(llama.forward_last(&input, &mut cache)?)?;
+    let prefill = to_vec(llama.forward_last(input, &mut cache)?)?;
     let mut logits: Vec<Vec<f32>> = prefill.chunks_exact(vocab).map(<[f32]>::to_vec).collect();
     let mut state = DecodeState::from_cache(&cache, &llama.config)?;
     drop(cache);

@@ -233,3 +233,22 @@ fn quantized_decode_path_matches_the_burn_forward() {
         }
     }
 }
+
+#[test]
+fn generation_after_a_shared_prefix_equals_generation_from_scratch() {
+    use supportlm_model::generate::generate_after;
+    let (_dir, m, _) = models(Architecture::Llama);
+    let prefix: Vec<u32> = vec![1, 60, 61, 62, 63, 64];
+    let items: Vec<Vec<u32>> = vec![vec![70, 71], vec![80, 81, 82, 83], vec![90]];
+    let opts = GenerateOptions {
+        max_new_tokens: 5,
+        ..Default::default()
+    };
+    let cache = encode_prefix(&m, &prefix).unwrap();
+    let after = generate_after(&m, &cache, &items, &opts, &mut |_, _, _| {}).unwrap();
+    for (item, got) in items.iter().zip(&after) {
+        let full: Vec<u32> = prefix.iter().chain(item).copied().collect();
+        let want = generate(&m, &[full], &opts, &mut |_, _, _| {}).unwrap();
+        assert_eq!(got.tokens, want[0].tokens);
+    }
+}
