@@ -2,6 +2,7 @@
 
 mod adapter;
 mod data;
+mod eval;
 mod generate;
 mod train;
 
@@ -22,6 +23,9 @@ enum Command {
     Data(data::DataCommand),
     /// Generate text with a model (GGUF file or Hugging Face folder), optionally with an adapter.
     Generate(generate::GenerateArgs),
+    /// Evaluate prompting baselines and fine-tuned adapters.
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
     /// Fine-tune a LoRA / QLoRA adapter (see configs/).
     Train(train::TrainArgs),
     /// Inspect LoRA adapters; merge one into its base and export a Hugging Face folder.
@@ -42,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Adapter(cmd) => adapter::run(cmd),
         Command::Train(args) => train::run(args),
+        Command::Eval(cmd) => eval::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

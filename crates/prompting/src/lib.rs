@@ -1,0 +1,20 @@
+//! Prompting baselines and the classification evaluator (Task 1).
+//!
+//! What lives where:
+//! - [`extract`]: reading a label out of free text (exact, normalised, first mention, nearest by edit
+//!   distance, otherwise `EXTRACTION_FAILED`).
+//! - [`prompt`]: zero-shot and balanced k-shot prompts, split into the prefix shared by every item and
+//!   each item's own tokens.
+//! - [`classify`]: the evaluator: a method (zero-shot, few-shot, SFT adapter) and a decision rule
+//!   (generate and extract, or constrained label scoring) over a split, with a progress callback.
+//! - [`report`]: `predictions.jsonl`, `metrics.json`, `classification_report.csv`, most-confused
+//!   pairs and hardest errors.
+
+pub mod classify;
+pub mod error;
+pub mod extract;
+pub mod prompt;
+pub mod report;
+
+pub use classify::{classify, ClassifyOptions, Decision, Method, Prediction};
+pub use error::{PromptError, Result};

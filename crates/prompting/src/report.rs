@@ -1,0 +1,146 @@
+//! What an evaluation run writes: `predictions.jsonl`, `metrics.json`, `classification_report.csv`
+//! and `confusion.csv`, each atomically.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use supportlm_metrics::intervals::Z95;
+use supportlm_metrics::{bootstrap_ci, wilson_interval, ClassificationReport, Interval};
+
+use crate::classify::Prediction;
+use crate::error::{PromptError, Result};
+use crate::extract::Extraction;
+
+/// How a run was made.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunInfo {
+    pub task: String,
+    pub method: String,
+    pub decision: String,
+    pub model: String,
+    pub adapter: Option<String>,
+    pub split: String,
+    pub few_shot_k: usize,
+    pub seed: u64,
+    pub seconds: f64,
+}
+
+/// `metrics.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassifyMetrics {
+    pub info: RunInfo,
+    pub items: usize,
+    pub items_per_s: f64,
+    /// Accuracy with Wilson's 95% interval.
+    pub accuracy: Interval,
+    /// Accuracy and macro-F1 with seeded bootstrap 95% intervals.
+    pub accuracy_bootstrap: Interval,
+    pub macro_f1: Interval,
+    pub weighted_f1: f64,
+    pub micro_f1: f64,
+    pub cohen_kappa: f64,
+    pub mcc: f64,
+    pub extraction_failed: usize,
+    pub extraction_failed_rate: f64,
+    pub bootstrap_resamples: usize,
+    pub report: ClassificationReport,
+    pub most_confused: Vec<(String, String, usize)>,
+    /// Wrong predictions with the highest confidence.
+    pub hardest_errors: Vec<Prediction>,
+}
+
+/// Computes every metric of a run.
+pub fn metrics(
+    labels: &[&str],
+    predictions: &[Prediction],
+    info: RunInfo,
+    resamples: usize,
+    seed: u64,
+) -> ClassifyMetrics {
+    let truth: Vec<&str> = predictions.iter().map(|p| p.truth.as_str()).collect();
+    let pred: Vec<&str> = predictions.iter().map(|p| p.prediction.as_str()).collect();
+    let report = ClassificationReport::compute(labels, &truth, &pred);
+    let n = predictions.len();
+    let correct: Vec<bool> = predictions.iter().map(Prediction::correct).collect();
+    let acc_boot = bootstrap_ci(n, resamples, 0.95, seed, |idx| {
+        idx.iter().filter(|&&i| correct[i]).count() as f64 / idx.len().max(1) as f64
+    });
+    let macro_f1 = bootstrap_ci(n, resamples, 0.95, seed, |idx| {
+        let t: Vec<&str> = idx.iter().map(|&i| truth[i]).collect();
+        let p: Vec<&str> = idx.iter().map(|&i| pred[i]).collect();
+        ClassificationReport::compute(labels, &t, &p).macro_avg.f1
+    });
+    let failed = predictions
+        .iter()
+        .filter(|p| p.extraction == Extraction::Failed)
+        .count();
+    let mut wrong: Vec<&Prediction> = predictions.iter().filter(|p| !p.correct()).collect();
+    wrong.sort_by(|a, b| b.confidence.total_cmp(&a.confidence).then(a.id.cmp(&b.id)));
+    ClassifyMetrics {
+        items_per_s: n as f64 / info.seconds.max(1e-9),
+        info,
+        items: n,
+        accuracy: wilson_interval(report.correct, n, Z95),
+        accuracy_bootstrap: acc_boot,
+        macro_f1,
+        weighted_f1: report.weighted_avg.f1,
+        micro_f1: report.micro_avg.f1,
+        cohen_kappa: report.cohen_kappa,
+        mcc: report.mcc,
+        extraction_failed: failed,
+        extraction_failed_rate: failed as f64 / n.max(1) as f64,
+        bootstrap_resamples: resamples,
+        most_confused: report.most_confused(10),
+        hardest_errors: wrong.into_iter().take(10).cloned().collect(),
+        report,
+    }
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    supportlm_fsio::write_atomic(path, bytes).map_err(|e| PromptError::io(path, e))
+}
+
+/// Writes the run's files into `dir`.
+pub fn write_run(dir: &Path, predictions: &[Prediction], m: &ClassifyMetrics) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| PromptError::io(dir, e))?;
+    let mut lines = String::new();
+    for p in predictions {
+        lines += &serde_json::to_string(p).unwrap_or_default();
+        lines.push('\n');
+    }
+    write(&dir.join("predictions.jsonl"), lines.as_bytes())?;
+    write(
+        &dir.join("metrics.json"),
+        serde_json::to_string_pretty(m)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    write(
+        &dir.join("classification_report.csv"),
+        m.report.to_csv().as_bytes(),
+    )?;
+    let mut cm = format!("true\\predicted,{}\n", m.report.labels.join(","));
+    for (l, row) in m.report.labels.iter().zip(&m.report.confusion) {
+        cm += &format!(
+            "{l},{}\n",
+            row.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+    }
+    write(&dir.join("confusion.csv"), cm.as_bytes())
+}
+
+/// Reads `predictions.jsonl` back.
+pub fn read_predictions(path: &Path) -> Result<Vec<Prediction>> {
+    let text = std::fs::read_to_string(path).map_err(|e| PromptError::io(path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| PromptError::Prompt(format!("{} line {}: {e}", path.display(), i + 1)))
+        })
+        .collect()
+}
