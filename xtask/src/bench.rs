@@ -9,11 +9,8 @@ use anyhow::Context;
 use burn::tensor::{Distribution, Tensor};
 use clap::{Args, ValueEnum};
 use rayon::prelude::*;
-use supportlm_data::kshot::balanced_kshot;
-use supportlm_data::{load_csv, shipped, split, SplitConfig, Task};
 use supportlm_model::decode::DecodeState;
 use supportlm_model::llama::{to_vec, StepInput};
-use supportlm_model::score::{encode_prefix, score_candidates};
 use supportlm_model::{default_device, Model};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -22,6 +19,9 @@ pub enum Suite {
     Model,
     /// Base memory per format and the peak RSS of one LoRA training step (none / int8 / nf4).
     Qlora,
+    /// Task 1 scoring: items/s for 0-shot and 10-shot with the constrained rule, with and without
+    /// prefix reuse.
+    Eval,
     /// (internal) one training step in this process, for `qlora`.
     #[value(hide = true)]
     QloraStep,
@@ -30,8 +30,8 @@ pub enum Suite {
 #[derive(Args)]
 pub struct BenchArgs {
     suite: Suite,
-    /// Items for the scoring benchmark.
-    #[arg(long, default_value_t = 100)]
+    /// Items for the eval benchmark.
+    #[arg(long, default_value_t = 40)]
     items: usize,
     /// Decode steps per decode measurement.
     #[arg(long, default_value_t = 32)]
@@ -51,6 +51,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.suite {
         Suite::Model => model(&args),
         Suite::Qlora => crate::bench_qlora::run(args.batch, args.seq),
+        Suite::Eval => crate::bench_eval::run(args.items),
         Suite::QloraStep => crate::bench_qlora::step(args.quant.parse()?, args.batch, args.seq),
     }
 }
@@ -181,69 +182,6 @@ fn model(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
 
-    // Scoring: 11 category labels after a balanced 10-shot (one per category) prefix.
-    let data = load_csv(&shipped::default_input())?;
-    let set = split::split(&data, &SplitConfig::default())?;
-    let shots = balanced_kshot(
-        &set.validation.records,
-        &set.test.records,
-        Task::Category,
-        1,
-        42,
-    )?;
-    let items: Vec<_> = set.test.records.iter().take(args.items).collect();
-    let prefix_conv = Task::Category
-        .conversation(&shots, items[0], false)
-        .context("few-shot conversation")?;
-    // The shared prefix: everything before the item's user turn.
-    let shared = &prefix_conv.messages[..prefix_conv.messages.len() - 1];
-    let prefix_ids = model.encode_chat(shared, false)?;
-    let labels: Vec<Vec<u32>> = Task::Category
-        .labels()
-        .iter()
-        .map(|l| model.tokenizer.encode(&format!("{l}<|im_end|>"), false))
-        .collect::<Result<_, _>>()?;
-    let item_ids: Vec<Vec<u32>> = items
-        .iter()
-        .map(|r| {
-            let full = model.encode_chat(
-                &Task::Category
-                    .conversation(&shots, r, false)
-                    .expect("known")
-                    .messages,
-                true,
-            )?;
-            Ok(full[prefix_ids.len()..].to_vec())
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let t = Instant::now();
-    let prefix = encode_prefix(&model, &prefix_ids)?;
-    let mut reused = Vec::new();
-    for ids in &item_ids {
-        reused.push(score_candidates(&model, &prefix, ids, &labels)?);
-    }
-    let with = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let mut fresh = Vec::new();
-    for ids in &item_ids {
-        let whole: Vec<u32> = prefix_ids.iter().chain(ids).copied().collect();
-        let own = encode_prefix(&model, &whole)?;
-        fresh.push(score_candidates(&model, &own, &[], &labels)?);
-    }
-    let without = t.elapsed().as_secs_f64();
-    let max_diff = reused
-        .iter()
-        .flatten()
-        .zip(fresh.iter().flatten())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    println!(
-        "scoring 11 labels after a 10-shot prefix ({} prefix tokens), {} items: with prefix reuse {:.2} items/s, without {:.2} items/s -> {:.1}x (max log-prob difference {max_diff:.1e})",
-        prefix_ids.len(),
-        items.len(),
-        items.len() as f64 / with,
-        items.len() as f64 / without,
-        without / with
-    );
+    println!("(label scoring with and without prefix reuse: `cargo xtask bench eval`)");
     Ok(())
 }

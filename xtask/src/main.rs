@@ -3,6 +3,7 @@
 //! The pipeline grows step by step with the project; every step writes under `runs/<name>/`.
 
 mod bench;
+mod bench_eval;
 mod bench_qlora;
 mod pipeline;
 mod setup;

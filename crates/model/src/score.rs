@@ -5,6 +5,7 @@
 //! pass after that cache.
 
 use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::cache::KvCache;
 use crate::error::{ModelError, Result};
@@ -38,90 +39,123 @@ pub fn encode_prefix(model: &Model, prefix: &[u32]) -> Result<PrefixCache> {
 
 /// Total log-probability of each candidate after `prefix` (already encoded) followed by `item` tokens.
 /// Every candidate must have at least one token.
-///
-/// One forward pass per item: the item's tokens and every candidate's tokens but its last are laid out
-/// as a tree after the shared prefix (each candidate sees the prefix, the item and its own earlier
-/// tokens, at the positions it would have alone), so the prefix's cache is neither recomputed nor
-/// copied per candidate.
 pub fn score_candidates(
     model: &Model,
     prefix: &PrefixCache,
     item: &[u32],
     candidates: &[Vec<u32>],
 ) -> Result<Vec<f32>> {
+    Ok(score_items(model, prefix, &[item.to_vec()], candidates)?.remove(0))
+}
+
+/// [`score_candidates`] for several items at once: `result[i][c]` is the log-probability of candidate
+/// `c` after the prefix and item `i`.
+///
+/// One forward pass for all of them: each item's tokens and every candidate's tokens but its last are
+/// laid out as a tree after the shared prefix (an item sees the prefix and itself; a candidate sees
+/// the prefix, its item and its own earlier tokens, at the positions it would have alone), so the
+/// prefix is neither recomputed nor copied per item or candidate.
+pub fn score_items(
+    model: &Model,
+    prefix: &PrefixCache,
+    items: &[Vec<u32>],
+    candidates: &[Vec<u32>],
+) -> Result<Vec<Vec<f32>>> {
     if candidates.iter().any(Vec::is_empty) {
         return Err(ModelError::Input("a candidate has no tokens".into()));
     }
     let llama = &model.llama;
     let start = prefix.len;
-    let mut tokens: Vec<u32> = item.to_vec();
-    let mut positions: Vec<usize> = (start..start + item.len()).collect();
-    // For each candidate token i >= 1, the tree row whose output predicts it.
-    let mut rows: Vec<Vec<usize>> = Vec::with_capacity(candidates.len());
-    let mut owner: Vec<Option<usize>> = vec![None; item.len()];
-    for (ci, c) in candidates.iter().enumerate() {
-        let mut r = Vec::with_capacity(c.len() - 1);
-        for (i, &t) in c[..c.len() - 1].iter().enumerate() {
-            r.push(tokens.len());
+    let mut tokens: Vec<u32> = Vec::new();
+    let mut positions: Vec<usize> = Vec::new();
+    // Per token: (item, candidate or None for the item's own tokens).
+    let mut owner: Vec<(usize, Option<usize>)> = Vec::new();
+    // Per item: the row of its last token (None if empty), and per candidate the rows of its tokens
+    // but the last.
+    let mut last_row: Vec<Option<usize>> = Vec::with_capacity(items.len());
+    let mut cand_rows: Vec<Vec<Vec<usize>>> = Vec::with_capacity(items.len());
+    for (ii, item) in items.iter().enumerate() {
+        for (i, &t) in item.iter().enumerate() {
             tokens.push(t);
-            positions.push(start + item.len() + i);
-            owner.push(Some(ci));
+            positions.push(start + i);
+            owner.push((ii, None));
         }
-        rows.push(r);
+        last_row.push(tokens.len().checked_sub(1).filter(|_| !item.is_empty()));
+        let mut per_item = Vec::with_capacity(candidates.len());
+        for (ci, c) in candidates.iter().enumerate() {
+            let mut r = Vec::with_capacity(c.len() - 1);
+            for (i, &t) in c[..c.len() - 1].iter().enumerate() {
+                r.push(tokens.len());
+                tokens.push(t);
+                positions.push(start + item.len() + i);
+                owner.push((ii, Some(ci)));
+            }
+            per_item.push(r);
+        }
+        cand_rows.push(per_item);
     }
-    let first = if tokens.is_empty() {
-        prefix.next_logprobs.clone()
-    } else {
+    let vocab = llama.config.vocab_size;
+    // Rows whose next-token distribution is needed.
+    let wanted: Vec<usize> = last_row
+        .iter()
+        .flatten()
+        .copied()
+        .chain(cand_rows.iter().flatten().flatten().copied())
+        .collect();
+    let mut logp_of_row = std::collections::HashMap::new();
+    if !tokens.is_empty() {
         let n = tokens.len();
         let visible: Vec<Vec<bool>> = (0..n)
             .map(|i| {
                 (0..n)
-                    .map(|j| match (owner[i], owner[j]) {
-                        (_, None) => j <= i,
-                        (Some(a), Some(b)) => a == b && j <= i,
-                        (None, Some(_)) => false,
+                    .map(|j| {
+                        let ((ai, ac), (bi, bc)) = (owner[i], owner[j]);
+                        ai == bi
+                            && j <= i
+                            && match (ac, bc) {
+                                (_, None) => true,
+                                (Some(x), Some(y)) => x == y,
+                                (None, Some(_)) => false,
+                            }
                     })
                     .collect()
             })
             .collect();
         let mut cache = prefix.cache.clone();
         let hidden = llama.forward_tree(&tokens, &positions, &visible, &mut cache)?;
-        // Rows to read: the last item token (or the prefix's own next-token distribution) and every
-        // candidate token but the last.
-        let mut wanted: Vec<usize> = rows.iter().flatten().copied().collect();
-        let item_row = item.len().checked_sub(1);
-        if let Some(r) = item_row {
-            wanted.push(r);
-        }
-        if wanted.is_empty() {
-            prefix.next_logprobs.clone()
-        } else {
+        if !wanted.is_empty() {
             let [_, _, d] = hidden.dims();
             let idx: Vec<i64> = wanted.iter().map(|&r| r as i64).collect();
-            let idx = burn::tensor::Tensor::<1, burn::tensor::Int>::from_data(
-                burn::tensor::TensorData::new(idx, [wanted.len()]),
-                &llama.device,
-            );
+            let idx =
+                Tensor::<1, Int>::from_data(TensorData::new(idx, [wanted.len()]), &llama.device);
             let picked = hidden.reshape([n, d]).select(0, idx).unsqueeze_dim::<3>(0);
             let logp = to_vec(log_softmax(llama.logits(picked), 2))?;
-            let vocab = llama.config.vocab_size;
-            let row_of = |r: usize| wanted.iter().position(|&w| w == r).unwrap_or(0);
-            let mut scores = Vec::with_capacity(candidates.len());
-            let item_lp: Vec<f32> = match item_row {
-                Some(r) => logp[row_of(r) * vocab..(row_of(r) + 1) * vocab].to_vec(),
-                None => prefix.next_logprobs.clone(),
-            };
-            for (c, r) in candidates.iter().zip(&rows) {
-                let mut s = item_lp[c[0] as usize];
-                for (i, &tok) in c.iter().enumerate().skip(1) {
-                    s += logp[row_of(r[i - 1]) * vocab + tok as usize];
-                }
-                scores.push(s);
+            for (k, &r) in wanted.iter().enumerate() {
+                logp_of_row.insert(r, logp[k * vocab..(k + 1) * vocab].to_vec());
             }
-            return Ok(scores);
         }
-    };
-    Ok(candidates.iter().map(|c| first[c[0] as usize]).collect())
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (ii, rows) in cand_rows.iter().enumerate() {
+        let first: &[f32] = match last_row[ii] {
+            Some(r) => &logp_of_row[&r],
+            None => &prefix.next_logprobs,
+        };
+        let scores = candidates
+            .iter()
+            .zip(rows)
+            .map(|(c, r)| {
+                first[c[0] as usize]
+                    + c.iter()
+                        .enumerate()
+                        .skip(1)
+                        .map(|(i, &tok)| logp_of_row[&r[i - 1]][tok as usize])
+                        .sum::<f32>()
+            })
+            .collect();
+        out.push(scores);
+    }
+    Ok(out)
 }
 
 /// Log-probability of `continuation` after `context`, in one pass from scratch (no reuse). The reference

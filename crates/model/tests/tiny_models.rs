@@ -252,3 +252,24 @@ fn generation_after_a_shared_prefix_equals_generation_from_scratch() {
         assert_eq!(got.tokens, want[0].tokens);
     }
 }
+
+#[test]
+fn scoring_several_items_in_one_pass_equals_one_at_a_time() {
+    use supportlm_model::score::score_items;
+    let (_dir, m, _) = models(Architecture::Qwen2);
+    let prefix = encode_prefix(&m, &[1, 60, 61, 62]).unwrap();
+    let items: Vec<Vec<u32>> = vec![vec![70, 71, 72], vec![], vec![80]];
+    let candidates: Vec<Vec<u32>> = vec![vec![90], vec![91, 92, 2], vec![93, 94]];
+    let together = score_items(&m, &prefix, &items, &candidates).unwrap();
+    for (item, got) in items.iter().zip(&together) {
+        let alone = score_candidates(&m, &prefix, item, &candidates).unwrap();
+        for (a, b) in got.iter().zip(&alone) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        for (c, got) in candidates.iter().zip(got) {
+            let context: Vec<u32> = [1, 60, 61, 62].iter().chain(item).copied().collect();
+            let want = sequence_logprob(&m, &context, c).unwrap();
+            assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        }
+    }
+}

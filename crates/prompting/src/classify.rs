@@ -5,7 +5,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use supportlm_data::{Record, Task};
 use supportlm_model::generate::{generate_after, GenerateOptions};
-use supportlm_model::score::{encode_prefix, score_candidates};
+use supportlm_model::score::{encode_prefix, score_items};
 use supportlm_model::Model;
 
 use crate::error::Result;
@@ -63,7 +63,7 @@ pub struct ClassifyOptions {
     pub length_normalize: bool,
     /// New tokens for the generate rule.
     pub max_new_tokens: usize,
-    /// Items generated together (generate rule).
+    /// Items per forward pass (scored together, or generated together).
     pub batch: usize,
 }
 
@@ -121,24 +121,29 @@ pub fn classify(
     match options.decision {
         Decision::Constrained => {
             let candidates = label_candidates(&labels, &model.tokenizer)?;
-            for (i, (r, item)) in records.iter().zip(&prompts.items).enumerate() {
-                let mut scores = score_candidates(model, &prefix, item, &candidates)?;
-                if options.length_normalize {
-                    scores
-                        .iter_mut()
-                        .zip(&candidates)
-                        .for_each(|(s, c)| *s /= c.len() as f32);
+            let chunk = options.batch.max(1);
+            let mut done = 0;
+            for (chunk_r, chunk_items) in records.chunks(chunk).zip(prompts.items.chunks(chunk)) {
+                let all = score_items(model, &prefix, chunk_items, &candidates)?;
+                for (r, mut scores) in chunk_r.iter().zip(all) {
+                    if options.length_normalize {
+                        scores
+                            .iter_mut()
+                            .zip(&candidates)
+                            .for_each(|(s, c)| *s /= c.len() as f32);
+                    }
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let z: f64 = scores.iter().map(|&s| ((s - max) as f64).exp()).sum();
+                    let best = scores
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+                        .map_or(0, |(j, _)| j);
+                    let label = labels[best].to_string();
+                    push(r, label.clone(), label, 1.0 / z, Extraction::Scored);
                 }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let z: f64 = scores.iter().map(|&s| ((s - max) as f64).exp()).sum();
-                let best = scores
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-                    .map_or(0, |(j, _)| j);
-                let label = labels[best].to_string();
-                push(r, label.clone(), label, 1.0 / z, Extraction::Scored);
-                progress(i + 1, records.len());
+                done += chunk_r.len();
+                progress(done, records.len());
             }
         }
         Decision::Generate => {
