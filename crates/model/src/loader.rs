@@ -359,6 +359,35 @@ pub fn load_llama(src: &dyn TensorSource, config: &ModelConfig, device: &Device)
     })
 }
 
+/// Writes f32 tensors (name, shape, row-major values) as a safetensors file, atomically.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, &[f32])],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let mut views = Vec::with_capacity(tensors.len());
+    for ((name, shape, _), data) in tensors.iter().zip(&bytes) {
+        let view =
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).map_err(|e| {
+                ModelError::Safetensors {
+                    path: path.to_path_buf(),
+                    message: format!("tensor `{name}`: {e}"),
+                }
+            })?;
+        views.push((name.clone(), view));
+    }
+    let out =
+        safetensors::tensor::serialize(views, metadata).map_err(|e| ModelError::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    supportlm_fsio::write_atomic(path, &out).map_err(|e| ModelError::io(path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,33 +419,4 @@ mod tests {
         // Row 1 of head 0 in GGUF order is row d/2 in Hugging Face order.
         assert_eq!(gguf[cols..2 * cols], hf[(d / 2) * cols..(d / 2 + 1) * cols]);
     }
-}
-
-/// Writes f32 tensors (name, shape, row-major values) as a safetensors file, atomically.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &[(String, Vec<usize>, &[f32])],
-    metadata: Option<std::collections::HashMap<String, String>>,
-) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
-        .collect();
-    let mut views = Vec::with_capacity(tensors.len());
-    for ((name, shape, _), data) in tensors.iter().zip(&bytes) {
-        let view =
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).map_err(|e| {
-                ModelError::Safetensors {
-                    path: path.to_path_buf(),
-                    message: format!("tensor `{name}`: {e}"),
-                }
-            })?;
-        views.push((name.clone(), view));
-    }
-    let out =
-        safetensors::tensor::serialize(views, metadata).map_err(|e| ModelError::Safetensors {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    supportlm_fsio::write_atomic(path, &out).map_err(|e| ModelError::io(path, e))
 }

@@ -122,7 +122,13 @@ fn peft_written_adapter_reproduces_peft_logits_merged_and_attached() {
             max_new_tokens: 16,
             ..Default::default()
         };
-        let out = generate(&merged, &[ids.clone()], &opts, &mut |_, _, _| {}).unwrap();
+        let out = generate(
+            &merged,
+            std::slice::from_ref(&ids),
+            &opts,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
         let want = u32s(&case["greedy16_with_adapter_ids"]);
         assert_eq!(
             out[0].tokens,

@@ -169,7 +169,11 @@ impl Nf4Tensor {
                 for (i, o) in chunk.iter_mut().enumerate() {
                     let e = start + i;
                     let byte = self.packed[e / 2];
-                    let q = if e % 2 == 0 { byte >> 4 } else { byte & 0x0f };
+                    let q = if e.is_multiple_of(2) {
+                        byte >> 4
+                    } else {
+                        byte & 0x0f
+                    };
                     *o = code[q as usize] * m;
                 }
             });

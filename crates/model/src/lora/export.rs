@@ -13,8 +13,11 @@ use crate::loader::write_safetensors;
 use crate::lora::Target;
 use crate::model::Model;
 
+/// A weight under its Hugging Face name: name, shape, row-major values.
+type NamedWeight = (String, Vec<usize>, Vec<f32>);
+
 /// Every weight of `llama` under its Hugging Face name, with its shape.
-fn named_weights(llama: &Llama) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+fn named_weights(llama: &Llama) -> Result<Vec<NamedWeight>> {
     let mut out = Vec::new();
     let mut push = |name: String, t: Vec<usize>, v: Vec<f32>| out.push((name, t, v));
     push(
