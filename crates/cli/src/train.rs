@@ -39,10 +39,21 @@ pub struct TrainArgs {
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     resume: bool,
+    /// Only redraw loss.svg / loss.png of the run in --out from its metrics.jsonl.
+    #[arg(long)]
+    plot_only: bool,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let config = TrainConfig::load(args.config.as_deref(), &args.overrides)?;
+    if args.plot_only {
+        supportlm_train::trainer::plot_losses(
+            &args.out,
+            &format!("{} SFT, {} base", config.task, config.base_quant),
+        )?;
+        println!("wrote {}", args.out.join("loss.png").display());
+        return Ok(());
+    }
     let splits = match &args.data {
         Some(dir) => SplitSet::read(dir)
             .with_context(|| format!("reading the split in {}", dir.display()))?,

@@ -16,6 +16,8 @@ pub enum PromptError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Plot(#[from] supportlm_plots::PlotError),
     #[error("prompt: {0}")]
     Prompt(String),
 }

@@ -1,5 +1,5 @@
-//! What an evaluation run writes: `predictions.jsonl`, `metrics.json`, `classification_report.csv`
-//! and `confusion.csv`, each atomically.
+//! What an evaluation run writes: `predictions.jsonl`, `metrics.json`, `classification_report.csv`,
+//! `confusion.csv` and the confusion heatmap `confusion.svg` / `confusion.png`, each atomically.
 
 use std::path::Path;
 
@@ -129,7 +129,18 @@ pub fn write_run(dir: &Path, predictions: &[Prediction], m: &ClassifyMetrics) ->
                 .join(",")
         );
     }
-    write(&dir.join("confusion.csv"), cm.as_bytes())
+    write(&dir.join("confusion.csv"), cm.as_bytes())?;
+    let title = format!(
+        "{} {} {} ({} items)",
+        m.info.task, m.info.method, m.info.decision, m.items
+    );
+    supportlm_plots::heatmap(
+        &dir.join("confusion"),
+        &title,
+        &m.report.labels,
+        &m.report.confusion,
+    )?;
+    Ok(())
 }
 
 /// Reads `predictions.jsonl` back.

@@ -16,6 +16,8 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Plot(#[from] supportlm_plots::PlotError),
     #[error("config: {0}")]
     Config(String),
     #[error("checkpoint {path}: {message}")]

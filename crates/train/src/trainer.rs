@@ -164,6 +164,44 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     supportlm_fsio::write_atomic(path, kept.as_bytes()).map_err(|e| TrainError::io(path, e))
 }
 
+/// Draws `loss.svg` / `loss.png` in `run_dir` from its `metrics.jsonl`: training loss per step and
+/// validation loss at each evaluation.
+pub fn plot_losses(run_dir: &Path, title: &str) -> Result<()> {
+    let path = run_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    let mut train = Vec::new();
+    let mut val = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let step = v["step"].as_f64().unwrap_or(0.0);
+        if let Some(l) = v["train_loss"].as_f64() {
+            train.push((step, l));
+        }
+        if let Some(l) = v["val_loss"].as_f64() {
+            val.push((step, l));
+        }
+    }
+    let series = [
+        supportlm_plots::Series {
+            name: "train".into(),
+            points: train,
+        },
+        supportlm_plots::Series {
+            name: "validation".into(),
+            points: val,
+        },
+    ];
+    Ok(supportlm_plots::line_chart(
+        &run_dir.join("loss"),
+        title,
+        "optimizer step",
+        "loss per target token",
+        &series,
+    )?)
+}
+
 /// Runs (or resumes) a training job. `on_line` sees every metrics line as it is written.
 pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Result<TrainOutcome> {
     let c = job.config;
@@ -423,6 +461,10 @@ pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Re
     }
     let adapter_dir = job.out_dir.join("adapter");
     save_adapter_dir(&adapter_dir, &adapter, model)?;
+    plot_losses(
+        job.out_dir,
+        &format!("{} SFT, {} base", c.task, c.base_quant),
+    )?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(TrainOutcome {
         steps: st.step,
