@@ -6,10 +6,12 @@
 //!   Cohen's kappa, Matthews correlation.
 //! - [`intervals`]: Wilson score interval and seeded bootstrap confidence intervals.
 //! - [`significance`]: McNemar's test (exact binomial and continuity-corrected chi-square).
+//! - [`text`]: ROUGE-1/2/L/Lsum (rouge-score), BLEU (sacrebleu, 13a) and chrF for responses.
 
 pub mod classification;
 pub mod intervals;
 pub mod significance;
+pub mod text;
 
 pub use classification::{ClassScores, ClassificationReport};
 pub use intervals::{bootstrap_ci, wilson_interval, Interval};
