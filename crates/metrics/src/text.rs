@@ -271,18 +271,19 @@ impl BleuStats {
         let mut precisions = [0f64; 4];
         let mut smooth = 1f64;
         let mut order = 4;
-        for n in 0..4 {
-            if self.total[n] == 0 {
+        for (n, p) in precisions.iter_mut().enumerate() {
+            let (correct, total) = (self.correct[n], self.total[n]);
+            if total == 0 {
                 break;
             }
             if effective_order {
                 order = n + 1;
             }
-            if self.correct[n] == 0 {
+            if correct == 0 {
                 smooth *= 2.0;
-                precisions[n] = 100.0 / (smooth * self.total[n] as f64);
+                *p = 100.0 / (smooth * total as f64);
             } else {
-                precisions[n] = 100.0 * self.correct[n] as f64 / self.total[n] as f64;
+                *p = 100.0 * correct as f64 / total as f64;
             }
         }
         let bp = if self.hyp_len < self.ref_len {
