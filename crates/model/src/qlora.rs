@@ -65,8 +65,11 @@ pub struct BaseFootprint {
     pub linear_params: usize,
     /// Bytes those projections occupy.
     pub linear_bytes: usize,
-    /// Parameters kept in f32 (embeddings, norms, biases, untied LM head).
+    /// Parameters outside the linear projections (embeddings, norms, biases, untied LM head).
     pub other_params: usize,
+    /// Bytes those occupy (norms and biases f32; embeddings and head f32 for the plain base, bf16 for
+    /// the quantized ones, as QLoRA keeps them in 16 bits).
+    pub other_bytes: usize,
 }
 
 impl BaseFootprint {
@@ -76,7 +79,113 @@ impl BaseFootprint {
 
     /// Resident bytes of the whole base.
     pub fn total_bytes(&self) -> usize {
-        self.linear_bytes + 4 * self.other_params
+        self.linear_bytes + self.other_bytes
+    }
+}
+
+/// Rows of the vocabulary (embeddings / LM head): f32 for the plain LoRA base, bf16 for the
+/// quantized bases (QLoRA keeps these modules in 16 bits), converted a block of rows at a time.
+enum Table {
+    F32(Tensor<2>),
+    Bf16 {
+        rows: usize,
+        cols: usize,
+        data: Vec<half::bf16>,
+    },
+}
+
+/// Vocabulary rows converted per block when the table is bf16.
+const TABLE_BLOCK: usize = 8192;
+
+impl Table {
+    fn new(values: Vec<f32>, rows: usize, cols: usize, quant: BaseQuant, device: &Device) -> Self {
+        match quant {
+            BaseQuant::None => Table::F32(Tensor::from_data(
+                TensorData::new(values, [rows, cols]),
+                device,
+            )),
+            _ => Table::Bf16 {
+                rows,
+                cols,
+                data: values.iter().map(|&v| half::bf16::from_f32(v)).collect(),
+            },
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Table::F32(t) => 4 * t.dims().iter().product::<usize>(),
+            Table::Bf16 { data, .. } => 2 * data.len(),
+        }
+    }
+
+    fn params(&self) -> usize {
+        match self {
+            Table::F32(t) => t.dims().iter().product(),
+            Table::Bf16 { data, .. } => data.len(),
+        }
+    }
+
+    /// Rows `ids` as `[ids.len(), cols]`.
+    fn rows(&self, ids: &[i64], device: &Device) -> Tensor<2> {
+        match self {
+            Table::F32(t) => {
+                let idx =
+                    Tensor::<1, Int>::from_data(TensorData::new(ids.to_vec(), [ids.len()]), device);
+                t.clone().select(0, idx)
+            }
+            Table::Bf16 { cols, data, .. } => {
+                let mut out = Vec::with_capacity(ids.len() * cols);
+                for &id in ids {
+                    let start = id as usize * cols;
+                    out.extend(data[start..start + cols].iter().map(|v| v.to_f32()));
+                }
+                Tensor::from_data(TensorData::new(out, [ids.len(), *cols]), device)
+            }
+        }
+    }
+
+    /// Rows `start..start + len` as f32.
+    fn block(&self, start: usize, len: usize, device: &Device) -> Tensor<2> {
+        match self {
+            Table::F32(t) => t.clone().narrow(0, start, len),
+            Table::Bf16 { cols, data, .. } => {
+                let v: Vec<f32> = data[start * cols..(start + len) * cols]
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect();
+                Tensor::from_data(TensorData::new(v, [len, *cols]), device)
+            }
+        }
+    }
+
+    fn blocks(&self) -> Vec<(usize, usize)> {
+        match self {
+            Table::F32(t) => vec![(0, t.dims()[0])],
+            Table::Bf16 { rows, .. } => (0..*rows)
+                .step_by(TABLE_BLOCK)
+                .map(|s| (s, TABLE_BLOCK.min(rows - s)))
+                .collect(),
+        }
+    }
+
+    /// `h · Tᵀ`: `[n, cols]` → `[n, rows]`.
+    fn logits(&self, h: &Tensor<2>, device: &Device) -> Tensor<2> {
+        let parts: Vec<Tensor<2>> = self
+            .blocks()
+            .into_iter()
+            .map(|(s, l)| h.clone().matmul(self.block(s, l, device).transpose()))
+            .collect();
+        Tensor::cat(parts, 1)
+    }
+
+    /// `d · T`: `[n, rows]` → `[n, cols]`.
+    fn back(&self, d: &Tensor<2>, device: &Device) -> Tensor<2> {
+        self.blocks()
+            .into_iter()
+            .map(|(s, l)| d.clone().narrow(1, s, l).matmul(self.block(s, l, device)))
+            .reduce(|a, b| a + b)
+            .unwrap_or_else(|| Tensor::zeros([d.dims()[0], 1], device))
     }
 }
 
@@ -96,9 +205,9 @@ struct FrozenLayer {
 pub struct QloraModel {
     pub config: ModelConfig,
     pub quant: BaseQuant,
-    embed_tokens: Tensor<2>,
+    embed_tokens: Table,
     norm: Tensor<1>,
-    lm_head: Option<Tensor<2>>,
+    lm_head: Option<Table>,
     layers: Vec<FrozenLayer>,
     rope: Rope,
     device: Device,
@@ -175,9 +284,7 @@ impl QloraModel {
                 linears,
             });
         }
-        let t2 = |v: Vec<f32>, rows: usize| {
-            Tensor::<2>::from_data(TensorData::new(v, [rows, hidden]), device)
-        };
+        let t2 = |v: Vec<f32>, rows: usize| Table::new(v, rows, hidden, quant, device);
         let embed_tokens = t2(
             need("model.embed_tokens.weight", &[c.vocab_size, hidden])?,
             c.vocab_size,
@@ -226,15 +333,15 @@ impl QloraModel {
                 other += l.bias.as_ref().map_or(0, |b| b.dims()[0]);
             }
         }
-        other += self.embed_tokens.dims().iter().product::<usize>() + self.config.hidden_size;
-        other += self
-            .lm_head
-            .as_ref()
-            .map_or(0, |h| h.dims().iter().product::<usize>());
+        other += self.config.hidden_size;
+        let tables = std::iter::once(&self.embed_tokens).chain(self.lm_head.as_ref());
+        let table_params: usize = tables.clone().map(Table::params).sum();
+        let table_bytes: usize = tables.map(Table::bytes).sum();
         BaseFootprint {
             linear_params,
             linear_bytes,
-            other_params: other,
+            other_params: other + table_params,
+            other_bytes: 4 * other + table_bytes,
         }
     }
 
@@ -481,12 +588,11 @@ impl QloraModel {
             .iter()
             .flat_map(|q| (0..s).map(move |t| q.ids.get(t).copied().unwrap_or(0) as i64))
             .collect();
-        let ids =
-            Tensor::<1, Int>::from_data(TensorData::new(flat, [batch.len() * s]), &self.device);
-        self.embed_tokens
-            .clone()
-            .select(0, ids)
-            .reshape([batch.len(), s, self.config.hidden_size])
+        self.embed_tokens.rows(&flat, &self.device).reshape([
+            batch.len(),
+            s,
+            self.config.hidden_size,
+        ])
     }
 
     /// Final norm, LM head and cross-entropy over the target positions, in chunks. With `want_grad`,
@@ -543,7 +649,7 @@ impl QloraModel {
         for start in (0..m).step_by(self.loss_chunk.max(1)) {
             let len = self.loss_chunk.max(1).min(m - start);
             let hc = h_plain.clone().narrow(0, start, len);
-            let logp = log_softmax(hc.matmul(head.clone().transpose()), 1);
+            let logp = log_softmax(head.logits(&hc, &self.device), 1);
             let tgt = Tensor::<2, Int>::from_data(
                 TensorData::new(targets[start..start + len].to_vec(), [len, 1]),
                 &self.device,
@@ -556,7 +662,7 @@ impl QloraModel {
                     logp.exp()
                         - Tensor::zeros(logp_dims(len, self.config.vocab_size), &self.device)
                             .scatter(1, tgt, ones, IndexingUpdateOp::Add);
-                dh_chunks.push(dlogits.matmul(head.clone()));
+                dh_chunks.push(head.back(&dlogits, &self.device));
             }
         }
         let loss = LossSum { sum, tokens: m };
@@ -622,4 +728,44 @@ fn dropout_mask(
             }
         });
     Tensor::from_data(TensorData::new(values, [rows, cols]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_table_in_blocks_equals_one_f32_matmul() {
+        let device = crate::default_device();
+        let (rows, cols) = (TABLE_BLOCK + 1000, 4);
+        // Values exactly representable in bf16, so both tables hold the same numbers.
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i % 97) as f32 - 48.0) / 64.0)
+            .collect();
+        let f32_table = Table::new(values.clone(), rows, cols, BaseQuant::None, &device);
+        let bf16_table = Table::new(values, rows, cols, BaseQuant::Nf4, &device);
+        assert_eq!(bf16_table.blocks().len(), 2);
+        let h = Tensor::<2>::from_data(
+            TensorData::new(
+                vec![0.5f32, -1.0, 0.25, 2.0, 1.0, 0.0, -0.5, 0.75],
+                [2, cols],
+            ),
+            &device,
+        );
+        let a = to_vec(f32_table.logits(&h, &device)).unwrap();
+        let b = to_vec(bf16_table.logits(&h, &device)).unwrap();
+        assert_eq!(a.len(), 2 * rows);
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5));
+        let d = f32_table.logits(&h, &device);
+        let a = to_vec(f32_table.back(&d, &device)).unwrap();
+        let b = to_vec(bf16_table.back(&d, &device)).unwrap();
+        assert!(a
+            .iter()
+            .zip(&b)
+            .all(|(x, y)| (x - y).abs() < 1e-2 * x.abs().max(1.0)));
+        let picked = to_vec(bf16_table.rows(&[3, TABLE_BLOCK as i64 + 5], &device)).unwrap();
+        let want = to_vec(f32_table.rows(&[3, TABLE_BLOCK as i64 + 5], &device)).unwrap();
+        assert_eq!(picked, want);
+        assert_eq!(bf16_table.bytes() * 2, f32_table.bytes());
+    }
 }
