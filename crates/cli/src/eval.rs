@@ -1,5 +1,6 @@
 //! `supportlm eval classify`: Task 1 with a prompting method or an SFT adapter, either decision rule.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -10,6 +11,7 @@ use supportlm_data::kshot::balanced_kshot;
 use supportlm_data::{load_csv, shipped, split, SplitConfig, SplitName, SplitSet, Task};
 use supportlm_model::{default_device, Model};
 use supportlm_prompting::report::{metrics, write_run, RunInfo};
+use supportlm_prompting::Prediction;
 use supportlm_prompting::{classify, ClassifyOptions, Decision, Method};
 
 use crate::generate::DEFAULT_MODEL;
@@ -147,6 +149,56 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
         max_new_tokens: if task == Task::Intent { 12 } else { 8 },
         batch: 8,
     };
+    // Resumable: predictions are appended to a partial file chunk by chunk; a rerun with the same
+    // settings continues after the items already there.
+    std::fs::create_dir_all(&args.out)?;
+    let settings = serde_json::json!({
+        "task": task.as_str(), "method": method.as_str(), "decision": decision.as_str(),
+        "model": args.model.display().to_string(), "adapter": adapter.as_ref().map(|a| a.display().to_string()),
+        "split": args.split.as_str(), "limit": args.limit, "k": args.k, "seed": args.seed,
+        "length_normalize": args.length_normalize,
+    });
+    let settings_path = args.out.join("run.json");
+    if let Ok(text) = std::fs::read_to_string(&settings_path) {
+        let old: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        if old != settings {
+            bail!(
+                "{} holds a run with other settings ({old}); use another --out",
+                args.out.display()
+            );
+        }
+    }
+    supportlm_data::fsio::write_atomic(
+        &settings_path,
+        serde_json::to_string_pretty(&settings)?.as_bytes(),
+    )?;
+    let partial = args.out.join("predictions.partial.jsonl");
+    // Work goes in fixed chunks of the item list (so scoring batches, and with them every float, are the
+    // same whether or not the run was interrupted); chunks already in the partial file are skipped.
+    const CHUNK: usize = 64;
+    let saved = read_partial(&partial);
+    let saved_ids: std::collections::HashSet<usize> = saved.iter().map(|p| p.id).collect();
+    let chunks: Vec<&[supportlm_data::Record]> = records.chunks(CHUNK).collect();
+    let complete = |c: &[supportlm_data::Record]| c.iter().all(|r| saved_ids.contains(&r.id));
+    let kept: std::collections::HashSet<usize> = chunks
+        .iter()
+        .filter(|c| complete(c))
+        .flat_map(|c| c.iter().map(|r| r.id))
+        .collect();
+    let mut done: Vec<_> = saved.into_iter().filter(|p| kept.contains(&p.id)).collect();
+    // Rewrite the partial file with whole chunks only.
+    let mut lines = String::new();
+    for p in &done {
+        lines += &serde_json::to_string(p)?;
+        lines.push('\n');
+    }
+    supportlm_data::fsio::write_atomic(&partial, lines.as_bytes())?;
+    let todo: Vec<&[supportlm_data::Record]> =
+        chunks.iter().filter(|c| !complete(c)).copied().collect();
+    let todo_items: usize = todo.iter().map(|c| c.len()).sum();
+    if !done.is_empty() {
+        tracing::info!(done = done.len(), left = todo_items, "resuming");
+    }
     let bar = ProgressBar::new(records.len() as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -154,11 +206,31 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    bar.set_position(done.len() as u64);
     let started = Instant::now();
-    let predictions = classify(&model, &records, &options, &mut |done, _| {
-        bar.set_position(done as u64)
-    })?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&partial)?;
+    for chunk in todo {
+        let base = done.len() as u64;
+        let preds = classify(&model, chunk, &options, &mut |n, _| {
+            bar.set_position(base + n as u64)
+        })?;
+        let mut lines = String::new();
+        for p in &preds {
+            lines += &serde_json::to_string(p)?;
+            lines.push('\n');
+        }
+        file.write_all(lines.as_bytes())?;
+        file.flush()?;
+        done.extend(preds);
+    }
     bar.finish();
+    let order: std::collections::HashMap<usize, usize> =
+        records.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
+    done.sort_by_key(|p| order.get(&p.id).copied().unwrap_or(usize::MAX));
+    let predictions = done;
     let info = RunInfo {
         task: task.to_string(),
         method: method.as_str().into(),
@@ -169,6 +241,7 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
         few_shot_k: if method == Method::FewShot { args.k } else { 0 },
         seed: args.seed,
         seconds: started.elapsed().as_secs_f64(),
+        items_timed: todo_items,
     };
     let m = metrics(
         &task.labels(),
@@ -178,6 +251,7 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
         args.seed,
     );
     write_run(&args.out, &predictions, &m)?;
+    std::fs::remove_file(&partial)?;
     println!(
         "{task} {} {}: accuracy {:.4} [{:.4}, {:.4}], macro-F1 {:.4} [{:.4}, {:.4}], failed extractions {:.2}%, {:.2} items/s",
         method.as_str(),
@@ -193,4 +267,13 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
     );
     println!("written to {}", args.out.display());
     Ok(())
+}
+
+/// The predictions saved so far; a line cut short by a crash (the last one) is dropped.
+fn read_partial(path: &std::path::Path) -> Vec<Prediction> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map_while(|l| serde_json::from_str(l).ok())
+        .collect()
 }

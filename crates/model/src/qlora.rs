@@ -85,6 +85,8 @@ impl BaseFootprint {
 
 /// Rows of the vocabulary (embeddings / LM head): f32 for the plain LoRA base, bf16 for the
 /// quantized bases (QLoRA keeps these modules in 16 bits), converted a block of rows at a time.
+/// (Two of these exist per model, so the variants' size difference does not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Table {
     F32(Tensor<2>),
     Bf16 {

@@ -22,7 +22,10 @@ pub struct RunInfo {
     pub split: String,
     pub few_shot_k: usize,
     pub seed: u64,
+    /// Wall time of the classification, and how many items it covered (fewer than all when the run
+    /// was resumed).
     pub seconds: f64,
+    pub items_timed: usize,
 }
 
 /// `metrics.json`.
@@ -77,7 +80,7 @@ pub fn metrics(
     let mut wrong: Vec<&Prediction> = predictions.iter().filter(|p| !p.correct()).collect();
     wrong.sort_by(|a, b| b.confidence.total_cmp(&a.confidence).then(a.id.cmp(&b.id)));
     ClassifyMetrics {
-        items_per_s: n as f64 / info.seconds.max(1e-9),
+        items_per_s: info.items_timed as f64 / info.seconds.max(1e-9),
         info,
         items: n,
         accuracy: wilson_interval(report.correct, n, Z95),
