@@ -64,28 +64,8 @@ pub fn generate(
     if prompts.iter().any(Vec::is_empty) {
         return Err(ModelError::Input("a prompt has no tokens".into()));
     }
-    let b = prompts.len();
-    let max_len = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let pad = pad_id(model);
-    // Left padding: every row's last prompt token sits at the same column.
-    let mut input = StepInput {
-        tokens: Vec::with_capacity(b),
-        valid: Vec::with_capacity(b),
-    };
-    for p in prompts {
-        let n_pad = max_len - p.len();
-        input.tokens.push(
-            std::iter::repeat_n(pad, n_pad)
-                .chain(p.iter().copied())
-                .collect(),
-        );
-        input.valid.push(
-            std::iter::repeat_n(false, n_pad)
-                .chain(std::iter::repeat_n(true, p.len()))
-                .collect(),
-        );
-    }
-    let cache = model.llama.new_cache(b);
+    let input = left_padded(prompts, pad_id(model));
+    let cache = model.llama.new_cache(prompts.len());
     continue_generation(model, cache, &input, options, on_token)
 }
 
@@ -104,30 +84,33 @@ pub fn generate_after(
     if items.iter().any(Vec::is_empty) {
         return Err(ModelError::Input("an item has no tokens".into()));
     }
-    let b = items.len();
-    let max_len = items.iter().map(Vec::len).max().unwrap_or(0);
-    let pad = pad_id(model);
     // Left padding between the prefix and each item: masked out, and positions count real tokens only.
-    let input = StepInput {
-        tokens: items
-            .iter()
-            .map(|p| {
-                std::iter::repeat_n(pad, max_len - p.len())
-                    .chain(p.iter().copied())
-                    .collect()
-            })
-            .collect(),
-        valid: items
-            .iter()
-            .map(|p| {
-                std::iter::repeat_n(false, max_len - p.len())
-                    .chain(std::iter::repeat_n(true, p.len()))
-                    .collect()
-            })
-            .collect(),
-    };
-    let cache = prefix.cache.repeat(b);
+    let input = left_padded(items, pad_id(model));
+    let cache = prefix.cache.repeat(items.len());
     continue_generation(model, cache, &input, options, on_token)
+}
+
+/// Rows left-padded to the longest, so every row's last token sits in the same column.
+fn left_padded(rows: &[Vec<u32>], pad: u32) -> StepInput {
+    let max_len = rows.iter().map(Vec::len).max().unwrap_or(0);
+    StepInput {
+        tokens: rows
+            .iter()
+            .map(|r| {
+                std::iter::repeat_n(pad, max_len - r.len())
+                    .chain(r.iter().copied())
+                    .collect()
+            })
+            .collect(),
+        valid: rows
+            .iter()
+            .map(|r| {
+                std::iter::repeat_n(false, max_len - r.len())
+                    .chain(std::iter::repeat_n(true, r.len()))
+                    .collect()
+            })
+            .collect(),
+    }
 }
 
 fn pad_id(model: &Model) -> u32 {

@@ -692,7 +692,7 @@ fn logp_dims(rows: usize, vocab: usize) -> [usize; 2] {
 
 /// SplitMix64: a counter-based generator, so every mask element is a pure function of
 /// `(seed, layer, target, index)` and the same masks come back when a layer is recomputed.
-fn splitmix(mut z: u64) -> u64 {
+pub fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

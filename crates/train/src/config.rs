@@ -5,48 +5,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use supportlm_data::Task;
 use supportlm_model::base_quant::BaseQuant;
-use supportlm_model::lora::{LoraConfig, Target};
+use supportlm_model::lora::LoraConfig;
 
 use crate::error::{Result, TrainError};
-
-/// LoRA settings as written in a config file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LoraSection {
-    pub r: usize,
-    pub alpha: f64,
-    pub dropout: f64,
-    pub targets: Vec<Target>,
-    pub layers: Option<Vec<usize>>,
-    pub use_rslora: bool,
-}
-
-impl Default for LoraSection {
-    fn default() -> Self {
-        let d = LoraConfig::default();
-        LoraSection {
-            r: d.r,
-            alpha: d.alpha,
-            dropout: d.dropout,
-            targets: d.targets,
-            layers: d.layers,
-            use_rslora: d.use_rslora,
-        }
-    }
-}
-
-impl LoraSection {
-    pub fn to_lora(&self) -> LoraConfig {
-        LoraConfig {
-            r: self.r,
-            alpha: self.alpha,
-            dropout: self.dropout,
-            targets: self.targets.clone(),
-            layers: self.layers.clone(),
-            use_rslora: self.use_rslora,
-        }
-    }
-}
 
 /// Everything that decides a training run. Two runs with equal configs (and equal data and base) give
 /// byte-identical adapters on the same machine.
@@ -58,7 +19,7 @@ pub struct TrainConfig {
     pub task: Task,
     /// How the frozen base is stored: nf4 (QLoRA), int8 or none (f32).
     pub base_quant: BaseQuant,
-    pub lora: LoraSection,
+    pub lora: LoraConfig,
     /// Peak learning rate.
     pub lr: f64,
     pub weight_decay: f64,
@@ -110,7 +71,7 @@ impl Default for TrainConfig {
         TrainConfig {
             task: Task::Category,
             base_quant: BaseQuant::Nf4,
-            lora: LoraSection::default(),
+            lora: LoraConfig::default(),
             lr: 1e-4,
             weight_decay: 0.0,
             warmup_ratio: 0.05,

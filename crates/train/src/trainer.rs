@@ -15,7 +15,7 @@ use serde::Serialize;
 use supportlm_data::Record;
 use supportlm_model::chat::ChatTemplate;
 use supportlm_model::lora::Adapter;
-use supportlm_model::qlora::{Dropout, QloraModel, Sequence};
+use supportlm_model::qlora::{splitmix, Dropout, QloraModel, Sequence};
 use supportlm_model::tokenizer::Tokenizer;
 
 use crate::batching::epoch_batches;
@@ -94,13 +94,6 @@ pub fn peak_rss() -> u64 {
                 .and_then(|v| v.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
-}
-
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// The adapter's tensors in site order (A then B of each site), mutable.
@@ -282,7 +275,7 @@ pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Re
                 message: "already holds checkpoints: pass --resume to continue, or choose a new run folder".into(),
             });
         }
-        let adapter = Adapter::init(c.lora.to_lora(), &model.config, job.base_model, c.seed)?;
+        let adapter = Adapter::init(c.lora.clone(), &model.config, job.base_model, c.seed)?;
         let sizes: Vec<usize> = adapter
             .weights
             .values()

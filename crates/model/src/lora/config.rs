@@ -88,8 +88,9 @@ impl FromStr for Target {
     }
 }
 
-/// LoRA hyper-parameters, as in PEFT's `LoraConfig`.
+/// LoRA hyper-parameters, as in PEFT's `LoraConfig` (missing keys take the defaults below).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LoraConfig {
     pub r: usize,
     pub alpha: f64,
