@@ -22,9 +22,12 @@ pub enum Suite {
     /// Task 1 scoring: items/s for 0-shot and 10-shot with the constrained rule, with and without
     /// prefix reuse.
     Eval,
-    /// (internal) one training step in this process, for `qlora`.
+    /// Training step per mode (LoRA on f32 / int8 / nf4 bases, full fine-tuning) at 8x128 and 4x64:
+    /// tokens/s, peak RSS, share of the matmul rate.
+    Train,
+    /// (internal) one training step in this process, for `qlora` and `train`.
     #[value(hide = true)]
-    QloraStep,
+    TrainStep,
 }
 
 #[derive(Args)]
@@ -42,9 +45,9 @@ pub struct BenchArgs {
     /// Training sequence length (qlora).
     #[arg(long, default_value_t = 128)]
     seq: usize,
-    /// Base format for `qlora-step`.
+    /// Mode for `train-step`: none, int8, nf4 (LoRA base formats) or full.
     #[arg(long, default_value = "nf4")]
-    quant: String,
+    mode: String,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -52,7 +55,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Suite::Model => model(&args),
         Suite::Qlora => crate::bench_qlora::run(args.batch, args.seq),
         Suite::Eval => crate::bench_eval::run(args.items),
-        Suite::QloraStep => crate::bench_qlora::step(args.quant.parse()?, args.batch, args.seq),
+        Suite::Train => crate::bench_train::run(),
+        Suite::TrainStep => crate::bench_train::step(
+            crate::bench_train::Mode::parse(&args.mode)?,
+            args.batch,
+            args.seq,
+        ),
     }
 }
 
@@ -69,7 +77,7 @@ fn best<T>(reps: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     (best, last.expect("reps > 0"))
 }
 
-fn matmul_gflops() -> f64 {
+pub fn matmul_gflops() -> f64 {
     let device = default_device();
     let n = 1024;
     let a = Tensor::<2>::random([n, n], Distribution::Default, &device);

@@ -5,6 +5,7 @@
 mod bench;
 mod bench_eval;
 mod bench_qlora;
+mod bench_train;
 mod pipeline;
 mod setup;
 

@@ -39,7 +39,8 @@ enum DecisionArg {
 pub struct ClassifyArgs {
     #[arg(long, value_enum)]
     method: MethodArg,
-    /// The fine-tuned adapter (PEFT format) for --method sft.
+    /// The fine-tuned adapter (PEFT format) for --method sft (a fully fine-tuned model is given as
+    /// --model instead).
     #[arg(long)]
     adapter: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "constrained")]
@@ -104,7 +105,13 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
     }
     let (method, adapter) = match (args.method, &args.adapter) {
         (MethodArg::Sft, Some(a)) => (Method::Sft, Some(a.clone())),
-        (MethodArg::Sft, None) => bail!("--method sft needs --adapter DIR"),
+        // A fully fine-tuned model is a model folder of its own.
+        (MethodArg::Sft, None) if args.model != std::path::Path::new(DEFAULT_MODEL) => {
+            (Method::Sft, None)
+        }
+        (MethodArg::Sft, None) => bail!(
+            "--method sft needs --adapter DIR (LoRA), or --model DIR for a fully fine-tuned model"
+        ),
         (_, Some(_)) => bail!("--adapter only goes with --method sft"),
         (MethodArg::ZeroShot, None) => (Method::ZeroShot, None),
         (MethodArg::FewShot, None) => (Method::FewShot, None),

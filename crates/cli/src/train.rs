@@ -80,7 +80,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let ck = Checkpoint::open(&args.model)
         .with_context(|| format!("opening {}", args.model.display()))?;
     let template = ChatTemplate::for_tokenizer(&ck.tokenizer)?;
-    let model = ck.with_source(|src| {
+    let mut model = ck.with_source(|src| {
         QloraModel::load(src, &ck.config, config.base_quant, &default_device())
     })?;
     let fp = model.footprint();
@@ -112,7 +112,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
     let job = TrainJob {
-        model: &model,
+        model: &mut model,
         tokenizer: &ck.tokenizer,
         template: &template,
         train: &splits.train.records,
@@ -132,7 +132,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     );
     let mut smoothed: Option<f64> = None;
     let mut last_val = None;
-    let outcome = train(&job, &mut |line, total| {
+    let outcome = train(job, &mut |line, total| {
         bar.set_length(total as u64);
         bar.set_position(line.step as u64);
         if let Some(l) = line.train_loss {

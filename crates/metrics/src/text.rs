@@ -52,6 +52,21 @@ pub fn rouge_tokens(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// rouge-score's tokenizer with `use_stemmer=True`: [`rouge_tokens`], then the Porter stemmer (NLTK)
+/// on tokens longer than three characters.
+pub fn rouge_tokens_stemmed(text: &str) -> Vec<String> {
+    rouge_tokens(text)
+        .into_iter()
+        .map(|t| {
+            if t.chars().count() > 3 {
+                crate::porter::stem(&t)
+            } else {
+                t
+            }
+        })
+        .collect()
+}
+
 fn ngram_counts(tokens: &[String], n: usize) -> HashMap<&[String], usize> {
     let mut m = HashMap::new();
     if tokens.len() >= n {
@@ -111,11 +126,11 @@ fn lcs_indices(reference: &[String], candidate: &[String]) -> Vec<usize> {
 }
 
 /// Summary-level LCS over newline-separated sentences (ROUGE-Lsum).
-fn rouge_lsum(hyp: &str, reference: &str) -> Prf {
+fn rouge_lsum(hyp: &str, reference: &str, tokenize: fn(&str) -> Vec<String>) -> Prf {
     let sents = |t: &str| -> Vec<Vec<String>> {
         t.split('\n')
             .filter(|s| !s.is_empty())
-            .map(rouge_tokens)
+            .map(tokenize)
             .collect()
     };
     let (r, c) = (sents(reference), sents(hyp));
@@ -155,13 +170,22 @@ fn rouge_lsum(hyp: &str, reference: &str) -> Prf {
 
 /// ROUGE scores of `hypothesis` against `reference` (rouge-score, `use_stemmer=False`).
 pub fn rouge(hypothesis: &str, reference: &str) -> Rouge {
-    let (h, r) = (rouge_tokens(hypothesis), rouge_tokens(reference));
+    rouge_with(hypothesis, reference, rouge_tokens)
+}
+
+/// ROUGE scores with Porter stemming (rouge-score, `use_stemmer=True`).
+pub fn rouge_stemmed(hypothesis: &str, reference: &str) -> Rouge {
+    rouge_with(hypothesis, reference, rouge_tokens_stemmed)
+}
+
+fn rouge_with(hypothesis: &str, reference: &str, tokenize: fn(&str) -> Vec<String>) -> Rouge {
+    let (h, r) = (tokenize(hypothesis), tokenize(reference));
     let lcs = lcs_table(&r, &h)[r.len()][h.len()];
     Rouge {
         rouge1: rouge_n(&h, &r, 1),
         rouge2: rouge_n(&h, &r, 2),
         rouge_l: prf(lcs as f64, h.len() as f64, r.len() as f64),
-        rouge_lsum: rouge_lsum(hypothesis, reference),
+        rouge_lsum: rouge_lsum(hypothesis, reference, tokenize),
     }
 }
 

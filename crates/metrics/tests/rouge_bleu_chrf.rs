@@ -1,7 +1,9 @@
 //! ROUGE (rouge-score), BLEU and chrF (sacrebleu) against `fixtures/metrics/metrics_cases.json` (1e-6).
 
 use serde_json::Value;
-use supportlm_metrics::text::{corpus_bleu, corpus_chrf, rouge, sentence_bleu, sentence_chrf};
+use supportlm_metrics::text::{
+    corpus_bleu, corpus_chrf, rouge, rouge_stemmed, sentence_bleu, sentence_chrf,
+};
 
 fn fixture() -> Value {
     let p = concat!(
@@ -24,28 +26,32 @@ fn sentence_metrics_match_rouge_score_and_sacrebleu() {
             case["hypothesis"].as_str().unwrap(),
             case["reference"].as_str().unwrap(),
         );
-        let got = rouge(h, r);
-        let want = &case["rouge_unstemmed"];
-        for (name, prf) in [
-            ("rouge1", got.rouge1),
-            ("rouge2", got.rouge2),
-            ("rougeL", got.rouge_l),
-            ("rougeLsum", got.rouge_lsum),
+        for (key, got) in [
+            ("rouge_unstemmed", rouge(h, r)),
+            ("rouge_stemmed", rouge_stemmed(h, r)),
         ] {
-            if want[name].is_null() {
-                continue;
+            let want = &case[key];
+            for (name, prf) in [
+                ("rouge1", got.rouge1),
+                ("rouge2", got.rouge2),
+                ("rougeL", got.rouge_l),
+                ("rougeLsum", got.rouge_lsum),
+            ] {
+                if want[name].is_null() {
+                    continue;
+                }
+                close(
+                    prf.precision,
+                    &want[name]["precision"],
+                    &format!("pair {i} {key} {name} precision"),
+                );
+                close(
+                    prf.recall,
+                    &want[name]["recall"],
+                    &format!("pair {i} {key} {name} recall"),
+                );
+                close(prf.f, &want[name]["f"], &format!("pair {i} {key} {name} f"));
             }
-            close(
-                prf.precision,
-                &want[name]["precision"],
-                &format!("pair {i} {name} precision"),
-            );
-            close(
-                prf.recall,
-                &want[name]["recall"],
-                &format!("pair {i} {name} recall"),
-            );
-            close(prf.f, &want[name]["f"], &format!("pair {i} {name} f"));
         }
         close(
             sentence_bleu(h, r),

@@ -186,3 +186,67 @@ fn footprint_shrinks_with_quantization() {
     );
     assert!(nf4.total_bytes() < int8.total_bytes() && int8.total_bytes() < none.total_bytes());
 }
+
+#[test]
+fn full_fine_tuning_gradients_match_finite_differences() {
+    // llama: tied embeddings (head gradient added to the embedding rows); qwen2: untied head, q/k/v biases.
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let f = tiny_model(arch);
+        let mut model = qlora(&f, BaseQuant::None);
+        let batch = batch();
+        let step = model.full_loss_and_grads(&batch).unwrap();
+        assert!((model.loss(None, &batch).unwrap().sum - step.loss.sum).abs() < 1e-4);
+        let params = model.full_parameters();
+        assert_eq!(step.grads.len(), params.len());
+        let hidden = model.config.hidden_size;
+        let mut probes: Vec<(&str, usize)> = vec![
+            ("model.embed_tokens.weight", 42 * hidden + 3), // a token of the batch
+            ("model.embed_tokens.weight", 7 * hidden + 1),  // only reached through the tied head
+            ("model.norm.weight", 5),
+            ("model.layers.0.input_layernorm.weight", 2),
+            ("model.layers.1.post_attention_layernorm.weight", 9),
+            ("model.layers.0.self_attn.q_proj.weight", 37),
+            ("model.layers.1.mlp.down_proj.weight", 101),
+            ("model.layers.1.self_attn.o_proj.weight", 12),
+        ];
+        if arch == Architecture::Qwen2 {
+            probes.push(("model.layers.0.self_attn.k_proj.bias", 1));
+            probes.push(("lm_head.weight", 45 * hidden + 4));
+        }
+        for (name, index) in probes {
+            let i = params.iter().position(|p| p.name == name).unwrap();
+            let original = model.full_parameter(i).unwrap();
+            let eps = 1e-2f32;
+            let mut at = |delta: f32| {
+                let mut v = original.clone();
+                v[index] += delta;
+                model.set_full_parameter(i, v).unwrap();
+                model.loss(None, &batch).unwrap().sum
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+            model.set_full_parameter(i, original).unwrap();
+            let analytic = step.grads[i][index] as f64;
+            let tol = 5e-4 + 5e-3 * numeric.abs();
+            assert!(
+                (numeric - analytic).abs() < tol,
+                "{arch:?}: d loss / d {name}[{index}] = {analytic}, finite difference {numeric}"
+            );
+        }
+    }
+}
+
+#[test]
+fn full_fine_tuning_needs_an_f32_base_and_checks_sizes() {
+    let f = tiny_model(Architecture::Llama);
+    let nf4 = qlora(&f, BaseQuant::Nf4);
+    let err = nf4.full_loss_and_grads(&batch()).unwrap_err().to_string();
+    assert!(err.contains("base_quant none"), "{err}");
+    let mut model = qlora(&f, BaseQuant::None);
+    let err = model
+        .set_full_parameter(0, vec![0.0; 3])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.embed_tokens.weight"), "{err}");
+    let n = model.full_parameters().len();
+    assert!(model.full_parameter(n).is_err());
+}

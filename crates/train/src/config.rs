@@ -17,6 +17,9 @@ pub struct TrainConfig {
     /// category, intent or response.
     #[serde(with = "task_serde")]
     pub task: Task,
+    /// What is trained: a LoRA adapter over the base (`lora`), or every parameter (`full`, which
+    /// needs `base_quant = "none"`).
+    pub tuning: Tuning,
     /// How the frozen base is stored: nf4 (QLoRA), int8 or none (f32).
     pub base_quant: BaseQuant,
     pub lora: LoraConfig,
@@ -51,6 +54,25 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+/// What a run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tuning {
+    /// A LoRA adapter; the base stays frozen (in `base_quant`'s format).
+    Lora,
+    /// Every parameter of an f32 base (for the efficiency comparison).
+    Full,
+}
+
+impl Tuning {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tuning::Lora => "lora",
+            Tuning::Full => "full",
+        }
+    }
+}
+
 mod task_serde {
     use serde::{Deserialize, Deserializer, Serializer};
     use supportlm_data::Task;
@@ -70,6 +92,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             task: Task::Category,
+            tuning: Tuning::Lora,
             base_quant: BaseQuant::Nf4,
             lora: LoraConfig::default(),
             lr: 1e-4,
@@ -138,6 +161,9 @@ impl TrainConfig {
         if self.eval_every == 0 || self.save_every == 0 {
             return bad("eval_every and save_every must be at least 1");
         }
+        if self.tuning == Tuning::Full && self.base_quant != BaseQuant::None {
+            return bad("tuning = \"full\" trains every weight: set base_quant = \"none\"");
+        }
         Ok(())
     }
 
@@ -197,6 +223,13 @@ mod tests {
         assert!(err.contains("lerning_rate"), "{err}");
         assert!(TrainConfig::load(None, &["batch_size=0".into()]).is_err());
         assert!(TrainConfig::load(None, &["lora.targets=[\"qkv\"]".into()]).is_err());
+        let err = TrainConfig::load(None, &["tuning=full".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("base_quant"), "{err}");
+        let full =
+            TrainConfig::load(None, &["tuning=full".into(), "base_quant=none".into()]).unwrap();
+        assert_eq!(full.tuning, Tuning::Full);
     }
 
     #[test]

@@ -19,6 +19,6 @@ pub mod optim;
 pub mod state;
 pub mod trainer;
 
-pub use config::TrainConfig;
+pub use config::{TrainConfig, Tuning};
 pub use error::{Result, TrainError};
 pub use trainer::{train, TrainOutcome};

@@ -50,24 +50,58 @@ impl AdamW {
         grads: &[&[f32]],
         lr: f64,
     ) {
+        let step = self.begin_step(state, lr);
+        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            step.apply(&mut state.m[i], &mut state.v[i], p, g);
+        }
+    }
+
+    /// Counts one update and returns its coefficients, for updating the tensors one at a time
+    /// ([`AdamStep::apply`]) when they are not all in memory at once.
+    pub fn begin_step(&self, state: &mut AdamState, lr: f64) -> AdamStep {
         state.step += 1;
         let t = state.step as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
-        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
-        let step_size = (lr / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let eps = self.eps as f32;
-        let decay = (1.0 - lr * self.weight_decay) as f32;
-        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
-            let (m, v) = (&mut state.m[i], &mut state.v[i]);
-            for j in 0..p.len() {
-                let gj = g[j];
-                m[j] = b1 * m[j] + (1.0 - b1) * gj;
-                v[j] = b2 * v[j] + (1.0 - b2) * gj * gj;
-                let denom = v[j].sqrt() / bc2_sqrt + eps;
-                p[j] = p[j] * decay - step_size * m[j] / denom;
-            }
+        AdamStep {
+            b1: self.beta1 as f32,
+            b2: self.beta2 as f32,
+            step_size: (lr / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            eps: self.eps as f32,
+            decay: (1.0 - lr * self.weight_decay) as f32,
+        }
+    }
+}
+
+/// The coefficients of one AdamW update.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    b1: f32,
+    b2: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+    decay: f32,
+}
+
+impl AdamStep {
+    /// Updates one tensor `p` with its gradient `g` and moments `m`, `v`.
+    pub fn apply(&self, m: &mut [f32], v: &mut [f32], p: &mut [f32], g: &[f32]) {
+        let AdamStep {
+            b1,
+            b2,
+            step_size,
+            bc2_sqrt,
+            eps,
+            decay,
+        } = *self;
+        for j in 0..p.len() {
+            let gj = g[j];
+            m[j] = b1 * m[j] + (1.0 - b1) * gj;
+            v[j] = b2 * v[j] + (1.0 - b2) * gj * gj;
+            let denom = v[j].sqrt() / bc2_sqrt + eps;
+            p[j] = p[j] * decay - step_size * m[j] / denom;
         }
     }
 }

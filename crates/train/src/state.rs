@@ -1,16 +1,15 @@
 //! Checkpoints: everything needed to continue a run exactly where it stopped.
 //!
-//! `checkpoint-{step:06}/` holds `adapter/` (PEFT format), `optimizer.safetensors` (AdamW moments, one
-//! `m.{i}` / `v.{i}` pair per adapter tensor in site order) and `trainer_state.json` (positions,
+//! `checkpoint-{step:06}/` holds the trained weights (`adapter/` in PEFT format for LoRA, `model/` as a
+//! Hugging Face folder for full fine-tuning), `optimizer.safetensors` (AdamW moments, one `m.{i}` /
+//! `v.{i}` pair per trained tensor in order) and `trainer_state.json` (positions,
 //! early-stopping state, config). A checkpoint is written into a temporary folder and renamed into
 //! place, so a crash leaves either the old set of checkpoints or the new one, never half of one.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use supportlm_model::config::ModelConfig;
 use supportlm_model::loader::{write_safetensors, SafetensorsDir, TensorSource};
-use supportlm_model::lora::Adapter;
 
 use crate::error::{Result, TrainError};
 use crate::optim::AdamState;
@@ -30,10 +29,9 @@ pub struct TrainerState {
     pub config: String,
 }
 
-/// A checkpoint read back.
+/// A checkpoint read back (its weights are read by the caller from `dir`).
 pub struct Checkpoint {
     pub dir: PathBuf,
-    pub adapter: Adapter,
     pub optimizer: AdamState,
     pub state: TrainerState,
 }
@@ -50,10 +48,10 @@ pub fn checkpoint_name(step: usize) -> String {
 }
 
 /// Writes a checkpoint under `run_dir` and removes all but the newest `keep`.
+/// `write_weights` writes the trained weights into the (temporary) checkpoint folder it is given.
 pub fn save(
     run_dir: &Path,
-    model: &ModelConfig,
-    adapter: &Adapter,
+    write_weights: &dyn Fn(&Path) -> Result<()>,
     optimizer: &AdamState,
     state: &TrainerState,
     keep: usize,
@@ -64,7 +62,7 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    adapter.save(&tmp.join("adapter"), model)?;
+    write_weights(&tmp)?;
     let mut tensors = Vec::new();
     for (i, (m, v)) in optimizer.m.iter().zip(&optimizer.v).enumerate() {
         tensors.push((format!("m.{i}"), vec![m.len()], m.as_slice()));
@@ -112,11 +110,11 @@ pub fn list(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
 }
 
 /// Reads the newest checkpoint under `run_dir`, if any.
-pub fn load_latest(run_dir: &Path, model: &ModelConfig) -> Result<Option<Checkpoint>> {
+/// `sizes`: the length of every trained tensor, to check the optimizer state against.
+pub fn load_latest(run_dir: &Path, sizes: &[usize]) -> Result<Option<Checkpoint>> {
     let Some((_, dir)) = list(run_dir)?.pop() else {
         return Ok(None);
     };
-    let adapter = Adapter::load(&dir.join("adapter"), model)?;
     let state_path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| TrainError::io(&state_path, e))?;
     let state: TrainerState =
@@ -124,11 +122,6 @@ pub fn load_latest(run_dir: &Path, model: &ModelConfig) -> Result<Option<Checkpo
     let opt_path = dir.join("optimizer.safetensors");
     let file = SafetensorsDir::open_files(&dir, vec![opt_path.clone()])?;
     let mut optimizer = AdamState::new(&[]);
-    let sizes: Vec<usize> = adapter
-        .weights
-        .values()
-        .flat_map(|p| [p.a.len(), p.b.len()])
-        .collect();
     for (i, &n) in sizes.iter().enumerate() {
         let get = |k: &str| -> Result<Vec<f32>> {
             let (v, _) = file
@@ -159,7 +152,6 @@ pub fn load_latest(run_dir: &Path, model: &ModelConfig) -> Result<Option<Checkpo
         .ok_or_else(|| ck_err(&opt_path, "adam_step is missing from the metadata"))?;
     Ok(Some(Checkpoint {
         dir,
-        adapter,
         optimizer,
         state,
     }))

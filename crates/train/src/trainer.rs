@@ -14,26 +14,29 @@ use std::time::Instant;
 use serde::Serialize;
 use supportlm_data::Record;
 use supportlm_model::chat::ChatTemplate;
+use supportlm_model::loader::{SafetensorsDir, TensorSource};
 use supportlm_model::lora::Adapter;
-use supportlm_model::qlora::{splitmix, Dropout, QloraModel, Sequence};
+use supportlm_model::qlora::{splitmix, Dropout, LossSum, QloraModel, Sequence};
 use supportlm_model::tokenizer::Tokenizer;
 
 use crate::batching::epoch_batches;
-use crate::config::TrainConfig;
+use crate::config::{TrainConfig, Tuning};
 use crate::error::{Result, TrainError};
 use crate::examples::{balanced_subset, encode_all};
-use crate::optim::{clip_global_norm, lr_at, AdamState, AdamW};
+use crate::optim::{clip_global_norm, lr_at, AdamState, AdamStep, AdamW};
 use crate::state::{self, TrainerState};
 
 /// What a run needs.
 pub struct TrainJob<'a> {
-    pub model: &'a QloraModel,
+    /// The base; with `tuning = "full"` its parameters are what is trained.
+    pub model: &'a mut QloraModel,
     pub tokenizer: &'a Tokenizer,
     pub template: &'a ChatTemplate,
     pub train: &'a [Record],
     pub validation: &'a [Record],
     pub config: &'a TrainConfig,
-    /// The run folder: checkpoints, `metrics.jsonl`, `adapter/`, `best-adapter/`.
+    /// The run folder: checkpoints, `metrics.jsonl`, `adapter/` and `best-adapter/` (LoRA) or
+    /// `model/` and `best-model/` (full fine-tuning).
     pub out_dir: &'a Path,
     /// `base_model_name_or_path` written into adapters.
     pub base_model: &'a str,
@@ -76,8 +79,10 @@ pub struct TrainOutcome {
     pub best_val_loss: f64,
     pub best_step: usize,
     pub stopped_early: bool,
-    pub adapter_dir: PathBuf,
-    pub best_adapter_dir: PathBuf,
+    /// The trained weights at the end: an adapter folder (LoRA) or a model folder (full).
+    pub weights_dir: PathBuf,
+    /// The weights with the best validation loss.
+    pub best_weights_dir: PathBuf,
     pub seconds: f64,
     pub tokens_per_s: f64,
     pub peak_rss: u64,
@@ -105,6 +110,138 @@ fn params_mut(adapter: &mut Adapter) -> Vec<&mut [f32]> {
         .collect()
 }
 
+/// What a run trains.
+enum Weights {
+    Lora(Adapter),
+    /// Every parameter; the values live in the model's tensors.
+    Full,
+}
+
+impl Weights {
+    fn adapter(&self) -> Option<&Adapter> {
+        match self {
+            Weights::Lora(a) => Some(a),
+            Weights::Full => None,
+        }
+    }
+
+    /// The folder name of these weights inside a run or checkpoint folder.
+    fn folder(&self) -> &'static str {
+        match self {
+            Weights::Lora(_) => "adapter",
+            Weights::Full => "model",
+        }
+    }
+
+    /// The length of every trained tensor, in optimizer order.
+    fn sizes(&self, model: &QloraModel) -> Vec<usize> {
+        match self {
+            Weights::Lora(a) => a
+                .weights
+                .values()
+                .flat_map(|p| [p.a.len(), p.b.len()])
+                .collect(),
+            Weights::Full => model
+                .full_parameters()
+                .iter()
+                .map(|p| p.shape.iter().product())
+                .collect(),
+        }
+    }
+
+    /// Summed loss and gradients (in optimizer order) of one micro-batch.
+    fn loss_and_grads(
+        &self,
+        model: &QloraModel,
+        batch: &[Sequence],
+        dropout: Option<Dropout>,
+    ) -> Result<(LossSum, Vec<Vec<f32>>)> {
+        Ok(match self {
+            Weights::Lora(a) => {
+                let out = model.loss_and_grads(a, batch, dropout)?;
+                let flat = out.grads.into_values().flat_map(|p| [p.a, p.b]).collect();
+                (out.loss, flat)
+            }
+            Weights::Full => {
+                let out = model.full_loss_and_grads(batch)?;
+                (out.loss, out.grads)
+            }
+        })
+    }
+
+    /// Applies one AdamW update (full fine-tuning: one tensor at a time, out of the model and back).
+    fn update(
+        &mut self,
+        model: &mut QloraModel,
+        step: AdamStep,
+        adam: &mut AdamState,
+        grads: &[Vec<f32>],
+    ) -> Result<()> {
+        match self {
+            Weights::Lora(a) => {
+                for (i, (p, g)) in params_mut(a).into_iter().zip(grads).enumerate() {
+                    step.apply(&mut adam.m[i], &mut adam.v[i], p, g);
+                }
+            }
+            Weights::Full => {
+                for (i, g) in grads.iter().enumerate() {
+                    let mut p = model.full_parameter(i)?;
+                    step.apply(&mut adam.m[i], &mut adam.v[i], &mut p, g);
+                    model.set_full_parameter(i, p)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the weights as `dir` (PEFT adapter folder, or Hugging Face model folder).
+    fn write(&self, dir: &Path, model: &QloraModel, tokenizer: &Tokenizer) -> Result<()> {
+        match self {
+            Weights::Lora(a) => a.save(dir, &model.config)?,
+            Weights::Full => model.save_full_hf_dir(dir, tokenizer)?,
+        }
+        Ok(())
+    }
+
+    /// Reads the weights a checkpoint folder holds (full: into the model's tensors).
+    fn read(tuning: Tuning, checkpoint: &Path, model: &mut QloraModel) -> Result<Self> {
+        match tuning {
+            Tuning::Lora => Ok(Weights::Lora(Adapter::load(
+                &checkpoint.join("adapter"),
+                &model.config,
+            )?)),
+            Tuning::Full => {
+                let dir = checkpoint.join("model");
+                let path = dir.join("model.safetensors");
+                let file = SafetensorsDir::open_files(&dir, vec![path.clone()])?;
+                for (i, p) in model.full_parameters().into_iter().enumerate() {
+                    let (values, shape) =
+                        file.tensor(&p.name)?
+                            .ok_or_else(|| TrainError::Checkpoint {
+                                path: path.clone(),
+                                message: format!("{} is missing", p.name),
+                            })?;
+                    if shape != p.shape {
+                        return Err(TrainError::Checkpoint {
+                            path,
+                            message: format!(
+                                "{} has shape {shape:?}, expected {:?}",
+                                p.name, p.shape
+                            ),
+                        });
+                    }
+                    model.set_full_parameter(i, values)?;
+                }
+                Ok(Weights::Full)
+            }
+        }
+    }
+
+    fn num_params(&self, model: &QloraModel) -> usize {
+        self.sizes(model).iter().sum()
+    }
+}
+
 /// Mean loss per target token over `seqs`, in batches.
 pub fn validation_loss(
     model: &QloraModel,
@@ -124,13 +261,18 @@ pub fn validation_loss(
     Ok(sum / tokens.max(1) as f64)
 }
 
-/// Writes an adapter folder atomically (temporary folder, then rename).
-fn save_adapter_dir(dir: &Path, adapter: &Adapter, model: &QloraModel) -> Result<()> {
+/// Writes the weights as folder `dir` atomically (temporary folder, then rename).
+fn save_weights_dir(
+    dir: &Path,
+    weights: &Weights,
+    model: &QloraModel,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
     let tmp = dir.with_extension("tmp");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
-    adapter.save(&tmp, &model.config)?;
+    weights.write(&tmp, model, tokenizer)?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
     }
@@ -196,7 +338,7 @@ pub fn plot_losses(run_dir: &Path, title: &str) -> Result<()> {
 }
 
 /// Runs (or resumes) a training job. `on_line` sees every metrics line as it is written.
-pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Result<TrainOutcome> {
+pub fn train(job: TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Result<TrainOutcome> {
     let c = job.config;
     let model = job.model;
     std::fs::create_dir_all(job.out_dir).map_err(|e| TrainError::io(job.out_dir, e))?;
@@ -252,8 +394,17 @@ pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Re
 
     // Fresh start or resume.
     let existing = state::list(job.out_dir)?;
-    let (mut adapter, mut adam, mut st) = if job.resume && !existing.is_empty() {
-        let ck = state::load_latest(job.out_dir, &model.config)?.ok_or_else(|| {
+    let (mut weights, mut adam, mut st) = if job.resume && !existing.is_empty() {
+        let fresh = match c.tuning {
+            Tuning::Lora => Weights::Lora(Adapter::init(
+                c.lora.clone(),
+                &model.config,
+                job.base_model,
+                c.seed,
+            )?),
+            Tuning::Full => Weights::Full,
+        };
+        let ck = state::load_latest(job.out_dir, &fresh.sizes(model))?.ok_or_else(|| {
             TrainError::Checkpoint {
                 path: job.out_dir.to_path_buf(),
                 message: "no checkpoint".into(),
@@ -265,9 +416,10 @@ pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Re
                 message: "was written with a different config; resume with the same config or start a new run folder".into(),
             });
         }
+        let weights = Weights::read(c.tuning, &ck.dir, model)?;
         truncate_metrics(&metrics_path, ck.state.step)?;
         tracing::info!(step = ck.state.step, dir = %ck.dir.display(), "resuming");
-        (ck.adapter, ck.optimizer, ck.state)
+        (weights, ck.optimizer, ck.state)
     } else {
         if !existing.is_empty() {
             return Err(TrainError::Checkpoint {
@@ -275,12 +427,15 @@ pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Re
                 message: "already holds checkpoints: pass --resume to continue, or choose a new run folder".into(),
             });
         }
-        let adapter = Adapter::init(c.lora.clone(), &model.config, job.base_model, c.seed)?;
-        let sizes: Vec<usize> = adapter
-            .weights
-            .values()
-            .flat_map(|p| [p.a.len(), p.b.len()])
-            .collect();
+        let weights = match c.tuning {
+            Tuning::Lora => Weights::Lora(Adapter::init(
+                c.lora.clone(),
+                &model.config,
+                job.base_model,
+                c.seed,
+            )?),
+            Tuning::Full => Weights::Full,
+        };
         let st = TrainerState {
             step: 0,
             total_steps,
@@ -291,7 +446,8 @@ pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Re
             config: config_text.clone(),
         };
         let _ = std::fs::remove_file(&metrics_path);
-        (adapter, AdamState::new(&sizes), st)
+        let adam = AdamState::new(&weights.sizes(model));
+        (weights, adam, st)
     };
 
     let mut metrics = std::fs::OpenOptions::new()
@@ -312,18 +468,18 @@ pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Re
         Ok(())
     };
     let epoch_of = |step: usize| (step * c.grad_accum) as f64 / n_batches as f64;
-    let best_dir = job.out_dir.join("best-adapter");
+    let best_dir = job.out_dir.join(format!("best-{}", weights.folder()));
     let mut initial_val = None;
 
-    // Validation, best adapter and early stopping after `st.step` steps.
-    let evaluate = |adapter: &Adapter, st: &mut TrainerState| -> Result<f64> {
-        let loss = validation_loss(model, Some(adapter), &val.sequences, c.batch_size)?;
+    // Validation, best weights and early stopping after `st.step` steps.
+    let evaluate = |model: &QloraModel, weights: &Weights, st: &mut TrainerState| -> Result<f64> {
+        let loss = validation_loss(model, weights.adapter(), &val.sequences, c.batch_size)?;
         let improved = st.best_val_loss.is_none_or(|b| loss < b - c.min_delta);
         if improved {
             st.best_val_loss = Some(loss);
             st.best_step = Some(st.step);
             st.evals_without_improvement = 0;
-            save_adapter_dir(&best_dir, adapter, model)?;
+            save_weights_dir(&best_dir, weights, model, job.tokenizer)?;
         } else {
             st.evals_without_improvement += 1;
             if c.patience
@@ -336,7 +492,7 @@ pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Re
     };
 
     if st.step == 0 {
-        let loss = evaluate(&adapter, &mut st)?;
+        let loss = evaluate(model, &weights, &mut st)?;
         initial_val = Some(loss);
         write_line(
             &MetricsLine {
@@ -381,10 +537,9 @@ pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Re
                 p: c.lora.dropout,
                 seed: splitmix(c.seed ^ splitmix(g as u64)),
             });
-            let out = model.loss_and_grads(&adapter, &batch, dropout)?;
-            loss_sum += out.loss.sum;
-            loss_tokens += out.loss.tokens;
-            let flat: Vec<Vec<f32>> = out.grads.into_values().flat_map(|p| [p.a, p.b]).collect();
+            let (loss, flat) = weights.loss_and_grads(model, &batch, dropout)?;
+            loss_sum += loss.sum;
+            loss_tokens += loss.tokens;
             match grads.as_mut() {
                 None => grads = Some(flat),
                 Some(acc) => acc
@@ -406,13 +561,14 @@ pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Re
             c.max_grad_norm,
         );
         let lr = lr_at(st.step, total_steps, warmup, c.lr);
-        let grad_refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
-        opt.update(&mut adam, &mut params_mut(&mut adapter), &grad_refs, lr);
+        let coefficients = opt.begin_step(&mut adam, lr);
+        weights.update(model, coefficients, &mut adam, &grads)?;
+        drop(grads);
         st.step += 1;
         tokens_seen += step_tokens;
 
         let val_loss = if st.step % c.eval_every == 0 || st.step == total_steps {
-            let l = evaluate(&adapter, &mut st)?;
+            let l = evaluate(model, &weights, &mut st)?;
             last_val = l;
             Some(l)
         } else {
@@ -436,28 +592,24 @@ pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Re
         let interrupted = job.stop.is_some_and(|s| s.load(Ordering::SeqCst));
         if st.step % c.save_every == 0 || interrupted || st.stopped_early || st.step == total_steps
         {
-            state::save(
-                job.out_dir,
-                &model.config,
-                &adapter,
-                &adam,
-                &st,
-                c.keep_checkpoints,
-            )?;
+            let folder = weights.folder();
+            let write = |dir: &Path| weights.write(&dir.join(folder), model, job.tokenizer);
+            state::save(job.out_dir, &write, &adam, &st, c.keep_checkpoints)?;
         }
         if interrupted && st.step < total_steps {
             return Err(TrainError::Interrupted { step: st.step });
         }
     }
     if last_val.is_nan() {
-        last_val = evaluate(&adapter, &mut st)?;
+        last_val = evaluate(model, &weights, &mut st)?;
     }
-    let adapter_dir = job.out_dir.join("adapter");
-    save_adapter_dir(&adapter_dir, &adapter, model)?;
-    plot_losses(
-        job.out_dir,
-        &format!("{} SFT, {} base", c.task, c.base_quant),
-    )?;
+    let weights_dir = job.out_dir.join(weights.folder());
+    save_weights_dir(&weights_dir, &weights, model, job.tokenizer)?;
+    let title = match c.tuning {
+        Tuning::Lora => format!("{} SFT, LoRA on a {} base", c.task, c.base_quant),
+        Tuning::Full => format!("{} SFT, full fine-tuning", c.task),
+    };
+    plot_losses(job.out_dir, &title)?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(TrainOutcome {
         steps: st.step,
@@ -466,14 +618,14 @@ pub fn train(job: &TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Re
         val_examples: val.sequences.len(),
         truncated: train.truncated,
         skipped: train.skipped,
-        trainable_params: adapter.num_params(),
+        trainable_params: weights.num_params(model),
         initial_val_loss: initial_val,
         final_val_loss: last_val,
         best_val_loss: st.best_val_loss.unwrap_or(last_val),
         best_step: st.best_step.unwrap_or(st.step),
         stopped_early: st.stopped_early,
-        adapter_dir,
-        best_adapter_dir: best_dir,
+        weights_dir,
+        best_weights_dir: best_dir,
         seconds,
         tokens_per_s: tokens_seen as f64 / seconds.max(1e-9),
         peak_rss: peak_rss(),

@@ -5,9 +5,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use supportlm_data::{Category, Intent, Record, Task};
-use supportlm_model::base_quant::BaseQuant;
 use supportlm_model::chat::ChatTemplate;
 use supportlm_model::config::Architecture;
+use supportlm_model::llama::to_vec;
 use supportlm_model::model::Checkpoint;
 use supportlm_model::qlora::QloraModel;
 use supportlm_model::{default_device, tiny};
@@ -55,24 +55,29 @@ fn setup() -> Setup {
 }
 
 fn config() -> TrainConfig {
-    TrainConfig::load(
-        None,
-        &[
-            "max_steps=7".into(),
-            "epochs=2".into(),
-            "batch_size=3".into(),
-            "grad_accum=2".into(),
-            "eval_every=3".into(),
-            "save_every=1".into(),
-            "keep_checkpoints=2".into(),
-            "val_examples=6".into(),
-            "lr=5e-3".into(),
-            "lora.r=2".into(),
-            "lora.dropout=0.1".into(),
-            "max_len=1024".into(),
-        ],
-    )
-    .unwrap()
+    config_with(&["base_quant=nf4"])
+}
+
+fn config_with(extra: &[&str]) -> TrainConfig {
+    let mut overrides: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    overrides.extend(
+        [
+            "max_steps=7",
+            "epochs=2",
+            "batch_size=3",
+            "grad_accum=2",
+            "eval_every=3",
+            "save_every=1",
+            "keep_checkpoints=2",
+            "val_examples=6",
+            "lr=5e-3",
+            "lora.r=2",
+            "lora.dropout=0.1",
+            "max_len=1024",
+        ]
+        .map(String::from),
+    );
+    TrainConfig::load(None, &overrides).unwrap()
 }
 
 fn run(
@@ -82,17 +87,22 @@ fn run(
     resume: bool,
     stop_at: Option<usize>,
 ) -> Result<Vec<MetricsLine>, TrainError> {
-    let model = s
+    let mut model = s
         .checkpoint
         .with_source(|src| {
-            QloraModel::load(src, &s.checkpoint.config, BaseQuant::Nf4, &default_device())
+            QloraModel::load(
+                src,
+                &s.checkpoint.config,
+                config.base_quant,
+                &default_device(),
+            )
         })
         .unwrap();
     let template = ChatTemplate::for_tokenizer(&s.checkpoint.tokenizer).unwrap();
     let (train_set, val_set) = (records(20, 0), records(9, 100));
     let stop = AtomicBool::new(false);
     let job = TrainJob {
-        model: &model,
+        model: &mut model,
         tokenizer: &s.checkpoint.tokenizer,
         template: &template,
         train: &train_set,
@@ -104,7 +114,7 @@ fn run(
         stop: Some(&stop),
     };
     let mut lines = Vec::new();
-    train(&job, &mut |line, _| {
+    train(job, &mut |line, _| {
         lines.push(line.clone());
         if Some(line.step) == stop_at {
             stop.store(true, Ordering::SeqCst);
@@ -211,4 +221,31 @@ fn loss_mask_covers_the_answer_and_its_end_of_turn_only() {
     assert!(encode(Task::Category, r, tok, &template, 10)
         .unwrap()
         .is_none());
+}
+
+#[test]
+fn full_fine_tuning_resumes_byte_identical_and_writes_a_loadable_model() {
+    let s = setup();
+    let c = config_with(&["tuning=full", "base_quant=none", "max_steps=4", "lr=1e-3"]);
+    let a = s.root.join("full-a");
+    let lines = run(&s, &a, &c, false, None).unwrap();
+    let b = s.root.join("full-b");
+    assert!(run(&s, &b, &c, false, Some(2)).is_err());
+    run(&s, &b, &c, true, None).unwrap();
+    for f in ["model/model.safetensors", "best-model/model.safetensors"] {
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    assert_eq!(losses(&a), losses(&b));
+    // Every parameter was trained: the saved model differs from the base, and loads as a model.
+    let trained = supportlm_model::Model::load(&a.join("model"), &default_device()).unwrap();
+    let base = supportlm_model::Model::load(&s.root.join("base"), &default_device()).unwrap();
+    let values = |m: &supportlm_model::Model| to_vec(m.llama.embed_tokens.clone()).unwrap();
+    assert_ne!(values(&trained), values(&base));
+    let first = lines.first().unwrap().val_loss.unwrap();
+    let last = lines.last().unwrap().val_loss.unwrap();
+    assert!(last < first, "validation loss {first} -> {last}");
 }

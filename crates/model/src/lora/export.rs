@@ -6,15 +6,16 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::config::Architecture;
+use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::llama::{to_vec, Llama};
 use crate::loader::write_safetensors;
 use crate::lora::Target;
 use crate::model::Model;
+use crate::tokenizer::Tokenizer;
 
 /// A weight under its Hugging Face name: name, shape, row-major values.
-type NamedWeight = (String, Vec<usize>, Vec<f32>);
+pub type NamedWeight = (String, Vec<usize>, Vec<f32>);
 
 /// Every weight of `llama` under its Hugging Face name, with its shape.
 fn named_weights(llama: &Llama) -> Result<Vec<NamedWeight>> {
@@ -76,12 +77,22 @@ fn named_weights(llama: &Llama) -> Result<Vec<NamedWeight>> {
 
 /// Exports `model` (whose decoder may have an adapter merged in) to `dir`.
 pub fn export_hf_dir(model: &Model, dir: &Path) -> Result<()> {
+    let weights = named_weights(&model.llama)?;
+    write_hf_dir(dir, &model.llama.config, &model.tokenizer, &weights)
+}
+
+/// Writes `weights` (Hugging Face names) with `config` and `tokenizer` as a Hugging Face folder.
+pub fn write_hf_dir(
+    dir: &Path,
+    config: &ModelConfig,
+    tokenizer: &Tokenizer,
+    weights: &[NamedWeight],
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let write = |name: &str, data: &[u8]| {
         let p = dir.join(name);
         supportlm_fsio::write_atomic(&p, data).map_err(|e| ModelError::io(&p, e))
     };
-    let weights = named_weights(&model.llama)?;
     let views: Vec<(String, Vec<usize>, &[f32])> = weights
         .iter()
         .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice()))
@@ -89,7 +100,6 @@ pub fn export_hf_dir(model: &Model, dir: &Path) -> Result<()> {
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     write_safetensors(&dir.join("model.safetensors"), &views, Some(metadata))?;
 
-    let config = &model.llama.config;
     let mut cfg = serde_json::to_value(config).map_err(|e| ModelError::Config(e.to_string()))?;
     cfg["architectures"] = json!([match config.model_type {
         Architecture::Llama => "LlamaForCausalLM",
@@ -103,7 +113,7 @@ pub fn export_hf_dir(model: &Model, dir: &Path) -> Result<()> {
             .as_bytes(),
     )?;
 
-    let tok = &model.tokenizer;
+    let tok = tokenizer;
     let tokenizer_json = tok
         .inner()
         .to_string(true)

@@ -22,6 +22,10 @@ use crate::llama::{to_vec, Attention, DecoderLayer, Linear, LoraDelta, Mlp, RmsN
 use crate::loader::TensorSource;
 use crate::lora::{Adapter, LoraPair, Target};
 
+mod full;
+
+pub use full::{FullStep, ParamInfo};
+
 /// One training sequence: token ids and which of them are predicted (`loss_mask[t]`: the loss includes
 /// predicting `ids[t]` from `ids[..t]`; `loss_mask[0]` is ignored).
 #[derive(Debug, Clone, PartialEq)]
@@ -606,6 +610,20 @@ impl QloraModel {
         s: usize,
         want_grad: bool,
     ) -> Result<(LossSum, Option<Tensor<3>>)> {
+        let out = self.head(x, batch, s, want_grad, false)?;
+        Ok((out.loss, out.dx))
+    }
+
+    /// [`Self::head_loss`], and with `full` also the gradients of the final norm and of the LM head
+    /// table (the embeddings when tied): full fine-tuning.
+    fn head(
+        &self,
+        x: Tensor<3>,
+        batch: &[Sequence],
+        s: usize,
+        want_grad: bool,
+        full: bool,
+    ) -> Result<HeadOut> {
         let b = batch.len();
         let hidden = self.config.hidden_size;
         // Hidden state at t-1 predicts ids[t].
@@ -621,13 +639,15 @@ impl QloraModel {
         }
         let m = rows.len();
         if m == 0 {
-            return Ok((
-                LossSum {
+            return Ok(HeadOut {
+                loss: LossSum {
                     sum: 0.0,
                     tokens: 0,
                 },
-                None,
-            ));
+                dx: None,
+                dnorm: None,
+                dhead: None,
+            });
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let idx = Tensor::<1, Int>::from_data(TensorData::new(rows, [m]), &self.device);
@@ -637,8 +657,13 @@ impl QloraModel {
         } else {
             selected
         };
+        let norm_weight = if full {
+            self.norm.clone().autodiff().require_grad()
+        } else {
+            self.norm.clone()
+        };
         let norm = RmsNorm {
-            weight: self.norm.clone(),
+            weight: norm_weight.clone(),
             eps: self.config.rms_norm_eps,
         };
         let h = norm
@@ -648,6 +673,7 @@ impl QloraModel {
 
         let mut sum = 0f64;
         let mut dh_chunks = Vec::new();
+        let mut dhead: Option<Tensor<2>> = None;
         for start in (0..m).step_by(self.loss_chunk.max(1)) {
             let len = self.loss_chunk.max(1).min(m - start);
             let hc = h_plain.clone().narrow(0, start, len);
@@ -665,25 +691,54 @@ impl QloraModel {
                         - Tensor::zeros(logp_dims(len, self.config.vocab_size), &self.device)
                             .scatter(1, tgt, ones, IndexingUpdateOp::Add);
                 dh_chunks.push(head.back(&dlogits, &self.device));
+                if full {
+                    let d = dlogits.transpose().matmul(hc);
+                    dhead = Some(match dhead.take() {
+                        Some(acc) => acc + d,
+                        None => d,
+                    });
+                }
             }
         }
         let loss = LossSum { sum, tokens: m };
         if !want_grad {
-            return Ok((loss, None));
+            return Ok(HeadOut {
+                loss,
+                dx: None,
+                dnorm: None,
+                dhead: None,
+            });
         }
         let dh = Tensor::cat(dh_chunks, 0);
         let g = (h * dh).sum().backward();
         let dsel = selected
             .grad(&g)
             .ok_or_else(|| ModelError::Input("no gradient reached the final norm".into()))?;
-        let full = Tensor::<2>::zeros([b * s, hidden], &self.device).select_assign(
+        let full_dx = Tensor::<2>::zeros([b * s, hidden], &self.device).select_assign(
             0,
             idx,
             dsel,
             IndexingUpdateOp::Add,
         );
-        Ok((loss, Some(full.reshape([b, s, hidden]))))
+        let dnorm = if full { norm_weight.grad(&g) } else { None };
+        Ok(HeadOut {
+            loss,
+            dx: Some(full_dx.reshape([b, s, hidden])),
+            dnorm,
+            dhead,
+        })
     }
+}
+
+/// What [`QloraModel::head`] returns.
+struct HeadOut {
+    loss: LossSum,
+    /// Gradient at the last layer's output, `[b, s, hidden]`.
+    dx: Option<Tensor<3>>,
+    /// Gradient of the final norm's weight (full fine-tuning).
+    dnorm: Option<Tensor<1>>,
+    /// Gradient of the LM head table, `[vocab, hidden]` (full fine-tuning).
+    dhead: Option<Tensor<2>>,
 }
 
 fn logp_dims(rows: usize, vocab: usize) -> [usize; 2] {

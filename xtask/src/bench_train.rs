@@ -1,0 +1,260 @@
+//! `cargo xtask bench train`: one training step of the default model per mode (LoRA on an f32, int8 or
+//! NF4 base, and full fine-tuning) at batch 8 x 128 and 4 x 64 tokens: tokens/s, peak RSS, and the
+//! effective GFLOP/s as a share of the backend's matmul GFLOP/s measured in the same run.
+//!
+//! Each (mode, shape) runs in its own child process (`bench train-step`) so that peaks do not mix; the
+//! child runs two steps (loss, gradients, AdamW update) and times the second.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use supportlm_model::base_quant::BaseQuant;
+use supportlm_model::config::ModelConfig;
+use supportlm_model::default_device;
+use supportlm_model::lora::{Adapter, LoraConfig};
+use supportlm_model::model::Checkpoint;
+use supportlm_model::qlora::{Dropout, QloraModel, Sequence};
+use supportlm_train::optim::{AdamState, AdamW};
+
+/// `VmHWM` (peak resident set) and `VmRSS` of this process, in bytes.
+pub fn rss() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// A deterministic batch: `batch` rows of `seq` tokens, the second half of each row as targets.
+pub fn synthetic_batch(batch: usize, seq: usize, vocab: usize) -> Vec<Sequence> {
+    (0..batch)
+        .map(|r| {
+            let ids: Vec<u32> = (0..seq)
+                .map(|t| (1000 + (r * 7919 + t * 104_729) % (vocab - 1000)) as u32)
+                .collect();
+            let loss_mask = (0..seq).map(|t| t >= seq / 2).collect();
+            Sequence { ids, loss_mask }
+        })
+        .collect()
+}
+
+/// What a step trains: LoRA over a base in some format, or every parameter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    Lora(BaseQuant),
+    Full,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [
+        Mode::Lora(BaseQuant::None),
+        Mode::Lora(BaseQuant::Int8),
+        Mode::Lora(BaseQuant::Nf4),
+        Mode::Full,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Lora(q) => q.as_str(),
+            Mode::Full => "full",
+        }
+    }
+
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "full" => Mode::Full,
+            other => Mode::Lora(other.parse()?),
+        })
+    }
+}
+
+/// Useful floating-point work of one step (recomputation not counted): matmuls of the forward pass
+/// (projections, attention scores and values, LM head on the target positions), the input gradients
+/// (the same again, attention twice), and for full fine-tuning the weight gradients. LoRA's own small
+/// matmuls are left out.
+pub fn step_flops(
+    config: &ModelConfig,
+    linear_params: usize,
+    batch: &[Sequence],
+    full: bool,
+) -> f64 {
+    let tokens: usize = batch.iter().map(|q| q.ids.len()).sum();
+    let targets: usize = batch.iter().map(Sequence::targets).sum();
+    let attention: f64 = batch
+        .iter()
+        .map(|q| 4.0 * (q.ids.len() * q.ids.len() * config.hidden_size) as f64)
+        .sum::<f64>()
+        * config.num_hidden_layers as f64;
+    let linear = 2.0 * linear_params as f64 * tokens as f64;
+    let head = 2.0 * (config.hidden_size * config.vocab_size * targets) as f64;
+    let forward = linear + attention + head;
+    let input_grads = linear + 2.0 * attention + head;
+    let weight_grads = if full { linear + head } else { 0.0 };
+    forward + input_grads + weight_grads
+}
+
+/// The child: load the base for `mode`, run two steps (with the AdamW update), print one JSON line.
+pub fn step(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<()> {
+    let root = crate::pipeline::workspace_root();
+    let path = root.join(crate::setup::DEFAULT_MODEL.dest);
+    let ck = Checkpoint::open(&path).context("opening the default model")?;
+    let device = default_device();
+    let quant = match mode {
+        Mode::Lora(q) => q,
+        Mode::Full => BaseQuant::None,
+    };
+    let t = Instant::now();
+    let mut model = ck.with_source(|src| QloraModel::load(src, &ck.config, quant, &device))?;
+    let load_s = t.elapsed().as_secs_f64();
+    // Training needs only the base built from the file: unmap the checkpoint.
+    drop(ck);
+    let (_, rss_loaded) = rss();
+    let data = synthetic_batch(batch, seq, model.config.vocab_size);
+    let opt = AdamW::default();
+    let mut adapter = Adapter::init(LoraConfig::default(), &model.config, "bench", 42)?;
+    let sizes: Vec<usize> = match mode {
+        Mode::Lora(_) => adapter
+            .weights
+            .values()
+            .flat_map(|p| [p.a.len(), p.b.len()])
+            .collect(),
+        Mode::Full => model
+            .full_parameters()
+            .iter()
+            .map(|p| p.shape.iter().product())
+            .collect(),
+    };
+    let mut adam = AdamState::new(&sizes);
+    let dropout = Some(Dropout { p: 0.05, seed: 1 });
+    let mut run_step = |model: &mut QloraModel| -> anyhow::Result<f64> {
+        let (loss, grads) = match mode {
+            Mode::Lora(_) => {
+                let out = model.loss_and_grads(&adapter, &data, dropout)?;
+                let g: Vec<Vec<f32>> = out.grads.into_values().flat_map(|p| [p.a, p.b]).collect();
+                (out.loss, g)
+            }
+            Mode::Full => {
+                let out = model.full_loss_and_grads(&data)?;
+                (out.loss, out.grads)
+            }
+        };
+        let coefficients = opt.begin_step(&mut adam, 1e-5);
+        match mode {
+            Mode::Lora(_) => {
+                let params = adapter
+                    .weights
+                    .values_mut()
+                    .flat_map(|p| [p.a.as_mut_slice(), p.b.as_mut_slice()]);
+                for (i, (p, g)) in params.zip(&grads).enumerate() {
+                    coefficients.apply(&mut adam.m[i], &mut adam.v[i], p, g);
+                }
+            }
+            Mode::Full => {
+                for (i, g) in grads.iter().enumerate() {
+                    let mut p = model.full_parameter(i)?;
+                    coefficients.apply(&mut adam.m[i], &mut adam.v[i], &mut p, g);
+                    model.set_full_parameter(i, p)?;
+                }
+            }
+        }
+        Ok(loss.sum / loss.tokens.max(1) as f64)
+    };
+    // The first step pays for fresh pages; time the second.
+    run_step(&mut model)?;
+    let t = Instant::now();
+    let loss = run_step(&mut model)?;
+    let step_s = t.elapsed().as_secs_f64();
+    let (peak, _) = rss();
+    let fp = model.footprint();
+    let trainable: usize = sizes.iter().sum();
+    println!(
+        "{}",
+        serde_json::json!({
+            "mode": mode.name(),
+            "linear_params": fp.linear_params,
+            "linear_bytes": fp.linear_bytes,
+            "bits_per_param": fp.bits_per_linear_param(),
+            "base_bytes": fp.total_bytes(),
+            "trainable": trainable,
+            "rss_loaded": rss_loaded,
+            "peak_rss": peak,
+            "load_s": load_s,
+            "step_s": step_s,
+            "tokens": data.iter().map(|q| q.ids.len()).sum::<usize>(),
+            "flops": step_flops(&model.config, fp.linear_params, &data, mode == Mode::Full),
+            "loss": loss,
+        })
+    );
+    Ok(())
+}
+
+/// Runs `bench train-step` in a child process and returns its JSON line.
+pub fn child(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<serde_json::Value> {
+    let exe = std::env::current_exe()?;
+    let out = Command::new(&exe)
+        .args(["bench", "train-step", "--mode", mode.name()])
+        .args(["--batch", &batch.to_string(), "--seq", &seq.to_string()])
+        .output()
+        .context("running the benchmark child")?;
+    if !out.status.success() {
+        bail!("{}: {}", mode.name(), String::from_utf8_lossy(&out.stderr));
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim()).context("reading the benchmark child's output")
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let root = crate::pipeline::workspace_root();
+    crate::setup::run(&root)?;
+    let gemm = crate::bench::matmul_gflops();
+    println!(
+        "training step of the default model (LoRA r 8 on all projections; full: every parameter), \
+         second of two steps incl. AdamW; backend matmul {gemm:.1} GFLOP/s"
+    );
+    println!(
+        "{:<7} {:>9} {:>12} {:>9} {:>10} {:>10} {:>12} {:>9} {:>8}",
+        "mode",
+        "shape",
+        "trainable",
+        "step s",
+        "tokens/s",
+        "GFLOP/s",
+        "% of matmul",
+        "peak MB",
+        "loss"
+    );
+    let mut nf4_peak = 0.0;
+    for (batch, seq) in [(8, 128), (4, 64)] {
+        for mode in Mode::ALL {
+            let v = child(mode, batch, seq)?;
+            let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+            let gflops = f("flops") / f("step_s") / 1e9;
+            println!(
+                "{:<7} {:>9} {:>12} {:>9.2} {:>10.1} {:>10.1} {:>11.0}% {:>9.1} {:>8.4}",
+                mode.name(),
+                format!("{batch}x{seq}"),
+                v["trainable"].as_u64().unwrap_or(0),
+                f("step_s"),
+                f("tokens") / f("step_s"),
+                gflops,
+                100.0 * gflops / gemm,
+                f("peak_rss") / 1e6,
+                f("loss"),
+            );
+            if mode == Mode::Lora(BaseQuant::Nf4) && batch == 8 {
+                nf4_peak = f("peak_rss");
+            }
+        }
+    }
+    println!(
+        "targets: LoRA/QLoRA >= 70% of matmul; QLoRA-nf4 peak RSS at 8x128 = {:.2} GiB (target <= 1.5 GiB)",
+        nf4_peak / (1u64 << 30) as f64
+    );
+    Ok(())
+}
