@@ -103,7 +103,7 @@ fn memcpy_gbs(bytes: usize) -> f64 {
 fn model(args: &BenchArgs) -> anyhow::Result<()> {
     let root = crate::pipeline::workspace_root();
     crate::setup::run(&root)?;
-    let path = root.join(crate::setup::DEFAULT_MODEL.dest);
+    let path = root.join(crate::setup::DEFAULT_MODEL_PATH);
     let device = default_device();
     let model = Model::load(&path, &device).context("loading the default model")?;
     let c = model.llama.config.clone();

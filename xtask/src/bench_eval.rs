@@ -15,7 +15,7 @@ pub fn run(items: usize) -> anyhow::Result<()> {
     let root = crate::pipeline::workspace_root();
     crate::setup::run(&root)?;
     let model = Model::load(
-        &root.join(crate::setup::DEFAULT_MODEL.dest),
+        &root.join(crate::setup::DEFAULT_MODEL_PATH),
         &default_device(),
     )
     .context("loading the default model")?;

@@ -102,7 +102,7 @@ pub fn step_flops(
 /// The child: load the base for `mode`, run two steps (with the AdamW update), print one JSON line.
 pub fn step(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<()> {
     let root = crate::pipeline::workspace_root();
-    let path = root.join(crate::setup::DEFAULT_MODEL.dest);
+    let path = root.join(crate::setup::DEFAULT_MODEL_PATH);
     let ck = Checkpoint::open(&path).context("opening the default model")?;
     let device = default_device();
     let quant = match mode {

@@ -256,6 +256,9 @@ fn step5b(w: &[char]) -> Vec<char> {
     apply_rules(w, &[("ll", "l", Some(&cond))])
 }
 
+/// One step of the algorithm.
+type Step = fn(&[char]) -> Vec<char>;
+
 /// The stem of `word` (lowercased first, as NLTK does).
 pub fn stem(word: &str) -> String {
     let lower = word.to_lowercase();
@@ -266,8 +269,7 @@ pub fn stem(word: &str) -> String {
     if chars.len() <= 2 {
         return lower;
     }
-    let steps: [fn(&[char]) -> Vec<char>; 8] =
-        [step1a, step1b, step1c, step2, step3, step4, step5a, step5b];
+    let steps: [Step; 8] = [step1a, step1b, step1c, step2, step3, step4, step5a, step5b];
     steps
         .iter()
         .fold(chars, |acc, step| step(&acc))

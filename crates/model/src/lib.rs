@@ -10,11 +10,15 @@
 //! - [`sampling`], [`generate`]: picking tokens and the generation loop; [`score`]: candidate log-probs
 //!   with a reusable prefix cache.
 //! - [`model`]: the bundle (weights + tokenizer + template) and its loaders.
+//! - [`base_quant`] (NF4 / int8 frozen weights), [`lora`] (adapters: PEFT files, attach, merge) and
+//!   [`qlora`] (the trainable model: loss and gradients, LoRA or full fine-tuning).
+//! - [`bert`]: the sentence encoder (all-MiniLM-L6-v2) for response similarity.
 //! - [`tiny`]: tiny random checkpoints (HF folder and GGUF) for tests and CI.
 //!
 //! Not here: datasets, prompts for the study's tasks, training, metrics.
 
 pub mod base_quant;
+pub mod bert;
 pub mod cache;
 pub mod chat;
 pub mod config;
