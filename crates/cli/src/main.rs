@@ -4,6 +4,8 @@ mod adapter;
 mod data;
 mod eval;
 mod generate;
+mod respond;
+mod resume;
 mod train;
 
 use clap::{Parser, Subcommand};

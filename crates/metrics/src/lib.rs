@@ -7,9 +7,11 @@
 //! - [`intervals`]: Wilson score interval and seeded bootstrap confidence intervals.
 //! - [`significance`]: McNemar's test (exact binomial and continuity-corrected chi-square).
 //! - [`text`]: ROUGE-1/2/L/Lsum (rouge-score), BLEU (sacrebleu, 13a) and chrF for responses.
+//! - [`degeneration`]: empty, looping and prompt-leaking generations.
 //! - [`porter`]: NLTK's Porter stemmer, for ROUGE with stemming.
 
 pub mod classification;
+pub mod degeneration;
 pub mod intervals;
 pub mod porter;
 pub mod significance;

@@ -20,6 +20,8 @@ pub enum PromptError {
     Plot(#[from] supportlm_plots::PlotError),
     #[error("prompt: {0}")]
     Prompt(String),
+    #[error("judge: {0}")]
+    Judge(String),
 }
 
 impl PromptError {

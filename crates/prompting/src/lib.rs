@@ -9,12 +9,18 @@
 //!   (generate and extract, or constrained label scoring) over a split, with a progress callback.
 //! - [`report`]: `predictions.jsonl`, `metrics.json`, `classification_report.csv`, most-confused
 //!   pairs and hardest errors.
+//! - [`respond`]: Task 2: generating support responses and scoring them against the references
+//!   (ROUGE, BLEU, chrF, embedding cosine, degeneration counts).
+//! - [`judge`]: LLM-as-judge with the study's rubric, over a local model or an OpenAI-compatible
+//!   endpoint, with robust score parsing.
 
 pub mod classify;
 pub mod error;
 pub mod extract;
+pub mod judge;
 pub mod prompt;
 pub mod report;
+pub mod respond;
 
 pub use classify::{classify, ClassifyOptions, Decision, Method, Prediction};
 pub use error::{PromptError, Result};

@@ -1,0 +1,332 @@
+//! `supportlm eval respond`: Task 2 with a prompting method or an SFT model: generate the responses,
+//! score them against the references (ROUGE, BLEU, chrF, embedding cosine, degeneration) and have a
+//! judge rate a seeded subset with the study's rubric. Resumable like `eval classify`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use supportlm_data::kshot::balanced_kshot;
+use supportlm_data::{SplitName, Task};
+use supportlm_metrics::degeneration::Degeneration;
+use supportlm_model::bert::{cosine, SentenceEncoder};
+use supportlm_model::sampling::SamplingConfig;
+use supportlm_model::{default_device, Model};
+use supportlm_prompting::judge::{summarize, HttpJudge, Judge, Verdict};
+use supportlm_prompting::respond::{
+    aggregate, degeneration_of, item_scores, respond, ItemScores, RespondOptions, Response,
+};
+use supportlm_prompting::Method;
+
+use crate::eval::{load_model, load_splits, sample, MethodArg};
+use crate::generate::DEFAULT_MODEL;
+use crate::resume::{claim_folder, item_bar, run_chunks};
+
+/// Where `cargo xtask setup` puts the sentence encoder.
+pub const DEFAULT_EMBEDDER: &str = "checkpoints/embed/all-MiniLM-L6-v2";
+
+#[derive(Args)]
+pub struct RespondArgs {
+    #[arg(long, value_enum)]
+    method: MethodArg,
+    /// The fine-tuned adapter (PEFT format) for --method sft (a fully fine-tuned model is given as
+    /// --model instead).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// A split folder from `supportlm data split --task response` (default: the shipped data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value = "test")]
+    split: SplitName,
+    /// Items, drawn with --seed (the same items for every method).
+    #[arg(long, default_value_t = 200)]
+    limit: usize,
+    /// Seed for the item draw, the few-shot draw, the judged subset and the bootstrap.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Few-shot examples per category (from validation).
+    #[arg(long, default_value_t = 1)]
+    k: usize,
+    #[arg(long, default_value_t = 160)]
+    max_new_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sentence encoder folder for the embedding cosine.
+    #[arg(long, default_value = DEFAULT_EMBEDDER)]
+    embedder: PathBuf,
+    /// Judge: `none`, or a model this project loads (GGUF file or Hugging Face folder; by default the
+    /// base model, without any adapter). Ignored when --judge-url is given.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    judge: String,
+    /// Let a local judge write its answer freely (parsed afterwards) instead of scoring each
+    /// criterion's values.
+    #[arg(long)]
+    judge_generate: bool,
+    /// An OpenAI-compatible endpoint for the judge (e.g. http://localhost:8000/v1).
+    #[arg(long)]
+    judge_url: Option<String>,
+    /// The endpoint's model name.
+    #[arg(long, default_value = "gpt-4o-mini")]
+    judge_model: String,
+    /// Environment variable holding the endpoint's API key.
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    judge_key_env: String,
+    /// Judged items (a seeded subset of the evaluated ones, the same for every method).
+    #[arg(long, default_value_t = 50)]
+    judge_items: usize,
+    #[arg(long, default_value_t = 1000)]
+    bootstrap: usize,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// One line of `predictions.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ScoredResponse {
+    #[serde(flatten)]
+    response: Response,
+    #[serde(flatten)]
+    scores: ItemScores,
+    degeneration: Degeneration,
+}
+
+fn method_of(args: &RespondArgs) -> anyhow::Result<Method> {
+    Ok(match (args.method, &args.adapter) {
+        (MethodArg::Sft, Some(_)) => Method::Sft,
+        (MethodArg::Sft, None) if args.model != Path::new(DEFAULT_MODEL) => Method::Sft,
+        (MethodArg::Sft, None) => bail!(
+            "--method sft needs --adapter DIR (LoRA), or --model DIR for a fully fine-tuned model"
+        ),
+        (_, Some(_)) => bail!("--adapter only goes with --method sft"),
+        (MethodArg::ZeroShot, None) => Method::ZeroShot,
+        (MethodArg::FewShot, None) => Method::FewShot,
+    })
+}
+
+pub fn run(args: RespondArgs) -> anyhow::Result<()> {
+    let method = method_of(&args)?;
+    let splits = load_splits(args.data.as_deref(), Task::Response)?;
+    let records = sample(&splits.get(args.split).records, Some(args.limit), args.seed);
+    let model = load_model(&args.model, args.adapter.as_deref())?;
+    let examples = if method == Method::FewShot {
+        balanced_kshot(
+            &splits.validation.records,
+            &splits.test.records,
+            Task::Response,
+            args.k,
+            args.seed,
+        )?
+    } else {
+        Vec::new()
+    };
+    let options = RespondOptions {
+        method,
+        examples,
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingConfig {
+            temperature: args.temperature,
+            seed: args.seed,
+            ..Default::default()
+        },
+        batch: 8,
+    };
+    let settings = serde_json::json!({
+        "task": "response", "method": method.as_str(),
+        "model": args.model.display().to_string(),
+        "adapter": args.adapter.as_ref().map(|a| a.display().to_string()),
+        "split": args.split.as_str(), "limit": args.limit, "k": args.k, "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+    });
+    claim_folder(&args.out, &settings)?;
+
+    // 1. Responses (resumable).
+    let partial = args.out.join("responses.partial.jsonl");
+    let bar = item_bar(records.len(), "responses");
+    let started = Instant::now();
+    let (responses, timed) = run_chunks(
+        &partial,
+        &records,
+        32,
+        |r: &Response| r.id,
+        &bar,
+        &mut |chunk, progress| Ok(respond(&model, chunk, &options, &mut |n, _| progress(n))?),
+    )?;
+    let gen_seconds = started.elapsed().as_secs_f64();
+
+    // 2. Overlap and embedding scores, degeneration.
+    let cosines = if args.embedder.as_os_str() == "none" {
+        None
+    } else {
+        let encoder = SentenceEncoder::load(&args.embedder, &default_device()).with_context(|| {
+            format!(
+                "loading the sentence encoder from {} (run `cargo xtask setup`, or pass --embedder none)",
+                args.embedder.display()
+            )
+        })?;
+        let mut out = Vec::with_capacity(responses.len());
+        for chunk in responses.chunks(16) {
+            let texts: Vec<&str> = chunk
+                .iter()
+                .flat_map(|r| [r.generated.as_str(), r.reference.as_str()])
+                .collect();
+            let emb = encoder.embed(&texts)?;
+            out.extend(emb.chunks(2).map(|p| cosine(&p[0], &p[1]) as f64));
+        }
+        Some(out)
+    };
+    let scores = item_scores(&responses, cosines.as_deref());
+    let degenerations: Vec<Degeneration> = responses
+        .iter()
+        .map(|r| degeneration_of(r, &model))
+        .collect();
+    let summary = aggregate(
+        &responses,
+        &scores,
+        &degenerations,
+        args.bootstrap,
+        args.seed,
+    );
+    let lines: Vec<ScoredResponse> = responses
+        .iter()
+        .zip(&scores)
+        .zip(&degenerations)
+        .map(|((r, s), d)| ScoredResponse {
+            response: r.clone(),
+            scores: *s,
+            degeneration: *d,
+        })
+        .collect();
+    write_jsonl(&args.out.join("predictions.jsonl"), &lines)?;
+    drop(model);
+
+    // 3. The judge on a seeded subset (the same items for every method).
+    let judge_model = match (&args.judge_url, args.judge.as_str()) {
+        (None, "none") | (Some(_), _) => None,
+        (None, path) => Some(
+            Model::load(Path::new(path), &default_device())
+                .with_context(|| format!("loading the judge {path}"))?,
+        ),
+    };
+    let judge = match (&args.judge_url, &judge_model) {
+        (Some(url), _) => Some(Judge::Http(HttpJudge {
+            url: url.clone(),
+            model: args.judge_model.clone(),
+            api_key: std::env::var(&args.judge_key_env).ok(),
+            timeout: Duration::from_secs(120),
+        })),
+        (None, Some(m)) => Some(Judge::Local {
+            model: m,
+            name: args.judge.clone(),
+            constrained: !args.judge_generate,
+        }),
+        (None, None) => None,
+    };
+    let judged = match &judge {
+        Some(judge) => {
+            let picked = sample(&records, Some(args.judge_items), args.seed ^ 0x6a75_6467);
+            let by_id: std::collections::HashMap<usize, &Response> =
+                responses.iter().map(|r| (r.id, r)).collect();
+            let bar = item_bar(picked.len(), "judged");
+            let (verdicts, _) = run_chunks(
+                &args.out.join("judge.partial.jsonl"),
+                &picked,
+                5,
+                |v: &Verdict| v.id,
+                &bar,
+                &mut |chunk, progress| {
+                    let mut out = Vec::new();
+                    for r in chunk {
+                        let response = by_id
+                            .get(&r.id)
+                            .with_context(|| format!("no response for item {}", r.id))?;
+                        out.push(judge.judge(response)?);
+                        progress(out.len());
+                    }
+                    Ok(out)
+                },
+            )?;
+            write_jsonl(&args.out.join("judge.jsonl"), &verdicts)?;
+            let note = match &judge_model {
+                Some(m) if m.llama.config.num_params() < 1_000_000_000 => format!(
+                    "The judge is {}, a small model ({:.0}M parameters): its ratings are weak evidence \
+                     (they mostly reflect whether it follows the rubric's format), not a quality verdict.",
+                    args.judge,
+                    m.llama.config.num_params() as f64 / 1e6
+                ),
+                Some(m) => format!(
+                    "The judge is {} ({:.1}B parameters), run locally.",
+                    args.judge,
+                    m.llama.config.num_params() as f64 / 1e9
+                ),
+                None => format!("The judge is {}.", judge.name()),
+            };
+            Some((
+                summarize(judge.name(), &verdicts, args.bootstrap, args.seed),
+                note,
+            ))
+        }
+        None => None,
+    };
+
+    let out = serde_json::json!({
+        "settings": settings,
+        "generation": {
+            "seconds": gen_seconds,
+            "items_timed": timed,
+            "items_per_s": if gen_seconds > 0.0 { timed as f64 / gen_seconds } else { 0.0 },
+        },
+        "scores": summary,
+        "judge": judged.as_ref().map(|(s, _)| s),
+        "judge_note": judged.as_ref().map(|(_, n)| n),
+    });
+    supportlm_data::fsio::write_atomic(
+        &args.out.join("metrics.json"),
+        serde_json::to_string_pretty(&out)?.as_bytes(),
+    )?;
+    for f in ["responses.partial.jsonl", "judge.partial.jsonl"] {
+        let _ = std::fs::remove_file(args.out.join(f));
+    }
+    println!(
+        "response {}: ROUGE-L {:.4} [{:.4}, {:.4}], BLEU {:.2}, chrF {:.2}, cosine {}, degenerate {} empty / {} looping / {} leaking of {}",
+        method.as_str(),
+        summary.rouge_l.estimate,
+        summary.rouge_l.low,
+        summary.rouge_l.high,
+        summary.corpus_bleu,
+        summary.corpus_chrf,
+        summary
+            .cosine
+            .map_or("-".into(), |c| format!("{:.4} [{:.4}, {:.4}]", c.estimate, c.low, c.high)),
+        summary.degeneration.empty,
+        summary.degeneration.repetition,
+        summary.degeneration.leak,
+        summary.items
+    );
+    if let Some((s, note)) = &judged {
+        let total = s.total.map_or("no parseable verdict".into(), |t| {
+            format!("{:.2}/10 [{:.2}, {:.2}]", t.estimate, t.low, t.high)
+        });
+        println!(
+            "judge: total {total} over {} items ({} unparseable). {note}",
+            s.items, s.unparseable
+        );
+    }
+    println!("written to {}", args.out.display());
+    Ok(())
+}
+
+fn write_jsonl<T: Serialize>(path: &Path, items: &[T]) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for item in items {
+        text += &serde_json::to_string(item)?;
+        text.push('\n');
+    }
+    supportlm_data::fsio::write_atomic(path, text.as_bytes())?;
+    Ok(())
+}
