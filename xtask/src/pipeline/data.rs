@@ -1,35 +1,17 @@
-//! `cargo xtask pipeline`: the study, end to end. Today: setup → data check → splits → statistics → report.
+//! The pipeline's data step: check the shipped data's hashes, write the seeded splits of every task
+//! under `runs/<name>/data/<task>/`, and a summary (`data/summary.md`) for the report.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::Args;
 use supportlm_data::{fsio::write_atomic, load_csv, shipped, split, stats, SplitConfig, Task};
 
-#[derive(Args)]
-pub struct PipelineArgs {
-    /// The quick variant (smaller subsets; what the README runs).
-    #[arg(long)]
-    quick: bool,
-    /// Name of the run: outputs go to runs/<name>/. Default: `quick` or `full`.
-    #[arg(long)]
-    name: Option<String>,
-    /// Seed of every random choice.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-}
+use super::Run;
 
-pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
-    let name = args
-        .name
-        .unwrap_or_else(|| if args.quick { "quick" } else { "full" }.to_string());
-    let root = workspace_root().join("runs").join(&name);
+pub fn run(run: &Run) -> anyhow::Result<()> {
     let mut report = String::new();
-    writeln!(report, "# supportlm report: run `{name}`\n")?;
-
-    crate::setup::run(&workspace_root())?;
     let t = Instant::now();
     let data_dir = shipped::data_dir();
     shipped::verify(&data_dir).context("data check")?;
@@ -40,7 +22,6 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
 
-    writeln!(report, "## Data\n")?;
     writeln!(
         report,
         "Source: `data/bitext/{}` (sha256 `{}`), {} rows.\n",
@@ -54,10 +35,10 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         let t = Instant::now();
         let config = SplitConfig {
             task,
-            seed: args.seed,
+            seed: run.budget.seed,
             ..Default::default()
         };
-        let out = root.join("data").join(task.as_str());
+        let out = run.dir.join("data").join(task.as_str());
         let manifest = split::split(&dataset, &config)?.write(&out, &dataset)?;
         let s = |k: &str| &manifest.splits[k];
         writeln!(
@@ -80,10 +61,8 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
 
     let st = stats::stats(&dataset.records);
     writeln!(report, "\n### Statistics\n\n```text\n{st}```")?;
-    let report_path = root.join("report.md");
-    write_atomic(&report_path, report.as_bytes())
-        .with_context(|| report_path.display().to_string())?;
-    eprintln!("[report] {}", report_path.display());
+    let path = run.dir.join("data").join("summary.md");
+    write_atomic(&path, report.as_bytes()).with_context(|| path.display().to_string())?;
     Ok(())
 }
 

