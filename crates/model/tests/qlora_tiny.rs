@@ -250,3 +250,64 @@ fn full_fine_tuning_needs_an_f32_base_and_checks_sizes() {
     let n = model.full_parameters().len();
     assert!(model.full_parameter(n).is_err());
 }
+
+/// Three sequences sharing a 30-token prompt prefix; one is predicted from the prefix's last token.
+fn shared_prefix_batch() -> Vec<Sequence> {
+    let prefix: Vec<u32> = (100..130).collect();
+    [
+        vec![7u32, 8, 9, 10],
+        vec![11, 12, 13, 14, 15, 16],
+        vec![17, 18, 19],
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(k, tail)| {
+        let ids: Vec<u32> = prefix.iter().chain(&tail).copied().collect();
+        let n = ids.len();
+        let first_target = if k == 2 { prefix.len() } else { n - 2 };
+        Sequence {
+            loss_mask: (0..n).map(|i| i >= first_target).collect(),
+            ids,
+        }
+    })
+    .collect()
+}
+
+#[test]
+fn packing_around_a_shared_prefix_gives_the_padded_losses_and_gradients() {
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let f = tiny_model(arch);
+        let mut model = qlora(&f, BaseQuant::None);
+        let adapter = adapter(&model, 3);
+        let batch = shared_prefix_batch();
+        let dropout = Some(Dropout { p: 0.0, seed: 1 });
+        model.pack = true;
+        let packed = model.loss_and_grads(&adapter, &batch, dropout).unwrap();
+        let packed_full = model.full_loss_and_grads(&batch).unwrap();
+        let packed_val = model.loss(Some(&adapter), &batch).unwrap();
+        model.pack = false;
+        let padded = model.loss_and_grads(&adapter, &batch, dropout).unwrap();
+        let padded_full = model.full_loss_and_grads(&batch).unwrap();
+        let padded_val = model.loss(Some(&adapter), &batch).unwrap();
+        assert_eq!(packed.loss.tokens, 2 + 2 + 3);
+        assert_eq!(packed.loss.tokens, padded.loss.tokens);
+        assert!((packed.loss.sum - padded.loss.sum).abs() < 1e-4);
+        assert!((packed_val.sum - padded_val.sum).abs() < 1e-4);
+        assert!((packed_full.loss.sum - padded_full.loss.sum).abs() < 1e-4);
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            let scale = b.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff < 1e-4 * scale.max(1.0),
+                "{arch:?} {what}: max diff {diff} (scale {scale})"
+            );
+        };
+        for (site, g) in &packed.grads {
+            close(&g.a, &padded.grads[site].a, &format!("{site:?} A"));
+            close(&g.b, &padded.grads[site].b, &format!("{site:?} B"));
+        }
+        for (i, (a, b)) in packed_full.grads.iter().zip(&padded_full.grads).enumerate() {
+            close(a, b, &format!("full parameter {i}"));
+        }
+    }
+}

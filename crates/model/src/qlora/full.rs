@@ -257,14 +257,14 @@ impl QloraModel {
     /// Summed loss of `batch` and the gradient of every parameter (full fine-tuning).
     pub fn full_loss_and_grads(&self, batch: &[Sequence]) -> Result<FullStep> {
         self.require_full()?;
-        let s = self.check_batch(batch)?;
-        let b = batch.len();
+        let layout = self.check_batch(batch)?;
+        let (b, s) = (layout.b, layout.s);
         let hidden = self.config.hidden_size;
-        let (cos, sin, mask) = self.attention_inputs(b, s);
+        let (cos, sin, mask) = layout.tensors(&self.rope, &self.device);
         let no_lora = Default::default();
 
         let mut xs = Vec::with_capacity(self.layers.len());
-        let mut x = self.embed(batch, s);
+        let mut x = self.embed(&layout);
         for l in 0..self.layers.len() {
             let layer = self.layer(l, &no_lora, 0.0, None, b * s);
             let next = layer.forward(
@@ -279,7 +279,7 @@ impl QloraModel {
             xs.push(x);
             x = next;
         }
-        let head = self.head(x, batch, s, true, true)?;
+        let head = self.head(x, &layout, true, true)?;
         let n_params = self.slots().len();
         let mut grads: Vec<Vec<f32>> = vec![Vec::new(); n_params];
         let sizes: Vec<usize> = self
@@ -333,12 +333,10 @@ impl QloraModel {
         // Embedding rows: the gradient at each position's input added to its token's row.
         let dx0 = to_vec(grad)?;
         let mut dembed = vec![0f32; sizes[0]];
-        for (r, q) in batch.iter().enumerate() {
-            for (t, &id) in q.ids.iter().enumerate() {
-                let src = &dx0[(r * s + t) * hidden..(r * s + t + 1) * hidden];
-                let dst = &mut dembed[id as usize * hidden..(id as usize + 1) * hidden];
-                dst.iter_mut().zip(src).for_each(|(d, g)| *d += g);
-            }
+        for (i, &id) in layout.ids.iter().enumerate() {
+            let src = &dx0[i * hidden..(i + 1) * hidden];
+            let dst = &mut dembed[id as usize * hidden..(id as usize + 1) * hidden];
+            dst.iter_mut().zip(src).for_each(|(d, g)| *d += g);
         }
         match self.lm_head {
             Some(_) => grads[n_params - 1] = dhead,

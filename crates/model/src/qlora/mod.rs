@@ -23,6 +23,9 @@ use crate::loader::TensorSource;
 use crate::lora::{Adapter, LoraPair, Target};
 
 mod full;
+mod layout;
+
+use layout::Layout;
 
 pub use full::{FullStep, ParamInfo};
 
@@ -219,6 +222,8 @@ pub struct QloraModel {
     device: Device,
     /// Target positions per cross-entropy chunk (bounds the live logits to `chunk × vocab`).
     pub loss_chunk: usize,
+    /// Pack a batch's sequences around their shared prompt prefix (see `layout`); on by default.
+    pub pack: bool,
 }
 
 fn tensor1(v: Vec<f32>, device: &Device) -> Tensor<1> {
@@ -318,6 +323,7 @@ impl QloraModel {
             ),
             device: device.clone(),
             loss_chunk: 64,
+            pack: true,
         })
     }
 
@@ -427,7 +433,8 @@ impl QloraModel {
             .collect()
     }
 
-    fn check_batch(&self, batch: &[Sequence]) -> Result<usize> {
+    /// Checks `batch` and lays it out (packed around a shared prefix, or padded).
+    fn check_batch(&self, batch: &[Sequence]) -> Result<Layout> {
         if batch.is_empty() {
             return Err(ModelError::Input("empty training batch".into()));
         }
@@ -456,7 +463,12 @@ impl QloraModel {
                 )));
             }
         }
-        Ok(s)
+        let layout = if self.pack {
+            Layout::choose(batch)
+        } else {
+            Layout::padded(batch)
+        };
+        Ok(layout)
     }
 
     /// Summed loss and LoRA gradients for `batch` (sequences right-padded to the longest).
@@ -467,16 +479,16 @@ impl QloraModel {
         dropout: Option<Dropout>,
     ) -> Result<StepGrads> {
         adapter.validate_for(&self.config)?;
-        let s = self.check_batch(batch)?;
-        let b = batch.len();
+        let layout = self.check_batch(batch)?;
+        let (b, s) = (layout.b, layout.s);
         let hidden = self.config.hidden_size;
         let scale = adapter.config.scale();
-        let (cos, sin, mask) = self.attention_inputs(b, s);
+        let (cos, sin, mask) = layout.tensors(&self.rope, &self.device);
 
         let clock = std::time::Instant::now();
         // Forward without autodiff, keeping every layer's input.
         let mut xs = Vec::with_capacity(self.layers.len() + 1);
-        let mut x = self.embed(batch, s);
+        let mut x = self.embed(&layout);
         for l in 0..self.layers.len() {
             let lora = self.lora_tensors(adapter, l, false);
             let layer = self.layer(l, &lora, scale, dropout, b * s);
@@ -495,7 +507,7 @@ impl QloraModel {
 
         let t_forward = clock.elapsed();
         // Loss and the gradient at the last layer's output.
-        let (loss, mut grad) = self.head_loss(x, batch, s, true)?;
+        let (loss, mut grad) = self.head_loss(x, &layout, true)?;
         let mut grad = grad
             .take()
             .unwrap_or_else(|| Tensor::zeros([b, s, hidden], &self.device));
@@ -551,16 +563,15 @@ impl QloraModel {
         if let Some(a) = adapter {
             a.validate_for(&self.config)?;
         }
-        let s = self.check_batch(batch)?;
-        let b = batch.len();
-        let (cos, sin, mask) = self.attention_inputs(b, s);
-        let mut x = self.embed(batch, s);
+        let layout = self.check_batch(batch)?;
+        let (cos, sin, mask) = layout.tensors(&self.rope, &self.device);
+        let mut x = self.embed(&layout);
         for l in 0..self.layers.len() {
             let (lora, scale) = match adapter {
                 Some(a) => (self.lora_tensors(a, l, false), a.config.scale()),
                 None => (BTreeMap::new(), 0.0),
             };
-            let layer = self.layer(l, &lora, scale, None, b * s);
+            let layer = self.layer(l, &lora, scale, None, layout.rows());
             x = layer.forward(
                 &self.config,
                 &self.rope,
@@ -571,32 +582,13 @@ impl QloraModel {
                 &mask,
             );
         }
-        Ok(self.head_loss(x, batch, s, false)?.0)
+        Ok(self.head_loss(x, &layout, false)?.0)
     }
 
-    /// RoPE tables for positions `0..s` and the causal mask (right padding needs no more: real tokens
-    /// never see the padding after them, and padded positions carry no loss).
-    fn attention_inputs(&self, b: usize, s: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-        let positions = vec![(0..s).collect::<Vec<_>>(); b];
-        let (cos, sin) = self.rope.tables(&positions, &self.device);
-        let mut mask = vec![0f32; s * s];
-        for i in 0..s {
-            for j in i + 1..s {
-                mask[i * s + j] = -1e30;
-            }
-        }
-        let mask = Tensor::<4>::from_data(TensorData::new(mask, [1, 1, s, s]), &self.device);
-        (cos, sin, mask)
-    }
-
-    fn embed(&self, batch: &[Sequence], s: usize) -> Tensor<3> {
-        let flat: Vec<i64> = batch
-            .iter()
-            .flat_map(|q| (0..s).map(move |t| q.ids.get(t).copied().unwrap_or(0) as i64))
-            .collect();
-        self.embed_tokens.rows(&flat, &self.device).reshape([
-            batch.len(),
-            s,
+    fn embed(&self, layout: &Layout) -> Tensor<3> {
+        self.embed_tokens.rows(&layout.ids, &self.device).reshape([
+            layout.b,
+            layout.s,
             self.config.hidden_size,
         ])
     }
@@ -606,37 +598,20 @@ impl QloraModel {
     fn head_loss(
         &self,
         x: Tensor<3>,
-        batch: &[Sequence],
-        s: usize,
+        layout: &Layout,
         want_grad: bool,
     ) -> Result<(LossSum, Option<Tensor<3>>)> {
-        let out = self.head(x, batch, s, want_grad, false)?;
+        let out = self.head(x, layout, want_grad, false)?;
         Ok((out.loss, out.dx))
     }
 
     /// [`Self::head_loss`], and with `full` also the gradients of the final norm and of the LM head
     /// table (the embeddings when tied): full fine-tuning.
-    fn head(
-        &self,
-        x: Tensor<3>,
-        batch: &[Sequence],
-        s: usize,
-        want_grad: bool,
-        full: bool,
-    ) -> Result<HeadOut> {
-        let b = batch.len();
+    fn head(&self, x: Tensor<3>, layout: &Layout, want_grad: bool, full: bool) -> Result<HeadOut> {
+        let (b, s) = (layout.b, layout.s);
         let hidden = self.config.hidden_size;
-        // Hidden state at t-1 predicts ids[t].
-        let mut rows = Vec::new();
-        let mut targets = Vec::new();
-        for (r, q) in batch.iter().enumerate() {
-            for t in 1..q.ids.len() {
-                if q.loss_mask[t] {
-                    rows.push((r * s + t - 1) as i64);
-                    targets.push(q.ids[t] as i64);
-                }
-            }
-        }
+        // Hidden state at t-1 predicts ids[t] (a packed prefix token may predict several targets).
+        let (rows, targets): (Vec<i64>, Vec<i64>) = layout.targets.iter().copied().unzip();
         let m = rows.len();
         if m == 0 {
             return Ok(HeadOut {
