@@ -59,6 +59,9 @@ fn jsonl<T: Serialize>(items: &[T]) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// The work on one chunk: its records, and a callback for items done within it.
+pub type Work<'a, T> = dyn FnMut(&[Record], &mut dyn FnMut(usize)) -> anyhow::Result<Vec<T>> + 'a;
+
 /// Runs `work` over `records` in chunks of `chunk`, appending results to `partial` (one JSON line each,
 /// `id_of` naming the record it belongs to) and skipping chunks a previous run finished. Returns all
 /// results in `records` order and how many items were worked on now. `work` gets the chunk and a
@@ -69,7 +72,7 @@ pub fn run_chunks<T: Serialize + DeserializeOwned>(
     chunk: usize,
     id_of: fn(&T) -> usize,
     bar: &ProgressBar,
-    work: &mut dyn FnMut(&[Record], &mut dyn FnMut(usize)) -> anyhow::Result<Vec<T>>,
+    work: &mut Work<T>,
 ) -> anyhow::Result<(Vec<T>, usize)> {
     let saved: Vec<T> = read_partial(partial);
     let saved_ids: HashSet<usize> = saved.iter().map(id_of).collect();

@@ -9,13 +9,11 @@ use supportlm_model::generate::StopReason;
 use supportlm_prompting::judge::{HttpJudge, Judge};
 use supportlm_prompting::respond::Response;
 
+/// What one request carried: request line, authorization header, body.
+type Seen = (String, String, String);
+
 /// Serves `replies` (status, body) to one request each and returns what each request carried.
-fn server(
-    replies: Vec<(u16, String)>,
-) -> (
-    String,
-    std::thread::JoinHandle<Vec<(String, String, String)>>,
-) {
+fn server(replies: Vec<(u16, String)>) -> (String, std::thread::JoinHandle<Vec<Seen>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let handle = std::thread::spawn(move || {
