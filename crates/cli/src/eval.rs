@@ -21,6 +21,8 @@ pub enum EvalCommand {
     Classify(ClassifyArgs),
     /// Task 2: write support responses and score them (ROUGE, BLEU, chrF, embedding cosine, judge).
     Respond(Box<crate::respond::RespondArgs>),
+    /// Task 1's classical baseline: TF-IDF + logistic regression trained on the train split.
+    Tfidf(TfidfArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -129,6 +131,7 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
     match cmd {
         EvalCommand::Classify(args) => classify_cmd(args),
         EvalCommand::Respond(args) => crate::respond::run(*args),
+        EvalCommand::Tfidf(args) => tfidf_cmd(args),
     }
 }
 
@@ -231,6 +234,88 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
         m.macro_f1.high,
         100.0 * m.extraction_failed_rate,
         m.items_per_s
+    );
+    println!("written to {}", args.out.display());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct TfidfArgs {
+    /// category or intent.
+    #[arg(long, default_value = "category")]
+    task: Task,
+    #[arg(long, default_value = "test")]
+    split: SplitName,
+    /// Evaluate N items of the split, drawn with --seed (the same N items as the other methods).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// A split folder from `supportlm data split` (default: the shipped data split in memory).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, default_value_t = 1000)]
+    bootstrap: usize,
+    /// Output folder (the files of `eval classify`).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn tfidf_cmd(args: TfidfArgs) -> anyhow::Result<()> {
+    use supportlm_baseline::{FitOptions, TfIdfLogReg};
+    let task = args.task;
+    if task == Task::Response {
+        bail!("the TF-IDF baseline classifies categories or intents");
+    }
+    let splits = load_splits(args.data.as_deref(), task)?;
+    let labels = task.labels();
+    let index = |r: &Record| {
+        let l = task.label_of(r);
+        labels.iter().position(|x| *x == l).unwrap_or(0)
+    };
+    let train = &splits.train.records;
+    let texts: Vec<&str> = train.iter().map(|r| r.instruction.as_str()).collect();
+    let y: Vec<usize> = train.iter().map(index).collect();
+    let started = Instant::now();
+    let model = TfIdfLogReg::fit(&texts, &y, labels.len(), FitOptions::default())?;
+    let fit_seconds = started.elapsed().as_secs_f64();
+    let records = sample(&splits.get(args.split).records, args.limit, args.seed);
+    let t = Instant::now();
+    let test_texts: Vec<&str> = records.iter().map(|r| r.instruction.as_str()).collect();
+    let predictions: Vec<Prediction> = records
+        .iter()
+        .zip(model.predict(&test_texts))
+        .map(|(r, (label, p))| Prediction {
+            id: r.id,
+            message: r.instruction.clone(),
+            truth: task.label_of(r).to_string(),
+            prediction: labels[label].to_string(),
+            raw: labels[label].to_string(),
+            confidence: p,
+            extraction: supportlm_prompting::extract::Extraction::Scored,
+        })
+        .collect();
+    let info = RunInfo {
+        task: task.to_string(),
+        method: "tfidf-logreg".into(),
+        decision: "argmax".into(),
+        model: format!(
+            "TF-IDF ({} uni/bigram features) + logistic regression, fitted on {} train rows in {fit_seconds:.1}s",
+            model.tfidf.features(),
+            train.len()
+        ),
+        adapter: None,
+        split: args.split.as_str().into(),
+        few_shot_k: 0,
+        seed: args.seed,
+        seconds: t.elapsed().as_secs_f64(),
+        items_timed: records.len(),
+    };
+    let m = metrics(&labels, &predictions, info, args.bootstrap, args.seed);
+    write_run(&args.out, &predictions, &m)?;
+    println!(
+        "{task} TF-IDF + logistic regression: accuracy {:.4} [{:.4}, {:.4}], macro-F1 {:.4} [{:.4}, {:.4}] (fit {fit_seconds:.1}s)",
+        m.accuracy.estimate, m.accuracy.low, m.accuracy.high, m.macro_f1.estimate, m.macro_f1.low, m.macro_f1.high
     );
     println!("written to {}", args.out.display());
     Ok(())

@@ -1,5 +1,6 @@
 //! `cargo xtask pipeline`: the study end to end. Steps, in order:
-//! setup → data (check, splits, statistics) → t1-baselines (0-shot and 10-shot, both decision rules) →
+//! setup → data (check, splits, statistics) → t1-baselines (TF-IDF + logistic regression; 0-shot and
+//! 10-shot, both decision rules) →
 //! t1-sft (QLoRA training) → t1-sft-eval → t2-baselines (0-shot and 10-shot responses) → t2-sft →
 //! t2-sft-eval → efficiency (one training step per mode) → report.
 //!
@@ -301,6 +302,22 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
                     }
                     run.supportlm(step, &args)?;
                 }
+            }
+            if step == Step::T1Baselines {
+                let mut args = vec![
+                    s("eval"),
+                    s("tfidf"),
+                    s("--data"),
+                    run.path("data/category"),
+                    s("--seed"),
+                    seed.clone(),
+                    s("--out"),
+                    run.path("t1/tfidf"),
+                ];
+                if let Some(n) = b.t1_items {
+                    args.extend([s("--limit"), n.to_string()]);
+                }
+                run.supportlm(step, &args)?;
             }
             Ok(())
         }
