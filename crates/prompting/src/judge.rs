@@ -354,7 +354,7 @@ impl Judge<'_> {
 /// and so on for each criterion; then a rationale generated up to its closing quote.
 fn constrained_answer(model: &Model, messages: &[Message]) -> Result<String> {
     let mut text = model.template.render(messages, true)?;
-    let start = text.len();
+    let mut answer = serde_json::Map::new();
     for (i, (name, max)) in CRITERIA.iter().enumerate() {
         text += &format!("{}\"{name}\":", if i == 0 { "{" } else { ", " });
         let prefix = encode_prefix(model, &model.tokenizer.encode(&text, false)?)?;
@@ -368,6 +368,7 @@ fn constrained_answer(model: &Model, messages: &[Message]) -> Result<String> {
             .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
             .map_or(0, |(v, _)| v);
         text += &format!(" {best}");
+        answer.insert(name.to_string(), best.into());
     }
     text += ", \"rationale\": \"";
     let opts = GenerateOptions {
@@ -378,9 +379,9 @@ fn constrained_answer(model: &Model, messages: &[Message]) -> Result<String> {
     let ids = model.tokenizer.encode(&text, false)?;
     let g = generate(model, &[ids], &opts, &mut |_, _, _| {})?;
     let rationale = g.into_iter().next().map(|g| g.text).unwrap_or_default();
-    text += &rationale.replace(['"', '\\'], "");
-    text += "\"}";
-    Ok(text[start..].to_string())
+    answer.insert("rationale".into(), rationale.trim().into());
+    // serde_json escapes whatever the rationale holds.
+    Ok(serde_json::Value::Object(answer).to_string())
 }
 
 /// Mean judge scores with 95% bootstrap intervals over the parsed verdicts.

@@ -146,3 +146,24 @@ fn an_unreachable_endpoint_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn a_local_judge_scores_every_criterion_within_its_range() {
+    use supportlm_model::config::Architecture;
+    use supportlm_model::{default_device, tiny, Model};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny");
+    tiny::write_hf_dir(&path, &tiny::config(Architecture::Llama), 3, 1).unwrap();
+    let model = Model::load(&path, &default_device()).unwrap();
+    let judge = Judge::Local {
+        model: &model,
+        name: "tiny".into(),
+        constrained: true,
+    };
+    let v = judge.judge(&response()).unwrap();
+    let s = v.scores.expect("constrained answers always parse");
+    assert!(s.relevance <= 5 && s.politeness <= 3 && s.actionable <= 2);
+    assert!(v.raw.contains("\"relevance\":"), "{}", v.raw);
+    // Deterministic.
+    assert_eq!(judge.judge(&response()).unwrap(), v);
+}
