@@ -48,25 +48,13 @@ pub struct ClassifyArgs {
     adapter: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "constrained")]
     decision: DecisionArg,
-    /// category or intent.
-    #[arg(long, default_value = "category")]
-    task: Task,
-    #[arg(long, default_value = "test")]
-    split: SplitName,
-    /// Evaluate N items of the split, drawn with --seed (the same N items for every method).
-    #[arg(long)]
-    limit: Option<usize>,
+    #[command(flatten)]
+    items: Items,
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
-    /// A split folder from `supportlm data split` (default: the shipped data split in memory).
-    #[arg(long)]
-    data: Option<PathBuf>,
     /// Few-shot examples per label (drawn from validation).
     #[arg(long, default_value_t = 1)]
     k: usize,
-    /// Seed for the few-shot draw and the bootstrap.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
     /// Divide label log-likelihoods by their token count (constrained rule).
     #[arg(long)]
     length_normalize: bool,
@@ -76,6 +64,25 @@ pub struct ClassifyArgs {
     /// Output folder (predictions.jsonl, metrics.json, classification_report.csv, confusion.csv).
     #[arg(long)]
     out: PathBuf,
+}
+
+/// Which Task 1 items are evaluated (the same for every method).
+#[derive(Args)]
+pub(crate) struct Items {
+    /// category or intent.
+    #[arg(long, default_value = "category")]
+    task: Task,
+    #[arg(long, default_value = "test")]
+    split: SplitName,
+    /// Evaluate N items of the split, drawn with --seed (the same N items for every method).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// A split folder from `supportlm data split` (default: the shipped data split in memory).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Seed for the item draw, the few-shot draw and the bootstrap.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
 }
 
 /// The split for `task`: read from `data` (a `supportlm data split` folder) or made from the shipped
@@ -136,11 +143,11 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
 }
 
 fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
-    let task = args.task;
+    let task = args.items.task;
     if task == Task::Response {
         bail!("eval classify is for the category and intent tasks (the response task has `eval respond`)");
     }
-    let splits = load_splits(args.data.as_deref(), task)?;
+    let splits = load_splits(args.items.data.as_deref(), task)?;
     let (method, adapter) = match (args.method, &args.adapter) {
         (MethodArg::Sft, Some(a)) => (Method::Sft, Some(a.clone())),
         // A fully fine-tuned model is a model folder of its own.
@@ -159,14 +166,18 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
         DecisionArg::Constrained => Decision::Constrained,
     };
     let model = load_model(&args.model, adapter.as_deref())?;
-    let records = sample(&splits.get(args.split).records, args.limit, args.seed);
+    let records = sample(
+        &splits.get(args.items.split).records,
+        args.items.limit,
+        args.items.seed,
+    );
     let examples = if method == Method::FewShot {
         balanced_kshot(
             &splits.validation.records,
             &splits.test.records,
             task,
             args.k,
-            args.seed,
+            args.items.seed,
         )?
     } else {
         Vec::new()
@@ -185,7 +196,7 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
     let settings = serde_json::json!({
         "task": task.as_str(), "method": method.as_str(), "decision": decision.as_str(),
         "model": args.model.display().to_string(), "adapter": adapter.as_ref().map(|a| a.display().to_string()),
-        "split": args.split.as_str(), "limit": args.limit, "k": args.k, "seed": args.seed,
+        "split": args.items.split.as_str(), "limit": args.items.limit, "k": args.k, "seed": args.items.seed,
         "length_normalize": args.length_normalize,
     });
     claim_folder(&args.out, &settings)?;
@@ -207,9 +218,9 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
         decision: decision.as_str().into(),
         model: args.model.display().to_string(),
         adapter: adapter.map(|a| a.display().to_string()),
-        split: args.split.as_str().into(),
+        split: args.items.split.as_str().into(),
         few_shot_k: if method == Method::FewShot { args.k } else { 0 },
-        seed: args.seed,
+        seed: args.items.seed,
         seconds: started.elapsed().as_secs_f64(),
         items_timed: todo_items,
     };
@@ -218,7 +229,7 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
         &predictions,
         info,
         args.bootstrap,
-        args.seed,
+        args.items.seed,
     );
     write_run(&args.out, &predictions, &m)?;
     std::fs::remove_file(&partial)?;
@@ -241,19 +252,8 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
 
 #[derive(Args)]
 pub struct TfidfArgs {
-    /// category or intent.
-    #[arg(long, default_value = "category")]
-    task: Task,
-    #[arg(long, default_value = "test")]
-    split: SplitName,
-    /// Evaluate N items of the split, drawn with --seed (the same N items as the other methods).
-    #[arg(long)]
-    limit: Option<usize>,
-    /// A split folder from `supportlm data split` (default: the shipped data split in memory).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    #[command(flatten)]
+    items: Items,
     #[arg(long, default_value_t = 1000)]
     bootstrap: usize,
     /// Output folder (the files of `eval classify`).
@@ -263,11 +263,11 @@ pub struct TfidfArgs {
 
 fn tfidf_cmd(args: TfidfArgs) -> anyhow::Result<()> {
     use supportlm_baseline::{FitOptions, TfIdfLogReg};
-    let task = args.task;
+    let task = args.items.task;
     if task == Task::Response {
         bail!("the TF-IDF baseline classifies categories or intents");
     }
-    let splits = load_splits(args.data.as_deref(), task)?;
+    let splits = load_splits(args.items.data.as_deref(), task)?;
     let labels = task.labels();
     let index = |r: &Record| {
         let l = task.label_of(r);
@@ -279,7 +279,11 @@ fn tfidf_cmd(args: TfidfArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let model = TfIdfLogReg::fit(&texts, &y, labels.len(), FitOptions::default())?;
     let fit_seconds = started.elapsed().as_secs_f64();
-    let records = sample(&splits.get(args.split).records, args.limit, args.seed);
+    let records = sample(
+        &splits.get(args.items.split).records,
+        args.items.limit,
+        args.items.seed,
+    );
     let t = Instant::now();
     let test_texts: Vec<&str> = records.iter().map(|r| r.instruction.as_str()).collect();
     let predictions: Vec<Prediction> = records
@@ -305,13 +309,13 @@ fn tfidf_cmd(args: TfidfArgs) -> anyhow::Result<()> {
             train.len()
         ),
         adapter: None,
-        split: args.split.as_str().into(),
+        split: args.items.split.as_str().into(),
         few_shot_k: 0,
-        seed: args.seed,
+        seed: args.items.seed,
         seconds: t.elapsed().as_secs_f64(),
         items_timed: records.len(),
     };
-    let m = metrics(&labels, &predictions, info, args.bootstrap, args.seed);
+    let m = metrics(&labels, &predictions, info, args.bootstrap, args.items.seed);
     write_run(&args.out, &predictions, &m)?;
     println!(
         "{task} TF-IDF + logistic regression: accuracy {:.4} [{:.4}, {:.4}], macro-F1 {:.4} [{:.4}, {:.4}] (fit {fit_seconds:.1}s)",

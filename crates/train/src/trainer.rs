@@ -394,17 +394,17 @@ pub fn train(job: TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Res
 
     // Fresh start or resume.
     let existing = state::list(job.out_dir)?;
+    let initial = match c.tuning {
+        Tuning::Lora => Weights::Lora(Adapter::init(
+            c.lora.clone(),
+            &model.config,
+            job.base_model,
+            c.seed,
+        )?),
+        Tuning::Full => Weights::Full,
+    };
     let (mut weights, mut adam, mut st) = if job.resume && !existing.is_empty() {
-        let fresh = match c.tuning {
-            Tuning::Lora => Weights::Lora(Adapter::init(
-                c.lora.clone(),
-                &model.config,
-                job.base_model,
-                c.seed,
-            )?),
-            Tuning::Full => Weights::Full,
-        };
-        let ck = state::load_latest(job.out_dir, &fresh.sizes(model))?.ok_or_else(|| {
+        let ck = state::load_latest(job.out_dir, &initial.sizes(model))?.ok_or_else(|| {
             TrainError::Checkpoint {
                 path: job.out_dir.to_path_buf(),
                 message: "no checkpoint".into(),
@@ -427,15 +427,7 @@ pub fn train(job: TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Res
                 message: "already holds checkpoints: pass --resume to continue, or choose a new run folder".into(),
             });
         }
-        let weights = match c.tuning {
-            Tuning::Lora => Weights::Lora(Adapter::init(
-                c.lora.clone(),
-                &model.config,
-                job.base_model,
-                c.seed,
-            )?),
-            Tuning::Full => Weights::Full,
-        };
+        let weights = initial;
         let st = TrainerState {
             step: 0,
             total_steps,

@@ -261,24 +261,7 @@ impl QloraModel {
         let (b, s) = (layout.b, layout.s);
         let hidden = self.config.hidden_size;
         let (cos, sin, mask) = layout.tensors(&self.rope, &self.device);
-        let no_lora = Default::default();
-
-        let mut xs = Vec::with_capacity(self.layers.len());
-        let mut x = self.embed(&layout);
-        for l in 0..self.layers.len() {
-            let layer = self.layer(l, &no_lora, 0.0, None, b * s);
-            let next = layer.forward(
-                &self.config,
-                &self.rope,
-                x.clone(),
-                &mut LayerCache::default(),
-                &cos,
-                &sin,
-                &mask,
-            );
-            xs.push(x);
-            x = next;
-        }
+        let (x, mut xs) = self.forward_layers(&layout, None, None, (&cos, &sin, &mask), true);
         let head = self.head(x, &layout, true, true)?;
         let n_params = self.slots().len();
         let mut grads: Vec<Vec<f32>> = vec![Vec::new(); n_params];

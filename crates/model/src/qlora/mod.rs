@@ -486,24 +486,8 @@ impl QloraModel {
         let (cos, sin, mask) = layout.tensors(&self.rope, &self.device);
 
         let clock = std::time::Instant::now();
-        // Forward without autodiff, keeping every layer's input.
-        let mut xs = Vec::with_capacity(self.layers.len() + 1);
-        let mut x = self.embed(&layout);
-        for l in 0..self.layers.len() {
-            let lora = self.lora_tensors(adapter, l, false);
-            let layer = self.layer(l, &lora, scale, dropout, b * s);
-            let next = layer.forward(
-                &self.config,
-                &self.rope,
-                x.clone(),
-                &mut LayerCache::default(),
-                &cos,
-                &sin,
-                &mask,
-            );
-            xs.push(x);
-            x = next;
-        }
+        let (x, mut xs) =
+            self.forward_layers(&layout, Some(adapter), dropout, (&cos, &sin, &mask), true);
 
         let t_forward = clock.elapsed();
         // Loss and the gradient at the last layer's output.
@@ -565,24 +549,43 @@ impl QloraModel {
         }
         let layout = self.check_batch(batch)?;
         let (cos, sin, mask) = layout.tensors(&self.rope, &self.device);
-        let mut x = self.embed(&layout);
+        let (x, _) = self.forward_layers(&layout, adapter, None, (&cos, &sin, &mask), false);
+        Ok(self.head_loss(x, &layout, false)?.0)
+    }
+
+    /// Runs every layer without autodiff (with `adapter`'s LoRA factors when given) and returns the
+    /// last layer's output and, with `keep`, every layer's input.
+    fn forward_layers(
+        &self,
+        layout: &Layout,
+        adapter: Option<&Adapter>,
+        dropout: Option<Dropout>,
+        (cos, sin, mask): (&Tensor<4>, &Tensor<4>, &Tensor<4>),
+        keep: bool,
+    ) -> (Tensor<3>, Vec<Tensor<3>>) {
+        let mut xs = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
+        let mut x = self.embed(layout);
         for l in 0..self.layers.len() {
             let (lora, scale) = match adapter {
                 Some(a) => (self.lora_tensors(a, l, false), a.config.scale()),
                 None => (BTreeMap::new(), 0.0),
             };
-            let layer = self.layer(l, &lora, scale, None, layout.rows());
-            x = layer.forward(
+            let layer = self.layer(l, &lora, scale, dropout, layout.rows());
+            let next = layer.forward(
                 &self.config,
                 &self.rope,
-                x,
+                x.clone(),
                 &mut LayerCache::default(),
-                &cos,
-                &sin,
-                &mask,
+                cos,
+                sin,
+                mask,
             );
+            if keep {
+                xs.push(x);
+            }
+            x = next;
         }
-        Ok(self.head_loss(x, &layout, false)?.0)
+        (x, xs)
     }
 
     fn embed(&self, layout: &Layout) -> Tensor<3> {
