@@ -350,11 +350,17 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
             format!("{:.4}", f("loss")),
         ]);
     }
-    writeln!(
-        md,
-        "Second of two steps (loss, gradients, AdamW update) on a synthetic batch, each mode in its own \
-         process; the backend's matmul rate measured in the same step: {gemm:.1} GFLOP/s.\n"
-    )?;
+    if rows.is_empty() {
+        writeln!(md, "(The efficiency step has not run.)\n")?;
+    } else {
+        writeln!(
+            md,
+            "Second of two steps (loss, gradients, AdamW update) on a synthetic batch, each mode in its own \
+             process; the backend's matmul rate measured in the same step: {gemm:.1} GFLOP/s. Useful \
+             FLOPs count the forward pass and the input gradients (and the weight gradients for full \
+             fine-tuning), not the per-layer recomputation.\n"
+        )?;
+    }
     table(
         &mut md,
         &[
