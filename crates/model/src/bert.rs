@@ -146,19 +146,7 @@ impl SentenceEncoder {
         let src = SafetensorsDir::open(dir)?;
         let c = &config;
         let h = c.hidden_size;
-        let get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            match src.tensor(name)? {
-                Some((v, found)) if found == shape => Ok(v),
-                Some((_, found)) => Err(ModelError::ShapeMismatch {
-                    tensor: name.into(),
-                    expected: shape.to_vec(),
-                    found,
-                }),
-                None => Err(ModelError::MissingTensor {
-                    tensor: name.into(),
-                }),
-            }
-        };
+        let get = |name: &str, shape: &[usize]| src.require(name, shape);
         let t1 = |name: &str, n: usize| -> Result<Tensor<1>> {
             Ok(Tensor::from_data(
                 TensorData::new(get(name, &[n])?, [n]),

@@ -39,6 +39,21 @@ pub trait TensorSource {
     fn raw_is_permuted(&self) -> bool {
         false
     }
+
+    /// The tensor's values, which must be present with `shape`.
+    fn require(&self, hf_name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        match self.tensor(hf_name)? {
+            Some((data, found)) if found == shape => Ok(data),
+            Some((_, found)) => Err(ModelError::ShapeMismatch {
+                tensor: hf_name.to_string(),
+                expected: shape.to_vec(),
+                found,
+            }),
+            None => Err(ModelError::MissingTensor {
+                tensor: hf_name.to_string(),
+            }),
+        }
+    }
 }
 
 /// The GGUF name of a Hugging Face llama/qwen2 tensor name.
@@ -263,22 +278,7 @@ pub fn load_llama(src: &dyn TensorSource, config: &ModelConfig, device: &Device)
     let (hidden, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
     let (q_out, kv_out) = (c.num_attention_heads * d, c.kv_heads() * d);
 
-    let get = |name: &str, shape: &[usize]| -> Result<Option<Vec<f32>>> {
-        match src.tensor(name)? {
-            None => Ok(None),
-            Some((data, found)) if found == shape => Ok(Some(data)),
-            Some((_, found)) => Err(ModelError::ShapeMismatch {
-                tensor: name.to_string(),
-                expected: shape.to_vec(),
-                found,
-            }),
-        }
-    };
-    let need = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-        get(name, shape)?.ok_or_else(|| ModelError::MissingTensor {
-            tensor: name.to_string(),
-        })
-    };
+    let need = |name: &str, shape: &[usize]| src.require(name, shape);
     let t2 = |data: Vec<f32>, shape: [usize; 2]| {
         Tensor::<2>::from_data(TensorData::new(data, shape), device)
     };

@@ -246,19 +246,7 @@ impl QloraModel {
     ) -> Result<Self> {
         config.validate()?;
         let c = config;
-        let need = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            match src.tensor(name)? {
-                Some((data, found)) if found == shape => Ok(data),
-                Some((_, found)) => Err(ModelError::ShapeMismatch {
-                    tensor: name.to_string(),
-                    expected: shape.to_vec(),
-                    found,
-                }),
-                None => Err(ModelError::MissingTensor {
-                    tensor: name.to_string(),
-                }),
-            }
-        };
+        let need = |name: &str, shape: &[usize]| src.require(name, shape);
         let hidden = c.hidden_size;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
