@@ -12,7 +12,6 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::{LossSum, QloraModel, Sequence, Table};
 use crate::base_quant::{BaseQuant, FrozenWeight};
-use crate::cache::LayerCache;
 use crate::error::{ModelError, Result};
 use crate::llama::{to_vec, Attention, DecoderLayer, Linear, Mlp, RmsNorm};
 use crate::lora::export::write_hf_dir;
@@ -292,25 +291,13 @@ impl QloraModel {
             let x_in = xs
                 .pop()
                 .unwrap_or_else(|| Tensor::zeros([b, s, hidden], &self.device));
-            let x_ad = x_in.autodiff().require_grad();
             let (layer, params) = self.tracked_layer(l)?;
-            let out = layer.forward(
-                &self.config,
-                &self.rope,
-                x_ad.clone(),
-                &mut LayerCache::default(),
-                &cos,
-                &sin,
-                &mask,
-            );
-            let g = (out * grad).sum().backward();
+            let (g, dx) = self.backward_through(&layer, x_in, grad, (&cos, &sin, &mask))?;
             let first = 1 + per_layer[..l].iter().sum::<usize>();
             for (k, p) in params.iter().enumerate() {
                 grads[first + k] = p.grad(&g)?;
             }
-            grad = x_ad
-                .grad(&g)
-                .ok_or_else(|| ModelError::Input("no gradient reached the layer input".into()))?;
+            grad = dx;
         }
 
         // Embedding rows: the gradient at each position's input added to its token's row.

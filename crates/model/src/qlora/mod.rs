@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Device, Gradients, IndexingUpdateOp, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::base_quant::{BaseQuant, FrozenWeight};
@@ -491,28 +491,15 @@ impl QloraModel {
             let x_in = xs
                 .pop()
                 .unwrap_or_else(|| Tensor::zeros([b, s, hidden], &self.device));
-            let x_ad = x_in.autodiff().require_grad();
             let lora = self.lora_tensors(adapter, l, true);
             let layer = self.layer(l, &lora, scale, dropout, b * s);
-            let out = layer.forward(
-                &self.config,
-                &self.rope,
-                x_ad.clone(),
-                &mut LayerCache::default(),
-                &cos,
-                &sin,
-                &mask,
-            );
-            let surrogate = (out * grad).sum();
-            let g = surrogate.backward();
+            let (g, dx) = self.backward_through(&layer, x_in, grad, (&cos, &sin, &mask))?;
             for (t, (a, bt)) in &lora {
                 let ga = a.grad(&g).map(to_vec).transpose()?.unwrap_or_default();
                 let gb = bt.grad(&g).map(to_vec).transpose()?.unwrap_or_default();
                 grads.insert((l, *t), LoraPair { a: ga, b: gb });
             }
-            grad = x_ad
-                .grad(&g)
-                .ok_or_else(|| ModelError::Input("no gradient reached the layer input".into()))?;
+            grad = dx;
         }
         tracing::debug!(
             forward_ms = t_forward.as_millis() as u64,
@@ -574,6 +561,32 @@ impl QloraModel {
             x = next;
         }
         (x, xs)
+    }
+
+    /// Re-runs `layer` on `x_in` on the autodiff device and back-propagates `grad` from its output:
+    /// the gradients (for whatever the layer tracks) and the gradient at its input.
+    fn backward_through(
+        &self,
+        layer: &DecoderLayer,
+        x_in: Tensor<3>,
+        grad: Tensor<3>,
+        (cos, sin, mask): (&Tensor<4>, &Tensor<4>, &Tensor<4>),
+    ) -> Result<(Gradients, Tensor<3>)> {
+        let x_ad = x_in.autodiff().require_grad();
+        let out = layer.forward(
+            &self.config,
+            &self.rope,
+            x_ad.clone(),
+            &mut LayerCache::default(),
+            cos,
+            sin,
+            mask,
+        );
+        let g = (out * grad).sum().backward();
+        let dx = x_ad
+            .grad(&g)
+            .ok_or_else(|| ModelError::Input("no gradient reached the layer input".into()))?;
+        Ok((g, dx))
     }
 
     fn embed(&self, layout: &Layout) -> Tensor<3> {
