@@ -85,6 +85,25 @@ pub(crate) struct Items {
     seed: u64,
 }
 
+/// The method a `--method` / `--adapter` / `--model` combination asks for; an adapter goes with SFT
+/// only, and SFT needs an adapter or a fully fine-tuned model folder of its own.
+pub(crate) fn method_of(
+    method: MethodArg,
+    adapter: Option<&Path>,
+    model: &Path,
+) -> anyhow::Result<Method> {
+    Ok(match (method, adapter) {
+        (MethodArg::Sft, Some(_)) => Method::Sft,
+        (MethodArg::Sft, None) if model != Path::new(DEFAULT_MODEL) => Method::Sft,
+        (MethodArg::Sft, None) => bail!(
+            "--method sft needs --adapter DIR (LoRA), or --model DIR for a fully fine-tuned model"
+        ),
+        (_, Some(_)) => bail!("--adapter only goes with --method sft"),
+        (MethodArg::ZeroShot, None) => Method::ZeroShot,
+        (MethodArg::FewShot, None) => Method::FewShot,
+    })
+}
+
 /// The split for `task`: read from `data` (a `supportlm data split` folder) or made from the shipped
 /// data.
 pub(crate) fn load_splits(data: Option<&Path>, task: Task) -> anyhow::Result<SplitSet> {
@@ -148,19 +167,8 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
         bail!("eval classify is for the category and intent tasks (the response task has `eval respond`)");
     }
     let splits = load_splits(args.items.data.as_deref(), task)?;
-    let (method, adapter) = match (args.method, &args.adapter) {
-        (MethodArg::Sft, Some(a)) => (Method::Sft, Some(a.clone())),
-        // A fully fine-tuned model is a model folder of its own.
-        (MethodArg::Sft, None) if args.model != std::path::Path::new(DEFAULT_MODEL) => {
-            (Method::Sft, None)
-        }
-        (MethodArg::Sft, None) => bail!(
-            "--method sft needs --adapter DIR (LoRA), or --model DIR for a fully fine-tuned model"
-        ),
-        (_, Some(_)) => bail!("--adapter only goes with --method sft"),
-        (MethodArg::ZeroShot, None) => (Method::ZeroShot, None),
-        (MethodArg::FewShot, None) => (Method::FewShot, None),
-    };
+    let method = method_of(args.method, args.adapter.as_deref(), &args.model)?;
+    let adapter = args.adapter.clone();
     let decision = match args.decision {
         DecisionArg::Generate => Decision::Generate,
         DecisionArg::Constrained => Decision::Constrained,

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use supportlm_data::kshot::balanced_kshot;
@@ -20,9 +20,9 @@ use supportlm_prompting::respond::{
 };
 use supportlm_prompting::Method;
 
-use crate::eval::{load_model, load_splits, sample, MethodArg};
+use crate::eval::{load_model, load_splits, method_of, sample, MethodArg};
 use crate::generate::DEFAULT_MODEL;
-use crate::resume::{claim_folder, item_bar, run_chunks};
+use crate::resume::{claim_folder, item_bar, run_chunks, write_jsonl};
 
 /// Where `cargo xtask setup` puts the sentence encoder.
 pub const DEFAULT_EMBEDDER: &str = "checkpoints/embed/all-MiniLM-L6-v2";
@@ -96,21 +96,8 @@ struct ScoredResponse {
     degeneration: Degeneration,
 }
 
-fn method_of(args: &RespondArgs) -> anyhow::Result<Method> {
-    Ok(match (args.method, &args.adapter) {
-        (MethodArg::Sft, Some(_)) => Method::Sft,
-        (MethodArg::Sft, None) if args.model != Path::new(DEFAULT_MODEL) => Method::Sft,
-        (MethodArg::Sft, None) => bail!(
-            "--method sft needs --adapter DIR (LoRA), or --model DIR for a fully fine-tuned model"
-        ),
-        (_, Some(_)) => bail!("--adapter only goes with --method sft"),
-        (MethodArg::ZeroShot, None) => Method::ZeroShot,
-        (MethodArg::FewShot, None) => Method::FewShot,
-    })
-}
-
 pub fn run(args: RespondArgs) -> anyhow::Result<()> {
-    let method = method_of(&args)?;
+    let method = method_of(args.method, args.adapter.as_deref(), &args.model)?;
     let splits = load_splits(args.data.as_deref(), Task::Response)?;
     let records = sample(&splits.get(args.split).records, Some(args.limit), args.seed);
     let model = load_model(&args.model, args.adapter.as_deref())?;
@@ -318,15 +305,5 @@ pub fn run(args: RespondArgs) -> anyhow::Result<()> {
         );
     }
     println!("written to {}", args.out.display());
-    Ok(())
-}
-
-fn write_jsonl<T: Serialize>(path: &Path, items: &[T]) -> anyhow::Result<()> {
-    let mut text = String::new();
-    for item in items {
-        text += &serde_json::to_string(item)?;
-        text.push('\n');
-    }
-    supportlm_data::fsio::write_atomic(path, text.as_bytes())?;
     Ok(())
 }

@@ -62,6 +62,12 @@ fn jsonl<T: Serialize>(items: &[T]) -> anyhow::Result<String> {
 /// The work on one chunk: its records, and a callback for items done within it.
 pub type Work<'a, T> = dyn FnMut(&[Record], &mut dyn FnMut(usize)) -> anyhow::Result<Vec<T>> + 'a;
 
+/// Writes `items` as JSON lines, atomically.
+pub fn write_jsonl<T: Serialize>(path: &Path, items: &[T]) -> anyhow::Result<()> {
+    supportlm_data::fsio::write_atomic(path, jsonl(items)?.as_bytes())?;
+    Ok(())
+}
+
 /// Runs `work` over `records` in chunks of `chunk`, appending results to `partial` (one JSON line each,
 /// `id_of` naming the record it belongs to) and skipping chunks a previous run finished. Returns all
 /// results in `records` order and how many items were worked on now. `work` gets the chunk and a
@@ -88,7 +94,7 @@ pub fn run_chunks<T: Serialize + DeserializeOwned>(
         .filter(|p| kept.contains(&id_of(p)))
         .collect();
     // Keep whole chunks only.
-    supportlm_data::fsio::write_atomic(partial, jsonl(&done)?.as_bytes())?;
+    write_jsonl(partial, &done)?;
     let todo: Vec<&[Record]> = chunks.iter().filter(|c| !complete(c)).copied().collect();
     let todo_items: usize = todo.iter().map(|c| c.len()).sum();
     if !done.is_empty() {
