@@ -177,6 +177,8 @@ pub fn step(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "mode": mode.name(),
+            "batch": batch,
+            "seq": seq,
             "linear_params": fp.linear_params,
             "linear_bytes": fp.linear_bytes,
             "bits_per_param": fp.bits_per_linear_param(),

@@ -380,24 +380,18 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
             for &(batch, seq) in &b.shapes {
                 for mode in crate::bench_train::Mode::ALL {
                     eprintln!("[efficiency] {} at {batch}x{seq}", mode.name());
-                    let mut v = crate::bench_train::child(mode, batch, seq)?;
-                    v["batch"] = batch.into();
-                    v["seq"] = seq.into();
+                    let v = crate::bench_train::child(mode, batch, seq)?;
                     lines += &format!("{v}\n");
                 }
             }
-            v_gemm(&mut lines);
+            // The backend's matmul rate, measured now, as the last line.
+            let gemm = crate::bench::matmul_gflops();
+            lines += &format!("{}\n", serde_json::json!({ "matmul_gflops": gemm }));
             write_atomic(&dir.join("steps.jsonl"), lines.as_bytes())?;
             Ok(())
         }
         Step::Report => report::write(run),
     }
-}
-
-/// Appends the backend's matmul rate, measured now, as the last line.
-fn v_gemm(lines: &mut String) {
-    let g = crate::bench::matmul_gflops();
-    *lines += &format!("{}\n", serde_json::json!({ "matmul_gflops": g }));
 }
 
 pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
