@@ -16,6 +16,7 @@ use supportlm_model::lora::{Adapter, LoraConfig};
 use supportlm_model::model::Checkpoint;
 use supportlm_model::qlora::{Dropout, QloraModel, Sequence};
 use supportlm_train::optim::{AdamState, AdamW};
+use supportlm_train::trainer::Weights;
 
 /// `VmHWM` (peak resident set) and `VmRSS` of this process, in bytes.
 pub fn rss() -> (u64, u64) {
@@ -117,52 +118,22 @@ pub fn step(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<()> {
     let (_, rss_loaded) = rss();
     let data = synthetic_batch(batch, seq, model.config.vocab_size);
     let opt = AdamW::default();
-    let mut adapter = Adapter::init(LoraConfig::default(), &model.config, "bench", 42)?;
-    let sizes: Vec<usize> = match mode {
-        Mode::Lora(_) => adapter
-            .weights
-            .values()
-            .flat_map(|p| [p.a.len(), p.b.len()])
-            .collect(),
-        Mode::Full => model
-            .full_parameters()
-            .iter()
-            .map(|p| p.shape.iter().product())
-            .collect(),
+    let mut weights = match mode {
+        Mode::Lora(_) => Weights::Lora(Adapter::init(
+            LoraConfig::default(),
+            &model.config,
+            "bench",
+            42,
+        )?),
+        Mode::Full => Weights::Full,
     };
+    let sizes = weights.sizes(&model);
     let mut adam = AdamState::new(&sizes);
     let dropout = Some(Dropout { p: 0.05, seed: 1 });
     let mut run_step = |model: &mut QloraModel| -> anyhow::Result<f64> {
-        let (loss, grads) = match mode {
-            Mode::Lora(_) => {
-                let out = model.loss_and_grads(&adapter, &data, dropout)?;
-                let g: Vec<Vec<f32>> = out.grads.into_values().flat_map(|p| [p.a, p.b]).collect();
-                (out.loss, g)
-            }
-            Mode::Full => {
-                let out = model.full_loss_and_grads(&data)?;
-                (out.loss, out.grads)
-            }
-        };
+        let (loss, grads) = weights.loss_and_grads(model, &data, dropout)?;
         let coefficients = opt.begin_step(&mut adam, 1e-5);
-        match mode {
-            Mode::Lora(_) => {
-                let params = adapter
-                    .weights
-                    .values_mut()
-                    .flat_map(|p| [p.a.as_mut_slice(), p.b.as_mut_slice()]);
-                for (i, (p, g)) in params.zip(&grads).enumerate() {
-                    coefficients.apply(&mut adam.m[i], &mut adam.v[i], p, g);
-                }
-            }
-            Mode::Full => {
-                for (i, g) in grads.iter().enumerate() {
-                    let mut p = model.full_parameter(i)?;
-                    coefficients.apply(&mut adam.m[i], &mut adam.v[i], &mut p, g);
-                    model.set_full_parameter(i, p)?;
-                }
-            }
-        }
+        weights.update(model, coefficients, &mut adam, &grads)?;
         Ok(loss.sum / loss.tokens.max(1) as f64)
     };
     // The first step pays for fresh pages; time the second.

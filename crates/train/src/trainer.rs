@@ -110,15 +110,15 @@ fn params_mut(adapter: &mut Adapter) -> Vec<&mut [f32]> {
         .collect()
 }
 
-/// What a run trains.
-enum Weights {
+/// What a run trains: a LoRA adapter, or every parameter of the model.
+pub enum Weights {
     Lora(Adapter),
     /// Every parameter; the values live in the model's tensors.
     Full,
 }
 
 impl Weights {
-    fn adapter(&self) -> Option<&Adapter> {
+    pub fn adapter(&self) -> Option<&Adapter> {
         match self {
             Weights::Lora(a) => Some(a),
             Weights::Full => None,
@@ -134,7 +134,7 @@ impl Weights {
     }
 
     /// The length of every trained tensor, in optimizer order.
-    fn sizes(&self, model: &QloraModel) -> Vec<usize> {
+    pub fn sizes(&self, model: &QloraModel) -> Vec<usize> {
         match self {
             Weights::Lora(a) => a
                 .weights
@@ -150,7 +150,7 @@ impl Weights {
     }
 
     /// Summed loss and gradients (in optimizer order) of one micro-batch.
-    fn loss_and_grads(
+    pub fn loss_and_grads(
         &self,
         model: &QloraModel,
         batch: &[Sequence],
@@ -170,7 +170,7 @@ impl Weights {
     }
 
     /// Applies one AdamW update (full fine-tuning: one tensor at a time, out of the model and back).
-    fn update(
+    pub fn update(
         &mut self,
         model: &mut QloraModel,
         step: AdamStep,
@@ -237,7 +237,7 @@ impl Weights {
         }
     }
 
-    fn num_params(&self, model: &QloraModel) -> usize {
+    pub fn num_params(&self, model: &QloraModel) -> usize {
         self.sizes(model).iter().sum()
     }
 }
