@@ -2,7 +2,8 @@
 //! setup → data (check, splits, statistics) → t1-baselines (TF-IDF + logistic regression; 0-shot and
 //! 10-shot, both decision rules) →
 //! t1-sft (QLoRA training) → t1-sft-eval → t2-baselines (0-shot and 10-shot responses) → t2-sft →
-//! t2-sft-eval → efficiency (one training step per mode) → report.
+//! t2-sft-eval → efficiency (one training step per mode) → learning-curve (SFT macro-F1 against the
+//! number of training examples) → hparams (learning rates on the quick training budget) → report.
 //!
 //! Every step records a hash of its inputs and settings in `runs/<name>/steps/<step>.json` when it
 //! finishes; a later run skips a step whose record matches. A step that was interrupted continues
@@ -11,6 +12,7 @@
 
 mod data;
 mod report;
+mod sweeps;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -55,11 +57,13 @@ pub enum Step {
     T2Sft,
     T2SftEval,
     Efficiency,
+    LearningCurve,
+    Hparams,
     Report,
 }
 
 impl Step {
-    pub const ALL: [Step; 10] = [
+    pub const ALL: [Step; 12] = [
         Step::Setup,
         Step::Data,
         Step::T1Baselines,
@@ -69,6 +73,8 @@ impl Step {
         Step::T2Sft,
         Step::T2SftEval,
         Step::Efficiency,
+        Step::LearningCurve,
+        Step::Hparams,
         Step::Report,
     ];
 
@@ -83,6 +89,8 @@ impl Step {
             Step::T2Sft => "t2-sft",
             Step::T2SftEval => "t2-sft-eval",
             Step::Efficiency => "efficiency",
+            Step::LearningCurve => "learning-curve",
+            Step::Hparams => "hparams",
             Step::Report => "report",
         }
     }
@@ -100,6 +108,15 @@ pub struct Budget {
     pub t2_config: &'static str,
     /// Training shapes (batch, tokens) of the efficiency step.
     pub shapes: Vec<(usize, usize)>,
+    /// Learning curve: training set sizes (balanced over the labels; the Task 1 SFT run is the last
+    /// point) and the examples each point sees at least (small sets are repeated over epochs).
+    pub curve_sizes: Vec<usize>,
+    pub curve_min_seen: usize,
+    /// Learning-rate comparison: the rates, on this many training examples (one epoch).
+    pub hp_lrs: Vec<f64>,
+    pub hp_examples: usize,
+    /// Test items each learning-curve and learning-rate point is evaluated on.
+    pub sweep_items: usize,
     pub seed: u64,
 }
 
@@ -108,12 +125,17 @@ impl Budget {
         if quick {
             Budget {
                 quick,
-                t1_items: Some(200),
+                t1_items: Some(100),
                 t1_config: "configs/task1-category-quick.toml",
-                t2_items: 40,
-                judge_items: 20,
+                t2_items: 20,
+                judge_items: 10,
                 t2_config: "configs/task2-response-quick.toml",
                 shapes: vec![(4, 64)],
+                curve_sizes: vec![11, 55],
+                curve_min_seen: 55,
+                hp_lrs: vec![2e-4, 3e-3],
+                hp_examples: 55,
+                sweep_items: 60,
                 seed,
             }
         } else {
@@ -125,6 +147,11 @@ impl Budget {
                 judge_items: 50,
                 t2_config: "configs/task2-response.toml",
                 shapes: vec![(8, 128), (4, 64)],
+                curve_sizes: vec![11, 110, 1100],
+                curve_min_seen: 220,
+                hp_lrs: vec![2e-4, 1e-3, 3e-3],
+                hp_examples: 330,
+                sweep_items: 500,
                 seed,
             }
         }
@@ -158,17 +185,31 @@ impl Run {
         serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
     }
 
-    /// The hash of a step's inputs: its name, the budget, the config files it reads, and the hashes
-    /// of the steps it depends on.
+    /// The hash of a step's inputs: its name, the parts of the budget it uses, the config files it
+    /// reads, and the hashes of the steps it depends on (so a change to one step's settings reruns
+    /// that step and what depends on it, nothing else).
     fn hash(&self, step: Step) -> anyhow::Result<String> {
-        let mut text = format!(
-            "{}\n{}\n",
-            step.name(),
-            serde_json::to_string(&self.budget)?
-        );
+        let b = &self.budget;
+        let settings = match step {
+            Step::Setup | Step::Data | Step::T1Sft | Step::T2Sft => serde_json::json!({}),
+            Step::T1Baselines | Step::T1SftEval => serde_json::json!({ "items": b.t1_items }),
+            Step::T2Baselines | Step::T2SftEval => {
+                serde_json::json!({ "items": b.t2_items, "judge": b.judge_items })
+            }
+            Step::Efficiency => serde_json::json!({ "shapes": b.shapes }),
+            Step::LearningCurve => serde_json::json!({
+                "sizes": b.curve_sizes, "min_seen": b.curve_min_seen, "items": b.sweep_items
+            }),
+            Step::Hparams => serde_json::json!({
+                "lrs": b.hp_lrs, "examples": b.hp_examples, "items": b.sweep_items
+            }),
+            Step::Report => serde_json::to_value(b)?,
+        };
+        let mut text = format!("{}\nseed {}\n{settings}\n", step.name(), b.seed);
         let config = match step {
             Step::T1Sft => Some(self.budget.t1_config),
             Step::T2Sft => Some(self.budget.t2_config),
+            Step::LearningCurve | Step::Hparams => Some(self.budget.t1_config),
             _ => None,
         };
         if let Some(c) = config {
@@ -177,8 +218,9 @@ impl Run {
                 &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
         }
         let deps: &[Step] = match step {
-            Step::T1SftEval => &[Step::T1Sft],
-            Step::T2SftEval => &[Step::T2Sft],
+            Step::Setup | Step::Data | Step::Efficiency => &[],
+            Step::T1SftEval => &[Step::Data, Step::T1Sft],
+            Step::T2SftEval => &[Step::Data, Step::T2Sft],
             Step::Report => &[
                 Step::Data,
                 Step::T1Baselines,
@@ -186,8 +228,10 @@ impl Run {
                 Step::T2Baselines,
                 Step::T2SftEval,
                 Step::Efficiency,
+                Step::LearningCurve,
+                Step::Hparams,
             ],
-            _ => &[],
+            _ => &[Step::Data],
         };
         for d in deps {
             text += &self.record(*d).map(|r| r.hash).unwrap_or_default();
@@ -244,9 +288,9 @@ fn build_cli(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(target.join("debug").join("supportlm"))
 }
 
-fn step_outputs(run: &Run, step: Step) -> Vec<PathBuf> {
+fn step_outputs(run: &Run, step: Step) -> anyhow::Result<Vec<PathBuf>> {
     let d = |p: &str| run.dir.join(p);
-    match step {
+    Ok(match step {
         Step::Setup => vec![],
         Step::Data => vec![d("data")],
         Step::T1Baselines => vec![
@@ -261,8 +305,9 @@ fn step_outputs(run: &Run, step: Step) -> Vec<PathBuf> {
         Step::T2Sft => vec![d("t2/sft-train")],
         Step::T2SftEval => vec![d("t2/sft")],
         Step::Efficiency => vec![d("efficiency")],
+        Step::LearningCurve | Step::Hparams => sweeps::outputs(run, step)?,
         Step::Report => vec![],
-    }
+    })
 }
 
 fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
@@ -390,6 +435,7 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
             write_atomic(&dir.join("steps.jsonl"), lines.as_bytes())?;
             Ok(())
         }
+        Step::LearningCurve | Step::Hparams => sweeps::run_points(run, step),
         Step::Report => report::write(run),
     }
 }
@@ -418,7 +464,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         let hash = run.hash(step)?;
         let record_path = run.steps_dir().join(format!("{}.json", step.name()));
         let started_path = run.steps_dir().join(format!("{}.started", step.name()));
-        let outputs = step_outputs(&run, step);
+        let outputs = step_outputs(&run, step)?;
         if step != Step::Report && step != Step::Setup {
             if let Some(r) = run.record(step) {
                 if r.hash == hash && outputs.iter().all(|p| p.exists()) {
@@ -455,11 +501,52 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&started_path);
         eprintln!("[{}] finished in {:.0}s", step.name(), record.seconds);
     }
+    let report = run.dir.join("report.md");
     eprintln!(
-        "pipeline `{}` done in {:.0}s: {}",
+        "pipeline `{}` done in {:.0}s{}",
         run.name,
         started.elapsed().as_secs_f64(),
-        run.dir.join("report.md").display()
+        if report.exists() {
+            format!(": {}", report.display())
+        } else {
+            String::new()
+        }
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hashes(budget: Budget) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let run = Run {
+            root: workspace_root(),
+            dir: dir.path().to_path_buf(),
+            budget,
+            name: "test".into(),
+            exe: PathBuf::new(),
+        };
+        Step::ALL.iter().map(|&s| run.hash(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_step_hash_changes_only_with_what_the_step_uses() {
+        let base = hashes(Budget::new(true, 42));
+        assert_eq!(base, hashes(Budget::new(true, 42)), "hashes are stable");
+        let mut b = Budget::new(true, 42);
+        b.sweep_items += 1;
+        let changed: Vec<&str> = hashes(b)
+            .iter()
+            .zip(&base)
+            .zip(Step::ALL)
+            .filter(|((x, y), _)| x != y)
+            .map(|(_, s)| s.name())
+            .collect();
+        assert_eq!(changed, ["learning-curve", "hparams", "report"]);
+        // Another seed changes every step that draws from it.
+        let other = hashes(Budget::new(true, 7));
+        assert!(other.iter().zip(&base).skip(1).all(|(x, y)| x != y));
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde_json::Value;
@@ -378,11 +378,13 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
         &rows,
     );
 
-    writeln!(md, "## Not in this report yet\n")?;
+    sweeps(&mut md, run)?;
+
+    writeln!(md, "## Reproducibility\n")?;
     writeln!(
         md,
-        "- The learning curve and the hyper-parameter comparison are not built yet. Reproducibility is \
-         checked apart from the pipeline: `cargo xtask repro` (default model) or `--tiny`.\n"
+        "Checked apart from the pipeline: `cargo xtask repro` runs the split, a short QLoRA training and \
+         an SFT evaluation twice and compares the sha256 of every file (CI runs `--tiny`).\n"
     )?;
 
     let md_path = d.join("report.md");
@@ -390,6 +392,123 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     let html = to_html(&md, d);
     write_atomic(&d.join("report.html"), html.as_bytes())?;
     eprintln!("[report] {} and report.html", md_path.display());
+    Ok(())
+}
+
+/// A point's row: training examples, epochs, steps, best validation loss, test items, accuracy,
+/// macro-F1; and its macro-F1 interval for the chart.
+fn point_row(train: &Path, eval: &Path) -> Option<(Vec<String>, f64, [f64; 3])> {
+    let o = read_json(&train.join("outcome.json"))?;
+    let m = read_json(&eval.join("metrics.json"))?;
+    let cfg = supportlm_train::TrainConfig::load(Some(&train.join("config.toml")), &[]).ok()?;
+    let f1 = &m["macro_f1"];
+    let band = [
+        f1["estimate"].as_f64()?,
+        f1["low"].as_f64()?,
+        f1["high"].as_f64()?,
+    ];
+    let examples = o["train_examples"].as_f64()?;
+    let row = vec![
+        o["train_examples"].to_string(),
+        format!("{:e}", cfg.lr),
+        cfg.epochs.to_string(),
+        o["steps"].to_string(),
+        format!("{:.4}", o["initial_val_loss"].as_f64().unwrap_or(f64::NAN)),
+        format!("{:.4}", o["best_val_loss"].as_f64().unwrap_or(f64::NAN)),
+        format!("{:.0}", o["seconds"].as_f64().unwrap_or(f64::NAN)),
+        m["items"].to_string(),
+        interval(&m["accuracy"]),
+        interval(f1),
+    ];
+    Some((row, examples, band))
+}
+
+const POINT_HEADER: [&str; 10] = [
+    "examples",
+    "lr",
+    "epochs",
+    "steps",
+    "initial val loss",
+    "best val loss",
+    "train s",
+    "test items",
+    "accuracy (Wilson 95%)",
+    "macro-F1 (bootstrap 95%)",
+];
+
+/// The learning curve and the learning-rate comparison.
+fn sweeps(md: &mut String, run: &Run) -> anyhow::Result<()> {
+    let d = &run.dir;
+    let b = &run.budget;
+    writeln!(md, "## Learning curve (Task 1 SFT, constrained rule)\n")?;
+    writeln!(
+        md,
+        "QLoRA on {:?} balanced training examples (sets smaller than {} repeated over epochs so each \
+         point gets a comparable number of steps), each scored on {} seeded test items; the last row is \
+         the main SFT run on its own test items.\n",
+        b.curve_sizes, b.curve_min_seen, b.sweep_items
+    )?;
+    let mut rows = Vec::new();
+    let mut points: Vec<(f64, [f64; 3])> = Vec::new();
+    let point_dirs = |step: Step| -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
+        Ok(super::sweeps::points(run, step)?
+            .iter()
+            .map(|p| {
+                let dir = d.join(p.folder(step));
+                (dir.join("train"), dir.join("eval"))
+            })
+            .collect())
+    };
+    let mut dirs = point_dirs(Step::LearningCurve)?;
+    dirs.push((d.join("t1/sft-train"), d.join("t1/sft-constrained")));
+    for (train, eval) in &dirs {
+        if let Some((row, n, band)) = point_row(train, eval) {
+            rows.push(row);
+            points.push((n, band));
+        }
+    }
+    if rows.is_empty() {
+        writeln!(md, "(The learning-curve step has not run.)\n")?;
+    } else {
+        table(md, &POINT_HEADER, &rows);
+        if points.len() >= 2 {
+            let fig = d.join("figures");
+            std::fs::create_dir_all(&fig)?;
+            let series = |name: &str, i: usize| supportlm_plots::Series {
+                name: name.into(),
+                points: points.iter().map(|(n, b)| (n.log10(), b[i])).collect(),
+            };
+            supportlm_plots::line_chart(
+                &fig.join("learning_curve"),
+                "Task 1 SFT: macro-F1 against training examples",
+                "log10(training examples)",
+                "macro-F1",
+                &[
+                    series("macro-F1", 0),
+                    series("95% low", 1),
+                    series("95% high", 2),
+                ],
+            )?;
+            writeln!(md, "![Learning curve](figures/learning_curve.svg)\n")?;
+        }
+    }
+
+    writeln!(md, "## Learning rate (Task 1 SFT, constrained rule)\n")?;
+    writeln!(
+        md,
+        "QLoRA on {} balanced training examples, one epoch, the Task 1 config otherwise; each scored on \
+         {} seeded test items.\n",
+        b.hp_examples, b.sweep_items
+    )?;
+    let rows: Vec<Vec<String>> = point_dirs(Step::Hparams)?
+        .iter()
+        .filter_map(|(train, eval)| point_row(train, eval).map(|(row, _, _)| row))
+        .collect();
+    if rows.is_empty() {
+        writeln!(md, "(The learning-rate step has not run.)\n")?;
+    } else {
+        table(md, &POINT_HEADER, &rows);
+    }
     Ok(())
 }
 
