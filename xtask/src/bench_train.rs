@@ -16,21 +16,7 @@ use supportlm_model::lora::{Adapter, LoraConfig};
 use supportlm_model::model::Checkpoint;
 use supportlm_model::qlora::{Dropout, QloraModel, Sequence};
 use supportlm_train::optim::{AdamState, AdamW};
-use supportlm_train::trainer::Weights;
-
-/// `VmHWM` (peak resident set) and `VmRSS` of this process, in bytes.
-pub fn rss() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
-}
+use supportlm_train::trainer::{current_rss, peak_rss, Weights};
 
 /// A deterministic batch: `batch` rows of `seq` tokens, the second half of each row as targets.
 pub fn synthetic_batch(batch: usize, seq: usize, vocab: usize) -> Vec<Sequence> {
@@ -115,7 +101,7 @@ pub fn step(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<()> {
     let load_s = t.elapsed().as_secs_f64();
     // Training needs only the base built from the file: unmap the checkpoint.
     drop(ck);
-    let (_, rss_loaded) = rss();
+    let rss_loaded = current_rss();
     let data = synthetic_batch(batch, seq, model.config.vocab_size);
     let opt = AdamW::default();
     let mut weights = match mode {
@@ -141,7 +127,7 @@ pub fn step(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<()> {
     let t = Instant::now();
     let loss = run_step(&mut model)?;
     let step_s = t.elapsed().as_secs_f64();
-    let (peak, _) = rss();
+    let peak = peak_rss();
     let fp = model.footprint();
     let trainable: usize = sizes.iter().sum();
     println!(

@@ -90,11 +90,21 @@ pub struct TrainOutcome {
 
 /// Peak resident memory of this process (`VmHWM`), 0 where unknown.
 pub fn peak_rss() -> u64 {
+    proc_status_bytes("VmHWM:")
+}
+
+/// The process's resident memory now, in bytes (0 where `/proc` is not available).
+pub fn current_rss() -> u64 {
+    proc_status_bytes("VmRSS:")
+}
+
+/// A `kB` field of `/proc/self/status`, in bytes.
+fn proc_status_bytes(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse::<u64>().ok())
         })

@@ -341,6 +341,8 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
             name.to_string(),
             format!("{}x{}", v["batch"], v["seq"]),
             v["trainable"].to_string(),
+            // What a run saves: the adapter (LoRA) or the whole model (full), f32.
+            format!("{:.1}", f("trainable") * 4.0 / 1e6),
             format!("{:.1}", f("base_bytes") / 1e6),
             format!("{:.1}", f("peak_rss") / 1e6),
             format!("{:.2}", f("step_s")),
@@ -358,7 +360,9 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
             "Second of two steps (loss, gradients, AdamW update) on a synthetic batch, each mode in its own \
              process; the backend's matmul rate measured in the same step: {gemm:.1} GFLOP/s. Useful \
              FLOPs count the forward pass and the input gradients (and the weight gradients for full \
-             fine-tuning), not the per-layer recomputation.\n"
+             fine-tuning), not the per-layer recomputation. The QLoRA-NF4 mode is the one trained on the \
+             tasks above (its losses and test scores are in the fine-tuning and Task 1 sections); the \
+             others are measured on the step alone.\n"
         )?;
     }
     table(
@@ -367,6 +371,7 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
             "mode",
             "batch",
             "trainable params",
+            "saved weights MB",
             "base MB",
             "peak RSS MB",
             "s/step",
