@@ -501,13 +501,30 @@ fn sweeps(md: &mut String, run: &Run) -> anyhow::Result<()> {
     writeln!(md, "## Learning rate (Task 1 SFT, constrained rule)\n")?;
     writeln!(
         md,
-        "QLoRA on {} balanced training examples, one epoch, the Task 1 config otherwise; each scored on \
-         {} seeded test items.\n",
+        "QLoRA on {} balanced training examples, one epoch, the Task 1 config otherwise (its own rate \
+         taken from the learning curve when that has the same point); each scored on {} seeded test \
+         items.\n",
         b.hp_examples, b.sweep_items
     )?;
-    let rows: Vec<Vec<String>> = point_dirs(Step::Hparams)?
+    // The config's own rate at this budget may be a learning-curve point already: shown, not rerun.
+    let hp = super::sweeps::points(run, Step::Hparams)?;
+    let mut pts: Vec<(f64, String)> = hp.iter().map(|p| (p.lr, p.folder(Step::Hparams))).collect();
+    for p in super::sweeps::points(run, Step::LearningCurve)? {
+        if hp
+            .first()
+            .is_some_and(|h| h.examples == p.examples && h.epochs == p.epochs)
+            && !hp.iter().any(|h| h.lr == p.lr)
+        {
+            pts.push((p.lr, p.folder(Step::LearningCurve)));
+        }
+    }
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let rows: Vec<Vec<String>> = pts
         .iter()
-        .filter_map(|(train, eval)| point_row(train, eval).map(|(row, _, _)| row))
+        .filter_map(|(_, folder)| {
+            let dir = d.join(folder);
+            point_row(&dir.join("train"), &dir.join("eval")).map(|(row, _, _)| row)
+        })
         .collect();
     if rows.is_empty() {
         writeln!(md, "(The learning-rate step has not run.)\n")?;
