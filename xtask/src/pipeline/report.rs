@@ -453,18 +453,19 @@ fn sweeps(md: &mut String, run: &Run) -> anyhow::Result<()> {
          the main SFT run on its own test items.\n",
         b.curve_sizes, b.curve_min_seen, b.sweep_items
     )?;
+    let curve = super::sweeps::points(run, Step::LearningCurve)?;
+    let hp = super::sweeps::points(run, Step::Hparams)?;
+    // A point's training and evaluation folders.
+    let dirs_of = |p: &super::sweeps::Point, step: Step| {
+        let dir = d.join(p.folder(step));
+        (dir.join("train"), dir.join("eval"))
+    };
     let mut rows = Vec::new();
     let mut points: Vec<(f64, [f64; 3])> = Vec::new();
-    let point_dirs = |step: Step| -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
-        Ok(super::sweeps::points(run, step)?
-            .iter()
-            .map(|p| {
-                let dir = d.join(p.folder(step));
-                (dir.join("train"), dir.join("eval"))
-            })
-            .collect())
-    };
-    let mut dirs = point_dirs(Step::LearningCurve)?;
+    let mut dirs: Vec<(PathBuf, PathBuf)> = curve
+        .iter()
+        .map(|p| dirs_of(p, Step::LearningCurve))
+        .collect();
     dirs.push((d.join("t1/sft-train"), d.join("t1/sft-constrained")));
     for (train, eval) in &dirs {
         if let Some((row, n, band)) = point_row(train, eval) {
@@ -507,24 +508,23 @@ fn sweeps(md: &mut String, run: &Run) -> anyhow::Result<()> {
         b.hp_examples, b.sweep_items
     )?;
     // The config's own rate at this budget may be a learning-curve point already: shown, not rerun.
-    let hp = super::sweeps::points(run, Step::Hparams)?;
-    let mut pts: Vec<(f64, String)> = hp.iter().map(|p| (p.lr, p.folder(Step::Hparams))).collect();
-    for p in super::sweeps::points(run, Step::LearningCurve)? {
+    let mut pts: Vec<(f64, (PathBuf, PathBuf))> = hp
+        .iter()
+        .map(|p| (p.lr, dirs_of(p, Step::Hparams)))
+        .collect();
+    for p in &curve {
         if hp
             .first()
             .is_some_and(|h| h.examples == p.examples && h.epochs == p.epochs)
             && !hp.iter().any(|h| h.lr == p.lr)
         {
-            pts.push((p.lr, p.folder(Step::LearningCurve)));
+            pts.push((p.lr, dirs_of(p, Step::LearningCurve)));
         }
     }
     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
     let rows: Vec<Vec<String>> = pts
         .iter()
-        .filter_map(|(_, folder)| {
-            let dir = d.join(folder);
-            point_row(&dir.join("train"), &dir.join("eval")).map(|(row, _, _)| row)
-        })
+        .filter_map(|(_, (train, eval))| point_row(train, eval).map(|(row, _, _)| row))
         .collect();
     if rows.is_empty() {
         writeln!(md, "(The learning-rate step has not run.)\n")?;
