@@ -5,7 +5,8 @@
 //! `(i, i + d/2)`); an explicit [`KvCache`] passed to every forward. Weights are kept as
 //! `[out, in]` (the checkpoint layout) and multiplied through a transposed view.
 
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::cache::{KvCache, LayerCache};
@@ -178,8 +179,8 @@ impl Rope {
 
 impl DecoderLayer {
     /// Runs one layer on `x` (`[b, s, hidden]`), appending this step's keys and values to `cache`.
-    /// `cos`/`sin` come from [`Rope::tables`] for the step's positions; `mask` is additive,
-    /// `[b, 1, s, cached + s]`.
+    /// `cos`/`sin` come from [`Rope::tables`] for the step's positions; `mask` is `[b, 1, s, cached + s]`,
+    /// `0` where a query sees a key and `-1e30` where it does not (a query that sees nothing gets zeros).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -214,15 +215,14 @@ impl DecoderLayer {
         let q = rope.apply(q, cos, sin);
         let k = rope.apply(k, cos, sin);
         let (k, v) = cache.append(k, v);
-        let t = k.dims()[2];
         let rep = h / kvh;
-        // Query head q uses KV head q / rep: group the query heads of each KV head on one axis.
+        // Query head q uses KV head q / rep: group the query heads of each KV head on one axis, so the
+        // keys and values are never repeated; the mask repeats along that axis instead.
         let q = q.reshape([b, kvh, rep * s, d]);
-        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (d as f64).sqrt());
-        let scores = scores.reshape([b, h, s, t]) + mask.clone();
-        let probs = softmax(scores, 3).reshape([b, kvh, rep * s, t]);
-        let out = probs
-            .matmul(v)
+        let hidden_positions = mask.clone().lower_elem(MASK_BELOW).repeat_dim(2, rep);
+        // Burn's fused attention: burn-flex runs it per head with the masked scores at -inf (no
+        // materialized `[b, h, s, t]` softmax passes); autodiff differentiates its decomposition.
+        let out = attention(q, k, v, Some(hidden_positions), None, Default::default())
             .reshape([b, h, s, d])
             .swap_dims(1, 2)
             .reshape([b, s, h * d]);
@@ -231,6 +231,9 @@ impl DecoderLayer {
         x + layer.mlp.forward(n)
     }
 }
+
+/// Mask entries below this are hidden positions (the masks hold `0` for visible and `-1e30` for hidden).
+const MASK_BELOW: f32 = -1e29;
 
 /// The whole decoder: embeddings, layers, final norm and LM head.
 #[derive(Debug, Clone)]
