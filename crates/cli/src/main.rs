@@ -36,6 +36,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    supportlm_model::alloc::tune_for_tensors();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -14,9 +14,11 @@
 //!   [`qlora`] (the trainable model: loss and gradients, LoRA or full fine-tuning).
 //! - [`bert`]: the sentence encoder (all-MiniLM-L6-v2) for response similarity.
 //! - [`tiny`]: tiny random checkpoints (HF folder and GGUF) for tests and CI.
+//! - [`alloc`]: allocator settings the binaries apply for long tensor workloads.
 //!
 //! Not here: datasets, prompts for the study's tasks, training, metrics.
 
+pub mod alloc;
 pub mod base_quant;
 pub mod bert;
 pub mod cache;

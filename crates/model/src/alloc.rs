@@ -1,0 +1,33 @@
+//! Process-wide allocator settings for long CPU runs.
+//!
+//! A forward pass allocates and frees many tensors of a few megabytes. glibc serves blocks above its
+//! mmap threshold (128 KiB, growing only on free) with fresh `mmap`s, so every such tensor costs page
+//! faults and zeroed pages; and it trims the heap top back to the system on free. Raising both
+//! thresholds keeps freed blocks for reuse: measured on a 2-core machine, Task 1 0-shot scoring ran
+//! 15% faster (2.67 → 3.08 items/s, same predictions). No effect on other allocators or systems.
+
+/// Largest mmap threshold glibc accepts on 64-bit systems (its `DEFAULT_MMAP_THRESHOLD_MAX`).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: libc::c_int = 32 * 1024 * 1024;
+
+/// Keep up to this much free memory at the heap top before returning it to the system.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TRIM_THRESHOLD: libc::c_int = 1024 * 1024 * 1024;
+
+/// Applies the settings; call once at the start of a binary, before the work starts. Returns whether
+/// they were applied (only with glibc).
+pub fn tune_for_tensors() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
+        // starts allocating, and invalid values are rejected by returning 0.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
