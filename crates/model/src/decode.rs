@@ -4,6 +4,8 @@
 //! its KV cache is then carried over into a [`DecodeState`]. Same math, same layout (Hugging Face RoPE),
 //! tested against the Burn forward.
 
+use rayon::prelude::*;
+
 use crate::cache::KvCache;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
@@ -132,6 +134,73 @@ fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Head layout of one attention step: `kvh` key/value heads of width `d`, `rep` query heads each.
+#[derive(Debug, Clone, Copy)]
+struct HeadShape {
+    kvh: usize,
+    rep: usize,
+    d: usize,
+}
+
+/// Dot product in eight independent lanes (vectorizes; a fixed summation order, so deterministic).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// One row's attention output (`[heads × d]`) for query `q` over its cached keys and values
+/// (`[position][kvh × d]`); positions not `valid` are skipped. The query heads sharing a key/value head
+/// are scored in one pass over that head's keys.
+fn attend(q: &[f32], ks: &[f32], vs: &[f32], valid: &[bool], shape: HeadShape) -> Vec<f32> {
+    let HeadShape { kvh, rep, d } = shape;
+    let t = valid.len();
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0f32; kvh * rep * d];
+    let mut scores = vec![f32::NEG_INFINITY; rep * t];
+    for g in 0..kvh {
+        let heads = &q[g * rep * d..(g + 1) * rep * d];
+        for (pos, _) in valid.iter().enumerate().filter(|(_, v)| **v) {
+            let key = &ks[(pos * kvh + g) * d..(pos * kvh + g + 1) * d];
+            for (r, qh) in heads.chunks_exact(d).enumerate() {
+                scores[r * t + pos] = dot(qh, key) * scale;
+            }
+        }
+        for (r, row_scores) in scores.chunks_exact_mut(t).enumerate() {
+            let max = row_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if max == f32::NEG_INFINITY {
+                continue; // a padding row with nothing to attend to
+            }
+            let mut total = 0f32;
+            for s in row_scores.iter_mut() {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            let o = &mut out[(g * rep + r) * d..(g * rep + r + 1) * d];
+            for (pos, p) in row_scores.iter_mut().enumerate() {
+                if *p != 0.0 {
+                    let w = *p / total;
+                    let value = &vs[(pos * kvh + g) * d..(pos * kvh + g + 1) * d];
+                    o.iter_mut().zip(value).for_each(|(o, v)| *o += w * v);
+                }
+                *p = f32::NEG_INFINITY; // reset for the next key/value head
+            }
+        }
+    }
+    out
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
@@ -329,7 +398,6 @@ impl DecodeWeights {
                 row
             })
             .collect();
-        let scale = 1.0 / (d as f32).sqrt();
         for (li, layer) in self.layers.iter().enumerate() {
             let n: Vec<Vec<f32>> = x
                 .iter()
@@ -351,46 +419,26 @@ impl DecodeWeights {
             let mut q = split(0, q_out, layer.q_bias.as_ref());
             let mut k = split(q_out, kv_out, layer.k_bias.as_ref());
             let v = split(q_out + kv_out, kv_out, layer.v_bias.as_ref());
-            let mut attn_out = vec![vec![0f32; h * d]; b];
             for row in 0..b {
                 rope(&mut q[row], positions[row]);
                 rope(&mut k[row], positions[row]);
                 state.k[row][li].extend_from_slice(&k[row]);
                 state.v[row][li].extend_from_slice(&v[row]);
-                let (ks, vs, valid) = (&state.k[row][li], &state.v[row][li], &state.valid[row]);
-                let t = valid.len();
-                for head in 0..h {
-                    let g = head / rep;
-                    let qh = &q[row][head * d..(head + 1) * d];
-                    let mut scores: Vec<f32> = (0..t)
-                        .map(|pos| {
-                            if !valid[pos] {
-                                return f32::NEG_INFINITY;
-                            }
-                            let kv = &ks[(pos * kvh + g) * d..(pos * kvh + g + 1) * d];
-                            qh.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale
-                        })
-                        .collect();
-                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    if max == f32::NEG_INFINITY {
-                        continue; // a padding row with nothing to attend to
-                    }
-                    let mut total = 0f32;
-                    for s in &mut scores {
-                        *s = (*s - max).exp();
-                        total += *s;
-                    }
-                    let out = &mut attn_out[row][head * d..(head + 1) * d];
-                    for (pos, p) in scores.iter().enumerate() {
-                        if *p == 0.0 {
-                            continue;
-                        }
-                        let w = p / total;
-                        let vv = &vs[(pos * kvh + g) * d..(pos * kvh + g + 1) * d];
-                        out.iter_mut().zip(vv).for_each(|(o, v)| *o += w * v);
-                    }
-                }
             }
+            // Rows are independent: attend in parallel over the cached keys and values.
+            let shape = HeadShape { kvh, rep, d };
+            let attn_out: Vec<Vec<f32>> = (0..b)
+                .into_par_iter()
+                .map(|row| {
+                    attend(
+                        &q[row],
+                        &state.k[row][li],
+                        &state.v[row][li],
+                        &state.valid[row],
+                        shape,
+                    )
+                })
+                .collect();
             let o = matvec(&layer.o, &attn_out, layer.o_bias.as_ref());
             for (xr, or) in x.iter_mut().zip(&o) {
                 xr.iter_mut().zip(or).for_each(|(a, b)| *a += b);
