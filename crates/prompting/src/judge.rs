@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use supportlm_data::{Message, Role};
-use supportlm_model::generate::{generate, GenerateOptions};
-use supportlm_model::score::{encode_prefix, score_candidates};
+use supportlm_model::generate::{generate, generate_after, GenerateOptions};
+use supportlm_model::score::{encode_prefix, score_candidates, PrefixCache};
 use supportlm_model::Model;
 
 use crate::error::{PromptError, Result};
@@ -352,16 +352,40 @@ impl Judge<'_> {
 
 /// The judge's answer built by constrained scoring: after `{"relevance":` the most likely of ` 0` … ` 5`,
 /// and so on for each criterion; then a rationale generated up to its closing quote.
+///
+/// The rendered conversation (the long part: message, reference and reply) is encoded once; each step
+/// runs only the answer written so far after it. That equals encoding the whole text whenever the
+/// tokenizer splits the text at the prompt's end, which is checked; otherwise the whole text is encoded
+/// each time.
 fn constrained_answer(model: &Model, messages: &[Message]) -> Result<String> {
-    let mut text = model.template.render(messages, true)?;
+    let prompt = model.template.render(messages, true)?;
+    let prompt_ids = model.tokenizer.encode(&prompt, false)?;
+    let prompt_cache = encode_prefix(model, &prompt_ids)?;
+    // The prefix cache and the answer's tokens after it, for the answer written so far.
+    let split = |answer: &str| -> Result<(Option<PrefixCache>, Vec<u32>)> {
+        let ids = model
+            .tokenizer
+            .encode(&format!("{prompt}{answer}"), false)?;
+        Ok(match ids.strip_prefix(prompt_ids.as_slice()) {
+            Some(rest) if !rest.is_empty() => (None, rest.to_vec()),
+            // The tokenizer merged across the prompt's end: encode the whole text.
+            _ => (Some(encode_prefix(model, &ids)?), Vec::new()),
+        })
+    };
+    let mut text = String::new();
     let mut answer = serde_json::Map::new();
     for (i, (name, max)) in CRITERIA.iter().enumerate() {
         text += &format!("{}\"{name}\":", if i == 0 { "{" } else { ", " });
-        let prefix = encode_prefix(model, &model.tokenizer.encode(&text, false)?)?;
+        let (own, item) = split(&text)?;
         let candidates = (0..=*max)
             .map(|v| model.tokenizer.encode(&format!(" {v}"), false))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let scores = score_candidates(model, &prefix, &[], &candidates)?;
+        let scores = score_candidates(
+            model,
+            own.as_ref().unwrap_or(&prompt_cache),
+            &item,
+            &candidates,
+        )?;
         let best = scores
             .iter()
             .enumerate()
@@ -376,8 +400,13 @@ fn constrained_answer(model: &Model, messages: &[Message]) -> Result<String> {
         stop_strings: vec!["\"".into()],
         ..Default::default()
     };
-    let ids = model.tokenizer.encode(&text, false)?;
-    let g = generate(model, &[ids], &opts, &mut |_, _, _| {})?;
+    let g = match split(&text)? {
+        (None, item) => generate_after(model, &prompt_cache, &[item], &opts, &mut |_, _, _| {})?,
+        (Some(_), _) => {
+            let ids = model.tokenizer.encode(&format!("{prompt}{text}"), false)?;
+            generate(model, &[ids], &opts, &mut |_, _, _| {})?
+        }
+    };
     let rationale = g.into_iter().next().map(|g| g.text).unwrap_or_default();
     answer.insert("rationale".into(), rationale.trim().into());
     // serde_json escapes whatever the rationale holds.
