@@ -148,9 +148,10 @@ impl Budget {
                 t2_config: "configs/task2-response.toml",
                 shapes: vec![(8, 128), (4, 64)],
                 curve_sizes: vec![11, 110, 1100],
-                curve_min_seen: 220,
-                hp_lrs: vec![2e-4, 1e-3, 3e-3],
-                hp_examples: 330,
+                curve_min_seen: 110,
+                // The config's own rate (1e-3) on 110 examples is the learning curve's point.
+                hp_lrs: vec![2e-4, 3e-3],
+                hp_examples: 110,
                 sweep_items: 500,
                 seed,
             }
