@@ -450,6 +450,74 @@ pub fn summarize(judge: String, verdicts: &[Verdict], resamples: usize, seed: u6
 mod tests {
     use super::*;
 
+    /// The answer as first written: the whole text encoded from scratch at every step.
+    fn answer_from_scratch(model: &Model, messages: &[Message]) -> String {
+        let mut text = model.template.render(messages, true).unwrap();
+        let mut answer = serde_json::Map::new();
+        for (i, (name, max)) in CRITERIA.iter().enumerate() {
+            text += &format!("{}\"{name}\":", if i == 0 { "{" } else { ", " });
+            let prefix =
+                encode_prefix(model, &model.tokenizer.encode(&text, false).unwrap()).unwrap();
+            let candidates: Vec<Vec<u32>> = (0..=*max)
+                .map(|v| model.tokenizer.encode(&format!(" {v}"), false).unwrap())
+                .collect();
+            let scores = score_candidates(model, &prefix, &[], &candidates).unwrap();
+            let best = scores
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+                .map_or(0, |(v, _)| v);
+            text += &format!(" {best}");
+            answer.insert(name.to_string(), best.into());
+        }
+        text += ", \"rationale\": \"";
+        let opts = GenerateOptions {
+            max_new_tokens: 48,
+            stop_strings: vec!["\"".into()],
+            ..Default::default()
+        };
+        let ids = model.tokenizer.encode(&text, false).unwrap();
+        let g = generate(model, &[ids], &opts, &mut |_, _, _| {}).unwrap();
+        answer.insert("rationale".into(), g[0].text.trim().into());
+        serde_json::Value::Object(answer).to_string()
+    }
+
+    #[test]
+    fn constrained_answer_after_the_encoded_conversation_equals_encoding_it_every_time() {
+        use supportlm_model::config::Architecture;
+        use supportlm_model::{default_device, tiny};
+        let dir = tempfile::tempdir().unwrap();
+        let config = tiny::config(Architecture::Llama);
+        tiny::write_hf_dir(dir.path(), &config, 11, 1).unwrap();
+        let model = Model::load(dir.path(), &default_device()).unwrap();
+        for (message, reply) in [
+            (
+                "where is my order?",
+                "It ships tomorrow; here is the tracking link.",
+            ),
+            (
+                "cancel my plan",
+                "Sorry to see you go. Go to Settings > Plan > Cancel.",
+            ),
+        ] {
+            let r = Response {
+                id: 1,
+                message: message.into(),
+                category: "ORDER".into(),
+                reference: "I can help with that.".into(),
+                generated: reply.into(),
+                tokens: 0,
+                seconds: 0.0,
+                stop: supportlm_model::generate::StopReason::Eos,
+            };
+            let messages = judge_messages(&r);
+            assert_eq!(
+                constrained_answer(&model, &messages).unwrap(),
+                answer_from_scratch(&model, &messages)
+            );
+        }
+    }
+
     #[test]
     fn parses_json_anywhere_in_the_text() {
         let (s, why) = parse_verdict(
