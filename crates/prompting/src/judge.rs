@@ -350,6 +350,34 @@ impl Judge<'_> {
     }
 }
 
+/// Tokens of the prompt plus the answer so far: after the encoded prompt, or the whole text.
+enum Tokens {
+    After(Vec<u32>),
+    Whole(Vec<u32>),
+}
+
+/// The most likely score ` 0` … ` max` after `prefix` and `item` (ties to the lower score).
+fn best_score(model: &Model, prefix: &PrefixCache, item: &[u32], max: u32) -> Result<usize> {
+    let candidates = (0..=max)
+        .map(|v| model.tokenizer.encode(&format!(" {v}"), false))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let scores = score_candidates(model, prefix, item, &candidates)?;
+    Ok(scores
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+        .map_or(0, |(v, _)| v))
+}
+
+/// Generation settings of the rationale: up to its closing quote.
+fn rationale_options() -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: 48,
+        stop_strings: vec!["\"".into()],
+        ..Default::default()
+    }
+}
+
 /// The judge's answer built by constrained scoring: after `{"relevance":` the most likely of ` 0` … ` 5`,
 /// and so on for each criterion; then a rationale generated up to its closing quote.
 ///
@@ -361,51 +389,35 @@ fn constrained_answer(model: &Model, messages: &[Message]) -> Result<String> {
     let prompt = model.template.render(messages, true)?;
     let prompt_ids = model.tokenizer.encode(&prompt, false)?;
     let prompt_cache = encode_prefix(model, &prompt_ids)?;
-    // The prefix cache and the answer's tokens after it, for the answer written so far.
-    let split = |answer: &str| -> Result<(Option<PrefixCache>, Vec<u32>)> {
+    // The answer written so far: its tokens after the encoded prompt, or the whole text's tokens when
+    // the tokenizer merged across the prompt's end.
+    let split = |answer: &str| -> Result<Tokens> {
         let ids = model
             .tokenizer
             .encode(&format!("{prompt}{answer}"), false)?;
         Ok(match ids.strip_prefix(prompt_ids.as_slice()) {
-            Some(rest) if !rest.is_empty() => (None, rest.to_vec()),
-            // The tokenizer merged across the prompt's end: encode the whole text.
-            _ => (Some(encode_prefix(model, &ids)?), Vec::new()),
+            Some(rest) if !rest.is_empty() => Tokens::After(rest.to_vec()),
+            _ => Tokens::Whole(ids),
         })
     };
     let mut text = String::new();
     let mut answer = serde_json::Map::new();
     for (i, (name, max)) in CRITERIA.iter().enumerate() {
         text += &format!("{}\"{name}\":", if i == 0 { "{" } else { ", " });
-        let (own, item) = split(&text)?;
-        let candidates = (0..=*max)
-            .map(|v| model.tokenizer.encode(&format!(" {v}"), false))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let scores = score_candidates(
-            model,
-            own.as_ref().unwrap_or(&prompt_cache),
-            &item,
-            &candidates,
-        )?;
-        let best = scores
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-            .map_or(0, |(v, _)| v);
+        let best = match split(&text)? {
+            Tokens::After(item) => best_score(model, &prompt_cache, &item, *max)?,
+            Tokens::Whole(ids) => best_score(model, &encode_prefix(model, &ids)?, &[], *max)?,
+        };
         text += &format!(" {best}");
         answer.insert(name.to_string(), best.into());
     }
     text += ", \"rationale\": \"";
-    let opts = GenerateOptions {
-        max_new_tokens: 48,
-        stop_strings: vec!["\"".into()],
-        ..Default::default()
-    };
+    let opts = rationale_options();
     let g = match split(&text)? {
-        (None, item) => generate_after(model, &prompt_cache, &[item], &opts, &mut |_, _, _| {})?,
-        (Some(_), _) => {
-            let ids = model.tokenizer.encode(&format!("{prompt}{text}"), false)?;
-            generate(model, &[ids], &opts, &mut |_, _, _| {})?
+        Tokens::After(item) => {
+            generate_after(model, &prompt_cache, &[item], &opts, &mut |_, _, _| {})?
         }
+        Tokens::Whole(ids) => generate(model, &[ids], &opts, &mut |_, _, _| {})?,
     };
     let rationale = g.into_iter().next().map(|g| g.text).unwrap_or_default();
     answer.insert("rationale".into(), rationale.trim().into());
@@ -458,26 +470,13 @@ mod tests {
             text += &format!("{}\"{name}\":", if i == 0 { "{" } else { ", " });
             let prefix =
                 encode_prefix(model, &model.tokenizer.encode(&text, false).unwrap()).unwrap();
-            let candidates: Vec<Vec<u32>> = (0..=*max)
-                .map(|v| model.tokenizer.encode(&format!(" {v}"), false).unwrap())
-                .collect();
-            let scores = score_candidates(model, &prefix, &[], &candidates).unwrap();
-            let best = scores
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-                .map_or(0, |(v, _)| v);
+            let best = best_score(model, &prefix, &[], *max).unwrap();
             text += &format!(" {best}");
             answer.insert(name.to_string(), best.into());
         }
         text += ", \"rationale\": \"";
-        let opts = GenerateOptions {
-            max_new_tokens: 48,
-            stop_strings: vec!["\"".into()],
-            ..Default::default()
-        };
         let ids = model.tokenizer.encode(&text, false).unwrap();
-        let g = generate(model, &[ids], &opts, &mut |_, _, _| {}).unwrap();
+        let g = generate(model, &[ids], &rationale_options(), &mut |_, _, _| {}).unwrap();
         answer.insert("rationale".into(), g[0].text.trim().into());
         serde_json::Value::Object(answer).to_string()
     }
