@@ -35,6 +35,9 @@ pub fn synthetic_batch(batch: usize, seq: usize, vocab: usize) -> Vec<Sequence> 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
     Lora(BaseQuant),
+    /// LoRA with each layer recomputed in backward instead of its activations kept
+    /// (`QloraModel::store_activations` off): the memory-lean path.
+    LoraRecompute(BaseQuant),
     Full,
 }
 
@@ -49,6 +52,9 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::Lora(q) => q.as_str(),
+            Mode::LoraRecompute(BaseQuant::None) => "none-recompute",
+            Mode::LoraRecompute(BaseQuant::Int8) => "int8-recompute",
+            Mode::LoraRecompute(BaseQuant::Nf4) => "nf4-recompute",
             Mode::Full => "full",
         }
     }
@@ -56,7 +62,10 @@ impl Mode {
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         Ok(match s {
             "full" => Mode::Full,
-            other => Mode::Lora(other.parse()?),
+            other => match other.strip_suffix("-recompute") {
+                Some(q) => Mode::LoraRecompute(q.parse()?),
+                None => Mode::Lora(other.parse()?),
+            },
         })
     }
 }
@@ -93,19 +102,20 @@ pub fn step(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<()> {
     let ck = Checkpoint::open(&path).context("opening the default model")?;
     let device = default_device();
     let quant = match mode {
-        Mode::Lora(q) => q,
+        Mode::Lora(q) | Mode::LoraRecompute(q) => q,
         Mode::Full => BaseQuant::None,
     };
     let t = Instant::now();
     let mut model = ck.with_source(|src| QloraModel::load(src, &ck.config, quant, &device))?;
     let load_s = t.elapsed().as_secs_f64();
+    model.store_activations = !matches!(mode, Mode::LoraRecompute(_));
     // Training needs only the base built from the file: unmap the checkpoint.
     drop(ck);
     let rss_loaded = current_rss();
     let data = synthetic_batch(batch, seq, model.config.vocab_size);
     let opt = AdamW::default();
     let mut weights = match mode {
-        Mode::Lora(_) => Weights::Lora(Adapter::init(
+        Mode::Lora(_) | Mode::LoraRecompute(_) => Weights::Lora(Adapter::init(
             LoraConfig::default(),
             &model.config,
             "bench",
@@ -177,7 +187,7 @@ pub fn run() -> anyhow::Result<()> {
          second of two steps incl. AdamW; backend matmul {gemm:.1} GFLOP/s"
     );
     println!(
-        "{:<7} {:>9} {:>12} {:>9} {:>10} {:>10} {:>12} {:>9} {:>8}",
+        "{:<14} {:>7} {:>12} {:>9} {:>10} {:>10} {:>12} {:>9} {:>8}",
         "mode",
         "shape",
         "trainable",
@@ -189,26 +199,30 @@ pub fn run() -> anyhow::Result<()> {
         "loss"
     );
     let mut nf4_peak = 0.0;
-    for (batch, seq) in [(8, 128), (4, 64)] {
-        for mode in Mode::ALL {
-            let v = child(mode, batch, seq)?;
-            let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
-            let gflops = f("flops") / f("step_s") / 1e9;
-            println!(
-                "{:<7} {:>9} {:>12} {:>9.2} {:>10.1} {:>10.1} {:>11.0}% {:>9.1} {:>8.4}",
-                mode.name(),
-                format!("{batch}x{seq}"),
-                v["trainable"].as_u64().unwrap_or(0),
-                f("step_s"),
-                f("tokens") / f("step_s"),
-                gflops,
-                100.0 * gflops / gemm,
-                f("peak_rss") / 1e6,
-                f("loss"),
-            );
-            if mode == Mode::Lora(BaseQuant::Nf4) && batch == 8 {
-                nf4_peak = f("peak_rss");
-            }
+    let mut runs: Vec<(Mode, usize, usize)> = [(8, 128), (4, 64)]
+        .into_iter()
+        .flat_map(|(b, s)| Mode::ALL.map(|m| (m, b, s)))
+        .collect();
+    // The memory-lean path beside the default one, at the larger shape.
+    runs.insert(3, (Mode::LoraRecompute(BaseQuant::Nf4), 8, 128));
+    for (mode, batch, seq) in runs {
+        let v = child(mode, batch, seq)?;
+        let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+        let gflops = f("flops") / f("step_s") / 1e9;
+        println!(
+            "{:<14} {:>7} {:>12} {:>9.2} {:>10.1} {:>10.1} {:>11.0}% {:>9.1} {:>8.4}",
+            mode.name(),
+            format!("{batch}x{seq}"),
+            v["trainable"].as_u64().unwrap_or(0),
+            f("step_s"),
+            f("tokens") / f("step_s"),
+            gflops,
+            100.0 * gflops / gemm,
+            f("peak_rss") / 1e6,
+            f("loss"),
+        );
+        if mode == Mode::Lora(BaseQuant::Nf4) && batch == 8 {
+            nf4_peak = f("peak_rss");
         }
     }
     println!(

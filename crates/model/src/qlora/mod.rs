@@ -1,12 +1,16 @@
 //! The model being fine-tuned: a frozen base (f32, int8 or NF4 linear weights; f32 embeddings and norms,
 //! as QLoRA keeps them) plus a LoRA [`Adapter`], with the loss and its gradients for a batch.
 //!
-//! Memory design: the forward pass runs layer by layer without autodiff, keeping only each layer's input
-//! (`[b, s, hidden]`). Backward walks the layers in reverse: it dequantizes that layer's weights again,
-//! re-runs the layer on Burn's autodiff device with the LoRA factors (and the layer input) tracked, and
-//! back-propagates the incoming gradient through it. So at most one layer's dequantized weights and
-//! one layer's activations are alive at a time, gradients reach the input but never the frozen weights,
-//! and the 49k-wide logits exist only for a chunk of target positions at a time.
+//! Design: the forward pass runs layer by layer without autodiff, keeping what each layer's backward
+//! reads (its activations, see `backprop`); the loss is computed in chunks, so the 49k-wide logits
+//! exist only for a chunk of target positions at a time. Backward walks the layers in reverse: it
+//! dequantizes that layer's weights again and applies the hand-written backward of `backprop`, so
+//! gradients reach the input and the LoRA factors but never the frozen weights, and at most one
+//! layer's dequantized weights are alive at a time.
+//!
+//! With [`QloraModel::store_activations`] off, the forward pass keeps only each layer's input and
+//! backward re-runs each layer on Burn's autodiff device (a third forward pass's work, for one layer's
+//! activations in memory instead of all of them: for large models on small machines).
 
 use std::collections::BTreeMap;
 
@@ -22,6 +26,7 @@ use crate::llama::{to_vec, Attention, DecoderLayer, Linear, LoraDelta, Mlp, RmsN
 use crate::loader::TensorSource;
 use crate::lora::{Adapter, LoraPair, Target};
 
+mod backprop;
 mod full;
 mod layout;
 
@@ -178,23 +183,45 @@ impl Table {
         }
     }
 
+    /// The table as f32 blocks of rows, converted once (bf16 tables) for the many chunks of a step.
+    fn f32_blocks(&self, device: &Device) -> Blocks {
+        Blocks(
+            self.blocks()
+                .into_iter()
+                .map(|(s, l)| self.block(s, l, device))
+                .collect(),
+        )
+    }
+}
+
+/// A vocabulary table as consecutive f32 blocks of rows.
+struct Blocks(Vec<Tensor<2>>);
+
+impl Blocks {
     /// `h · Tᵀ`: `[n, cols]` → `[n, rows]`.
-    fn logits(&self, h: &Tensor<2>, device: &Device) -> Tensor<2> {
+    fn logits(&self, h: &Tensor<2>) -> Tensor<2> {
         let parts: Vec<Tensor<2>> = self
-            .blocks()
-            .into_iter()
-            .map(|(s, l)| h.clone().matmul(self.block(s, l, device).transpose()))
+            .0
+            .iter()
+            .map(|b| h.clone().matmul(b.clone().transpose()))
             .collect();
         Tensor::cat(parts, 1)
     }
 
     /// `d · T`: `[n, rows]` → `[n, cols]`.
-    fn back(&self, d: &Tensor<2>, device: &Device) -> Tensor<2> {
-        self.blocks()
-            .into_iter()
-            .map(|(s, l)| d.clone().narrow(1, s, l).matmul(self.block(s, l, device)))
-            .reduce(|a, b| a + b)
-            .unwrap_or_else(|| Tensor::zeros([d.dims()[0], 1], device))
+    fn back(&self, d: &Tensor<2>) -> Tensor<2> {
+        let mut start = 0;
+        let mut sum: Option<Tensor<2>> = None;
+        for b in &self.0 {
+            let len = b.dims()[0];
+            let part = d.clone().narrow(1, start, len).matmul(b.clone());
+            start += len;
+            sum = Some(match sum {
+                Some(acc) => acc + part,
+                None => part,
+            });
+        }
+        sum.unwrap_or_else(|| Tensor::zeros([d.dims()[0], 1], &d.device()))
     }
 }
 
@@ -224,6 +251,9 @@ pub struct QloraModel {
     pub loss_chunk: usize,
     /// Pack a batch's sequences around their shared prompt prefix (see `layout`); on by default.
     pub pack: bool,
+    /// Keep every layer's activations for the hand-written backward (on by default); off: keep only
+    /// layer inputs and recompute each layer with autodiff in backward (less memory, slower).
+    pub store_activations: bool,
 }
 
 fn tensor1(v: Vec<f32>, device: &Device) -> Tensor<1> {
@@ -312,6 +342,7 @@ impl QloraModel {
             device: device.clone(),
             loss_chunk: 64,
             pack: true,
+            store_activations: true,
         })
     }
 
@@ -468,6 +499,9 @@ impl QloraModel {
     ) -> Result<StepGrads> {
         adapter.validate_for(&self.config)?;
         let layout = self.check_batch(batch)?;
+        if self.store_activations {
+            return self.grads_from_saved(adapter, &layout, dropout);
+        }
         let (b, s) = (layout.b, layout.s);
         let hidden = self.config.hidden_size;
         let scale = adapter.config.scale();
@@ -514,6 +548,76 @@ impl QloraModel {
                 ));
             }
         }
+        Ok(StepGrads { loss, grads })
+    }
+
+    /// [`Self::loss_and_grads`] with every layer's activations kept in the forward pass and the
+    /// hand-written backward of `backprop` (no recomputation, no autodiff in the layers).
+    fn grads_from_saved(
+        &self,
+        adapter: &Adapter,
+        layout: &Layout,
+        dropout: Option<Dropout>,
+    ) -> Result<StepGrads> {
+        let (b, s) = (layout.b, layout.s);
+        let c = &self.config;
+        let hidden = c.hidden_size;
+        let scale = adapter.config.scale();
+        let (cos, sin, mask) = layout.tensors(&self.rope, &self.device);
+        let sin_neg = sin.clone().neg();
+        let grouped_mask = mask.repeat_dim(2, c.num_attention_heads / c.kv_heads());
+        let geometry = backprop::Geometry {
+            b,
+            s,
+            rope: &self.rope,
+            cos: &cos,
+            sin: &sin,
+            sin_neg: &sin_neg,
+            grouped_mask: &grouped_mask,
+        };
+        let layer = |l: usize| {
+            let lora = self.lora_tensors(adapter, l, false);
+            self.layer(l, &lora, scale, dropout, b * s)
+        };
+
+        let clock = std::time::Instant::now();
+        let mut x = self.embed(layout).reshape([b * s, hidden]);
+        let mut saved = Vec::with_capacity(self.layers.len());
+        for l in 0..self.layers.len() {
+            let (next, kept) = backprop::forward_saving(c, &layer(l), x, &geometry);
+            saved.push(kept);
+            x = next;
+        }
+        let t_forward = clock.elapsed();
+        let (loss, grad) = self.head_loss(x.reshape([b, s, hidden]), layout, true)?;
+        let mut grad = match grad {
+            Some(g) => g.reshape([b * s, hidden]),
+            None => Tensor::zeros([b * s, hidden], &self.device),
+        };
+        let t_head = clock.elapsed() - t_forward;
+        let mut grads = BTreeMap::new();
+        for l in (0..self.layers.len()).rev() {
+            let kept = saved
+                .pop()
+                .ok_or_else(|| ModelError::Input("a layer's activations are missing".into()))?;
+            let (dx, pairs) = backprop::backward(c, &layer(l), kept, grad, &geometry);
+            for (t, (da, db)) in pairs {
+                grads.insert(
+                    (l, t),
+                    LoraPair {
+                        a: to_vec(da)?,
+                        b: to_vec(db)?,
+                    },
+                );
+            }
+            grad = dx;
+        }
+        tracing::debug!(
+            forward_ms = t_forward.as_millis() as u64,
+            head_ms = t_head.as_millis() as u64,
+            backward_ms = (clock.elapsed() - t_forward - t_head).as_millis() as u64,
+            "training step (stored activations)"
+        );
         Ok(StepGrads { loss, grads })
     }
 
@@ -650,13 +754,14 @@ impl QloraModel {
             .reshape([m, hidden]);
         let h_plain = h.clone().inner();
 
+        let table = head.f32_blocks(&self.device);
         let mut sum = 0f64;
         let mut dh_chunks = Vec::new();
         let mut dhead: Option<Tensor<2>> = None;
         for start in (0..m).step_by(self.loss_chunk.max(1)) {
             let len = self.loss_chunk.max(1).min(m - start);
             let hc = h_plain.clone().narrow(0, start, len);
-            let logp = log_softmax(head.logits(&hc, &self.device), 1);
+            let logp = log_softmax(table.logits(&hc), 1);
             let tgt = Tensor::<2, Int>::from_data(
                 TensorData::new(targets[start..start + len].to_vec(), [len, 1]),
                 &self.device,
@@ -664,12 +769,10 @@ impl QloraModel {
             let picked = to_vec(logp.clone().gather(1, tgt.clone()))?;
             sum -= picked.iter().map(|&v| v as f64).sum::<f64>();
             if want_grad {
-                let ones = Tensor::<2>::ones([len, 1], &self.device);
-                let dlogits =
-                    logp.exp()
-                        - Tensor::zeros(logp_dims(len, self.config.vocab_size), &self.device)
-                            .scatter(1, tgt, ones, IndexingUpdateOp::Add);
-                dh_chunks.push(head.back(&dlogits, &self.device));
+                // softmax − one-hot of the target.
+                let minus_one = Tensor::<2>::full([len, 1], -1.0, &self.device);
+                let dlogits = logp.exp().scatter(1, tgt, minus_one, IndexingUpdateOp::Add);
+                dh_chunks.push(table.back(&dlogits));
                 if full {
                     let d = dlogits.transpose().matmul(hc);
                     dhead = Some(match dhead.take() {
@@ -718,10 +821,6 @@ struct HeadOut {
     dnorm: Option<Tensor<1>>,
     /// Gradient of the LM head table, `[vocab, hidden]` (full fine-tuning).
     dhead: Option<Tensor<2>>,
-}
-
-fn logp_dims(rows: usize, vocab: usize) -> [usize; 2] {
-    [rows, vocab]
 }
 
 /// SplitMix64: a counter-based generator, so every mask element is a pure function of
@@ -788,13 +887,17 @@ mod tests {
             ),
             &device,
         );
-        let a = to_vec(f32_table.logits(&h, &device)).unwrap();
-        let b = to_vec(bf16_table.logits(&h, &device)).unwrap();
+        let (f32_blocks, bf16_blocks) = (
+            f32_table.f32_blocks(&device),
+            bf16_table.f32_blocks(&device),
+        );
+        let a = to_vec(f32_blocks.logits(&h)).unwrap();
+        let b = to_vec(bf16_blocks.logits(&h)).unwrap();
         assert_eq!(a.len(), 2 * rows);
         assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5));
-        let d = f32_table.logits(&h, &device);
-        let a = to_vec(f32_table.back(&d, &device)).unwrap();
-        let b = to_vec(bf16_table.back(&d, &device)).unwrap();
+        let d = f32_blocks.logits(&h);
+        let a = to_vec(f32_blocks.back(&d)).unwrap();
+        let b = to_vec(bf16_blocks.back(&d)).unwrap();
         assert!(a
             .iter()
             .zip(&b)
