@@ -1,4 +1,5 @@
-//! Project automation: `cargo xtask setup`, `cargo xtask pipeline`, `cargo xtask bench`, `cargo xtask test`.
+//! Project automation: `cargo xtask setup`, `cargo xtask pipeline`, `cargo xtask publish`, `cargo xtask bench`,
+//! `cargo xtask repro`, `cargo xtask test`.
 //!
 //! The pipeline grows step by step with the project; every step writes under `runs/<name>/`.
 
@@ -35,6 +36,12 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Copy a finished run's report into docs/ (RESULTS.md, its figures, report.html).
+    Publish {
+        /// The run under runs/.
+        #[arg(long, default_value = "full")]
+        name: String,
+    },
     /// Fetch what the tests need (setup), then run the whole test suite.
     Test,
 }
@@ -53,6 +60,10 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Setup => setup::run(&pipeline::workspace_root()),
         Command::Repro { tiny, seed } => repro::run(tiny, seed),
+        Command::Publish { name } => {
+            let root = pipeline::workspace_root();
+            pipeline::publish(&root.join("runs").join(name), &root.join("docs"))
+        }
         Command::Test => setup::run(&pipeline::workspace_root()).and_then(|()| run_tests()),
     };
     match result {

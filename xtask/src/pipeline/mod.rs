@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use supportlm_data::fsio::{sha256_hex, write_atomic};
 
 pub use data::workspace_root;
+pub use report::publish;
 
 #[derive(Args)]
 pub struct PipelineArgs {
@@ -164,7 +165,12 @@ impl Budget {
 pub struct StepRecord {
     pub step: Step,
     pub hash: String,
+    /// Wall time of the step, interrupted attempts included.
     pub seconds: f64,
+    /// The part of `seconds` spent in earlier, interrupted attempts (each counted from its start to
+    /// the last write to the step's log or outputs).
+    #[serde(default)]
+    pub interrupted_seconds: f64,
 }
 
 /// The run folder and what the steps share.
@@ -240,9 +246,13 @@ impl Run {
         Ok(sha256_hex(text.as_bytes()))
     }
 
+    fn log_path(&self, step: Step) -> PathBuf {
+        self.dir.join("logs").join(format!("{}.log", step.name()))
+    }
+
     /// Runs `supportlm` with `args`, its output going to the step's log.
     pub fn supportlm(&self, step: Step, args: &[String]) -> anyhow::Result<()> {
-        let log_path = self.dir.join("logs").join(format!("{}.log", step.name()));
+        let log_path = self.log_path(step);
         std::fs::create_dir_all(self.dir.join("logs"))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -287,6 +297,40 @@ fn build_cli(root: &Path) -> anyhow::Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join("target"));
     Ok(target.join("debug").join("supportlm"))
+}
+
+fn read_seconds(path: &Path) -> f64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// How long an interrupted attempt ran: from its start (when `started` was written) to the last
+/// write to the step's log or outputs. 0 when unknown.
+fn interrupted_seconds(started: &Path, log: &Path, outputs: &[PathBuf]) -> f64 {
+    let Some(start) = std::fs::metadata(started).and_then(|m| m.modified()).ok() else {
+        return 0.0;
+    };
+    let last = std::iter::once(log)
+        .chain(outputs.iter().map(PathBuf::as_path))
+        .filter_map(latest_write)
+        .max();
+    last.and_then(|t| t.duration_since(start).ok())
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The latest modification time of the file `path` or of the files under the folder `path`.
+fn latest_write(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| latest_write(&e.path()))
+        .max()
 }
 
 fn step_outputs(run: &Run, step: Step) -> anyhow::Result<Vec<PathBuf>> {
@@ -479,7 +523,14 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         }
         // Outputs of an interrupted attempt with the same inputs are continued; others are removed.
         let same_attempt = std::fs::read_to_string(&started_path).is_ok_and(|h| h == hash);
-        if !same_attempt {
+        let earlier_path = run.steps_dir().join(format!("{}.earlier", step.name()));
+        let mut earlier = 0.0;
+        if same_attempt {
+            earlier = read_seconds(&earlier_path)
+                + interrupted_seconds(&started_path, &run.log_path(step), &outputs);
+            write_atomic(&earlier_path, format!("{earlier}").as_bytes())?;
+        } else {
+            let _ = std::fs::remove_file(&earlier_path);
             for p in &outputs {
                 if p.exists() {
                     std::fs::remove_dir_all(p)
@@ -493,13 +544,15 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
         let record = StepRecord {
             step,
             hash,
-            seconds: t.elapsed().as_secs_f64(),
+            seconds: earlier + t.elapsed().as_secs_f64(),
+            interrupted_seconds: earlier,
         };
         write_atomic(
             &record_path,
             serde_json::to_string_pretty(&record)?.as_bytes(),
         )?;
         let _ = std::fs::remove_file(&started_path);
+        let _ = std::fs::remove_file(&earlier_path);
         eprintln!("[{}] finished in {:.0}s", step.name(), record.seconds);
     }
     let report = run.dir.join("report.md");
@@ -530,6 +583,41 @@ mod tests {
             exe: PathBuf::new(),
         };
         Step::ALL.iter().map(|&s| run.hash(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn an_interrupted_attempt_counts_until_its_last_write() {
+        use std::time::{Duration, SystemTime};
+        let dir = tempfile::tempdir().unwrap();
+        let at = |p: &Path, t: SystemTime| {
+            std::fs::File::options()
+                .append(true)
+                .open(p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap()
+        };
+        let t0 = SystemTime::now() - Duration::from_secs(1000);
+        let started = dir.path().join("x.started");
+        let log = dir.path().join("x.log");
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(out.join("inner")).unwrap();
+        for p in [&started, &log, &out.join("inner/metrics.jsonl")] {
+            std::fs::write(p, "x").unwrap();
+        }
+        at(&started, t0);
+        at(&log, t0 + Duration::from_secs(100));
+        at(
+            &out.join("inner/metrics.jsonl"),
+            t0 + Duration::from_secs(250),
+        );
+        // Directories count by their newest file, not their own time.
+        let s = interrupted_seconds(&started, &log, std::slice::from_ref(&out));
+        assert!((250.0..1000.0).contains(&s), "{s}");
+        assert_eq!(
+            interrupted_seconds(&dir.path().join("none"), &log, &[]),
+            0.0
+        );
     }
 
     #[test]

@@ -100,10 +100,23 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for step in Step::ALL {
         if let Some(r) = run.record(step) {
-            rows.push(vec![step.name().to_string(), format!("{:.0}", r.seconds)]);
+            let mut seconds = format!("{:.0}", r.seconds);
+            if r.interrupted_seconds > 0.0 {
+                seconds += &format!(
+                    " (resumed; {:.0} before the interruption)",
+                    r.interrupted_seconds
+                );
+            }
+            rows.push(vec![step.name().to_string(), seconds]);
         }
     }
     writeln!(md, "## Steps\n")?;
+    writeln!(
+        md,
+        "Command: `{}`. Machine (where the report was written): {}.\n",
+        command(run),
+        machine()
+    )?;
     table(&mut md, &["step", "seconds"], &rows);
 
     writeln!(md, "## Data\n")?;
@@ -400,6 +413,101 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The command that makes (or continues) this run.
+fn command(run: &Run) -> String {
+    let b = &run.budget;
+    let mut c = String::from("cargo xtask pipeline");
+    if b.quick {
+        c += " --quick";
+    }
+    if run.name != if b.quick { "quick" } else { "full" } {
+        c += &format!(" --name {}", run.name);
+    }
+    if b.seed != 42 {
+        c += &format!(" --seed {}", b.seed);
+    }
+    c
+}
+
+/// CPU model, logical cores and memory of this machine (Linux `/proc`; what is unknown is left out).
+fn machine() -> String {
+    let field = |file: &str, key: &str| {
+        std::fs::read_to_string(file).ok().and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+    };
+    let mut parts = Vec::new();
+    if let Some(cpu) = field("/proc/cpuinfo", "model name") {
+        parts.push(cpu);
+    }
+    if let Ok(n) = std::thread::available_parallelism() {
+        parts.push(format!("{n} logical cores"));
+    }
+    if let Some(kb) = field("/proc/meminfo", "MemTotal")
+        .and_then(|v| v.trim_end_matches("kB").trim().parse::<f64>().ok())
+    {
+        parts.push(format!("{:.0} GiB memory", kb / (1024.0 * 1024.0)));
+    }
+    parts.push(format!(
+        "{} {}",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    ));
+    parts.join(", ")
+}
+
+/// Publishes a run's report into `docs`: `RESULTS.md` (the report with its figure links pointing
+/// into `results/`), the figures it links and `results/report.html`.
+pub fn publish(run_dir: &Path, docs: &Path) -> anyhow::Result<()> {
+    let md_path = run_dir.join("report.md");
+    let md = std::fs::read_to_string(&md_path).with_context(|| {
+        format!(
+            "reading {} (run the pipeline's report step first)",
+            md_path.display()
+        )
+    })?;
+    let out = docs.join("results");
+    let mut published = String::with_capacity(md.len());
+    let mut rest = md.as_str();
+    // Figures are written as `![caption](relative/path.svg)`.
+    while let Some(at) = rest.find("](") {
+        let (head, tail) = rest.split_at(at + 2);
+        published += head;
+        let end = tail.find(')').unwrap_or(tail.len());
+        let target = &tail[..end];
+        let is_image = head[..at]
+            .rfind('[')
+            .is_some_and(|i| head[..i].ends_with('!'));
+        if is_image && !target.contains("://") && !target.starts_with('/') {
+            let from = run_dir.join(target);
+            let to = out.join(target);
+            let bytes = std::fs::read(&from)
+                .with_context(|| format!("reading the figure {}", from.display()))?;
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            write_atomic(&to, &bytes)?;
+            published += "results/";
+        }
+        published += target;
+        rest = &tail[end..];
+    }
+    published += rest;
+    std::fs::create_dir_all(&out)?;
+    let html = std::fs::read(run_dir.join("report.html")).context("reading report.html")?;
+    write_atomic(&out.join("report.html"), &html)?;
+    write_atomic(&docs.join("RESULTS.md"), published.as_bytes())?;
+    eprintln!(
+        "published {} to {}",
+        md_path.display(),
+        docs.join("RESULTS.md").display()
+    );
+    Ok(())
+}
+
 /// A point's row: training examples, epochs, steps, best validation loss, test items, accuracy,
 /// macro-F1; and its macro-F1 interval for the chart.
 fn point_row(train: &Path, eval: &Path) -> Option<(Vec<String>, f64, [f64; 3])> {
@@ -644,6 +752,35 @@ pub fn to_html(md: &str, base: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publishing_copies_the_linked_figures_and_points_the_links_at_them() {
+        let run = tempfile::tempdir().unwrap();
+        let docs = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(run.path().join("t1/a")).unwrap();
+        std::fs::write(run.path().join("t1/a/c.svg"), "<svg/>").unwrap();
+        std::fs::write(
+            run.path().join("report.md"),
+            "# R\n\n![C](t1/a/c.svg)\n\nsee [site](https://x.org) and (not a link)\n",
+        )
+        .unwrap();
+        std::fs::write(run.path().join("report.html"), "<html/>").unwrap();
+        publish(run.path(), docs.path()).unwrap();
+        let md = std::fs::read_to_string(docs.path().join("RESULTS.md")).unwrap();
+        assert_eq!(
+            md,
+            "# R\n\n![C](results/t1/a/c.svg)\n\nsee [site](https://x.org) and (not a link)\n"
+        );
+        let svg = std::fs::read_to_string(docs.path().join("results/t1/a/c.svg")).unwrap();
+        assert_eq!(svg, "<svg/>");
+        assert!(docs.path().join("results/report.html").exists());
+        // A linked figure that is missing is an error naming it, and nothing is published.
+        std::fs::write(run.path().join("report.md"), "![X](gone.svg)\n").unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let err = publish(run.path(), other.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("gone.svg"), "{err:#}");
+        assert!(!other.path().join("RESULTS.md").exists());
+    }
 
     #[test]
     fn html_has_tables_code_and_inlined_figures() {
