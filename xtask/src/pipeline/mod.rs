@@ -280,6 +280,21 @@ impl Run {
         Ok(())
     }
 
+    /// Runs an evaluation (`supportlm eval … --out DIR`) unless DIR holds a finished one: a step
+    /// resumed after an interruption does not redo the evaluations it had finished.
+    fn evaluation(&self, step: Step, args: &[String]) -> anyhow::Result<()> {
+        let out = args
+            .iter()
+            .position(|a| a == "--out")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from);
+        if let Some(out) = out.filter(|o| finished_evaluation(o)) {
+            eprintln!("[{}] {} finished before: kept", step.name(), out.display());
+            return Ok(());
+        }
+        self.supportlm(step, args)
+    }
+
     pub fn path(&self, rel: &str) -> String {
         self.dir.join(rel).display().to_string()
     }
@@ -297,6 +312,17 @@ fn build_cli(root: &Path) -> anyhow::Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join("target"));
     Ok(target.join("debug").join("supportlm"))
+}
+
+/// An evaluation folder whose run finished: its metrics are written and no partial results are left
+/// (the evaluations write `metrics.json` last, then remove their `*.partial.jsonl`).
+fn finished_evaluation(out: &Path) -> bool {
+    let partial = std::fs::read_dir(out).ok().is_some_and(|entries| {
+        entries
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().ends_with(".partial.jsonl"))
+    });
+    out.join("metrics.json").exists() && !partial
 }
 
 fn read_seconds(path: &Path) -> f64 {
@@ -390,7 +416,7 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
                     if *method == "sft" {
                         args.extend([s("--adapter"), run.path("t1/sft-train/best-adapter")]);
                     }
-                    run.supportlm(step, &args)?;
+                    run.evaluation(step, &args)?;
                 }
             }
             if step == Step::T1Baselines {
@@ -459,7 +485,7 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
                 if *method == "sft" {
                     args.extend([s("--adapter"), run.path("t2/sft-train/best-adapter")]);
                 }
-                run.supportlm(step, &args)?;
+                run.evaluation(step, &args)?;
             }
             Ok(())
         }
@@ -583,6 +609,22 @@ mod tests {
             exe: PathBuf::new(),
         };
         Step::ALL.iter().map(|&s| run.hash(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn an_evaluation_is_finished_when_its_metrics_are_written_and_no_partial_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path();
+        assert!(!finished_evaluation(&out.join("missing")));
+        std::fs::write(out.join("predictions.partial.jsonl"), "").unwrap();
+        assert!(!finished_evaluation(out));
+        std::fs::write(out.join("metrics.json"), "{}").unwrap();
+        assert!(
+            !finished_evaluation(out),
+            "metrics with a partial file left"
+        );
+        std::fs::remove_file(out.join("predictions.partial.jsonl")).unwrap();
+        assert!(finished_evaluation(out));
     }
 
     #[test]
