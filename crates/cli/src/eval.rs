@@ -10,7 +10,7 @@ use supportlm_data::{load_csv, shipped, split, Record, SplitConfig, SplitName, S
 use supportlm_model::{default_device, Model};
 use supportlm_prompting::report::{metrics, write_run, RunInfo};
 use supportlm_prompting::Prediction;
-use supportlm_prompting::{classify, ClassifyOptions, Decision, Method};
+use supportlm_prompting::{classify, classify_both, ClassifyOptions, Decision, Method};
 
 use crate::generate::DEFAULT_MODEL;
 use crate::resume::{claim_folder, item_bar, run_chunks};
@@ -32,10 +32,12 @@ pub(crate) enum MethodArg {
     Sft,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
 enum DecisionArg {
     Generate,
     Constrained,
+    /// Both rules from one pass per item: constrained results to --out, generated to --generate-out.
+    Both,
 }
 
 #[derive(Args)]
@@ -64,6 +66,9 @@ pub struct ClassifyArgs {
     /// Output folder (predictions.jsonl, metrics.json, classification_report.csv, confusion.csv).
     #[arg(long)]
     out: PathBuf,
+    /// With --decision both: the output folder of the generate rule (--out gets the constrained one).
+    #[arg(long)]
+    generate_out: Option<PathBuf>,
 }
 
 /// Which Task 1 items are evaluated (the same for every method).
@@ -166,13 +171,26 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
     if task == Task::Response {
         bail!("eval classify is for the category and intent tasks (the response task has `eval respond`)");
     }
+    let outputs: Vec<(Decision, PathBuf)> = match (args.decision, &args.generate_out) {
+        (DecisionArg::Both, Some(g)) => {
+            if g == &args.out {
+                bail!("--generate-out must differ from --out");
+            }
+            vec![
+                (Decision::Constrained, args.out.clone()),
+                (Decision::Generate, g.clone()),
+            ]
+        }
+        (DecisionArg::Both, None) => {
+            bail!("--decision both needs --generate-out DIR for the generate rule's results")
+        }
+        (_, Some(_)) => bail!("--generate-out goes with --decision both"),
+        (DecisionArg::Generate, None) => vec![(Decision::Generate, args.out.clone())],
+        (DecisionArg::Constrained, None) => vec![(Decision::Constrained, args.out.clone())],
+    };
     let splits = load_splits(args.items.data.as_deref(), task)?;
     let method = method_of(args.method, args.adapter.as_deref(), &args.model)?;
     let adapter = args.adapter.clone();
-    let decision = match args.decision {
-        DecisionArg::Generate => Decision::Generate,
-        DecisionArg::Constrained => Decision::Constrained,
-    };
     let model = load_model(&args.model, adapter.as_deref())?;
     let records = sample(
         &splits.get(args.items.split).records,
@@ -193,68 +211,96 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
     let options = ClassifyOptions {
         task,
         method,
-        decision,
+        decision: outputs[0].0,
         examples,
         length_normalize: args.length_normalize,
         max_new_tokens: if task == Task::Intent { 12 } else { 8 },
         batch: 8,
     };
     // Resumable: predictions are appended to a partial file chunk by chunk; a rerun with the same
-    // settings continues after the items already there.
-    let settings = serde_json::json!({
-        "task": task.as_str(), "method": method.as_str(), "decision": decision.as_str(),
-        "model": args.model.display().to_string(), "adapter": adapter.as_ref().map(|a| a.display().to_string()),
-        "split": args.items.split.as_str(), "limit": args.items.limit, "k": args.k, "seed": args.items.seed,
-        "length_normalize": args.length_normalize,
-    });
-    claim_folder(&args.out, &settings)?;
-    let partial = args.out.join("predictions.partial.jsonl");
+    // settings continues after the items already there. Each output folder records the settings of
+    // its own rule, as a run of that rule alone would.
+    for (decision, out) in &outputs {
+        let settings = serde_json::json!({
+            "task": task.as_str(), "method": method.as_str(), "decision": decision.as_str(),
+            "model": args.model.display().to_string(), "adapter": adapter.as_ref().map(|a| a.display().to_string()),
+            "split": args.items.split.as_str(), "limit": args.items.limit, "k": args.k, "seed": args.items.seed,
+            "length_normalize": args.length_normalize,
+        });
+        claim_folder(out, &settings)?;
+    }
     let bar = item_bar(records.len(), "items");
     let started = Instant::now();
-    let (done, todo_items) = run_chunks(
-        &partial,
-        &records,
-        64,
-        |p: &Prediction| p.id,
-        &bar,
-        &mut |chunk, progress| Ok(classify(&model, chunk, &options, &mut |n, _| progress(n))?),
-    )?;
-    let predictions = done;
-    let info = RunInfo {
-        task: task.to_string(),
-        method: method.as_str().into(),
-        decision: decision.as_str().into(),
-        model: args.model.display().to_string(),
-        adapter: adapter.map(|a| a.display().to_string()),
-        split: args.items.split.as_str().into(),
-        few_shot_k: if method == Method::FewShot { args.k } else { 0 },
-        seed: args.items.seed,
-        seconds: started.elapsed().as_secs_f64(),
-        items_timed: todo_items,
+    let (per_rule, todo_items, partial): (Vec<Vec<Prediction>>, usize, PathBuf) = if outputs.len()
+        == 2
+    {
+        let partial = args.out.join("predictions-both.partial.jsonl");
+        let (done, todo) = run_chunks(
+            &partial,
+            &records,
+            64,
+            |p: &(Prediction, Prediction)| p.0.id,
+            &bar,
+            &mut |chunk, progress| {
+                Ok(classify_both(&model, chunk, &options, &mut |n, _| {
+                    progress(n)
+                })?)
+            },
+        )?;
+        let (c, g) = done.into_iter().unzip();
+        (vec![c, g], todo, partial)
+    } else {
+        let partial = args.out.join("predictions.partial.jsonl");
+        let (done, todo) = run_chunks(
+            &partial,
+            &records,
+            64,
+            |p: &Prediction| p.id,
+            &bar,
+            &mut |chunk, progress| Ok(classify(&model, chunk, &options, &mut |n, _| progress(n))?),
+        )?;
+        (vec![done], todo, partial)
     };
-    let m = metrics(
-        &task.labels(),
-        &predictions,
-        info,
-        args.bootstrap,
-        args.items.seed,
-    );
-    write_run(&args.out, &predictions, &m)?;
+    let seconds = started.elapsed().as_secs_f64();
+    for ((decision, out), predictions) in outputs.iter().zip(per_rule) {
+        let info = RunInfo {
+            task: task.to_string(),
+            method: method.as_str().into(),
+            decision: decision.as_str().into(),
+            model: args.model.display().to_string(),
+            adapter: adapter.as_ref().map(|a| a.display().to_string()),
+            split: args.items.split.as_str().into(),
+            few_shot_k: if method == Method::FewShot { args.k } else { 0 },
+            seed: args.items.seed,
+            // With both rules the time is the shared pass's.
+            seconds,
+            items_timed: todo_items,
+        };
+        let m = metrics(
+            &task.labels(),
+            &predictions,
+            info,
+            args.bootstrap,
+            args.items.seed,
+        );
+        write_run(out, &predictions, &m)?;
+        println!(
+            "{task} {} {}: accuracy {:.4} [{:.4}, {:.4}], macro-F1 {:.4} [{:.4}, {:.4}], failed extractions {:.2}%, {:.2} items/s{}",
+            method.as_str(),
+            decision.as_str(),
+            m.accuracy.estimate,
+            m.accuracy.low,
+            m.accuracy.high,
+            m.macro_f1.estimate,
+            m.macro_f1.low,
+            m.macro_f1.high,
+            100.0 * m.extraction_failed_rate,
+            m.items_per_s,
+            if outputs.len() == 2 { " (both rules in one pass)" } else { "" }
+        );
+        println!("written to {}", out.display());
+    }
     std::fs::remove_file(&partial)?;
-    println!(
-        "{task} {} {}: accuracy {:.4} [{:.4}, {:.4}], macro-F1 {:.4} [{:.4}, {:.4}], failed extractions {:.2}%, {:.2} items/s",
-        method.as_str(),
-        decision.as_str(),
-        m.accuracy.estimate,
-        m.accuracy.low,
-        m.accuracy.high,
-        m.macro_f1.estimate,
-        m.macro_f1.low,
-        m.macro_f1.high,
-        100.0 * m.extraction_failed_rate,
-        m.items_per_s
-    );
-    println!("written to {}", args.out.display());
     Ok(())
 }
 

@@ -66,14 +66,7 @@ impl DecodeState {
                     .ok_or_else(|| ModelError::Input("cache has not been filled".into()))?;
                 let values = to_vec(src)?; // [b, kvh, t, d]
                 for (row, dst_row) in dst.iter_mut().enumerate() {
-                    let mut flat = Vec::with_capacity((t + 64) * kvh * d);
-                    for pos in 0..t {
-                        for h in 0..kvh {
-                            let at = ((row * kvh + h) * t + pos) * d;
-                            flat.extend_from_slice(&values[at..at + d]);
-                        }
-                    }
-                    dst_row.push(flat);
+                    dst_row.push(gather(&values, [row, kvh, t, d], 0..t));
                 }
             }
         }
@@ -85,9 +78,69 @@ impl DecodeState {
         })
     }
 
+    /// Several sequences from one batch-1 cache: sequence `r` gets the cached positions `positions[r]`,
+    /// in that order (e.g. a shared prefix and that sequence's own tokens of a tree-masked pass), and
+    /// continues at RoPE position `next_pos[r]`.
+    pub fn from_positions(
+        cache: &KvCache,
+        config: &ModelConfig,
+        positions: &[Vec<usize>],
+        next_pos: Vec<usize>,
+    ) -> Result<Self> {
+        if cache.batch() != 1 || positions.len() != next_pos.len() {
+            return Err(ModelError::Input(
+                "picking sequences needs a batch-1 cache and one next position per sequence".into(),
+            ));
+        }
+        let (kvh, d) = (config.kv_heads(), config.head_dim());
+        let n = positions.len();
+        let mut k = vec![Vec::with_capacity(cache.layers.len()); n];
+        let mut v = vec![Vec::with_capacity(cache.layers.len()); n];
+        for layer in &cache.layers {
+            for (dst, src) in [(&mut k, &layer.k), (&mut v, &layer.v)] {
+                let src = src
+                    .clone()
+                    .ok_or_else(|| ModelError::Input("cache has not been filled".into()))?;
+                let t = src.dims()[2];
+                if positions.iter().flatten().any(|&p| p >= t) {
+                    return Err(ModelError::Input(format!(
+                        "a picked position is outside the cache's {t}"
+                    )));
+                }
+                let values = to_vec(src)?; // [1, kvh, t, d]
+                for (dst_row, picks) in dst.iter_mut().zip(positions) {
+                    dst_row.push(gather(&values, [0, kvh, t, d], picks.iter().copied()));
+                }
+            }
+        }
+        Ok(DecodeState {
+            k,
+            v,
+            valid: positions.iter().map(|p| vec![true; p.len()]).collect(),
+            next_pos,
+        })
+    }
+
     pub fn batch(&self) -> usize {
         self.valid.len()
     }
+}
+
+/// `positions` of batch row `row` of a `[b, kv_heads, t, head_dim]` cache tensor, as
+/// `[position][kv_heads × head_dim]` (with room for a few more positions: decoding appends).
+fn gather(
+    values: &[f32],
+    [row, kvh, t, d]: [usize; 4],
+    positions: impl ExactSizeIterator<Item = usize>,
+) -> Vec<f32> {
+    let mut flat = Vec::with_capacity((positions.len() + 64) * kvh * d);
+    for pos in positions {
+        for h in 0..kvh {
+            let at = ((row * kvh + h) * t + pos) * d;
+            flat.extend_from_slice(&values[at..at + d]);
+        }
+    }
+    flat
 }
 
 fn matrix(

@@ -90,6 +90,35 @@ pub fn generate_after(
     continue_generation(model, cache, &input, options, on_token)
 }
 
+/// Scores `candidates` after each item (as [`crate::score::score_items`]) and generates a continuation
+/// of each item, from one pass: the tree-masked scoring pass already runs every item's tokens after the
+/// prefix, so its keys and values and the distribution after each item seed the decode path, and no
+/// item is prefilled twice. The first token is drawn from log-probabilities rather than logits (the
+/// same distribution; the same greedy choice).
+pub fn score_and_generate(
+    model: &Model,
+    prefix: &PrefixCache,
+    items: &[Vec<u32>],
+    candidates: &[Vec<u32>],
+    options: &GenerateOptions,
+    on_token: &mut dyn FnMut(usize, u32, &str),
+) -> Result<Vec<(Vec<f32>, Generation)>> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pass = crate::score::tree_pass(model, prefix, items, candidates)?;
+    let next_pos = items.iter().map(|i| prefix.len + i.len()).collect();
+    let state = DecodeState::from_positions(
+        &pass.cache,
+        &model.llama.config,
+        &pass.item_positions,
+        next_pos,
+    )?;
+    drop(pass.cache);
+    let generations = decode(model, pass.next_logprobs, state, options, on_token)?;
+    Ok(pass.scores.into_iter().zip(generations).collect())
+}
+
 /// Rows left-padded to the longest, so every row's last token sits in the same column.
 fn left_padded(rows: &[Vec<u32>], pad: u32) -> StepInput {
     let max_len = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -130,7 +159,24 @@ fn continue_generation(
     on_token: &mut dyn FnMut(usize, u32, &str),
 ) -> Result<Vec<Generation>> {
     let llama = &model.llama;
-    let b = input.tokens.len();
+    let vocab = llama.config.vocab_size;
+    let prefill = to_vec(llama.forward_last(input, &mut cache)?)?;
+    let logits: Vec<Vec<f32>> = prefill.chunks_exact(vocab).map(<[f32]>::to_vec).collect();
+    let state = DecodeState::from_cache(&cache, &llama.config)?;
+    drop(cache);
+    decode(model, logits, state, options, on_token)
+}
+
+/// Draws tokens from `logits` (one row per sequence: the distribution of its next token), then steps
+/// `state` on the quantized path until every row stops.
+fn decode(
+    model: &Model,
+    mut logits: Vec<Vec<f32>>,
+    mut state: DecodeState,
+    options: &GenerateOptions,
+    on_token: &mut dyn FnMut(usize, u32, &str),
+) -> Result<Vec<Generation>> {
+    let b = logits.len();
     let pad = pad_id(model);
     let mut samplers: Vec<Sampler> = (0..b)
         .map(|row| {
@@ -147,12 +193,7 @@ fn continue_generation(
         })
         .collect();
     let mut done = vec![false; b];
-    let vocab = llama.config.vocab_size;
-    let decode = model.decode_weights()?;
-    let prefill = to_vec(llama.forward_last(input, &mut cache)?)?;
-    let mut logits: Vec<Vec<f32>> = prefill.chunks_exact(vocab).map(<[f32]>::to_vec).collect();
-    let mut state = DecodeState::from_cache(&cache, &llama.config)?;
-    drop(cache);
+    let weights = model.decode_weights()?;
     for step in 0..options.max_new_tokens {
         let mut next = vec![pad; b];
         for row in 0..b {
@@ -190,7 +231,7 @@ fn continue_generation(
             break;
         }
         let active: Vec<bool> = done.iter().map(|d| !d).collect();
-        logits = decode.step(&next, &active, &mut state)?;
+        logits = weights.step(&next, &active, &mut state)?;
     }
     for g in &mut out {
         if g.stop != StopReason::StopString {

@@ -61,6 +61,26 @@ pub fn score_items(
     items: &[Vec<u32>],
     candidates: &[Vec<u32>],
 ) -> Result<Vec<Vec<f32>>> {
+    Ok(tree_pass(model, prefix, items, candidates)?.scores)
+}
+
+/// What one tree-masked pass of [`score_items`] leaves besides the scores, for continuing each item
+/// (`generate::score_and_generate`): the cache (prefix, then every tree token), the cache positions of
+/// each item's sequence (the prefix and the item's own tokens) and the log-probabilities of the token
+/// after each item.
+pub(crate) struct TreePass {
+    pub scores: Vec<Vec<f32>>,
+    pub cache: KvCache,
+    pub item_positions: Vec<Vec<usize>>,
+    pub next_logprobs: Vec<Vec<f32>>,
+}
+
+pub(crate) fn tree_pass(
+    model: &Model,
+    prefix: &PrefixCache,
+    items: &[Vec<u32>],
+    candidates: &[Vec<u32>],
+) -> Result<TreePass> {
     if candidates.iter().any(Vec::is_empty) {
         return Err(ModelError::Input("a candidate has no tokens".into()));
     }
@@ -103,6 +123,7 @@ pub fn score_items(
         .chain(cand_rows.iter().flatten().flatten().copied())
         .collect();
     let mut logp_of_row = std::collections::HashMap::new();
+    let mut cache = prefix.cache.clone();
     if !tokens.is_empty() {
         let n = tokens.len();
         let visible: Vec<Vec<bool>> = (0..n)
@@ -121,7 +142,6 @@ pub fn score_items(
                     .collect()
             })
             .collect();
-        let mut cache = prefix.cache.clone();
         let hidden = llama.forward_tree(&tokens, &positions, &visible, &mut cache)?;
         if !wanted.is_empty() {
             let [_, _, d] = hidden.dims();
@@ -155,7 +175,29 @@ pub fn score_items(
             .collect();
         out.push(scores);
     }
-    Ok(out)
+    let item_positions = (0..items.len())
+        .map(|ii| {
+            let own = owner
+                .iter()
+                .enumerate()
+                .filter(|(_, &o)| o == (ii, None))
+                .map(|(row, _)| start + row);
+            (0..start).chain(own).collect()
+        })
+        .collect();
+    let next_logprobs = last_row
+        .iter()
+        .map(|r| match r {
+            Some(r) => logp_of_row[r].clone(),
+            None => prefix.next_logprobs.clone(),
+        })
+        .collect();
+    Ok(TreePass {
+        scores: out,
+        cache,
+        item_positions,
+        next_logprobs,
+    })
 }
 
 /// Log-probability of `continuation` after `context`, in one pass from scratch (no reuse). The reference

@@ -273,3 +273,33 @@ fn scoring_several_items_in_one_pass_equals_one_at_a_time() {
         }
     }
 }
+
+#[test]
+fn scoring_and_generating_in_one_pass_equals_doing_each_alone() {
+    use supportlm_model::generate::{generate_after, score_and_generate};
+    use supportlm_model::score::score_items;
+    for arch in [Architecture::Llama, Architecture::Qwen2] {
+        let (_dir, m, _) = models(arch);
+        let prefix = encode_prefix(&m, &[1, 60, 61, 62, 63]).unwrap();
+        let items: Vec<Vec<u32>> = vec![vec![70, 71, 72], vec![80], vec![85, 86, 87, 88, 89]];
+        let candidates: Vec<Vec<u32>> = vec![vec![90], vec![91, 92, 2], vec![93, 94]];
+        let opts = GenerateOptions {
+            max_new_tokens: 6,
+            ..Default::default()
+        };
+        let both =
+            score_and_generate(&m, &prefix, &items, &candidates, &opts, &mut |_, _, _| {}).unwrap();
+        let scores = score_items(&m, &prefix, &items, &candidates).unwrap();
+        let generated = generate_after(&m, &prefix, &items, &opts, &mut |_, _, _| {}).unwrap();
+        assert_eq!(both.len(), items.len());
+        for ((got, want_scores), want) in both.iter().zip(&scores).zip(&generated) {
+            assert_eq!(
+                &got.0, want_scores,
+                "{arch:?}: the same pass gives the same scores"
+            );
+            assert_eq!(got.1.tokens, want.tokens, "{arch:?}");
+            assert_eq!(got.1.stop, want.stop, "{arch:?}");
+            assert!(!got.1.tokens.is_empty());
+        }
+    }
+}

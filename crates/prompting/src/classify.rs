@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use supportlm_data::{Record, Task};
-use supportlm_model::generate::{generate_after, GenerateOptions};
+use supportlm_model::generate::{generate_after, score_and_generate, GenerateOptions, Generation};
 use supportlm_model::score::{encode_prefix, score_items};
 use supportlm_model::Model;
 
@@ -97,75 +97,40 @@ pub fn classify(
 ) -> Result<Vec<Prediction>> {
     let task = options.task;
     let labels = task.labels();
-    let examples: &[Record] = if options.method == Method::FewShot {
-        &options.examples
-    } else {
-        &[]
-    };
-    let prompts = encode_prompts(task, examples, records, &model.tokenizer, &model.template)?;
+    let prompts = encode_prompts(
+        task,
+        examples(options),
+        records,
+        &model.tokenizer,
+        &model.template,
+    )?;
     let prefix = encode_prefix(model, &prompts.prefix)?;
     let started = Instant::now();
+    let chunk = options.batch.max(1);
     let mut out = Vec::with_capacity(records.len());
-    let mut push =
-        |r: &Record, prediction: String, raw: String, confidence: f64, extraction: Extraction| {
-            out.push(Prediction {
-                id: r.id,
-                message: r.instruction.clone(),
-                truth: task.label_of(r).to_string(),
-                prediction,
-                raw,
-                confidence,
-                extraction,
-            });
-        };
-    match options.decision {
-        Decision::Constrained => {
-            let candidates = label_candidates(&labels, &model.tokenizer)?;
-            let chunk = options.batch.max(1);
-            let mut done = 0;
-            for (chunk_r, chunk_items) in records.chunks(chunk).zip(prompts.items.chunks(chunk)) {
+    let candidates = label_candidates(&labels, &model.tokenizer)?;
+    for (chunk_r, chunk_items) in records.chunks(chunk).zip(prompts.items.chunks(chunk)) {
+        match options.decision {
+            Decision::Constrained => {
                 let all = score_items(model, &prefix, chunk_items, &candidates)?;
-                for (r, mut scores) in chunk_r.iter().zip(all) {
-                    if options.length_normalize {
-                        scores
-                            .iter_mut()
-                            .zip(&candidates)
-                            .for_each(|(s, c)| *s /= c.len() as f32);
-                    }
-                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let z: f64 = scores.iter().map(|&s| ((s - max) as f64).exp()).sum();
-                    let best = scores
-                        .iter()
-                        .enumerate()
-                        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
-                        .map_or(0, |(j, _)| j);
-                    let label = labels[best].to_string();
-                    push(r, label.clone(), label, 1.0 / z, Extraction::Scored);
+                for (r, scores) in chunk_r.iter().zip(all) {
+                    out.push(scored(options, &labels, &candidates, r, scores));
                 }
-                done += chunk_r.len();
-                progress(done, records.len());
             }
-        }
-        Decision::Generate => {
-            let opts = GenerateOptions {
-                max_new_tokens: options.max_new_tokens,
-                ..Default::default()
-            };
-            let mut done = 0;
-            for (chunk_r, chunk_items) in records
-                .chunks(options.batch.max(1))
-                .zip(prompts.items.chunks(options.batch.max(1)))
-            {
-                let gens = generate_after(model, &prefix, chunk_items, &opts, &mut |_, _, _| {})?;
+            Decision::Generate => {
+                let gens = generate_after(
+                    model,
+                    &prefix,
+                    chunk_items,
+                    &generate_options(options),
+                    &mut |_, _, _| {},
+                )?;
                 for (r, g) in chunk_r.iter().zip(gens) {
-                    let (label, how) = extract_label(&g.text, &labels);
-                    let confidence = if label == EXTRACTION_FAILED { 0.0 } else { 1.0 };
-                    push(r, label.to_string(), g.text, confidence, how);
+                    out.push(generated(task, &labels, r, g));
                 }
-                done += chunk_r.len();
-                progress(done, records.len());
             }
         }
+        progress(out.len(), records.len());
     }
     tracing::info!(
         items = records.len(),
@@ -175,4 +140,178 @@ pub fn classify(
         "classified"
     );
     Ok(out)
+}
+
+/// Both decision rules from one pass per item (`options.decision` is not read): each batch of items is
+/// run once after the prefix with the label candidates laid out as a tree, which gives the constrained
+/// scores, and the same keys and values continue into greedy generation. Returns `(constrained,
+/// generate)` per record, equal to what [`classify`] gives for each rule.
+pub fn classify_both(
+    model: &Model,
+    records: &[Record],
+    options: &ClassifyOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<(Prediction, Prediction)>> {
+    let task = options.task;
+    let labels = task.labels();
+    let prompts = encode_prompts(
+        task,
+        examples(options),
+        records,
+        &model.tokenizer,
+        &model.template,
+    )?;
+    let prefix = encode_prefix(model, &prompts.prefix)?;
+    let candidates = label_candidates(&labels, &model.tokenizer)?;
+    let started = Instant::now();
+    let chunk = options.batch.max(1);
+    let mut out = Vec::with_capacity(records.len());
+    for (chunk_r, chunk_items) in records.chunks(chunk).zip(prompts.items.chunks(chunk)) {
+        let both = score_and_generate(
+            model,
+            &prefix,
+            chunk_items,
+            &candidates,
+            &generate_options(options),
+            &mut |_, _, _| {},
+        )?;
+        for (r, (scores, g)) in chunk_r.iter().zip(both) {
+            out.push((
+                scored(options, &labels, &candidates, r, scores),
+                generated(task, &labels, r, g),
+            ));
+        }
+        progress(out.len(), records.len());
+    }
+    tracing::info!(
+        items = records.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        method = options.method.as_str(),
+        decision = "constrained+generate",
+        "classified"
+    );
+    Ok(out)
+}
+
+/// The few-shot examples the prompt carries (none for zero-shot and SFT).
+fn examples(options: &ClassifyOptions) -> &[Record] {
+    if options.method == Method::FewShot {
+        &options.examples
+    } else {
+        &[]
+    }
+}
+
+fn generate_options(options: &ClassifyOptions) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: options.max_new_tokens,
+        ..Default::default()
+    }
+}
+
+fn prediction(
+    task: Task,
+    r: &Record,
+    prediction: String,
+    raw: String,
+    confidence: f64,
+    extraction: Extraction,
+) -> Prediction {
+    Prediction {
+        id: r.id,
+        message: r.instruction.clone(),
+        truth: task.label_of(r).to_string(),
+        prediction,
+        raw,
+        confidence,
+        extraction,
+    }
+}
+
+/// The constrained rule: the best-scoring label (ties to the earlier one), its softmax share as the
+/// confidence.
+fn scored(
+    options: &ClassifyOptions,
+    labels: &[&str],
+    candidates: &[Vec<u32>],
+    r: &Record,
+    mut scores: Vec<f32>,
+) -> Prediction {
+    if options.length_normalize {
+        scores
+            .iter_mut()
+            .zip(candidates)
+            .for_each(|(s, c)| *s /= c.len() as f32);
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = scores.iter().map(|&s| ((s - max) as f64).exp()).sum();
+    let best = scores
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+        .map_or(0, |(j, _)| j);
+    let label = labels[best].to_string();
+    prediction(
+        options.task,
+        r,
+        label.clone(),
+        label,
+        1.0 / z,
+        Extraction::Scored,
+    )
+}
+
+/// The generate rule: the label extracted from the generated text.
+fn generated(task: Task, labels: &[&str], r: &Record, g: Generation) -> Prediction {
+    let (label, how) = extract_label(&g.text, labels);
+    let confidence = if label == EXTRACTION_FAILED { 0.0 } else { 1.0 };
+    prediction(task, r, label.to_string(), g.text, confidence, how)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_rules_from_one_pass_equal_each_rule_alone() {
+        use supportlm_model::config::Architecture;
+        use supportlm_model::{default_device, tiny};
+        let dir = tempfile::tempdir().unwrap();
+        tiny::write_hf_dir(dir.path(), &tiny::config(Architecture::Qwen2), 3, 1).unwrap();
+        let model = Model::load(dir.path(), &default_device()).unwrap();
+        let records: Vec<Record> = [
+            ("where is my order?", "ORDER", "track_order"),
+            ("I want my money back", "REFUND", "get_refund"),
+            ("how do I close my account", "ACCOUNT", "delete_account"),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(id, (message, category, intent))| Record {
+            id,
+            flags: None,
+            instruction: message.to_string(),
+            category: category.parse().unwrap(),
+            intent: intent.parse().unwrap(),
+            response: Some("Sure.".into()),
+        })
+        .collect();
+        let mut options = ClassifyOptions {
+            task: Task::Category,
+            method: Method::FewShot,
+            decision: Decision::Constrained,
+            examples: records[..2].to_vec(),
+            length_normalize: true,
+            max_new_tokens: 4,
+            // Two items per pass, so one pass holds several items and the last one is alone.
+            batch: 2,
+        };
+        let both = classify_both(&model, &records, &options, &mut |_, _| {}).unwrap();
+        let constrained = classify(&model, &records, &options, &mut |_, _| {}).unwrap();
+        options.decision = Decision::Generate;
+        let generated = classify(&model, &records, &options, &mut |_, _| {}).unwrap();
+        let (c, g): (Vec<Prediction>, Vec<Prediction>) = both.into_iter().unzip();
+        assert_eq!(c, constrained);
+        assert_eq!(g, generated);
+        assert!(g.iter().all(|p| !p.raw.is_empty()));
+    }
 }

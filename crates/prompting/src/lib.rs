@@ -6,7 +6,8 @@
 //! - [`prompt`]: zero-shot and balanced k-shot prompts, split into the prefix shared by every item and
 //!   each item's own tokens.
 //! - [`classify`]: the evaluator: a method (zero-shot, few-shot, SFT adapter) and a decision rule
-//!   (generate and extract, or constrained label scoring) over a split, with a progress callback.
+//!   (generate and extract, or constrained label scoring) over a split, with a progress callback;
+//!   `classify_both` gives both rules from one pass per item.
 //! - [`report`]: `predictions.jsonl`, `metrics.json`, `classification_report.csv`, most-confused
 //!   pairs and hardest errors.
 //! - [`respond`]: Task 2: generating support responses and scoring them against the references
@@ -22,5 +23,5 @@ pub mod prompt;
 pub mod report;
 pub mod respond;
 
-pub use classify::{classify, ClassifyOptions, Decision, Method, Prediction};
+pub use classify::{classify, classify_both, ClassifyOptions, Decision, Method, Prediction};
 pub use error::{PromptError, Result};

@@ -395,28 +395,51 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
                 &["sft"]
             };
             for method in methods {
-                for decision in ["constrained", "generate"] {
-                    let mut args = vec![
-                        s("eval"),
-                        s("classify"),
-                        s("--method"),
-                        s(method),
+                let out = |decision: &str| run.path(&format!("t1/{method}-{decision}"));
+                let mut common = vec![
+                    s("eval"),
+                    s("classify"),
+                    s("--method"),
+                    s(method),
+                    s("--data"),
+                    run.path("data/category"),
+                    s("--seed"),
+                    seed.clone(),
+                ];
+                if let Some(n) = b.t1_items {
+                    common.extend([s("--limit"), n.to_string()]);
+                }
+                if *method == "sft" {
+                    common.extend([s("--adapter"), run.path("t1/sft-train/best-adapter")]);
+                }
+                let alone = |decision: &str| {
+                    let mut args = common.clone();
+                    args.extend([s("--decision"), s(decision), s("--out"), out(decision)]);
+                    args
+                };
+                // Both rules from one pass per item, unless one of them was run alone before (a
+                // finished result is kept, a partial one continued).
+                let started_alone = ["constrained", "generate"].iter().any(|d| {
+                    Path::new(&out(d))
+                        .join("predictions.partial.jsonl")
+                        .exists()
+                        || finished_evaluation(Path::new(&out(d)))
+                });
+                if started_alone {
+                    for decision in ["constrained", "generate"] {
+                        run.evaluation(step, &alone(decision))?;
+                    }
+                } else {
+                    let mut args = common.clone();
+                    args.extend([
                         s("--decision"),
-                        s(decision),
-                        s("--data"),
-                        run.path("data/category"),
-                        s("--seed"),
-                        seed.clone(),
+                        s("both"),
                         s("--out"),
-                        run.path(&format!("t1/{method}-{decision}")),
-                    ];
-                    if let Some(n) = b.t1_items {
-                        args.extend([s("--limit"), n.to_string()]);
-                    }
-                    if *method == "sft" {
-                        args.extend([s("--adapter"), run.path("t1/sft-train/best-adapter")]);
-                    }
-                    run.evaluation(step, &args)?;
+                        out("constrained"),
+                        s("--generate-out"),
+                        out("generate"),
+                    ]);
+                    run.supportlm(step, &args)?;
                 }
             }
             if step == Step::T1Baselines {
