@@ -420,10 +420,10 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
                 // Both rules from one pass per item, unless one of them was run alone before (a
                 // finished result is kept, a partial one continued).
                 let started_alone = ["constrained", "generate"].iter().any(|d| {
-                    Path::new(&out(d))
-                        .join("predictions.partial.jsonl")
-                        .exists()
-                        || finished_evaluation(Path::new(&out(d)))
+                    let dir = PathBuf::from(out(d));
+                    std::fs::metadata(dir.join("predictions.partial.jsonl"))
+                        .is_ok_and(|m| m.len() > 0)
+                        || finished_evaluation(&dir)
                 });
                 if started_alone {
                     for decision in ["constrained", "generate"] {
