@@ -58,6 +58,7 @@ fn pass(
     let mut qlora = ck.with_source(|src| {
         QloraModel::load(src, &ck.config, config.base_quant, &default_device())
     })?;
+    qlora.store_activations = config.store_activations;
     let train_dir = dir.join("train");
     train(
         TrainJob {

@@ -83,6 +83,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut model = ck.with_source(|src| {
         QloraModel::load(src, &ck.config, config.base_quant, &default_device())
     })?;
+    model.store_activations = config.store_activations;
     let fp = model.footprint();
     tracing::info!(
         base_quant = %config.base_quant,

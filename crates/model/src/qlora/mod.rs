@@ -183,27 +183,46 @@ impl Table {
         }
     }
 
-    /// The table as f32 blocks of rows, converted once (bf16 tables) for the many chunks of a step.
-    fn f32_blocks(&self, device: &Device) -> Blocks {
-        Blocks(
-            self.blocks()
-                .into_iter()
-                .map(|(s, l)| self.block(s, l, device))
-                .collect(),
-        )
+    /// The table as f32 blocks of rows: with `keep`, converted once (bf16 tables) for the many chunks
+    /// of a step; otherwise converted a block at a time whenever used (no f32 copy of the table held).
+    fn f32_blocks<'a>(&'a self, device: &Device, keep: bool) -> Blocks<'a> {
+        if keep {
+            Blocks::Kept(
+                self.blocks()
+                    .into_iter()
+                    .map(|(s, l)| self.block(s, l, device))
+                    .collect(),
+            )
+        } else {
+            Blocks::Lazy(self, device.clone())
+        }
     }
 }
 
-/// A vocabulary table as consecutive f32 blocks of rows.
-struct Blocks(Vec<Tensor<2>>);
+/// A vocabulary table as consecutive f32 blocks of rows (see [`Table::f32_blocks`]).
+enum Blocks<'a> {
+    Kept(Vec<Tensor<2>>),
+    Lazy(&'a Table, Device),
+}
 
-impl Blocks {
+impl Blocks<'_> {
+    fn each(&self) -> Box<dyn Iterator<Item = Tensor<2>> + '_> {
+        match self {
+            Blocks::Kept(blocks) => Box::new(blocks.iter().cloned()),
+            Blocks::Lazy(table, device) => Box::new(
+                table
+                    .blocks()
+                    .into_iter()
+                    .map(move |(s, l)| table.block(s, l, device)),
+            ),
+        }
+    }
+
     /// `h · Tᵀ`: `[n, cols]` → `[n, rows]`.
     fn logits(&self, h: &Tensor<2>) -> Tensor<2> {
         let parts: Vec<Tensor<2>> = self
-            .0
-            .iter()
-            .map(|b| h.clone().matmul(b.clone().transpose()))
+            .each()
+            .map(|b| h.clone().matmul(b.transpose()))
             .collect();
         Tensor::cat(parts, 1)
     }
@@ -212,9 +231,9 @@ impl Blocks {
     fn back(&self, d: &Tensor<2>) -> Tensor<2> {
         let mut start = 0;
         let mut sum: Option<Tensor<2>> = None;
-        for b in &self.0 {
+        for b in self.each() {
             let len = b.dims()[0];
-            let part = d.clone().narrow(1, start, len).matmul(b.clone());
+            let part = d.clone().narrow(1, start, len).matmul(b);
             start += len;
             sum = Some(match sum {
                 Some(acc) => acc + part,
@@ -754,7 +773,8 @@ impl QloraModel {
             .reshape([m, hidden]);
         let h_plain = h.clone().inner();
 
-        let table = head.f32_blocks(&self.device);
+        // The memory-lean path keeps no f32 copy of a bf16 table.
+        let table = head.f32_blocks(&self.device, self.store_activations);
         let mut sum = 0f64;
         let mut dh_chunks = Vec::new();
         let mut dhead: Option<Tensor<2>> = None;
@@ -888,8 +908,8 @@ mod tests {
             &device,
         );
         let (f32_blocks, bf16_blocks) = (
-            f32_table.f32_blocks(&device),
-            bf16_table.f32_blocks(&device),
+            f32_table.f32_blocks(&device, true),
+            bf16_table.f32_blocks(&device, false),
         );
         let a = to_vec(f32_blocks.logits(&h)).unwrap();
         let b = to_vec(bf16_blocks.logits(&h)).unwrap();
