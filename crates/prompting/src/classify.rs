@@ -5,12 +5,12 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use supportlm_data::{Record, Task};
 use supportlm_model::generate::{generate_after, score_and_generate, GenerateOptions, Generation};
-use supportlm_model::score::{encode_prefix, score_items};
+use supportlm_model::score::{encode_prefix, score_items, PrefixCache};
 use supportlm_model::Model;
 
 use crate::error::Result;
 use crate::extract::{extract_label, Extraction, EXTRACTION_FAILED};
-use crate::prompt::{encode_prompts, label_candidates};
+use crate::prompt::{encode_prompts, label_candidates, Prompts};
 
 /// How the model is asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,19 +96,15 @@ pub fn classify(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Prediction>> {
     let task = options.task;
-    let labels = task.labels();
-    let prompts = encode_prompts(
-        task,
-        examples(options),
-        records,
-        &model.tokenizer,
-        &model.template,
-    )?;
-    let prefix = encode_prefix(model, &prompts.prefix)?;
+    let Setup {
+        labels,
+        prompts,
+        prefix,
+        candidates,
+    } = setup(model, records, options)?;
     let started = Instant::now();
     let chunk = options.batch.max(1);
     let mut out = Vec::with_capacity(records.len());
-    let candidates = label_candidates(&labels, &model.tokenizer)?;
     for (chunk_r, chunk_items) in records.chunks(chunk).zip(prompts.items.chunks(chunk)) {
         match options.decision {
             Decision::Constrained => {
@@ -153,16 +149,12 @@ pub fn classify_both(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<(Prediction, Prediction)>> {
     let task = options.task;
-    let labels = task.labels();
-    let prompts = encode_prompts(
-        task,
-        examples(options),
-        records,
-        &model.tokenizer,
-        &model.template,
-    )?;
-    let prefix = encode_prefix(model, &prompts.prefix)?;
-    let candidates = label_candidates(&labels, &model.tokenizer)?;
+    let Setup {
+        labels,
+        prompts,
+        prefix,
+        candidates,
+    } = setup(model, records, options)?;
     let started = Instant::now();
     let chunk = options.batch.max(1);
     let mut out = Vec::with_capacity(records.len());
@@ -191,6 +183,34 @@ pub fn classify_both(
         "classified"
     );
     Ok(out)
+}
+
+/// What both rules start from: the task's labels, the encoded prompts, the shared prefix run once,
+/// and each label as a candidate answer.
+struct Setup {
+    labels: Vec<&'static str>,
+    prompts: Prompts,
+    prefix: PrefixCache,
+    candidates: Vec<Vec<u32>>,
+}
+
+fn setup(model: &Model, records: &[Record], options: &ClassifyOptions) -> Result<Setup> {
+    let labels = options.task.labels();
+    let prompts = encode_prompts(
+        options.task,
+        examples(options),
+        records,
+        &model.tokenizer,
+        &model.template,
+    )?;
+    let prefix = encode_prefix(model, &prompts.prefix)?;
+    let candidates = label_candidates(&labels, &model.tokenizer)?;
+    Ok(Setup {
+        labels,
+        prompts,
+        prefix,
+        candidates,
+    })
 }
 
 /// The few-shot examples the prompt carries (none for zero-shot and SFT).
