@@ -108,6 +108,7 @@ fn pass(
         seed,
         seconds: 0.0,
         items_timed: records.len(),
+        shared_pass: false,
     };
     let m = metrics(&Task::Category.labels(), &predictions, info, 200, seed);
     let eval_dir = dir.join("eval");

@@ -275,6 +275,7 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
             // With both rules the time is the shared pass's.
             seconds,
             items_timed: todo_items,
+            shared_pass: outputs.len() == 2,
         };
         let m = metrics(
             &task.labels(),
@@ -368,6 +369,7 @@ fn tfidf_cmd(args: TfidfArgs) -> anyhow::Result<()> {
         seed: args.items.seed,
         seconds: t.elapsed().as_secs_f64(),
         items_timed: records.len(),
+        shared_pass: false,
     };
     let m = metrics(&labels, &predictions, info, args.bootstrap, args.items.seed);
     write_run(&args.out, &predictions, &m)?;

@@ -26,6 +26,9 @@ pub struct RunInfo {
     /// was resumed).
     pub seconds: f64,
     pub items_timed: usize,
+    /// Both decision rules came from one pass per item, and `seconds` is that pass's (both rules).
+    #[serde(default)]
+    pub shared_pass: bool,
 }
 
 /// `metrics.json`.

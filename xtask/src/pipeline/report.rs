@@ -53,6 +53,22 @@ fn table(md: &mut String, header: &[&str], rows: &[Vec<String>]) {
     md.push('\n');
 }
 
+/// Whether Task 1 run `folder` took both decision rules from one pass: recorded in its metrics, or (for
+/// runs written before that was recorded) the same wall time to the nanosecond as its sibling rule's.
+fn shared_pass(t1: &Path, folder: &str, m: &Value) -> bool {
+    if m["info"]["shared_pass"].as_bool() == Some(true) {
+        return true;
+    }
+    let sibling = match folder.rsplit_once('-') {
+        Some((method, "constrained")) => format!("{method}-generate"),
+        Some((method, "generate")) => format!("{method}-constrained"),
+        _ => return false,
+    };
+    let seconds = |v: &Value| v["info"]["seconds"].as_f64();
+    read_json(&t1.join(sibling).join("metrics.json"))
+        .is_some_and(|s| seconds(&s).is_some() && seconds(&s) == seconds(m))
+}
+
 /// Which items each Task 1 run got right.
 fn correctness(dir: &Path) -> Option<HashMap<u64, bool>> {
     let text = std::fs::read_to_string(dir.join("predictions.jsonl")).ok()?;
@@ -129,6 +145,7 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     let mut per_class: Vec<(String, Vec<f64>)> = Vec::new();
     let mut labels: Vec<String> = Vec::new();
     let mut correct: Vec<(&str, HashMap<u64, bool>)> = Vec::new();
+    let mut shared_pass_mark = false;
     for (folder, name) in T1_RUNS {
         let dir = d.join("t1").join(folder);
         let Some(m) = read_json(&dir.join("metrics.json")) else {
@@ -144,7 +161,16 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
                 "{:.2}%",
                 100.0 * m["extraction_failed_rate"].as_f64().unwrap_or(0.0)
             ),
-            format!("{:.2}", m["items_per_s"].as_f64().unwrap_or(0.0)),
+            format!(
+                "{:.2}{}",
+                m["items_per_s"].as_f64().unwrap_or(0.0),
+                if shared_pass(&d.join("t1"), folder, &m) {
+                    shared_pass_mark = true;
+                    " †"
+                } else {
+                    ""
+                }
+            ),
         ]);
         if folder.ends_with("constrained") || folder == "tfidf" {
             labels = m["report"]["labels"]
@@ -178,6 +204,12 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
         ],
         &rows,
     );
+    if shared_pass_mark {
+        writeln!(
+            md,
+            "† Both decision rules from one pass per item (the scoring pass's keys and values continue              into generation); the rate is that pass's, for both rules together.\n"
+        )?;
+    }
     if correct.len() >= 2 {
         writeln!(
             md,
@@ -780,6 +812,36 @@ mod tests {
         let err = publish(run.path(), other.path()).unwrap_err();
         assert!(format!("{err:#}").contains("gone.svg"), "{err:#}");
         assert!(!other.path().join("RESULTS.md").exists());
+    }
+
+    #[test]
+    fn a_shared_pass_is_read_from_the_metrics_or_the_siblings_identical_time() {
+        let t1 = tempfile::tempdir().unwrap();
+        let write = |folder: &str, info: Value| {
+            std::fs::create_dir_all(t1.path().join(folder)).unwrap();
+            let m = serde_json::json!({ "info": info });
+            std::fs::write(t1.path().join(folder).join("metrics.json"), m.to_string()).unwrap();
+            m
+        };
+        let c = write(
+            "few-shot-constrained",
+            serde_json::json!({ "seconds": 12.5 }),
+        );
+        let g = write("few-shot-generate", serde_json::json!({ "seconds": 12.5 }));
+        assert!(shared_pass(t1.path(), "few-shot-constrained", &c));
+        assert!(shared_pass(t1.path(), "few-shot-generate", &g));
+        let z = write(
+            "zero-shot-constrained",
+            serde_json::json!({ "seconds": 3.0 }),
+        );
+        write("zero-shot-generate", serde_json::json!({ "seconds": 4.0 }));
+        assert!(!shared_pass(t1.path(), "zero-shot-constrained", &z));
+        let s = write(
+            "sft-constrained",
+            serde_json::json!({ "seconds": 1.0, "shared_pass": true }),
+        );
+        assert!(shared_pass(t1.path(), "sft-constrained", &s));
+        assert!(!shared_pass(t1.path(), "tfidf", &z));
     }
 
     #[test]
