@@ -42,11 +42,14 @@ pub struct DecodeWeights {
     sin: Vec<f32>,
 }
 
+/// Keys or values by sequence and layer, each `[position][kv_heads × head_dim]`.
+type PerSequence = Vec<Vec<Vec<f32>>>;
+
 /// Per-sequence KV cache of the decode path: `k[row][layer]` is `[position][kv_heads × head_dim]`.
 #[derive(Debug, Clone)]
 pub struct DecodeState {
-    k: Vec<Vec<Vec<f32>>>,
-    v: Vec<Vec<Vec<f32>>>,
+    k: PerSequence,
+    v: PerSequence,
     valid: Vec<Vec<bool>>,
     next_pos: Vec<usize>,
 }
@@ -54,22 +57,10 @@ pub struct DecodeState {
 impl DecodeState {
     /// Takes over a cache filled by the Burn model's prefill.
     pub fn from_cache(cache: &KvCache, config: &ModelConfig) -> Result<Self> {
-        let b = cache.batch();
         let t = cache.len();
-        let (kvh, d) = (config.kv_heads(), config.head_dim());
-        let mut k = vec![Vec::with_capacity(cache.layers.len()); b];
-        let mut v = vec![Vec::with_capacity(cache.layers.len()); b];
-        for layer in &cache.layers {
-            for (dst, src) in [(&mut k, &layer.k), (&mut v, &layer.v)] {
-                let src = src
-                    .clone()
-                    .ok_or_else(|| ModelError::Input("cache has not been filled".into()))?;
-                let values = to_vec(src)?; // [b, kvh, t, d]
-                for (row, dst_row) in dst.iter_mut().enumerate() {
-                    dst_row.push(gather(&values, [row, kvh, t, d], 0..t));
-                }
-            }
-        }
+        let picks: Vec<(usize, Vec<usize>)> =
+            (0..cache.batch()).map(|r| (r, (0..t).collect())).collect();
+        let (k, v) = gather_layers(cache, config, &picks)?;
         Ok(DecodeState {
             k,
             v,
@@ -92,27 +83,8 @@ impl DecodeState {
                 "picking sequences needs a batch-1 cache and one next position per sequence".into(),
             ));
         }
-        let (kvh, d) = (config.kv_heads(), config.head_dim());
-        let n = positions.len();
-        let mut k = vec![Vec::with_capacity(cache.layers.len()); n];
-        let mut v = vec![Vec::with_capacity(cache.layers.len()); n];
-        for layer in &cache.layers {
-            for (dst, src) in [(&mut k, &layer.k), (&mut v, &layer.v)] {
-                let src = src
-                    .clone()
-                    .ok_or_else(|| ModelError::Input("cache has not been filled".into()))?;
-                let t = src.dims()[2];
-                if positions.iter().flatten().any(|&p| p >= t) {
-                    return Err(ModelError::Input(format!(
-                        "a picked position is outside the cache's {t}"
-                    )));
-                }
-                let values = to_vec(src)?; // [1, kvh, t, d]
-                for (dst_row, picks) in dst.iter_mut().zip(positions) {
-                    dst_row.push(gather(&values, [0, kvh, t, d], picks.iter().copied()));
-                }
-            }
-        }
+        let picks: Vec<(usize, Vec<usize>)> = positions.iter().map(|p| (0, p.clone())).collect();
+        let (k, v) = gather_layers(cache, config, &picks)?;
         Ok(DecodeState {
             k,
             v,
@@ -124,6 +96,40 @@ impl DecodeState {
     pub fn batch(&self) -> usize {
         self.valid.len()
     }
+}
+
+/// Per picked sequence and layer, the keys and values of its cached positions: `picks[i]` is (batch row
+/// of `cache`, positions in that row, in order).
+fn gather_layers(
+    cache: &KvCache,
+    config: &ModelConfig,
+    picks: &[(usize, Vec<usize>)],
+) -> Result<(PerSequence, PerSequence)> {
+    let (kvh, d) = (config.kv_heads(), config.head_dim());
+    let mut k = vec![Vec::with_capacity(cache.layers.len()); picks.len()];
+    let mut v = vec![Vec::with_capacity(cache.layers.len()); picks.len()];
+    for layer in &cache.layers {
+        for (dst, src) in [(&mut k, &layer.k), (&mut v, &layer.v)] {
+            let src = src
+                .clone()
+                .ok_or_else(|| ModelError::Input("cache has not been filled".into()))?;
+            let t = src.dims()[2];
+            if picks.iter().flat_map(|(_, p)| p).any(|&p| p >= t) {
+                return Err(ModelError::Input(format!(
+                    "a picked position is outside the cache's {t}"
+                )));
+            }
+            let values = to_vec(src)?; // [b, kvh, t, d]
+            for (dst_row, (row, positions)) in dst.iter_mut().zip(picks) {
+                dst_row.push(gather(
+                    &values,
+                    [*row, kvh, t, d],
+                    positions.iter().copied(),
+                ));
+            }
+        }
+    }
+    Ok((k, v))
 }
 
 /// `positions` of batch row `row` of a `[b, kv_heads, t, head_dim]` cache tensor, as

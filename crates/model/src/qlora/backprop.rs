@@ -54,8 +54,12 @@ pub(super) struct Geometry<'a> {
 
 fn rms(x: &Tensor<2>, weight: &Tensor<1>, eps: f64) -> (Tensor<2>, Tensor<2>) {
     let inv = (x.clone().square().mean_dim(1) + eps).sqrt().recip();
-    let n = x.clone() * inv.clone() * weight.clone().unsqueeze_dim(0);
-    (n, inv)
+    (normed(x, &inv, weight), inv)
+}
+
+/// `x · inv · w`: the RMSNorm output from its kept factor (forward, and again in backward).
+fn normed(x: &Tensor<2>, inv: &Tensor<2>, weight: &Tensor<1>) -> Tensor<2> {
+    x.clone() * inv.clone() * weight.clone().unsqueeze_dim(0)
 }
 
 /// Gradient at `x` of `n = x · inv · w` (with `inv = 1/sqrt(mean(x²) + eps)`) given `dn`.
@@ -216,13 +220,7 @@ pub(super) fn backward(
     let dup = dact.clone() * silu_gate;
     // silu'(g) = σ(g) · (1 + g · (1 − σ(g))).
     let dgate = dact * up * sg.clone() * ((sg.neg() + 1.0) * gate + 1.0);
-    let n2 = mid.clone()
-        * inv2.clone()
-        * layer
-            .post_attention_layernorm
-            .weight
-            .clone()
-            .unsqueeze_dim(0);
+    let n2 = normed(&mid, &inv2, &layer.post_attention_layernorm.weight);
     let (dn2_gate, gg) = linear_backward(&mlp.gate_proj, &n2, lg, dgate);
     let (dn2_up, gu) = linear_backward(&mlp.up_proj, &n2, lu, dup);
     drop(n2);
@@ -252,7 +250,7 @@ pub(super) fn backward(
     let dq = rows(g.rope.apply(dq.reshape([b, h, s, d]), g.cos, g.sin_neg), h);
     let dk = rows(g.rope.apply(dk, g.cos, g.sin_neg), kvh);
     let dv = rows(dv, kvh);
-    let n1 = x.clone() * inv1.clone() * layer.input_layernorm.weight.clone().unsqueeze_dim(0);
+    let n1 = normed(&x, &inv1, &layer.input_layernorm.weight);
     let (dn1_q, gq) = linear_backward(&attn_l.q_proj, &n1, lq, dq);
     let (dn1_k, gk) = linear_backward(&attn_l.k_proj, &n1, lk, dk);
     let (dn1_v, gv) = linear_backward(&attn_l.v_proj, &n1, lv, dv);
