@@ -12,10 +12,11 @@
 //! Shapes: `T = b·s` rows; queries are grouped per KV head as `[b, kv_heads, rep·s, d]` so that keys
 //! and values are never repeated (the gradients of keys and values sum over the group in the matmul).
 
-use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::Tensor;
 
+use super::pointwise::{sigmoid, softmax_last};
 use crate::config::ModelConfig;
+use crate::error::Result;
 use crate::llama::{DecoderLayer, Linear, Rope};
 use crate::lora::Target;
 
@@ -118,7 +119,7 @@ pub(super) fn forward_saving(
     layer: &DecoderLayer,
     x: Tensor<2>,
     g: &Geometry,
-) -> (Tensor<2>, Saved) {
+) -> Result<(Tensor<2>, Saved)> {
     let (b, s) = (g.b, g.s);
     let (h, kvh, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
     let rep = h / kvh;
@@ -140,7 +141,7 @@ pub(super) fn forward_saving(
     let v = heads(v, kvh);
     let scale = (d as f64).powf(-0.5);
     let scores = q.clone().matmul(k.clone().transpose()) * scale + g.grouped_mask.clone();
-    let probs = softmax(scores, 3);
+    let probs = softmax_last(scores)?;
     let attn = probs
         .clone()
         .matmul(v.clone())
@@ -154,7 +155,8 @@ pub(super) fn forward_saving(
     let (gate, lg) = linear_forward(&mlp.gate_proj, &n2);
     let (up, lu) = linear_forward(&mlp.up_proj, &n2);
     drop(n2);
-    let (down, ld) = linear_forward(&mlp.down_proj, &(silu(gate.clone()) * up.clone()));
+    let silu_gate = gate.clone() * sigmoid(gate.clone())?;
+    let (down, ld) = linear_forward(&mlp.down_proj, &(silu_gate * up.clone()));
     let out = mid.clone() + down;
     let saved = Saved {
         x,
@@ -170,7 +172,7 @@ pub(super) fn forward_saving(
         up,
         lows: [lq, lk, lv, lo, lg, lu, ld],
     };
-    (out, saved)
+    Ok((out, saved))
 }
 
 /// Back-propagates `dout` (gradient at the layer's output, `[T, hidden]`) through the layer that
@@ -182,7 +184,7 @@ pub(super) fn backward(
     saved: Saved,
     dout: Tensor<2>,
     g: &Geometry,
-) -> (Tensor<2>, Vec<(Target, PairGrad)>) {
+) -> Result<(Tensor<2>, Vec<(Target, PairGrad)>)> {
     let (b, s) = (g.b, g.s);
     let (h, kvh, d) = (c.num_attention_heads, c.kv_heads(), c.head_dim());
     let rep = h / kvh;
@@ -211,7 +213,7 @@ pub(super) fn backward(
     };
 
     // MLP: out = mid + down(silu(gate) · up).
-    let sg = sigmoid(gate.clone());
+    let sg = sigmoid(gate.clone())?;
     let silu_gate = gate.clone() * sg.clone();
     let act = silu_gate.clone() * up.clone();
     let (dact, gd) = linear_backward(&mlp.down_proj, &act, ld, dout.clone());
@@ -268,5 +270,5 @@ pub(super) fn backward(
     keep(Target::QProj, gq);
     keep(Target::KProj, gk);
     keep(Target::VProj, gv);
-    (dx, grads)
+    Ok((dx, grads))
 }

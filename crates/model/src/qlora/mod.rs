@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Gradients, IndexingUpdateOp, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
@@ -29,6 +28,7 @@ use crate::lora::{Adapter, LoraPair, Target};
 mod backprop;
 mod full;
 mod layout;
+mod pointwise;
 
 use layout::Layout;
 
@@ -603,7 +603,7 @@ impl QloraModel {
         let mut x = self.embed(layout).reshape([b * s, hidden]);
         let mut saved = Vec::with_capacity(self.layers.len());
         for l in 0..self.layers.len() {
-            let (next, kept) = backprop::forward_saving(c, &layer(l), x, &geometry);
+            let (next, kept) = backprop::forward_saving(c, &layer(l), x, &geometry)?;
             saved.push(kept);
             x = next;
         }
@@ -619,7 +619,7 @@ impl QloraModel {
             let kept = saved
                 .pop()
                 .ok_or_else(|| ModelError::Input("a layer's activations are missing".into()))?;
-            let (dx, pairs) = backprop::backward(c, &layer(l), kept, grad, &geometry);
+            let (dx, pairs) = backprop::backward(c, &layer(l), kept, grad, &geometry)?;
             for (t, (da, db)) in pairs {
                 grads.insert(
                     (l, t),
@@ -740,6 +740,7 @@ impl QloraModel {
         // Hidden state at t-1 predicts ids[t] (a packed prefix token may predict several targets).
         let (rows, targets): (Vec<i64>, Vec<i64>) = layout.targets.iter().copied().unzip();
         let m = rows.len();
+        let vocab = self.config.vocab_size;
         if m == 0 {
             return Ok(HeadOut {
                 loss: LossSum {
@@ -781,17 +782,16 @@ impl QloraModel {
         for start in (0..m).step_by(self.loss_chunk.max(1)) {
             let len = self.loss_chunk.max(1).min(m - start);
             let hc = h_plain.clone().narrow(0, start, len);
-            let logp = log_softmax(table.logits(&hc), 1);
-            let tgt = Tensor::<2, Int>::from_data(
-                TensorData::new(targets[start..start + len].to_vec(), [len, 1]),
-                &self.device,
-            );
-            let picked = to_vec(logp.clone().gather(1, tgt.clone()))?;
-            sum -= picked.iter().map(|&v| v as f64).sum::<f64>();
+            let mut logits = to_vec(table.logits(&hc))?;
+            let tgt: Vec<usize> = targets[start..start + len]
+                .iter()
+                .map(|&t| t as usize)
+                .collect();
+            sum += pointwise::cross_entropy(&mut logits, vocab, &tgt, want_grad);
             if want_grad {
                 // softmax − one-hot of the target.
-                let minus_one = Tensor::<2>::full([len, 1], -1.0, &self.device);
-                let dlogits = logp.exp().scatter(1, tgt, minus_one, IndexingUpdateOp::Add);
+                let dlogits =
+                    Tensor::<2>::from_data(TensorData::new(logits, [len, vocab]), &self.device);
                 dh_chunks.push(table.back(&dlogits));
                 if full {
                     let d = dlogits.transpose().matmul(hc);
