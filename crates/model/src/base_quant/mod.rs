@@ -18,6 +18,7 @@ pub use int8::Int8Matrix;
 pub use nf4::{Absmax, Nf4Tensor};
 
 use crate::error::ModelError;
+use crate::llama::to_vec;
 
 /// How the frozen base's linear weights are stored during LoRA training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -114,6 +115,19 @@ impl FrozenWeight {
             FrozenWeight::Nf4(t) => t.dequantize(),
         };
         Tensor::from_data(TensorData::new(values, [rows, cols]), device)
+    }
+
+    /// The weight as f32 values, row-major (a fresh buffer).
+    pub fn dequantize(&self) -> crate::error::Result<Vec<f32>> {
+        Ok(match self {
+            FrozenWeight::F32(t) => to_vec(t.clone())?,
+            FrozenWeight::Int8(m) => {
+                let mut out = vec![0f32; m.rows * m.cols];
+                m.dequantize_into(&mut out);
+                out
+            }
+            FrozenWeight::Nf4(t) => t.dequantize(),
+        })
     }
 
     /// Bytes this weight keeps resident.

@@ -27,6 +27,7 @@ use crate::lora::{Adapter, LoraPair, Target};
 
 mod backprop;
 mod full;
+mod host;
 mod layout;
 mod pointwise;
 
@@ -173,6 +174,31 @@ impl Table {
         }
     }
 
+    /// The table as host f32 blocks of [`TABLE_BLOCK`] rows (each `[len, cols]`, row-major).
+    fn host_blocks(&self) -> Result<Vec<Vec<f32>>> {
+        let rows = self.params() / self.cols();
+        (0..rows)
+            .step_by(TABLE_BLOCK)
+            .map(|s| {
+                let len = TABLE_BLOCK.min(rows - s);
+                match self {
+                    Table::F32(t) => to_vec(t.clone().narrow(0, s, len)),
+                    Table::Bf16 { cols, data, .. } => Ok(data[s * cols..(s + len) * cols]
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect()),
+                }
+            })
+            .collect()
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Table::F32(t) => t.dims()[1],
+            Table::Bf16 { cols, .. } => *cols,
+        }
+    }
+
     fn blocks(&self) -> Vec<(usize, usize)> {
         match self {
             Table::F32(t) => vec![(0, t.dims()[0])],
@@ -273,6 +299,9 @@ pub struct QloraModel {
     /// Keep every layer's activations for the hand-written backward (on by default); off: keep only
     /// layer inputs and recompute each layer with autodiff in backward (less memory, slower).
     pub store_activations: bool,
+    /// Run the stored-activation step on host buffers with `gemm` and fused row loops (see `host`);
+    /// on by default on the CPU backend. Off, or on other devices: Burn tensor ops (`backprop`).
+    pub host_step: bool,
 }
 
 fn tensor1(v: Vec<f32>, device: &Device) -> Tensor<1> {
@@ -359,9 +388,10 @@ impl QloraModel {
                 device,
             ),
             device: device.clone(),
-            loss_chunk: 64,
+            loss_chunk: 256,
             pack: true,
             store_activations: true,
+            host_step: *device == Device::flex(),
         })
     }
 
@@ -518,6 +548,9 @@ impl QloraModel {
     ) -> Result<StepGrads> {
         adapter.validate_for(&self.config)?;
         let layout = self.check_batch(batch)?;
+        if self.store_activations && self.host_step && self.device == Device::flex() {
+            return self.grads_on_host(adapter, &layout, dropout);
+        }
         if self.store_activations {
             return self.grads_from_saved(adapter, &layout, dropout);
         }
@@ -852,8 +885,72 @@ pub fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// An inverted-dropout mask (`0` or `1/(1-p)`), `[rows, cols]`. Each 64-bit hash gives four 16-bit
-/// uniforms, so `p` is applied with a resolution of 1/65536.
+/// An inverted-dropout mask over `[rows, cols]` (row-major) as bits: element `e` is kept (and scaled by
+/// `1/(1-p)`) when bit `e % 64` of word `e / 64` is set. Each element is a pure function of
+/// `(seed, layer, target, e)`: the 64-bit hash of `e / 4` gives four 16-bit uniforms, so `p` is applied
+/// with a resolution of 1/65536.
+pub(super) struct DropMask {
+    bits: Vec<u64>,
+    len: usize,
+    /// `1/(1-p)`.
+    pub keep: f32,
+}
+
+impl DropMask {
+    pub fn new(d: Dropout, layer: usize, target: Target, rows: usize, cols: usize) -> Self {
+        let stream =
+            splitmix(d.seed ^ splitmix(((layer as u64) << 8) | target_index(target) as u64));
+        let threshold = (d.p * 65536.0).round() as u64;
+        let len = rows * cols;
+        let mut bits = vec![0u64; len.div_ceil(64)];
+        bits.par_chunks_mut(256).enumerate().for_each(|(c, words)| {
+            for (i, word) in words.iter_mut().enumerate() {
+                let first = ((c * 256 + i) * 16) as u64;
+                let mut w = 0u64;
+                for j in 0..16u64 {
+                    let h = splitmix(stream.wrapping_add(first + j));
+                    for k in 0..4 {
+                        let kept = (h >> (16 * k)) & 0xffff >= threshold;
+                        w |= (kept as u64) << (4 * j + k);
+                    }
+                }
+                *word = w;
+            }
+        });
+        // Bits past the end stay unused.
+        DropMask {
+            bits,
+            len,
+            keep: (1.0 / (1.0 - d.p)) as f32,
+        }
+    }
+
+    /// The mask's words, each covering 64 consecutive elements.
+    pub fn words(&self) -> &[u64] {
+        &self.bits
+    }
+
+    /// The mask as values (`0` or `1/(1-p)`).
+    pub fn values(&self) -> Vec<f32> {
+        let mut values = vec![0f32; self.len];
+        values
+            .par_chunks_mut(64)
+            .zip(&self.bits)
+            .for_each(|(chunk, &w)| {
+                for (j, v) in chunk.iter_mut().enumerate() {
+                    *v = if w >> j & 1 == 1 { self.keep } else { 0.0 };
+                }
+            });
+        values
+    }
+}
+
+/// The inverted-dropout mask of `(layer, target)` as values `[rows, cols]` (see [`DropMask`]).
+fn dropout_values(d: Dropout, layer: usize, target: Target, rows: usize, cols: usize) -> Vec<f32> {
+    DropMask::new(d, layer, target, rows, cols).values()
+}
+
+/// [`dropout_values`] as a tensor.
 fn dropout_mask(
     d: Dropout,
     layer: usize,
@@ -862,26 +959,7 @@ fn dropout_mask(
     cols: usize,
     device: &Device,
 ) -> Tensor<2> {
-    let stream = splitmix(d.seed ^ splitmix(((layer as u64) << 8) | target_index(target) as u64));
-    let threshold = (d.p * 65536.0).round() as u64;
-    let keep = (1.0 / (1.0 - d.p)) as f32;
-    let mut values = vec![0f32; rows * cols];
-    values
-        .par_chunks_mut(4096)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let base = (c * 1024) as u64;
-            for (i, quad) in chunk.chunks_mut(4).enumerate() {
-                let h = splitmix(stream.wrapping_add(base + i as u64));
-                for (k, v) in quad.iter_mut().enumerate() {
-                    *v = if (h >> (16 * k)) & 0xffff >= threshold {
-                        keep
-                    } else {
-                        0.0
-                    };
-                }
-            }
-        });
+    let values = dropout_values(d, layer, target, rows, cols);
     Tensor::from_data(TensorData::new(values, [rows, cols]), device)
 }
 

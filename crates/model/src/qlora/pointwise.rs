@@ -14,7 +14,100 @@ use crate::error::Result;
 use crate::llama::to_vec;
 
 /// Elements per rayon task for elementwise loops.
-const CHUNK: usize = 1 << 14;
+pub(super) const CHUNK: usize = 1 << 14;
+
+/// Defines `fn $name(args)` that runs `$body` compiled for AVX2 + FMA when the CPU has them (the
+/// loops below then vectorize 8 wide, `exp` included) and as plain code otherwise. Results may differ
+/// between the two in the last bits (fused multiply-adds), never between runs on one machine.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(super) use simd_fn;
+
+/// Lanes of the partial reductions below (one AVX register of f32).
+const LANES: usize = 8;
+
+/// The largest element of `row` (−∞ when empty), with `LANES` partial maxima so it vectorizes.
+#[inline(always)]
+pub(super) fn max_of(row: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    tail.iter()
+        .chain(&acc)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `Σ e^(x − shift)` over `row`, in `LANES` partial sums.
+#[inline(always)]
+fn sum_exp(row: &[f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += exp(x - shift);
+        }
+    }
+    acc.iter().sum::<f32>() + tail.iter().map(|&x| exp(x - shift)).sum::<f32>()
+}
+
+/// `Σ x` over `row`, in `LANES` partial sums.
+#[inline(always)]
+fn sum_of(row: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `Σ a·b`, in `LANES` partial sums.
+#[inline(always)]
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
 
 /// `e^x` in f32: 0 below −87 (where the result leaves the normal range), saturating at `e^88`.
 #[inline(always)]
@@ -68,16 +161,33 @@ pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Result<Tensor<D>> {
     Ok(Tensor::from_data(TensorData::new(v, dims), &device))
 }
 
-fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for e in row.iter_mut() {
-        *e = exp(*e - max);
-        sum += *e;
+simd_fn! {
+    /// Softmax of one row in place.
+    pub(super) fn softmax_row(row: &mut [f32]) {
+        let max = max_of(row);
+        for e in row.iter_mut() {
+            *e = exp(*e - max);
+        }
+        let inv = 1.0 / sum_of(row);
+        row.iter_mut().for_each(|e| *e *= inv);
     }
-    let inv = 1.0 / sum;
-    for e in row.iter_mut() {
-        *e *= inv;
+}
+
+simd_fn! {
+    /// `−log softmax(row)[target]`; with `want_grad`, `row` becomes `softmax(row) − one_hot(target)`.
+    fn cross_entropy_row(row: &mut [f32], target: usize, want_grad: bool) -> f64 {
+        let max = max_of(row);
+        let sum: f64 = row.chunks(1024).map(|c| sum_exp(c, max) as f64).sum();
+        let lse = max as f64 + sum.ln();
+        let loss = lse - row[target] as f64;
+        if want_grad {
+            let lse = lse as f32;
+            for z in row.iter_mut() {
+                *z = exp(*z - lse);
+            }
+            row[target] -= 1.0;
+        }
+        loss
     }
 }
 
@@ -88,23 +198,7 @@ pub fn cross_entropy(logits: &mut [f32], vocab: usize, targets: &[usize], want_g
     logits
         .par_chunks_mut(vocab)
         .zip(targets)
-        .map(|(row, &t)| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f64 = row
-                .chunks(1024)
-                .map(|c| c.iter().map(|&z| exp(z - max)).sum::<f32>() as f64)
-                .sum();
-            let lse = max as f64 + sum.ln();
-            let loss = lse - row[t] as f64;
-            if want_grad {
-                let lse = lse as f32;
-                for z in row.iter_mut() {
-                    *z = exp(*z - lse);
-                }
-                row[t] -= 1.0;
-            }
-            loss
-        })
+        .map(|(row, &t)| cross_entropy_row(row, t, want_grad))
         .sum()
 }
 
