@@ -8,6 +8,10 @@
 //! gradients reach the input and the LoRA factors but never the frozen weights, and at most one
 //! layer's dequantized weights are alive at a time.
 //!
+//! On the CPU backend that step runs on host buffers (`host`: `gemm` products, fused row loops, LoRA's
+//! thin products in single passes in `low_rank`); `backprop` is the same step in Burn tensor ops, for
+//! other devices and as the reference the tests hold the host path to.
+//!
 //! With [`QloraModel::store_activations`] off, the forward pass keeps only each layer's input and
 //! backward re-runs each layer on Burn's autodiff device (a third forward pass's work, for one layer's
 //! activations in memory instead of all of them: for large models on small machines).
@@ -29,6 +33,7 @@ mod backprop;
 mod full;
 mod host;
 mod layout;
+mod low_rank;
 mod pointwise;
 
 use layout::Layout;
