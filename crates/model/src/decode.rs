@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::cache::KvCache;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::kernels::{QMatrix, MAX_BATCH};
+use crate::kernels::{dot, QMatrix, MAX_BATCH};
 use crate::llama::{rope_tables, to_vec};
 use crate::loader::{unpermute_order, TensorSource};
 
@@ -201,24 +201,6 @@ struct HeadShape {
     kvh: usize,
     rep: usize,
     d: usize,
-}
-
-/// Dot product in eight independent lanes (vectorizes; a fixed summation order, so deterministic).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// One row's attention output (`[heads × d]`) for query `q` over its cached keys and values

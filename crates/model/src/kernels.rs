@@ -17,6 +17,26 @@ const PREFETCH: usize = 2048;
 /// Most vectors multiplied per weight read (a decode batch).
 pub const MAX_BATCH: usize = 8;
 
+/// Dot product in eight independent lanes (vectorizes, also inside AVX2 code that inlines it; a fixed
+/// summation order, so deterministic). For the f32 rows of attention and the training step's row loops.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// A weight matrix `[rows, cols]` in a format the kernels read directly.
 #[derive(Debug, Clone)]
 pub struct QMatrix {

@@ -38,6 +38,13 @@ impl Int8Matrix {
         }
     }
 
+    /// The dequantized values in a fresh buffer.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.codes.len()];
+        self.dequantize_into(&mut out);
+        out
+    }
+
     pub fn dequantize_into(&self, out: &mut [f32]) {
         assert_eq!(
             out.len(),

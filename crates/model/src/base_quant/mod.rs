@@ -104,28 +104,19 @@ impl FrozenWeight {
     /// The weight as an f32 tensor; quantized formats are dequantized into a fresh buffer that lives
     /// only as long as the returned tensor.
     pub fn tensor(&self, device: &Device) -> Tensor<2> {
-        let [rows, cols] = self.dims();
         let values = match self {
             FrozenWeight::F32(t) => return t.clone(),
-            FrozenWeight::Int8(m) => {
-                let mut out = vec![0f32; rows * cols];
-                m.dequantize_into(&mut out);
-                out
-            }
+            FrozenWeight::Int8(m) => m.dequantize(),
             FrozenWeight::Nf4(t) => t.dequantize(),
         };
-        Tensor::from_data(TensorData::new(values, [rows, cols]), device)
+        Tensor::from_data(TensorData::new(values, self.dims()), device)
     }
 
     /// The weight as f32 values, row-major (a fresh buffer).
     pub fn dequantize(&self) -> crate::error::Result<Vec<f32>> {
         Ok(match self {
             FrozenWeight::F32(t) => to_vec(t.clone())?,
-            FrozenWeight::Int8(m) => {
-                let mut out = vec![0f32; m.rows * m.cols];
-                m.dequantize_into(&mut out);
-                out
-            }
+            FrozenWeight::Int8(m) => m.dequantize(),
             FrozenWeight::Nf4(t) => t.dequantize(),
         })
     }

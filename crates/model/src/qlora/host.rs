@@ -22,9 +22,10 @@ use rayon::prelude::*;
 
 use super::layout::Layout;
 use super::low_rank::{self, Factors};
-use super::pointwise::{cross_entropy, dot, exp, simd_fn, softmax_row, CHUNK};
-use super::{target_index, DropMask, Dropout, LossSum, QloraModel, StepGrads};
+use super::pointwise::{cross_entropy, exp, simd_fn, softmax_row, CHUNK};
+use super::{target_index, DropMask, Dropout, LossSum, QloraModel, StepClock, StepGrads};
 use crate::error::{ModelError, Result};
+use crate::kernels::dot;
 use crate::llama::{rope_tables, to_vec};
 use crate::lora::{Adapter, LoraPair, Target};
 
@@ -236,7 +237,7 @@ struct Saved {
 }
 
 /// Shapes and per-batch tables shared by every layer.
-struct Geometry {
+struct Geometry<'a> {
     b: usize,
     s: usize,
     hidden: usize,
@@ -250,34 +251,28 @@ struct Geometry {
     cos: Vec<f32>,
     sin: Vec<f32>,
     /// Additive mask `[s, s]`.
-    mask: Vec<f32>,
+    mask: &'a [f32],
 }
 
-impl Geometry {
+impl Geometry<'_> {
     fn rows(&self) -> usize {
         self.b * self.s
+    }
+
+    /// Width of the keys and values, `kv_heads · d`.
+    fn kv_width(&self) -> usize {
+        self.kv_heads * self.d
     }
 }
 
 /// RMSNorm of each row: returns `x · inv · w` and `inv = 1/sqrt(mean(x²) + eps)` per row.
 fn rms(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let n = w.len();
-    let rows = x.len() / n;
-    let mut inv = vec![0f32; rows];
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(n * ROWS_PER_TASK)
-        .zip(inv.par_chunks_mut(ROWS_PER_TASK))
-        .zip(x.par_chunks(n * ROWS_PER_TASK))
-        .for_each(|((out, inv), x)| {
-            for ((o, iv), x) in out.chunks_mut(n).zip(inv).zip(x.chunks(n)) {
-                let ms = dot(x, x) / n as f32;
-                *iv = 1.0 / (ms + eps).sqrt();
-                for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-                    *o = x * *iv * w;
-                }
-            }
-        });
-    (out, inv)
+    let inv: Vec<f32> = x
+        .par_chunks(n)
+        .map(|x| 1.0 / (dot(x, x) / n as f32 + eps).sqrt())
+        .collect();
+    (normed(x, &inv, w), inv)
 }
 
 /// `x · inv · w` from a kept factor.
@@ -353,7 +348,7 @@ fn rope(x: &mut [f32], width: usize, g: &Geometry, sign: f32) {
 /// fewer rows than threads.
 fn attention(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>) {
     let (s, h, d, hidden) = (g.s, g.heads, g.d, g.hidden);
-    let kvw = g.kv_heads * d;
+    let kvw = g.kv_width();
     let rep = h / g.kv_heads;
     let scale = (d as f32).powf(-0.5);
     // Fewer sequence rows than threads (a packed batch): let the products use the pool instead.
@@ -399,7 +394,7 @@ fn attention(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f3
 /// Backward of [`attention`] given `dout` `[T, hidden]`: gradients at the rotated `q`, `k` and at `v`.
 fn attention_backward(saved: &Saved, dout: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (s, h, d, hidden) = (g.s, g.heads, g.d, g.hidden);
-    let kvw = g.kv_heads * d;
+    let kvw = g.kv_width();
     let rep = h / g.kv_heads;
     let scale = (d as f32).powf(-0.5);
     let inner = g.b < rayon::current_num_threads();
@@ -533,7 +528,7 @@ fn forward_layer(
     run(Target::VProj, &n1, &mut v, false);
     drop(n1);
     rope(&mut q, g.hidden, g, 1.0);
-    rope(&mut k, g.kv_heads * g.d, g, 1.0);
+    rope(&mut k, g.kv_width(), g, 1.0);
     let (probs, attn) = attention(&q, &k, &v, g);
     let mut mid = x.clone();
     run(Target::OProj, &attn, &mut mid, true);
@@ -605,7 +600,7 @@ fn backward_layer(
     let (mut dq, mut dk, dv) = attention_backward(&saved, &dattn, g);
     drop(dattn);
     rope(&mut dq, hidden, g, -1.0);
-    rope(&mut dk, g.kv_heads * g.d, g, -1.0);
+    rope(&mut dk, g.kv_width(), g, -1.0);
     let n1 = normed(&saved.x, &saved.inv1, &l.norm1);
     let mut dn1 = vec![0f32; rows * hidden];
     let gq = back(Target::QProj, &n1, &dq, &mut dn1, false);
@@ -680,12 +675,11 @@ impl QloraModel {
             positions,
             cos,
             sin,
-            mask: layout.mask.clone(),
+            mask: &layout.mask,
         };
         let rows = g.rows();
-        let clock = std::time::Instant::now();
-        let ids: Vec<i64> = layout.ids.clone();
-        let mut x = to_vec(self.embed_tokens.rows(&ids, &self.device))?;
+        let mut clock = StepClock::start();
+        let mut x = to_vec(self.embed_tokens.rows(&layout.ids, &self.device))?;
         let mut saved = Vec::with_capacity(self.layers.len());
         for l in 0..self.layers.len() {
             let layer = self.host_layer(l, adapter)?;
@@ -699,10 +693,10 @@ impl QloraModel {
             saved.push(kept);
             x = next;
         }
-        let t_forward = clock.elapsed();
+        clock.forward_done();
         let (loss, mut grad) = self.head_on_host(&x, layout)?;
         drop(x);
-        let t_head = clock.elapsed() - t_forward;
+        clock.head_done();
         let mut grads = BTreeMap::new();
         for l in (0..self.layers.len()).rev() {
             let kept = saved
@@ -715,12 +709,7 @@ impl QloraModel {
             }
             grad = dx;
         }
-        tracing::debug!(
-            forward_ms = t_forward.as_millis() as u64,
-            head_ms = t_head.as_millis() as u64,
-            backward_ms = (clock.elapsed() - t_forward - t_head).as_millis() as u64,
-            "training step (host)"
-        );
+        clock.log("host");
         Ok(StepGrads { loss, grads })
     }
 

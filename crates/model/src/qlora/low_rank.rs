@@ -13,8 +13,9 @@
 
 use rayon::prelude::*;
 
-use super::pointwise::{dot, simd_fn};
+use super::pointwise::simd_fn;
 use super::DropMask;
+use crate::kernels::dot;
 use crate::lora::LoraPair;
 
 /// Rows per task.

@@ -117,6 +117,19 @@ enum Table {
 /// Vocabulary rows converted per block when the table is bf16.
 const TABLE_BLOCK: usize = 8192;
 
+/// `(start, len)` of consecutive blocks of [`TABLE_BLOCK`] rows covering `rows`.
+fn row_blocks(rows: usize) -> Vec<(usize, usize)> {
+    (0..rows)
+        .step_by(TABLE_BLOCK)
+        .map(|s| (s, TABLE_BLOCK.min(rows - s)))
+        .collect()
+}
+
+/// bf16 values as f32.
+fn widen(values: &[half::bf16]) -> impl Iterator<Item = f32> + '_ {
+    values.iter().map(|v| v.to_f32())
+}
+
 impl Table {
     fn new(values: Vec<f32>, rows: usize, cols: usize, quant: BaseQuant, device: &Device) -> Self {
         match quant {
@@ -158,7 +171,7 @@ impl Table {
                 let mut out = Vec::with_capacity(ids.len() * cols);
                 for &id in ids {
                     let start = id as usize * cols;
-                    out.extend(data[start..start + cols].iter().map(|v| v.to_f32()));
+                    out.extend(widen(&data[start..start + cols]));
                 }
                 Tensor::from_data(TensorData::new(out, [ids.len(), *cols]), device)
             }
@@ -169,48 +182,41 @@ impl Table {
     fn block(&self, start: usize, len: usize, device: &Device) -> Tensor<2> {
         match self {
             Table::F32(t) => t.clone().narrow(0, start, len),
-            Table::Bf16 { cols, data, .. } => {
-                let v: Vec<f32> = data[start * cols..(start + len) * cols]
-                    .iter()
-                    .map(|x| x.to_f32())
-                    .collect();
-                Tensor::from_data(TensorData::new(v, [len, *cols]), device)
-            }
+            Table::Bf16 { cols, data, .. } => Tensor::from_data(
+                TensorData::new(
+                    widen(&data[start * cols..(start + len) * cols]).collect(),
+                    [len, *cols],
+                ),
+                device,
+            ),
         }
     }
 
     /// The table as host f32 blocks of [`TABLE_BLOCK`] rows (each `[len, cols]`, row-major).
     fn host_blocks(&self) -> Result<Vec<Vec<f32>>> {
-        let rows = self.params() / self.cols();
-        (0..rows)
-            .step_by(TABLE_BLOCK)
-            .map(|s| {
-                let len = TABLE_BLOCK.min(rows - s);
-                match self {
-                    Table::F32(t) => to_vec(t.clone().narrow(0, s, len)),
-                    Table::Bf16 { cols, data, .. } => Ok(data[s * cols..(s + len) * cols]
-                        .iter()
-                        .map(|x| x.to_f32())
-                        .collect()),
+        row_blocks(self.len())
+            .into_iter()
+            .map(|(s, len)| match self {
+                Table::F32(t) => to_vec(t.clone().narrow(0, s, len)),
+                Table::Bf16 { cols, data, .. } => {
+                    Ok(widen(&data[s * cols..(s + len) * cols]).collect())
                 }
             })
             .collect()
     }
 
-    fn cols(&self) -> usize {
+    /// Rows of the table.
+    fn len(&self) -> usize {
         match self {
-            Table::F32(t) => t.dims()[1],
-            Table::Bf16 { cols, .. } => *cols,
+            Table::F32(t) => t.dims()[0],
+            Table::Bf16 { rows, .. } => *rows,
         }
     }
 
     fn blocks(&self) -> Vec<(usize, usize)> {
         match self {
             Table::F32(t) => vec![(0, t.dims()[0])],
-            Table::Bf16 { rows, .. } => (0..*rows)
-                .step_by(TABLE_BLOCK)
-                .map(|s| (s, TABLE_BLOCK.min(rows - s)))
-                .collect(),
+            Table::Bf16 { rows, .. } => row_blocks(*rows),
         }
     }
 
@@ -564,18 +570,18 @@ impl QloraModel {
         let scale = adapter.config.scale();
         let (cos, sin, mask) = layout.tensors(&self.rope, &self.device);
 
-        let clock = std::time::Instant::now();
+        let mut clock = StepClock::start();
         let (x, mut xs) =
             self.forward_layers(&layout, Some(adapter), dropout, (&cos, &sin, &mask), true);
 
-        let t_forward = clock.elapsed();
+        clock.forward_done();
         // Loss and the gradient at the last layer's output.
         let (loss, mut grad) = self.head_loss(x, &layout, true)?;
         let mut grad = grad
             .take()
             .unwrap_or_else(|| Tensor::zeros([b, s, hidden], &self.device));
 
-        let t_head = clock.elapsed() - t_forward;
+        clock.head_done();
         // Backward, one recomputed layer at a time.
         let mut grads = BTreeMap::new();
         for l in (0..self.layers.len()).rev() {
@@ -592,12 +598,7 @@ impl QloraModel {
             }
             grad = dx;
         }
-        tracing::debug!(
-            forward_ms = t_forward.as_millis() as u64,
-            head_ms = t_head.as_millis() as u64,
-            backward_ms = (clock.elapsed() - t_forward - t_head).as_millis() as u64,
-            "training step"
-        );
+        clock.log("recomputed layers");
         for pair in grads.values_mut() {
             if pair.a.is_empty() || pair.b.is_empty() {
                 return Err(ModelError::Input(
@@ -637,7 +638,7 @@ impl QloraModel {
             self.layer(l, &lora, scale, dropout, b * s)
         };
 
-        let clock = std::time::Instant::now();
+        let mut clock = StepClock::start();
         let mut x = self.embed(layout).reshape([b * s, hidden]);
         let mut saved = Vec::with_capacity(self.layers.len());
         for l in 0..self.layers.len() {
@@ -645,13 +646,13 @@ impl QloraModel {
             saved.push(kept);
             x = next;
         }
-        let t_forward = clock.elapsed();
+        clock.forward_done();
         let (loss, grad) = self.head_loss(x.reshape([b, s, hidden]), layout, true)?;
         let mut grad = match grad {
             Some(g) => g.reshape([b * s, hidden]),
             None => Tensor::zeros([b * s, hidden], &self.device),
         };
-        let t_head = clock.elapsed() - t_forward;
+        clock.head_done();
         let mut grads = BTreeMap::new();
         for l in (0..self.layers.len()).rev() {
             let kept = saved
@@ -669,12 +670,7 @@ impl QloraModel {
             }
             grad = dx;
         }
-        tracing::debug!(
-            forward_ms = t_forward.as_millis() as u64,
-            head_ms = t_head.as_millis() as u64,
-            backward_ms = (clock.elapsed() - t_forward - t_head).as_millis() as u64,
-            "training step (stored activations)"
-        );
+        clock.log("stored activations");
         Ok(StepGrads { loss, grads })
     }
 
@@ -870,6 +866,42 @@ impl QloraModel {
     }
 }
 
+/// Times a training step's phases (forward, head and loss, backward) for one debug log line.
+struct StepClock {
+    start: std::time::Instant,
+    forward: std::time::Duration,
+    head: std::time::Duration,
+}
+
+impl StepClock {
+    fn start() -> Self {
+        StepClock {
+            start: std::time::Instant::now(),
+            forward: Default::default(),
+            head: Default::default(),
+        }
+    }
+
+    fn forward_done(&mut self) {
+        self.forward = self.start.elapsed();
+    }
+
+    fn head_done(&mut self) {
+        self.head = self.start.elapsed() - self.forward;
+    }
+
+    fn log(&self, path: &str) {
+        let backward = self.start.elapsed() - self.forward - self.head;
+        tracing::debug!(
+            forward_ms = self.forward.as_millis() as u64,
+            head_ms = self.head.as_millis() as u64,
+            backward_ms = backward.as_millis() as u64,
+            path,
+            "training step"
+        );
+    }
+}
+
 /// What [`QloraModel::head`] returns.
 struct HeadOut {
     loss: LossSum,
@@ -950,12 +982,7 @@ impl DropMask {
     }
 }
 
-/// The inverted-dropout mask of `(layer, target)` as values `[rows, cols]` (see [`DropMask`]).
-fn dropout_values(d: Dropout, layer: usize, target: Target, rows: usize, cols: usize) -> Vec<f32> {
-    DropMask::new(d, layer, target, rows, cols).values()
-}
-
-/// [`dropout_values`] as a tensor.
+/// The inverted-dropout mask of `(layer, target)` as a tensor `[rows, cols]` (see [`DropMask`]).
 fn dropout_mask(
     d: Dropout,
     layer: usize,
@@ -964,7 +991,7 @@ fn dropout_mask(
     cols: usize,
     device: &Device,
 ) -> Tensor<2> {
-    let values = dropout_values(d, layer, target, rows, cols);
+    let values = DropMask::new(d, layer, target, rows, cols).values();
     Tensor::from_data(TensorData::new(values, [rows, cols]), device)
 }
 
