@@ -112,13 +112,22 @@ impl FrozenWeight {
         Tensor::from_data(TensorData::new(values, self.dims()), device)
     }
 
-    /// The weight as f32 values, row-major (a fresh buffer).
-    pub fn dequantize(&self) -> crate::error::Result<Vec<f32>> {
-        Ok(match self {
-            FrozenWeight::F32(t) => to_vec(t.clone())?,
-            FrozenWeight::Int8(m) => m.dequantize(),
-            FrozenWeight::Nf4(t) => t.dequantize(),
-        })
+    /// The weight as f32 values, row-major, into `out` (resized to fit; a buffer reused across layers
+    /// of one shape is neither reallocated nor cleared first).
+    pub fn dequantize_into(&self, out: &mut Vec<f32>) -> crate::error::Result<()> {
+        let len = self.dims().iter().product();
+        match self {
+            FrozenWeight::F32(t) => *out = to_vec(t.clone())?,
+            FrozenWeight::Int8(m) => {
+                out.resize(len, 0.0);
+                m.dequantize_into(out);
+            }
+            FrozenWeight::Nf4(t) => {
+                out.resize(len, 0.0);
+                t.dequantize_into(out);
+            }
+        }
+        Ok(())
     }
 
     /// Bytes this weight keeps resident.

@@ -138,7 +138,7 @@ fn mm(
 /// One projection of a layer: the dequantized frozen weight and, when adapted, its LoRA factors.
 struct Proj<'a> {
     /// `[out, inp]`.
-    weight: Vec<f32>,
+    weight: &'a [f32],
     bias: Option<Vec<f32>>,
     out: usize,
     inp: usize,
@@ -157,7 +157,7 @@ impl Proj<'_> {
         add: bool,
     ) -> Option<Vec<f32>> {
         let (out, inp) = (self.out, self.inp);
-        let w = Op::rows(&self.weight, inp).t();
+        let w = Op::rows(self.weight, inp).t();
         mm(
             y,
             out,
@@ -199,7 +199,7 @@ impl Proj<'_> {
             inp,
             (rows, inp, out),
             dy_op,
-            Op::rows(&self.weight, inp),
+            Op::rows(self.weight, inp),
             1.0,
             add,
             true,
@@ -626,19 +626,29 @@ fn backward_layer(
 }
 
 impl QloraModel {
-    /// Layer `index` on the host: weights dequantized now, the adapter's factors borrowed.
-    fn host_layer<'a>(&self, index: usize, adapter: &'a Adapter) -> Result<Layer<'a>> {
+    /// Layer `index` on the host: weights dequantized now into `buffers` (one per projection, reused
+    /// from layer to layer: no allocation or page faults for the 100-odd MB each pass dequantizes), the
+    /// adapter's factors borrowed.
+    fn host_layer<'a>(
+        &self,
+        index: usize,
+        adapter: &'a Adapter,
+        buffers: &'a mut [Vec<f32>; 7],
+    ) -> Result<Layer<'a>> {
         let frozen = &self.layers[index];
         let scale = adapter.config.scale() as f32;
+        for (f, buffer) in frozen.linears.iter().zip(buffers.iter_mut()) {
+            f.weight.dequantize_into(buffer)?;
+        }
         let mut proj = Vec::with_capacity(7);
-        for (t, f) in Target::ALL.into_iter().zip(&frozen.linears) {
+        for ((t, f), weight) in Target::ALL.into_iter().zip(&frozen.linears).zip(&*buffers) {
             let [out, inp] = f.weight.dims();
             let lora = adapter
                 .weights
                 .get(&(index, t))
                 .map(|pair| Factors::new(&pair.a, &pair.b, adapter.config.r, scale));
             proj.push(Proj {
-                weight: f.weight.dequantize()?,
+                weight,
                 bias: f.bias.clone().map(to_vec).transpose()?,
                 out,
                 inp,
@@ -681,8 +691,9 @@ impl QloraModel {
         let mut clock = StepClock::start();
         let mut x = to_vec(self.embed_tokens.rows(&layout.ids, &self.device))?;
         let mut saved = Vec::with_capacity(self.layers.len());
+        let mut buffers: [Vec<f32>; 7] = Default::default();
         for l in 0..self.layers.len() {
-            let layer = self.host_layer(l, adapter)?;
+            let layer = self.host_layer(l, adapter, &mut buffers)?;
             let masks = Target::ALL.map(|t| {
                 let inp = t.shape(c)[1];
                 dropout
@@ -702,7 +713,7 @@ impl QloraModel {
             let kept = saved
                 .pop()
                 .ok_or_else(|| ModelError::Input("a layer's activations are missing".into()))?;
-            let layer = self.host_layer(l, adapter)?;
+            let layer = self.host_layer(l, adapter, &mut buffers)?;
             let (dx, pairs) = backward_layer(&layer, kept, grad, &g);
             for (t, pair) in pairs {
                 grads.insert((l, t), pair);
