@@ -112,20 +112,20 @@ impl FrozenWeight {
         Tensor::from_data(TensorData::new(values, self.dims()), device)
     }
 
-    /// The weight as f32 values, row-major, into `out` (resized to fit; a buffer reused across layers
-    /// of one shape is neither reallocated nor cleared first).
-    pub fn dequantize_into(&self, out: &mut Vec<f32>) -> crate::error::Result<()> {
-        let len = self.dims().iter().product();
+    /// The weight as f32 values, row-major, into `out` (exactly its size).
+    pub fn dequantize_into(&self, out: &mut [f32]) -> crate::error::Result<()> {
+        let len: usize = self.dims().iter().product();
+        if out.len() != len {
+            return Err(crate::error::ModelError::Input(format!(
+                "a buffer of {} values cannot hold a {:?} weight",
+                out.len(),
+                self.dims()
+            )));
+        }
         match self {
-            FrozenWeight::F32(t) => *out = to_vec(t.clone())?,
-            FrozenWeight::Int8(m) => {
-                out.resize(len, 0.0);
-                m.dequantize_into(out);
-            }
-            FrozenWeight::Nf4(t) => {
-                out.resize(len, 0.0);
-                t.dequantize_into(out);
-            }
+            FrozenWeight::F32(t) => out.copy_from_slice(&to_vec(t.clone())?),
+            FrozenWeight::Int8(m) => m.dequantize_into(out),
+            FrozenWeight::Nf4(t) => t.dequantize_into(out),
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use super::layout::Layout;
 use super::low_rank::{self, Factors};
-use super::pointwise::{cross_entropy, exp, simd_fn, softmax_row, CHUNK};
+use super::pointwise::{cross_entropy, exp, simd_fn, softmax_row};
 use super::{target_index, DropMask, Dropout, LossSum, QloraModel, StepClock, StepGrads};
 use crate::error::{ModelError, Result};
 use crate::kernels::dot;
@@ -135,27 +135,38 @@ fn mm(
     }
 }
 
-/// One projection of a layer: the dequantized frozen weight and, when adapted, its LoRA factors.
+/// One product of a layer: the frozen weights of the projections that read the same input stacked
+/// row-wise (`[q; k; v]`, `[gate; up]`, or one projection alone), so each pass is one wider GEMM, and
+/// each projection's bias and LoRA factors.
 struct Proj<'a> {
-    /// `[out, inp]`.
+    /// `[out, inp]`: the parts' rows one after another.
     weight: &'a [f32],
+    /// `[out]` when any part has a bias (zeros for the parts without).
     bias: Option<Vec<f32>>,
     out: usize,
     inp: usize,
+    parts: Vec<Part<'a>>,
+}
+
+/// One projection inside a [`Proj`]: output columns `offset..offset + out`.
+struct Part<'a> {
+    target: Target,
+    offset: usize,
     lora: Option<Factors<'a>>,
 }
 
 impl Proj<'_> {
-    /// `y (+)= x Wᵀ + bias + s · (dropout(x) Aᵀ) Bᵀ` for `x` `[rows, inp]`; returns the low-rank
-    /// activation `dropout(x) Aᵀ` when adapted.
+    /// `y (+)= x Wᵀ + bias`, plus `s · (dropout(x) Aᵀ) Bᵀ` into each adapted part's columns, for `x`
+    /// `[rows, inp]`; keeps each adapted part's low-rank activation `dropout(x) Aᵀ` in `lows`.
     fn forward(
         &self,
         x: &[f32],
-        mask: Option<&DropMask>,
+        masks: &[Option<DropMask>; 7],
         rows: usize,
         y: &mut [f32],
         add: bool,
-    ) -> Option<Vec<f32>> {
+        lows: &mut [Option<Vec<f32>>; 7],
+    ) {
         let (out, inp) = (self.out, self.inp);
         let w = Op::rows(self.weight, inp).t();
         mm(
@@ -175,61 +186,84 @@ impl Proj<'_> {
                 }
             });
         }
-        let lora = self.lora.as_ref()?;
-        Some(low_rank::forward(lora, x, mask, y))
+        for part in &self.parts {
+            if let Some(lora) = &part.lora {
+                let i = target_index(part.target);
+                let y = &mut y[part.offset..];
+                lows[i] = Some(low_rank::forward(lora, x, masks[i].as_ref(), y, out));
+            }
+        }
     }
 
-    /// Given `dy` `[rows, out]`: `dx (+)= dy W + ((s · dy B) A) ⊙ mask`, and `(dA, dB)` when adapted
-    /// (`x` is the forward input, `mask` its dropout mask, `low` the kept low-rank activation).
+    /// Given `dy` `[rows, out]`: `dx (+)= dy W + Σ_parts ((s · dy B) A) ⊙ mask`, and each adapted
+    /// part's `(dA, dB)` (`x` is the forward input, `masks` and `lows` what the forward pass kept).
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
         x: &[f32],
-        mask: Option<&DropMask>,
-        low: Option<&[f32]>,
+        masks: &[Option<DropMask>; 7],
+        lows: &[Option<Vec<f32>>; 7],
         dy: &[f32],
         rows: usize,
         dx: &mut [f32],
         add: bool,
-    ) -> Option<LoraPair> {
+        grads: &mut Vec<(Target, LoraPair)>,
+    ) {
         let (out, inp) = (self.out, self.inp);
-        let dy_op = Op::rows(dy, out);
         mm(
             dx,
             inp,
             (rows, inp, out),
-            dy_op,
+            Op::rows(dy, out),
             Op::rows(self.weight, inp),
             1.0,
             add,
             true,
         );
-        let (lora, low) = (self.lora.as_ref()?, low?);
-        Some(low_rank::backward(lora, x, mask, low, dy, dx))
+        for part in &self.parts {
+            let i = target_index(part.target);
+            if let (Some(lora), Some(low)) = (&part.lora, &lows[i]) {
+                let dy = (&dy[part.offset..], out);
+                let pair = low_rank::backward(lora, x, masks[i].as_ref(), low, dy, dx);
+                grads.push((part.target, pair));
+            }
+        }
     }
 }
 
-/// One layer's frozen weights (dequantized), norms and adapter factors.
+/// One layer's frozen weights (dequantized, stacked where projections share an input), norms and
+/// adapter factors.
 struct Layer<'a> {
     norm1: Vec<f32>,
     norm2: Vec<f32>,
-    /// Indexed like [`Target::ALL`].
-    proj: Vec<Proj<'a>>,
+    /// `[q; k; v]`.
+    qkv: Proj<'a>,
+    o: Proj<'a>,
+    /// `[gate; up]`.
+    gate_up: Proj<'a>,
+    down: Proj<'a>,
 }
+
+/// The projections each product of a layer stacks, in [`Layer`]'s order.
+const PRODUCTS: [&[Target]; 4] = [
+    &[Target::QProj, Target::KProj, Target::VProj],
+    &[Target::OProj],
+    &[Target::GateProj, Target::UpProj],
+    &[Target::DownProj],
+];
 
 /// What the backward pass of one layer reads (see `backprop::Saved`).
 struct Saved {
     x: Vec<f32>,
     inv1: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    /// `[T, hidden + 2·kv_width]`: rotated queries and keys, values.
+    qkv: Vec<f32>,
     probs: Vec<f32>,
     attn: Vec<f32>,
     mid: Vec<f32>,
     inv2: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    /// `[T, 2·intermediate]`: gate, then up.
+    gate_up: Vec<f32>,
     /// `dropout(x) Aᵀ` of each adapted projection, indexed like [`Target::ALL`].
     lows: [Option<Vec<f32>>; 7],
     /// The dropout masks of the projections' inputs, indexed the same way.
@@ -262,6 +296,11 @@ impl Geometry<'_> {
     /// Width of the keys and values, `kv_heads · d`.
     fn kv_width(&self) -> usize {
         self.kv_heads * self.d
+    }
+
+    /// Width of a row of stacked queries, keys and values.
+    fn qkv_width(&self) -> usize {
+        self.hidden + 2 * self.kv_width()
     }
 }
 
@@ -322,17 +361,18 @@ fn rms_backward_add(acc: &mut [f32], dn: &[f32], x: &[f32], inv: &[f32], w: &[f3
         });
 }
 
-/// Rotates every head of `x` (`[T, heads·d]`) by its row's position; `sign = -1` rotates back (the
-/// backward of the rotation).
-fn rope(x: &mut [f32], width: usize, g: &Geometry, sign: f32) {
+/// Rotates the query and key heads of stacked `qkv` rows (the first `hidden + kv_width` columns) by
+/// each row's position; `sign = -1` rotates back (the backward of the rotation).
+fn rope(qkv: &mut [f32], g: &Geometry, sign: f32) {
     let d = g.d;
     let half = d / 2;
-    x.par_chunks_mut(width)
+    let rotated = g.hidden + g.kv_width();
+    qkv.par_chunks_mut(g.qkv_width())
         .zip(&g.positions)
         .for_each(|(row, &pos)| {
             let cos = &g.cos[pos * d..(pos + 1) * d];
             let sin = &g.sin[pos * d..(pos + 1) * d];
-            for head in row.chunks_mut(d) {
+            for head in row[..rotated].chunks_mut(d) {
                 let (x1, x2) = head.split_at_mut(half);
                 for i in 0..half {
                     let (a, b) = (x1[i], x2[i]);
@@ -343,12 +383,12 @@ fn rope(x: &mut [f32], width: usize, g: &Geometry, sign: f32) {
         });
 }
 
-/// Attention of every head (rotated `q`, `k`, and `v`): probabilities `[b, heads, s, s]` and the output
-/// `[T, hidden]`. One task per sequence row; products inside a task run on its thread unless there are
-/// fewer rows than threads.
-fn attention(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>) {
+/// Attention of every head over stacked `qkv` rows (rotated queries and keys, values): probabilities
+/// `[b, heads, s, s]` and the output `[T, hidden]`. One task per sequence row; products inside a task
+/// run on its thread unless there are fewer rows than threads.
+fn attention(qkv: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>) {
     let (s, h, d, hidden) = (g.s, g.heads, g.d, g.hidden);
-    let kvw = g.kv_width();
+    let (kvw, w) = (g.kv_width(), g.qkv_width());
     let rep = h / g.kv_heads;
     let scale = (d as f32).powf(-0.5);
     // Fewer sequence rows than threads (a packed batch): let the products use the pool instead.
@@ -360,22 +400,18 @@ fn attention(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f3
         .zip(out.par_chunks_mut(s * hidden))
         .enumerate()
         .for_each(|(bi, (probs, out))| {
-            let (q, k, v) = (
-                &q[bi * s * hidden..],
-                &k[bi * s * kvw..],
-                &v[bi * s * kvw..],
-            );
+            let seq = &qkv[bi * s * w..];
             for head in 0..h {
                 let kv = head / rep * d;
                 let p = &mut probs[head * s * s..(head + 1) * s * s];
-                let qh = Op::strided(&q[head * d..], hidden);
-                let kt = Op::strided(&k[kv..], kvw).t();
+                let qh = Op::strided(&seq[head * d..], w);
+                let kt = Op::strided(&seq[hidden + kv..], w).t();
                 mm(p, s, (s, s, d), qh, kt, scale, false, inner);
                 for (row, mask) in p.chunks_mut(s).zip(g.mask.chunks(s)) {
                     row.iter_mut().zip(mask).for_each(|(x, m)| *x += m);
                     softmax_row(row);
                 }
-                let vh = Op::strided(&v[kv..], kvw);
+                let vh = Op::strided(&seq[hidden + kvw + kv..], w);
                 mm(
                     &mut out[head * d..],
                     hidden,
@@ -391,26 +427,19 @@ fn attention(q: &[f32], k: &[f32], v: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f3
     (probs, out)
 }
 
-/// Backward of [`attention`] given `dout` `[T, hidden]`: gradients at the rotated `q`, `k` and at `v`.
-fn attention_backward(saved: &Saved, dout: &[f32], g: &Geometry) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// Backward of [`attention`] given `dout` `[T, hidden]`: the gradients at the rotated queries and keys
+/// and at the values, stacked like `qkv`.
+fn attention_backward(saved: &Saved, dout: &[f32], g: &Geometry) -> Vec<f32> {
     let (s, h, d, hidden) = (g.s, g.heads, g.d, g.hidden);
-    let kvw = g.kv_width();
+    let (kvw, w) = (g.kv_width(), g.qkv_width());
     let rep = h / g.kv_heads;
     let scale = (d as f32).powf(-0.5);
     let inner = g.b < rayon::current_num_threads();
-    let rows = g.rows();
-    let (mut dq, mut dk, mut dv) = (
-        vec![0f32; rows * hidden],
-        vec![0f32; rows * kvw],
-        vec![0f32; rows * kvw],
-    );
-    dq.par_chunks_mut(s * hidden)
-        .zip(dk.par_chunks_mut(s * kvw))
-        .zip(dv.par_chunks_mut(s * kvw))
+    let mut dqkv = vec![0f32; g.rows() * w];
+    dqkv.par_chunks_mut(s * w)
         .enumerate()
-        .for_each(|(bi, ((dq, dk), dv))| {
-            let q = &saved.q[bi * s * hidden..];
-            let (k, v) = (&saved.k[bi * s * kvw..], &saved.v[bi * s * kvw..]);
+        .for_each(|(bi, dseq)| {
+            let seq = &saved.qkv[bi * s * w..];
             let dout = &dout[bi * s * hidden..];
             let mut ds = vec![0f32; s * s];
             for head in 0..h {
@@ -419,8 +448,8 @@ fn attention_backward(saved: &Saved, dout: &[f32], g: &Geometry) -> (Vec<f32>, V
                 let p_op = Op::rows(p, s);
                 let doh = Op::strided(&dout[head * d..], hidden);
                 mm(
-                    &mut dv[kv..],
-                    kvw,
+                    &mut dseq[hidden + kvw + kv..],
+                    w,
                     (s, d, s),
                     p_op.t(),
                     doh,
@@ -428,7 +457,7 @@ fn attention_backward(saved: &Saved, dout: &[f32], g: &Geometry) -> (Vec<f32>, V
                     true,
                     inner,
                 );
-                let vt = Op::strided(&v[kv..], kvw).t();
+                let vt = Op::strided(&seq[hidden + kvw + kv..], w).t();
                 mm(&mut ds, s, (s, s, d), doh, vt, 1.0, false, inner);
                 for (dr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
                     let dot = dot(dr, pr);
@@ -437,10 +466,10 @@ fn attention_backward(saved: &Saved, dout: &[f32], g: &Geometry) -> (Vec<f32>, V
                         .for_each(|(x, p)| *x = p * (*x - dot) * scale);
                 }
                 let ds_op = Op::rows(&ds, s);
-                let kh = Op::strided(&k[kv..], kvw);
+                let kh = Op::strided(&seq[hidden + kv..], w);
                 mm(
-                    &mut dq[head * d..],
-                    hidden,
+                    &mut dseq[head * d..],
+                    w,
                     (s, d, s),
                     ds_op,
                     kh,
@@ -448,10 +477,10 @@ fn attention_backward(saved: &Saved, dout: &[f32], g: &Geometry) -> (Vec<f32>, V
                     false,
                     inner,
                 );
-                let qh = Op::strided(&q[head * d..], hidden);
+                let qh = Op::strided(&seq[head * d..], w);
                 mm(
-                    &mut dk[kv..],
-                    kvw,
+                    &mut dseq[hidden + kv..],
+                    w,
                     (s, d, s),
                     ds_op.t(),
                     qh,
@@ -461,7 +490,7 @@ fn attention_backward(saved: &Saved, dout: &[f32], g: &Geometry) -> (Vec<f32>, V
                 );
             }
         });
-    (dq, dk, dv)
+    dqkv
 }
 
 simd_fn! {
@@ -472,34 +501,49 @@ simd_fn! {
     }
 }
 
-/// `silu(gate) · up`.
-fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let mut act = vec![0f32; gate.len()];
-    act.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK))
-        .zip(up.par_chunks(CHUNK))
-        .for_each(|((a, g), u)| swiglu_chunk(a, g, u));
+/// `silu(gate) · up` from stacked `[gate | up]` rows (`[T, 2·inter]`): `[T, inter]`.
+fn swiglu(gate_up: &[f32], inter: usize) -> Vec<f32> {
+    let mut act = vec![0f32; gate_up.len() / 2];
+    act.par_chunks_mut(inter * ROWS_PER_TASK)
+        .zip(gate_up.par_chunks(2 * inter * ROWS_PER_TASK))
+        .for_each(|(act, gu)| {
+            for (a, gu) in act.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
+                let (g, u) = gu.split_at(inter);
+                swiglu_chunk(a, g, u);
+            }
+        });
     act
 }
 
 simd_fn! {
-    fn swiglu_backward_chunk(dact: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32]) {
-        for (((da, du), &g), &u) in dact.iter_mut().zip(dup).zip(gate).zip(up) {
+    fn swiglu_backward_chunk(dgate: &mut [f32], dup: &mut [f32], dact: &[f32], gate: &[f32], up: &[f32]) {
+        for ((((dg, du), &da), &g), &u) in dgate.iter_mut().zip(dup).zip(dact).zip(gate).zip(up) {
             let sg = 1.0 / (1.0 + exp(-g));
-            *du = *da * g * sg;
-            *da = *da * u * sg * (1.0 + g * (1.0 - sg));
+            *du = da * g * sg;
+            *dg = da * u * sg * (1.0 + g * (1.0 - sg));
         }
     }
 }
 
-/// Turns `dact` into the gradient at `gate` and writes the one at `up` into `dup`:
+/// The gradients at stacked `[gate | up]` rows given the one at `silu(gate) · up`:
 /// `d up = dact · silu(g)`, `d gate = dact · up · σ(g) · (1 + g · (1 − σ(g)))`.
-fn swiglu_backward(dact: &mut [f32], dup: &mut [f32], gate: &[f32], up: &[f32]) {
-    dact.par_chunks_mut(CHUNK)
-        .zip(dup.par_chunks_mut(CHUNK))
-        .zip(gate.par_chunks(CHUNK))
-        .zip(up.par_chunks(CHUNK))
-        .for_each(|(((da, du), g), u)| swiglu_backward_chunk(da, du, g, u));
+fn swiglu_backward(dact: &[f32], gate_up: &[f32], inter: usize) -> Vec<f32> {
+    let mut dgu = vec![0f32; gate_up.len()];
+    dgu.par_chunks_mut(2 * inter * ROWS_PER_TASK)
+        .zip(dact.par_chunks(inter * ROWS_PER_TASK))
+        .zip(gate_up.par_chunks(2 * inter * ROWS_PER_TASK))
+        .for_each(|((dgu, dact), gu)| {
+            for ((dgu, da), gu) in dgu
+                .chunks_mut(2 * inter)
+                .zip(dact.chunks(inter))
+                .zip(gu.chunks(2 * inter))
+            {
+                let (dg, du) = dgu.split_at_mut(inter);
+                let (g, u) = gu.split_at(inter);
+                swiglu_backward_chunk(dg, du, da, g, u);
+            }
+        });
+    dgu
 }
 
 fn forward_layer(
@@ -510,49 +554,34 @@ fn forward_layer(
 ) -> (Vec<f32>, Saved) {
     let rows = g.rows();
     let mut lows: [Option<Vec<f32>>; 7] = Default::default();
-    // `y (+)= p(input)`, keeping the projection's low-rank activation.
-    let mut run = |t: Target, input: &[f32], y: &mut [f32], add: bool| {
-        let i = target_index(t);
-        lows[i] = l.proj[i].forward(input, masks[i].as_ref(), rows, y, add);
-    };
-    let fresh = |t: Target| vec![0f32; rows * l.proj[target_index(t)].out];
 
     let (n1, inv1) = rms(&x, &l.norm1, g.eps);
-    let (mut q, mut k, mut v) = (
-        fresh(Target::QProj),
-        fresh(Target::KProj),
-        fresh(Target::VProj),
-    );
-    run(Target::QProj, &n1, &mut q, false);
-    run(Target::KProj, &n1, &mut k, false);
-    run(Target::VProj, &n1, &mut v, false);
+    let mut qkv = vec![0f32; rows * l.qkv.out];
+    l.qkv.forward(&n1, &masks, rows, &mut qkv, false, &mut lows);
     drop(n1);
-    rope(&mut q, g.hidden, g, 1.0);
-    rope(&mut k, g.kv_width(), g, 1.0);
-    let (probs, attn) = attention(&q, &k, &v, g);
+    rope(&mut qkv, g, 1.0);
+    let (probs, attn) = attention(&qkv, g);
     let mut mid = x.clone();
-    run(Target::OProj, &attn, &mut mid, true);
+    l.o.forward(&attn, &masks, rows, &mut mid, true, &mut lows);
 
     let (n2, inv2) = rms(&mid, &l.norm2, g.eps);
-    let (mut gate, mut up) = (fresh(Target::GateProj), fresh(Target::UpProj));
-    run(Target::GateProj, &n2, &mut gate, false);
-    run(Target::UpProj, &n2, &mut up, false);
+    let mut gate_up = vec![0f32; rows * l.gate_up.out];
+    l.gate_up
+        .forward(&n2, &masks, rows, &mut gate_up, false, &mut lows);
     drop(n2);
-    let act = swiglu(&gate, &up);
+    let act = swiglu(&gate_up, l.down.inp);
     let mut out = mid.clone();
-    run(Target::DownProj, &act, &mut out, true);
+    l.down
+        .forward(&act, &masks, rows, &mut out, true, &mut lows);
     let saved = Saved {
         x,
         inv1,
-        q,
-        k,
-        v,
+        qkv,
         probs,
         attn,
         mid,
         inv2,
-        gate,
-        up,
+        gate_up,
         lows,
         masks,
     };
@@ -560,7 +589,7 @@ fn forward_layer(
 }
 
 /// Back-propagates `dout` through the layer [`forward_layer`] ran: the gradient at its input and
-/// each adapted projection's factors' gradients, in [`Target::ALL`] order.
+/// each adapted projection's factors' gradients.
 fn backward_layer(
     l: &Layer,
     saved: Saved,
@@ -568,97 +597,114 @@ fn backward_layer(
     g: &Geometry,
 ) -> (Vec<f32>, Vec<(Target, LoraPair)>) {
     let rows = g.rows();
-    let (hidden, inter) = (g.hidden, l.proj[target_index(Target::GateProj)].out);
-    let p = |t: Target| &l.proj[target_index(t)];
-    let low = |t: Target| saved.lows[target_index(t)].as_deref();
-    let mask = |t: Target| saved.masks[target_index(t)].as_ref();
-    // `dx (+)= dy`'s gradient through projection `t` with forward input `x`; its factors' gradients.
-    let back = |t: Target, x: &[f32], dy: &[f32], dx: &mut [f32], add: bool| {
-        p(t).backward(x, mask(t), low(t), dy, rows, dx, add)
-    };
+    let (hidden, inter) = (g.hidden, l.down.inp);
+    let (masks, lows) = (&saved.masks, &saved.lows);
     let mut grads = Vec::with_capacity(7);
 
     // MLP: out = mid + down(silu(gate) · up).
-    let act = swiglu(&saved.gate, &saved.up);
+    let act = swiglu(&saved.gate_up, inter);
     let mut dact = vec![0f32; rows * inter];
-    let gd = back(Target::DownProj, &act, &dout, &mut dact, false);
+    l.down
+        .backward(&act, masks, lows, &dout, rows, &mut dact, false, &mut grads);
     drop(act);
-    let mut dup = vec![0f32; rows * inter];
-    swiglu_backward(&mut dact, &mut dup, &saved.gate, &saved.up);
+    let dgate_up = swiglu_backward(&dact, &saved.gate_up, inter);
+    drop(dact);
     let n2 = normed(&saved.mid, &saved.inv2, &l.norm2);
     let mut dn2 = vec![0f32; rows * hidden];
-    let gg = back(Target::GateProj, &n2, &dact, &mut dn2, false);
-    let gu = back(Target::UpProj, &n2, &dup, &mut dn2, true);
-    drop((n2, dact, dup));
+    l.gate_up.backward(
+        &n2, masks, lows, &dgate_up, rows, &mut dn2, false, &mut grads,
+    );
+    drop((n2, dgate_up));
     let mut dmid = dout;
     rms_backward_add(&mut dmid, &dn2, &saved.mid, &saved.inv2, &l.norm2);
     drop(dn2);
 
     // Attention: mid = x + o_proj(softmax(q kᵀ / √d + mask) v).
     let mut dattn = vec![0f32; rows * hidden];
-    let go = back(Target::OProj, &saved.attn, &dmid, &mut dattn, false);
-    let (mut dq, mut dk, dv) = attention_backward(&saved, &dattn, g);
+    l.o.backward(
+        &saved.attn,
+        masks,
+        lows,
+        &dmid,
+        rows,
+        &mut dattn,
+        false,
+        &mut grads,
+    );
+    let mut dqkv = attention_backward(&saved, &dattn, g);
     drop(dattn);
-    rope(&mut dq, hidden, g, -1.0);
-    rope(&mut dk, g.kv_width(), g, -1.0);
+    rope(&mut dqkv, g, -1.0);
     let n1 = normed(&saved.x, &saved.inv1, &l.norm1);
     let mut dn1 = vec![0f32; rows * hidden];
-    let gq = back(Target::QProj, &n1, &dq, &mut dn1, false);
-    let gk = back(Target::KProj, &n1, &dk, &mut dn1, true);
-    let gv = back(Target::VProj, &n1, &dv, &mut dn1, true);
-    drop(n1);
+    l.qkv
+        .backward(&n1, masks, lows, &dqkv, rows, &mut dn1, false, &mut grads);
+    drop((n1, dqkv));
     let mut dx = dmid;
     rms_backward_add(&mut dx, &dn1, &saved.x, &saved.inv1, &l.norm1);
-    for (t, pair) in [
-        (Target::DownProj, gd),
-        (Target::OProj, go),
-        (Target::GateProj, gg),
-        (Target::UpProj, gu),
-        (Target::QProj, gq),
-        (Target::KProj, gk),
-        (Target::VProj, gv),
-    ] {
-        if let Some(pair) = pair {
-            grads.push((t, pair));
-        }
-    }
     (dx, grads)
 }
 
 impl QloraModel {
-    /// Layer `index` on the host: weights dequantized now into `buffers` (one per projection, reused
+    /// Layer `index` on the host: weights dequantized now into `buffers` (one per product, reused
     /// from layer to layer: no allocation or page faults for the 100-odd MB each pass dequantizes), the
     /// adapter's factors borrowed.
     fn host_layer<'a>(
         &self,
         index: usize,
         adapter: &'a Adapter,
-        buffers: &'a mut [Vec<f32>; 7],
+        buffers: &'a mut [Vec<f32>; 4],
     ) -> Result<Layer<'a>> {
         let frozen = &self.layers[index];
         let scale = adapter.config.scale() as f32;
-        for (f, buffer) in frozen.linears.iter().zip(buffers.iter_mut()) {
-            f.weight.dequantize_into(buffer)?;
+        let linear = |t: Target| &frozen.linears[target_index(t)];
+        let mut products = Vec::with_capacity(4);
+        for (targets, buffer) in PRODUCTS.iter().zip(buffers.iter_mut()) {
+            let inp = linear(targets[0]).weight.dims()[1];
+            let out: usize = targets.iter().map(|&t| linear(t).weight.dims()[0]).sum();
+            buffer.resize(out * inp, 0.0);
+            let with_bias = targets.iter().any(|&t| linear(t).bias.is_some());
+            let mut bias = with_bias.then(|| vec![0f32; out]);
+            let (mut parts, mut offset) = (Vec::with_capacity(targets.len()), 0);
+            for &t in *targets {
+                let f = linear(t);
+                let rows = f.weight.dims()[0];
+                f.weight
+                    .dequantize_into(&mut buffer[offset * inp..(offset + rows) * inp])?;
+                if let (Some(all), Some(b)) = (&mut bias, &f.bias) {
+                    all[offset..offset + rows].copy_from_slice(&to_vec(b.clone())?);
+                }
+                let lora = adapter
+                    .weights
+                    .get(&(index, t))
+                    .map(|pair| Factors::new(&pair.a, &pair.b, adapter.config.r, scale));
+                parts.push(Part {
+                    target: t,
+                    offset,
+                    lora,
+                });
+                offset += rows;
+            }
+            products.push((out, inp, bias, parts));
         }
-        let mut proj = Vec::with_capacity(7);
-        for ((t, f), weight) in Target::ALL.into_iter().zip(&frozen.linears).zip(&*buffers) {
-            let [out, inp] = f.weight.dims();
-            let lora = adapter
-                .weights
-                .get(&(index, t))
-                .map(|pair| Factors::new(&pair.a, &pair.b, adapter.config.r, scale));
-            proj.push(Proj {
-                weight,
-                bias: f.bias.clone().map(to_vec).transpose()?,
-                out,
-                inp,
-                lora,
-            });
-        }
+        let mut products =
+            products
+                .into_iter()
+                .zip(buffers.iter())
+                .map(|((out, inp, bias, parts), weight)| Proj {
+                    weight,
+                    bias,
+                    out,
+                    inp,
+                    parts,
+                });
+        let mut next = || products.next().expect("four products");
         Ok(Layer {
             norm1: to_vec(frozen.input_layernorm.clone())?,
             norm2: to_vec(frozen.post_attention_layernorm.clone())?,
-            proj,
+            qkv: next(),
+            o: next(),
+            gate_up: next(),
+            down: next(),
         })
     }
 
@@ -691,7 +737,7 @@ impl QloraModel {
         let mut clock = StepClock::start();
         let mut x = to_vec(self.embed_tokens.rows(&layout.ids, &self.device))?;
         let mut saved = Vec::with_capacity(self.layers.len());
-        let mut buffers: [Vec<f32>; 7] = Default::default();
+        let mut buffers: [Vec<f32>; 4] = Default::default();
         for l in 0..self.layers.len() {
             let layer = self.host_layer(l, adapter, &mut buffers)?;
             let masks = Target::ALL.map(|t| {

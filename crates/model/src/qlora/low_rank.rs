@@ -128,24 +128,25 @@ fn add_combination(y: &mut [f32], c: &[f32], m: &[f32]) {
     }
 }
 
-/// `acc_j += Σ_i c[i][j] · x_i` for a block of rows `x_i` (`[rows, n]`) and coefficients `c`
-/// (`[rows, r]`), into `acc` (`[r, n]`): the outer-product sums `cᵀ x` that make `dA` and `dBᵀ`.
+/// `acc_j += Σ_i c[i][j] · x_i` for a block of rows `x_i` (the first `n` values of every `stride`
+/// in `x`) and coefficients `c` (`[rows, r]`), into `acc` (`[r, n]`): the outer-product sums `cᵀ x`
+/// that make `dA` and `dBᵀ`.
 #[inline]
-fn add_outer(acc: &mut [f32], c: &[f32], x: &[f32], r: usize) {
+fn add_outer(acc: &mut [f32], c: &[f32], x: &[f32], stride: usize, r: usize) {
     let n = acc.len() / r.max(1);
-    let rows = x.len() / n.max(1);
+    let rows = c.len() / r.max(1);
     assert!(
-        acc.len() == r * n && c.len() >= rows * r,
+        acc.len() == r * n && n <= stride && (rows == 0 || (rows - 1) * stride + n <= x.len()),
         "add_outer: shapes disagree"
     );
     #[cfg(target_arch = "x86_64")]
     if avx::available() {
         // SAFETY: as in `dots`.
-        return unsafe { avx::add_outer(acc, c, x, r) };
+        return unsafe { avx::add_outer(acc, c, x, stride, r) };
     }
-    for (x, c) in x.chunks_exact(n.max(1)).zip(c.chunks_exact(r)) {
+    for (x, c) in x.chunks(stride).zip(c.chunks_exact(r)) {
         for (out, &cj) in acc.chunks_exact_mut(n.max(1)).zip(c) {
-            out.iter_mut().zip(x).for_each(|(a, x)| *a += cj * x);
+            out.iter_mut().zip(&x[..n]).for_each(|(a, x)| *a += cj * x);
         }
     }
 }
@@ -254,13 +255,13 @@ mod avx {
     /// Rows of `x` eight at a time (rows of a wide `x` are a multiple of 4 KiB apart and would evict
     /// each other from L1 in larger groups); for each group, four vectors of every row of `acc` at a
     /// time: loaded once, the group's rows added, stored.
-    /// Safety: `acc` is `[r, n]`, `x` `[rows, n]`, `c` `[rows, r]`.
+    /// Safety: `acc` is `[r, n]`, `c` `[rows, r]`, `x` holds `rows` rows of `n` at `stride`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn add_outer(acc: &mut [f32], c: &[f32], x: &[f32], r: usize) {
+    pub unsafe fn add_outer(acc: &mut [f32], c: &[f32], x: &[f32], stride: usize, r: usize) {
         const U: usize = 4;
         const ROWS: usize = 8;
         let n = acc.len() / r;
-        let rows = x.len() / n;
+        let rows = c.len() / r;
         let (ap, xp) = (acc.as_mut_ptr(), x.as_ptr());
         let body = n / (U * L) * (U * L);
         for i0 in (0..rows).step_by(ROWS) {
@@ -272,8 +273,11 @@ mod avx {
                     for i in group.clone() {
                         let cv = _mm256_set1_ps(c[i * r + j]);
                         for (u, a) in a.iter_mut().enumerate() {
-                            *a =
-                                _mm256_fmadd_ps(cv, _mm256_loadu_ps(xp.add(i * n + k + u * L)), *a);
+                            *a = _mm256_fmadd_ps(
+                                cv,
+                                _mm256_loadu_ps(xp.add(i * stride + k + u * L)),
+                                *a,
+                            );
                         }
                     }
                     for (u, a) in a.iter().enumerate() {
@@ -284,7 +288,7 @@ mod avx {
             for j in 0..r {
                 for e in body..n {
                     for i in group.clone() {
-                        acc[j * n + e] = c[i * r + j].mul_add(x[i * n + e], acc[j * n + e]);
+                        acc[j * n + e] = c[i * r + j].mul_add(x[i * stride + e], acc[j * n + e]);
                     }
                 }
             }
@@ -293,52 +297,64 @@ mod avx {
 }
 
 simd_fn! {
-    /// Rows `row0..` of the forward pass: `low`, and `y += s · low Bᵀ`.
+    /// Rows `row0..` of the forward pass: `low`, and `y += s · low Bᵀ` (`y`'s rows `stride` apart).
     fn forward_rows(
         f: &Factors,
         x: &[f32],
         mask: Option<&DropMask>,
         row0: usize,
         y: &mut [f32],
+        stride: usize,
         low: &mut [f32],
     ) {
         let mut xd = vec![0f32; f.inp];
         let mut scaled = vec![0f32; f.r];
         for (i, ((x, y), low)) in x
             .chunks(f.inp)
-            .zip(y.chunks_mut(f.out))
+            .zip(y.chunks_mut(stride))
             .zip(low.chunks_mut(f.r))
             .enumerate()
         {
             masked_row(x, mask, (row0 + i) * f.inp, &mut xd);
             dots(&xd, f.a, low);
             scaled.iter_mut().zip(&*low).for_each(|(s, l)| *s = f.scale * l);
-            add_combination(y, &scaled, &f.bt);
+            add_combination(&mut y[..f.out], &scaled, &f.bt);
         }
     }
 }
 
-/// `y += s · (dropout(x) Aᵀ) Bᵀ` for `x` `[T, inp]`; returns `dropout(x) Aᵀ` (`[T, r]`).
-pub(super) fn forward(f: &Factors, x: &[f32], mask: Option<&DropMask>, y: &mut [f32]) -> Vec<f32> {
+/// `y += s · (dropout(x) Aᵀ) Bᵀ` for `x` `[T, inp]`, where `y` holds the first `out` columns of
+/// rows `stride` apart (a column block of a wider output); returns `dropout(x) Aᵀ` (`[T, r]`).
+pub(super) fn forward(
+    f: &Factors,
+    x: &[f32],
+    mask: Option<&DropMask>,
+    y: &mut [f32],
+    stride: usize,
+) -> Vec<f32> {
     let rows = x.len() / f.inp.max(1);
+    assert!(
+        f.out <= stride && (rows == 0 || (rows - 1) * stride + f.out <= y.len()),
+        "LoRA forward: output too short"
+    );
     let mut low = vec![0f32; rows * f.r];
-    y.par_chunks_mut(ROWS * f.out)
+    y.par_chunks_mut(ROWS * stride)
         .zip(x.par_chunks(ROWS * f.inp))
         .zip(low.par_chunks_mut(ROWS * f.r))
         .enumerate()
-        .for_each(|(c, ((y, x), low))| forward_rows(f, x, mask, c * ROWS, y, low));
+        .for_each(|(c, ((y, x), low))| forward_rows(f, x, mask, c * ROWS, y, stride, low));
     low
 }
 
 simd_fn! {
-    /// Rows of `dy`: `dlow` rows, and this block's `dBᵀ` (`[r, out]`, unscaled).
-    fn dy_rows(f: &Factors, dy: &[f32], low: &[f32], dlow: &mut [f32]) -> Vec<f32> {
-        for (dy, dlow) in dy.chunks(f.out).zip(dlow.chunks_mut(f.r)) {
-            dots(dy, &f.bt, dlow);
+    /// Rows of `dy` (`stride` apart): `dlow` rows, and this block's `dBᵀ` (`[r, out]`, unscaled).
+    fn dy_rows(f: &Factors, dy: &[f32], stride: usize, low: &[f32], dlow: &mut [f32]) -> Vec<f32> {
+        for (dy, dlow) in dy.chunks(stride).zip(dlow.chunks_mut(f.r)) {
+            dots(&dy[..f.out], &f.bt, dlow);
             dlow.iter_mut().for_each(|d| *d *= f.scale);
         }
         let mut dbt = vec![0f32; f.r * f.out];
-        add_outer(&mut dbt, low, dy, f.r);
+        add_outer(&mut dbt, low, dy, stride, f.r);
         dbt
     }
 }
@@ -358,7 +374,7 @@ simd_fn! {
             masked_row(x, mask, (row0 + i) * f.inp, xd);
         }
         let mut da = vec![0f32; f.r * f.inp];
-        add_outer(&mut da, dlow, &xd, f.r);
+        add_outer(&mut da, dlow, &xd, f.inp, f.r);
         let mut t = vec![0f32; f.inp];
         let mut tm = vec![0f32; f.inp];
         for (i, (dx, dlow)) in dx.chunks_mut(f.inp).zip(dlow.chunks(f.r)).enumerate() {
@@ -385,23 +401,28 @@ fn sum_blocks(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     total
 }
 
-/// Given `dy` (`[T, out]`), the forward input `x` with its `mask` and the kept `low`: adds the LoRA
-/// path's input gradient into `dx` and returns `(dA, dB)`.
+/// Given `dy` (the first `out` columns of rows `stride` apart, as in [`forward`]), the forward input
+/// `x` with its `mask` and the kept `low`: adds the LoRA path's input gradient into `dx` and returns
+/// `(dA, dB)`.
 pub(super) fn backward(
     f: &Factors,
     x: &[f32],
     mask: Option<&DropMask>,
     low: &[f32],
-    dy: &[f32],
+    (dy, stride): (&[f32], usize),
     dx: &mut [f32],
 ) -> LoraPair {
     let rows = x.len() / f.inp.max(1);
+    assert!(
+        f.out <= stride && (rows == 0 || (rows - 1) * stride + f.out <= dy.len()),
+        "LoRA backward: output gradient too short"
+    );
     let mut dlow = vec![0f32; rows * f.r];
     let parts: Vec<Vec<f32>> = dy
-        .par_chunks(BACKWARD_ROWS * f.out)
+        .par_chunks(BACKWARD_ROWS * stride)
         .zip(low.par_chunks(BACKWARD_ROWS * f.r))
         .zip(dlow.par_chunks_mut(BACKWARD_ROWS * f.r))
-        .map(|((dy, low), dlow)| dy_rows(f, dy, low, dlow))
+        .map(|((dy, low), dlow)| dy_rows(f, dy, stride, low, dlow))
         .collect();
     let dbt = sum_blocks(parts, f.r * f.out);
     let mut db = vec![0f32; f.out * f.r];
@@ -459,12 +480,15 @@ mod tests {
 
                 let mut acc: Vec<f32> = (0..r * n).map(|i| val(i, 5)).collect();
                 let acc0 = acc.clone();
-                add_outer(&mut acc, &c, &x, r);
+                add_outer(&mut acc, &c, &x, n, r);
                 for j in 0..r {
                     for k in 0..n {
                         let want = acc0[j * n + k]
                             + (0..rows).map(|i| c[i * r + j] * x[i * n + k]).sum::<f32>();
-                        assert!(close(acc[j * n + k], want), "add_outer n {n} r {r} ({j}, {k})");
+                        assert!(
+                            close(acc[j * n + k], want),
+                            "add_outer n {n} r {r} ({j}, {k})"
+                        );
                     }
                 }
             }
