@@ -12,8 +12,10 @@
 //! and RoPE are single passes over rows (SwiGLU, softmax and cross-entropy with AVX2 + FMA when the
 //! CPU has them). NF4 at 8 × 128: 10.8 s per step through tensor ops, about 6.6 s here.
 //!
-//! Layout: activations are row-major `[T, width]` with `T = b·s`; a head's slice of `q` is the
-//! `d` columns at `head·d` (row stride `hidden`). Attention probabilities are kept as `[b, heads, s, s]`.
+//! Layout: activations are row-major `[T, width]` with `T = b·s`. Projections that read the same input
+//! are one product with stacked weights, so queries, keys and values are the column blocks of one
+//! `[T, hidden + 2·kv_width]` activation (a head's queries: the `d` columns at `head·d`), and gate and up
+//! the two halves of `[T, 2·intermediate]`. Attention probabilities are kept as `[b, heads, s, s]`.
 
 use std::collections::BTreeMap;
 
