@@ -688,6 +688,7 @@ impl QloraModel {
             }
             products.push((out, inp, bias, parts));
         }
+        // Filled above, borrowed from here on: each product's weight is a view of its buffer.
         let mut products =
             products
                 .into_iter()
