@@ -174,13 +174,15 @@ simd_fn! {
 
 /// Cross-entropy of each row of `logits` (`[rows, vocab]`, row-major) against its target: returns
 /// `Σ −log softmax(row)[target]` (in f64) and, with `want_grad`, turns `logits` into the gradient of
-/// that sum, `softmax(row) − one_hot(target)`.
+/// that sum, `softmax(row) − one_hot(target)`. The rows' losses are summed in row order (a parallel
+/// sum's order would depend on work stealing, and the logged losses with it).
 pub fn cross_entropy(logits: &mut [f32], vocab: usize, targets: &[usize], want_grad: bool) -> f64 {
-    logits
+    let losses: Vec<f64> = logits
         .par_chunks_mut(vocab)
         .zip(targets)
         .map(|(row, &t)| cross_entropy_row(row, t, want_grad))
-        .sum()
+        .collect();
+    losses.iter().sum()
 }
 
 #[cfg(test)]
