@@ -150,7 +150,8 @@ struct Proj<'a> {
     parts: Vec<Part<'a>>,
 }
 
-/// One projection inside a [`Proj`]: output columns `offset..offset + out`.
+/// One projection inside a [`Proj`]: its output columns start at `offset` (as many as its rows of the
+/// stacked weight).
 struct Part<'a> {
     target: Target,
     offset: usize,
@@ -225,8 +226,8 @@ impl Proj<'_> {
         for part in &self.parts {
             let i = target_index(part.target);
             if let (Some(lora), Some(low)) = (&part.lora, &lows[i]) {
-                let dy = (&dy[part.offset..], out);
-                let pair = low_rank::backward(lora, x, masks[i].as_ref(), low, dy, dx);
+                let dy = &dy[part.offset..];
+                let pair = low_rank::backward(lora, x, masks[i].as_ref(), low, dy, out, dx);
                 grads.push((part.target, pair));
             }
         }

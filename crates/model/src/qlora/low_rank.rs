@@ -16,6 +16,8 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::pointwise::avx2_fma;
 use super::pointwise::simd_fn;
 use super::DropMask;
 use crate::kernels::dot;
@@ -68,7 +70,7 @@ fn masked_row(x: &[f32], mask: Option<&DropMask>, start: usize, out: &mut [f32])
     };
     let (words, keep) = (mask.words(), mask.keep);
     #[cfg(target_arch = "x86_64")]
-    if start.is_multiple_of(64) && avx::available() {
+    if start.is_multiple_of(64) && avx2_fma() {
         assert!(
             words.len() * 64 >= start + x.len() && out.len() == x.len(),
             "masked_row: mask too short"
@@ -101,7 +103,7 @@ fn masked_row(x: &[f32], mask: Option<&DropMask>, start: usize, out: &mut [f32])
 fn dots(x: &[f32], m: &[f32], out: &mut [f32]) {
     assert!(m.len() >= out.len() * x.len(), "dots: matrix too short");
     #[cfg(target_arch = "x86_64")]
-    if avx::available() {
+    if avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA; the assert bounds every row read.
         return unsafe { avx::dots(x, m, out) };
     }
@@ -118,7 +120,7 @@ fn add_combination(y: &mut [f32], c: &[f32], m: &[f32]) {
         "add_combination: matrix too short"
     );
     #[cfg(target_arch = "x86_64")]
-    if avx::available() {
+    if avx2_fma() {
         // SAFETY: as in `dots`.
         return unsafe { avx::add_combination(y, c, m) };
     }
@@ -140,7 +142,7 @@ fn add_outer(acc: &mut [f32], c: &[f32], x: &[f32], stride: usize, r: usize) {
         "add_outer: shapes disagree"
     );
     #[cfg(target_arch = "x86_64")]
-    if avx::available() {
+    if avx2_fma() {
         // SAFETY: as in `dots`.
         return unsafe { avx::add_outer(acc, c, x, stride, r) };
     }
@@ -181,10 +183,6 @@ mod avx {
                 0.0
             };
         }
-    }
-
-    pub fn available() -> bool {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -409,7 +407,8 @@ pub(super) fn backward(
     x: &[f32],
     mask: Option<&DropMask>,
     low: &[f32],
-    (dy, stride): (&[f32], usize),
+    dy: &[f32],
+    stride: usize,
     dx: &mut [f32],
 ) -> LoraPair {
     let rows = x.len() / f.inp.max(1);

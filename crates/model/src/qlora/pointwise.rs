@@ -31,7 +31,7 @@ macro_rules! simd_fn {
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                if $crate::qlora::pointwise::avx2_fma() {
                     // SAFETY: the CPU has the features `avx2` is compiled for.
                     return unsafe { avx2($($arg),*) };
                 }
@@ -41,6 +41,13 @@ macro_rules! simd_fn {
     };
 }
 pub(super) use simd_fn;
+
+/// Whether the CPU has AVX2 and FMA: the features of [`simd_fn`]'s fast path and of the hand-written
+/// kernels in `low_rank` (the detection is cached by std, so this is cheap in a loop).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn avx2_fma() -> bool {
+    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+}
 
 /// Lanes of the partial reductions below (one AVX register of f32).
 const LANES: usize = 8;
