@@ -77,15 +77,27 @@ fn best<T>(reps: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     (best, last.expect("reps > 0"))
 }
 
+/// Side of the square matmul both rates below time.
+const MATMUL_N: usize = 1024;
+
+/// One timed unit of the matmul rates: a product of two random `MATMUL_N`² matrices, read back (so
+/// backends that run asynchronously finish it). Returns the product's FLOPs.
+fn matmul_once() -> impl FnMut() -> f64 {
+    let device = default_device();
+    let n = MATMUL_N;
+    let a = Tensor::<2>::random([n, n], Distribution::Default, &device);
+    let b = Tensor::<2>::random([n, n], Distribution::Default, &device);
+    move || {
+        let _ = to_vec(a.clone().matmul(b.clone()));
+        2.0 * (n * n * n) as f64
+    }
+}
+
 /// The backend's f32 matmul rate (1024³), the fastest of 30 runs (about a second): on a shared machine
 /// a handful of runs can all land in a slow moment.
 pub fn matmul_gflops() -> f64 {
-    let device = default_device();
-    let n = 1024;
-    let a = Tensor::<2>::random([n, n], Distribution::Default, &device);
-    let b = Tensor::<2>::random([n, n], Distribution::Default, &device);
-    let (t, _) = best(30, || to_vec(a.clone().matmul(b.clone())).map(|v| v[0]));
-    2.0 * (n * n * n) as f64 / t.as_secs_f64() / 1e9
+    let (t, flops) = best(30, matmul_once());
+    flops / t.as_secs_f64() / 1e9
 }
 
 /// The backend's sustained f32 matmul rate: 1024³ products back to back for at least `window` seconds
@@ -94,17 +106,12 @@ pub fn matmul_gflops() -> f64 {
 /// rate) sits 20–35% above what any computation lasting a second or more sustains; beside a timed
 /// training step, a window of the step's length compares like with like.
 pub fn matmul_gflops_sustained(window: f64) -> f64 {
-    let device = default_device();
-    let n = 1024;
-    let a = Tensor::<2>::random([n, n], Distribution::Default, &device);
-    let b = Tensor::<2>::random([n, n], Distribution::Default, &device);
-    let (mut count, t) = (0usize, Instant::now());
-    while count == 0 || t.elapsed().as_secs_f64() < window {
-        // The same work per product as `matmul_gflops` (the product read back).
-        let _ = to_vec(a.clone().matmul(b.clone()));
-        count += 1;
+    let mut product = matmul_once();
+    let (mut flops, t) = (0.0, Instant::now());
+    while flops == 0.0 || t.elapsed().as_secs_f64() < window {
+        flops += product();
     }
-    2.0 * (n * n * n * count) as f64 / t.elapsed().as_secs_f64() / 1e9
+    flops / t.elapsed().as_secs_f64() / 1e9
 }
 
 /// Bytes copied per second by a 2-thread memcpy of a buffer of `bytes`.

@@ -523,9 +523,7 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
                     lines += &format!("{v}\n");
                 }
             }
-            // The backend's matmul rate, measured now, as the last line.
-            let gemm = crate::bench::matmul_gflops();
-            lines += &format!("{}\n", serde_json::json!({ "matmul_gflops": gemm }));
+            // Each line carries its own matmul rates, measured in its child right after its steps.
             write_atomic(&dir.join("steps.jsonl"), lines.as_bytes())?;
             Ok(())
         }

@@ -368,13 +368,18 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let gemm = lines
-        .iter()
-        .find_map(|v| v["matmul_gflops"].as_f64())
-        .unwrap_or(f64::NAN);
+    // A row's matmul rate: the sustained one its child measured (runs since it exists), else the burst.
+    let rate = |v: &Value| {
+        v["matmul_sustained_gflops"]
+            .as_f64()
+            .or_else(|| v["matmul_gflops"].as_f64())
+            .unwrap_or(f64::NAN)
+    };
+    let (mut slowest, mut fastest) = (f64::INFINITY, 0f64);
     let mut rows = Vec::new();
     for v in lines.iter().filter(|v| v["mode"].is_string()) {
         let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        (slowest, fastest) = (slowest.min(rate(v)), fastest.max(rate(v)));
         let name = match v["mode"].as_str().unwrap_or("") {
             "none" => "LoRA, f32 base",
             "int8" => "QLoRA, int8 base",
@@ -393,14 +398,7 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
             format!("{:.2}", f("step_s")),
             format!("{:.2}", f("batch") / f("step_s")),
             format!("{:.0}", f("tokens") / f("step_s")),
-            // The row's own sustained matmul rate (runs since it exists), else the run's burst rate.
-            format!(
-                "{:.0}%",
-                100.0 * f("flops")
-                    / f("step_s")
-                    / 1e9
-                    / v["matmul_sustained_gflops"].as_f64().unwrap_or(gemm)
-            ),
+            format!("{:.0}%", 100.0 * f("flops") / f("step_s") / 1e9 / rate(v)),
             format!("{:.4}", f("loss")),
         ]);
     }
@@ -410,9 +408,9 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
         writeln!(
             md,
             "Fastest of three steps after a warm-up (loss, gradients, AdamW update) on a synthetic batch, \
-             each mode in its own process. % of matmul: of the backend's sustained 1024³ matmul rate, \
-             measured in the same process in windows as long as the steps, run after each of them (the \
-             burst rate, fastest single product, measured after the last mode: {gemm:.1} GFLOP/s). Useful \
+             each mode in its own process. % of matmul: of the backend's sustained 1024³ matmul rate \
+             ({slowest:.1}–{fastest:.1} GFLOP/s), measured in the same process in windows as long as the \
+             steps, run after each of them (`cargo xtask bench train` prints the burst rate beside it). Useful \
              FLOPs count the forward pass and the input gradients (and the weight gradients for full \
              fine-tuning, LoRA's own products for LoRA), not the per-layer recomputation. The QLoRA-NF4 mode is the one trained on the \
              tasks above (its losses and test scores are in the fine-tuning and Task 1 sections); the \
