@@ -874,6 +874,8 @@ struct StepClock {
     start: std::time::Instant,
     forward: std::time::Duration,
     head: std::time::Duration,
+    /// Time spent preparing layers' frozen weights (dequantization), forward and backward.
+    weights: std::time::Duration,
 }
 
 impl StepClock {
@@ -882,7 +884,13 @@ impl StepClock {
             start: std::time::Instant::now(),
             forward: Default::default(),
             head: Default::default(),
+            weights: Default::default(),
         }
+    }
+
+    /// Adds the time since `since` to the weight-preparation total.
+    fn weights_since(&mut self, since: std::time::Instant) {
+        self.weights += since.elapsed();
     }
 
     fn forward_done(&mut self) {
@@ -899,6 +907,7 @@ impl StepClock {
             forward_ms = self.forward.as_millis() as u64,
             head_ms = self.head.as_millis() as u64,
             backward_ms = backward.as_millis() as u64,
+            weights_ms = self.weights.as_millis() as u64,
             path,
             "training step"
         );
