@@ -165,7 +165,12 @@ simd_fn! {
     /// `−log softmax(row)[target]`; with `want_grad`, `row` becomes `softmax(row) − one_hot(target)`.
     fn cross_entropy_row(row: &mut [f32], target: usize, want_grad: bool) -> f64 {
         let max = max_of(row);
-        let sum: f64 = row.chunks(1024).map(|c| sum_exp(c, max) as f64).sum();
+        // A loop, not `map(…).sum()`: the iterator adaptor's fold would be a separate function
+        // compiled without this one's target features, and `sum_exp` would run scalar inside it.
+        let mut sum = 0f64;
+        for c in row.chunks(1024) {
+            sum += sum_exp(c, max) as f64;
+        }
         let lse = max as f64 + sum.ln();
         let loss = lse - row[target] as f64;
         if want_grad {
