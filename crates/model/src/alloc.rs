@@ -4,7 +4,10 @@
 //! mmap threshold (128 KiB, growing only on free) with fresh `mmap`s, so every such tensor costs page
 //! faults and zeroed pages; and it trims the heap top back to the system on free. Raising both
 //! thresholds keeps freed blocks for reuse: measured on a 2-core machine, Task 1 0-shot scoring ran
-//! 15% faster (2.67 → 3.08 items/s, same predictions). No effect on other allocators or systems.
+//! 15% faster (2.67 → 3.08 items/s, same predictions). And one arena for all threads: the training
+//! step runs on rayon's workers, and with an arena per thread each kept its own freed blocks, so a
+//! QLoRA step at 8 × 128 peaked at 2,096 MB instead of 1,227 MB. No effect on other allocators or
+//! systems.
 
 /// Largest mmap threshold glibc accepts on 64-bit systems (its `DEFAULT_MMAP_THRESHOLD_MAX`).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -13,6 +16,11 @@ const MMAP_THRESHOLD: libc::c_int = 32 * 1024 * 1024;
 /// Keep up to this much free memory at the heap top before returning it to the system.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TRIM_THRESHOLD: libc::c_int = 1024 * 1024 * 1024;
+
+/// Arenas glibc may create: one, shared by every thread (the blocks a step frees on one worker are
+/// reused by the next allocation on any other).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const ARENAS: libc::c_int = 1;
 
 /// Applies the settings; call once at the start of a binary, before the work starts. Returns whether
 /// they were applied (only with glibc).
@@ -24,6 +32,7 @@ pub fn tune_for_tensors() -> bool {
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+                && libc::mallopt(libc::M_ARENA_MAX, ARENAS) == 1
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
