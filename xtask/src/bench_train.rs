@@ -3,10 +3,12 @@
 //! effective GFLOP/s as a share of the backend's matmul GFLOP/s measured in the same run.
 //!
 //! Each (mode, shape) runs in its own child process (`bench train-step`) so that peaks do not mix; the
-//! child runs a warm-up step and three timed ones (loss, gradients, AdamW update), each followed by a
-//! window of back-to-back matmuls as long as the step (at most [`MAX_WINDOW_S`]), and reports the
-//! fastest step against the fastest window: the same machine, the same moments, comparable lengths.
-//! The burst matmul rate (fastest single product of 30) is reported beside it.
+//! child runs a warm-up step and [`TIMED_STEPS`] timed ones (loss, gradients, AdamW update). Each timed
+//! step lies between two windows of back-to-back matmuls as long as itself (at most [`MAX_WINDOW_S`])
+//! and is compared with their mean rate: the machine's matmul rate at the moment the step ran (this
+//! VM's speed drifts by a third within minutes, so the fastest step and the fastest window, taken
+//! apart, can come from different moments). The row reports the step whose share is the median. The
+//! burst matmul rate (fastest single product of 30) is reported beside it.
 
 use std::process::Command;
 use std::time::Instant;
@@ -118,10 +120,23 @@ pub fn lora_flops(config: &ModelConfig, lora: &LoraConfig, tokens: usize) -> f64
 }
 
 /// Timed steps after the warm-up step.
-const TIMED_STEPS: usize = 3;
-/// Longest matmul window after a step (seconds): long enough to average this VM's noise the way a step
-/// does, short enough that full fine-tuning's 20 s steps do not double the benchmark's time.
+const TIMED_STEPS: usize = 5;
+/// Longest matmul window beside a step (seconds): long enough to average this VM's noise the way a step
+/// does, short enough that full fine-tuning's long steps do not double the benchmark's time.
 const MAX_WINDOW_S: f64 = 4.0;
+
+/// One timed step and the matmul rate around it (the mean of the windows before and after it).
+#[derive(Debug, Clone, Copy)]
+struct Timed {
+    step_s: f64,
+    gflops: f64,
+}
+
+/// The back-to-back matmul rate over a window as long as a step of `step_s` (at most
+/// [`MAX_WINDOW_S`]).
+fn window(step_s: f64) -> f64 {
+    crate::bench::matmul_gflops_sustained(step_s.min(MAX_WINDOW_S))
+}
 
 /// The child: load the base for `mode`, run a warm-up step and [`TIMED_STEPS`] timed ones (each with
 /// the AdamW update), print one JSON line.
@@ -157,22 +172,35 @@ pub fn step(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<()> {
         weights.update(model, coefficients, &mut adam, &grads)?;
         Ok(loss.sum / loss.tokens.max(1) as f64)
     };
-    // The first step pays for fresh pages; of the next ones, report the fastest, and of the matmul
-    // windows that follow them the fastest: both then measure the machine, not its neighbours' noise.
+    // The first step pays for fresh pages. Then each step is timed between two matmul windows.
+    let warm_up = Instant::now();
     run_step(&mut model)?;
-    let (mut step_s, mut sustained) = (f64::INFINITY, 0f64);
-    let mut loss = 0.0;
+    let mut before = window(warm_up.elapsed().as_secs_f64());
+    let (mut timed, mut loss) = (Vec::with_capacity(TIMED_STEPS), 0.0);
     for _ in 0..TIMED_STEPS {
         let t = Instant::now();
         loss = run_step(&mut model)?;
-        let took = t.elapsed().as_secs_f64();
-        step_s = step_s.min(took);
-        sustained = sustained.max(crate::bench::matmul_gflops_sustained(
-            took.min(MAX_WINDOW_S),
-        ));
+        let step_s = t.elapsed().as_secs_f64();
+        let after = window(step_s);
+        timed.push(Timed {
+            step_s,
+            gflops: (before + after) / 2.0,
+        });
+        before = after;
     }
-    let peak = peak_rss();
     let fp = model.footprint();
+    let flops = step_flops(
+        &model.config,
+        fp.linear_params,
+        &data,
+        mode == Mode::Full,
+        lora.as_ref(),
+    );
+    // A step's share of the rate around it is `flops / (step_s · gflops)`: order by the denominator.
+    let mut by_share = timed.clone();
+    by_share.sort_by(|a, b| (a.step_s * a.gflops).total_cmp(&(b.step_s * b.gflops)));
+    let median = by_share[by_share.len() / 2];
+    let peak = peak_rss();
     let trainable: usize = sizes.iter().sum();
     println!(
         "{}",
@@ -188,12 +216,14 @@ pub fn step(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<()> {
             "rss_loaded": rss_loaded,
             "peak_rss": peak,
             "load_s": load_s,
-            "step_s": step_s,
+            "step_s": median.step_s,
+            "fastest_step_s": timed.iter().map(|t| t.step_s).fold(f64::INFINITY, f64::min),
+            "steps": timed.iter().map(|t| [t.step_s, t.gflops]).collect::<Vec<_>>(),
             "tokens": data.iter().map(|q| q.ids.len()).sum::<usize>(),
-            "flops": step_flops(&model.config, fp.linear_params, &data, mode == Mode::Full, lora.as_ref()),
+            "flops": flops,
             "loss": loss,
             "matmul_gflops": crate::bench::matmul_gflops(),
-            "matmul_sustained_gflops": sustained,
+            "matmul_sustained_gflops": median.gflops,
         })
     );
     Ok(())
@@ -232,9 +262,10 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!(
         "training step of the default model (LoRA r 8 on all projections; full: every parameter), \
-         fastest of {TIMED_STEPS} steps after a warm-up, incl. AdamW; matmul: the backend's 1024³ f32 \
-         rate in the same process, sustained = the fastest of the back-to-back windows run after each \
-         step (as long as the step, at most {MAX_WINDOW_S} s), burst = the fastest single product of 30"
+         incl. AdamW, {TIMED_STEPS} timed steps after a warm-up; matmul: the backend's 1024³ f32 rate in \
+         the same process, sustained = back to back in windows as long as the step (at most \
+         {MAX_WINDOW_S} s) before and after it, burst = the fastest single product of 30; each row: the \
+         step with the median share of the sustained rate around it"
     );
     println!(
         "{:<14} {:>7} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>11} {:>9} {:>9} {:>8}",

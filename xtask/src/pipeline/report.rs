@@ -407,10 +407,11 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     } else {
         writeln!(
             md,
-            "Fastest of three steps after a warm-up (loss, gradients, AdamW update) on a synthetic batch, \
-             each mode in its own process. % of matmul: of the backend's sustained 1024³ matmul rate \
-             ({slowest:.1}–{fastest:.1} GFLOP/s), measured in the same process in windows as long as the \
-             steps, run after each of them (`cargo xtask bench train` prints the burst rate beside it). Useful \
+            "Steps (loss, gradients, AdamW update) on a synthetic batch, each mode in its own process: of \
+             five timed steps after a warm-up, the one with the median share of the backend's sustained \
+             1024³ matmul rate around it ({slowest:.1}–{fastest:.1} GFLOP/s), measured in the same process \
+             in windows of back-to-back products as long as the step, before and after it (`cargo xtask \
+             bench train` prints the burst rate beside it). Useful \
              FLOPs count the forward pass and the input gradients (and the weight gradients for full \
              fine-tuning, LoRA's own products for LoRA), not the per-layer recomputation. The QLoRA-NF4 mode is the one trained on the \
              tasks above (its losses and test scores are in the fine-tuning and Task 1 sections); the \
