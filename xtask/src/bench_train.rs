@@ -120,7 +120,7 @@ pub fn lora_flops(config: &ModelConfig, lora: &LoraConfig, tokens: usize) -> f64
 }
 
 /// Timed steps after the warm-up step.
-const TIMED_STEPS: usize = 5;
+pub const TIMED_STEPS: usize = 5;
 /// Longest matmul window beside a step (seconds): long enough to average this VM's noise the way a step
 /// does, short enough that full fine-tuning's long steps do not double the benchmark's time.
 const MAX_WINDOW_S: f64 = 4.0;

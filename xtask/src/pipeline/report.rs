@@ -408,14 +408,15 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
         writeln!(
             md,
             "Steps (loss, gradients, AdamW update) on a synthetic batch, each mode in its own process: of \
-             five timed steps after a warm-up, the one with the median share of the backend's sustained \
+             {timed} timed steps after a warm-up, the one with the median share of the backend's sustained \
              1024³ matmul rate around it ({slowest:.1}–{fastest:.1} GFLOP/s), measured in the same process \
              in windows of back-to-back products as long as the step, before and after it (`cargo xtask \
              bench train` prints the burst rate beside it). Useful \
              FLOPs count the forward pass and the input gradients (and the weight gradients for full \
              fine-tuning, LoRA's own products for LoRA), not the per-layer recomputation. The QLoRA-NF4 mode is the one trained on the \
              tasks above (its losses and test scores are in the fine-tuning and Task 1 sections); the \
-             others are measured on the step alone.\n"
+             others are measured on the step alone.\n",
+            timed = crate::bench_train::TIMED_STEPS,
         )?;
     }
     table(
