@@ -1,15 +1,11 @@
 //! Project automation: `cargo xtask setup`, `cargo xtask pipeline`, `cargo xtask publish`, `cargo xtask bench`,
-//! `cargo xtask repro`, `cargo xtask test`.
-//!
-//! The pipeline grows step by step with the project; every step writes under `runs/<name>/`.
+//! `cargo xtask repro`, `cargo xtask test`. This file only parses and dispatches: each command lives in
+//! `commands/` (one module each), shared helpers in `utils/`.
 
-mod bench;
-mod bench_eval;
-mod bench_qlora;
-mod bench_train;
-mod pipeline;
-mod repro;
-mod setup;
+mod commands;
+mod utils;
+
+use commands::{bench, pipeline, repro, setup};
 
 use clap::{Parser, Subcommand};
 
@@ -58,13 +54,13 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Pipeline(args) => pipeline::run(args),
         Command::Bench(args) => bench::run(args),
-        Command::Setup => setup::run(&pipeline::workspace_root()),
+        Command::Setup => setup::run(&utils::workspace_root()),
         Command::Repro { tiny, seed } => repro::run(tiny, seed),
         Command::Publish { name } => {
-            let root = pipeline::workspace_root();
+            let root = utils::workspace_root();
             pipeline::publish(&root.join("runs").join(name), &root.join("docs"))
         }
-        Command::Test => setup::run(&pipeline::workspace_root()).and_then(|()| run_tests()),
+        Command::Test => commands::test::run(&utils::workspace_root()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -73,13 +69,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-fn run_tests() -> anyhow::Result<()> {
-    let status =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["test", "--workspace"])
-            .status()?;
-    anyhow::ensure!(status.success(), "tests failed");
-    Ok(())
 }

@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use supportlm_model::lora::export::export_hf_dir;
+use supportlm_model::export::export_hf_dir;
 use supportlm_model::lora::Adapter;
 use supportlm_model::model::Checkpoint;
 use supportlm_model::{default_device, Model};
 
-use crate::generate::DEFAULT_MODEL;
+use crate::shared::DEFAULT_MODEL;
 
 #[derive(Subcommand)]
 pub enum AdapterCommand {

@@ -1,19 +1,18 @@
 //! `supportlm eval classify`: Task 1 with a prompting method or an SFT adapter, either decision rule.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Subcommand, ValueEnum};
 use supportlm_data::kshot::balanced_kshot;
-use supportlm_data::{load_csv, shipped, split, Record, SplitConfig, SplitName, SplitSet, Task};
-use supportlm_model::{default_device, Model};
+use supportlm_data::{Record, SplitName, Task};
 use supportlm_prompting::report::{metrics, write_run, RunInfo};
 use supportlm_prompting::Prediction;
 use supportlm_prompting::{classify, classify_both, ClassifyOptions, Decision, Method};
 
-use crate::generate::DEFAULT_MODEL;
 use crate::resume::{claim_folder, item_bar, run_chunks};
+use crate::shared::{load_model, load_splits, method_of, sample, MethodArg, DEFAULT_MODEL};
 
 #[derive(Subcommand)]
 pub enum EvalCommand {
@@ -23,13 +22,6 @@ pub enum EvalCommand {
     Respond(Box<crate::respond::RespondArgs>),
     /// Task 1's classical baseline: TF-IDF + logistic regression trained on the train split.
     Tfidf(TfidfArgs),
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub(crate) enum MethodArg {
-    ZeroShot,
-    FewShot,
-    Sft,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -88,74 +80,6 @@ pub(crate) struct Items {
     /// Seed for the item draw, the few-shot draw and the bootstrap.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-}
-
-/// The method a `--method` / `--adapter` / `--model` combination asks for; an adapter goes with SFT
-/// only, and SFT needs an adapter or a fully fine-tuned model folder of its own.
-pub(crate) fn method_of(
-    method: MethodArg,
-    adapter: Option<&Path>,
-    model: &Path,
-) -> anyhow::Result<Method> {
-    Ok(match (method, adapter) {
-        (MethodArg::Sft, Some(_)) => Method::Sft,
-        (MethodArg::Sft, None) if model != Path::new(DEFAULT_MODEL) => Method::Sft,
-        (MethodArg::Sft, None) => bail!(
-            "--method sft needs --adapter DIR (LoRA), or --model DIR for a fully fine-tuned model"
-        ),
-        (_, Some(_)) => bail!("--adapter only goes with --method sft"),
-        (MethodArg::ZeroShot, None) => Method::ZeroShot,
-        (MethodArg::FewShot, None) => Method::FewShot,
-    })
-}
-
-/// The split for `task`: read from `data` (a `supportlm data split` folder) or made from the shipped
-/// data.
-pub(crate) fn load_splits(data: Option<&Path>, task: Task) -> anyhow::Result<SplitSet> {
-    let splits = match data {
-        Some(dir) => SplitSet::read(dir).with_context(|| format!("reading {}", dir.display()))?,
-        None => {
-            let input = shipped::default_input();
-            shipped::verify_if_shipped(&input)?;
-            split::split(
-                &load_csv(&input)?,
-                &SplitConfig {
-                    task,
-                    ..Default::default()
-                },
-            )?
-        }
-    };
-    if splits.config.task != task {
-        bail!("the split is for task {}, not {task}", splits.config.task);
-    }
-    Ok(splits)
-}
-
-/// `limit` records drawn with `seed` (the same ones for every method), in id order; all without a limit.
-pub(crate) fn sample(records: &[Record], limit: Option<usize>, seed: u64) -> Vec<Record> {
-    let mut records = records.to_vec();
-    if let Some(n) = limit {
-        use rand::seq::SliceRandom;
-        use rand::SeedableRng;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        records.shuffle(&mut rng);
-        records.truncate(n);
-        records.sort_by_key(|r| r.id);
-    }
-    records
-}
-
-/// A model, with an adapter applied when given.
-pub(crate) fn load_model(path: &Path, adapter: Option<&Path>) -> anyhow::Result<Model> {
-    let mut model = Model::load(path, &default_device())
-        .with_context(|| format!("loading {}", path.display()))?;
-    if let Some(dir) = adapter {
-        model = model
-            .load_adapter(dir)
-            .with_context(|| format!("applying {}", dir.display()))?;
-    }
-    Ok(model)
 }
 
 pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {

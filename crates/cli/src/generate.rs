@@ -10,8 +10,7 @@ use supportlm_model::generate::{generate, GenerateOptions};
 use supportlm_model::sampling::SamplingConfig;
 use supportlm_model::{default_device, Model};
 
-/// The default model, put in place by `cargo xtask setup`.
-pub const DEFAULT_MODEL: &str = "checkpoints/base/SmolLM2-135M-Instruct.Q4_1.gguf";
+use crate::shared::DEFAULT_MODEL;
 
 #[derive(Args)]
 pub struct GenerateArgs {

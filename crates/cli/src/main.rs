@@ -6,6 +6,7 @@ mod eval;
 mod generate;
 mod respond;
 mod resume;
+mod shared;
 mod train;
 
 use clap::{Parser, Subcommand};

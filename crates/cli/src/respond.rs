@@ -15,14 +15,14 @@ use supportlm_model::bert::{cosine, SentenceEncoder};
 use supportlm_model::sampling::SamplingConfig;
 use supportlm_model::{default_device, Model};
 use supportlm_prompting::judge::{summarize, HttpJudge, Judge, Verdict};
+use supportlm_prompting::report::{GenerationSpeed, RespondRunMetrics, RespondSettings};
 use supportlm_prompting::respond::{
     aggregate, degeneration_of, item_scores, respond, ItemScores, RespondOptions, Response,
 };
 use supportlm_prompting::Method;
 
-use crate::eval::{load_model, load_splits, method_of, sample, MethodArg};
-use crate::generate::DEFAULT_MODEL;
 use crate::resume::{claim_folder, item_bar, run_chunks, write_jsonl};
+use crate::shared::{load_model, load_splits, method_of, sample, MethodArg, DEFAULT_MODEL};
 
 /// Where `cargo xtask setup` puts the sentence encoder.
 pub const DEFAULT_EMBEDDER: &str = "checkpoints/embed/all-MiniLM-L6-v2";
@@ -123,14 +123,19 @@ pub fn run(args: RespondArgs) -> anyhow::Result<()> {
         },
         batch: 8,
     };
-    let settings = serde_json::json!({
-        "task": "response", "method": method.as_str(),
-        "model": args.model.display().to_string(),
-        "adapter": args.adapter.as_ref().map(|a| a.display().to_string()),
-        "split": args.split.as_str(), "limit": args.limit, "k": args.k, "seed": args.seed,
-        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-    });
-    claim_folder(&args.out, &settings)?;
+    let settings = RespondSettings {
+        task: "response".into(),
+        method: method.as_str().into(),
+        model: args.model.display().to_string(),
+        adapter: args.adapter.as_ref().map(|a| a.display().to_string()),
+        split: args.split.as_str().into(),
+        limit: args.limit,
+        k: args.k,
+        seed: args.seed,
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+    };
+    claim_folder(&args.out, &serde_json::to_value(&settings)?)?;
 
     // 1. Responses (resumable).
     let partial = args.out.join("responses.partial.jsonl");
@@ -261,17 +266,22 @@ pub fn run(args: RespondArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    let out = serde_json::json!({
-        "settings": settings,
-        "generation": {
-            "seconds": gen_seconds,
-            "items_timed": timed,
-            "items_per_s": if gen_seconds > 0.0 { timed as f64 / gen_seconds } else { 0.0 },
+    let out = RespondRunMetrics {
+        settings,
+        generation: GenerationSpeed {
+            seconds: gen_seconds,
+            items_timed: timed,
+            items_per_s: if gen_seconds > 0.0 {
+                timed as f64 / gen_seconds
+            } else {
+                0.0
+            },
         },
-        "scores": summary,
-        "judge": judged.as_ref().map(|(s, _)| s),
-        "judge_note": judged.as_ref().map(|(_, n)| n),
-    });
+        scores: summary,
+        judge: judged.as_ref().map(|(s, _)| s.clone()),
+        judge_note: judged.as_ref().map(|(_, n)| n.clone()),
+    };
+    let summary = &out.scores;
     supportlm_data::fsio::write_atomic(
         &args.out.join("metrics.json"),
         serde_json::to_string_pretty(&out)?.as_bytes(),

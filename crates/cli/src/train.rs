@@ -12,11 +12,11 @@ use supportlm_data::{load_csv, shipped, split, SplitConfig, SplitSet};
 use supportlm_model::chat::ChatTemplate;
 use supportlm_model::default_device;
 use supportlm_model::model::Checkpoint;
-use supportlm_model::qlora::QloraModel;
+use supportlm_train::qlora::{QloraModel, StepPath};
 use supportlm_train::trainer::{train, TrainJob};
 use supportlm_train::{TrainConfig, TrainError};
 
-use crate::generate::DEFAULT_MODEL;
+use crate::shared::DEFAULT_MODEL;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -83,7 +83,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut model = ck.with_source(|src| {
         QloraModel::load(src, &ck.config, config.base_quant, &default_device())
     })?;
-    model.store_activations = config.store_activations;
+    model.step_path = StepPath::choose(config.store_activations, model.device());
     let fp = model.footprint();
     tracing::info!(
         base_quant = %config.base_quant,

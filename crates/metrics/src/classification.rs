@@ -7,10 +7,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Precision, recall, F1 and support of one class.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ClassScores {
     pub precision: f64,
     pub recall: f64,
@@ -19,7 +19,7 @@ pub struct ClassScores {
 }
 
 /// Averaged precision, recall and F1.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Averages {
     pub precision: f64,
     pub recall: f64,
@@ -27,7 +27,7 @@ pub struct Averages {
 }
 
 /// Everything about one set of predictions.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassificationReport {
     pub labels: Vec<String>,
     pub n: usize,

@@ -3,8 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use supportlm_quant::gguf::{GgufFile, GgufValue};
+
 use crate::error::{ModelError, Result};
-use crate::gguf::{GgufFile, GgufValue};
+use crate::names::Target;
 
 /// The decoder architectures this crate runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,7 +204,9 @@ impl ModelConfig {
             rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             rope_theta: float("rope.freq_base").unwrap_or(default_rope_theta()),
             max_position_embeddings: uint("context_length").unwrap_or(default_max_positions()),
-            tie_word_embeddings: file.tensor_info("output.weight").is_none(),
+            tie_word_embeddings: file
+                .tensor_info(&crate::names::gguf(crate::names::LM_HEAD))
+                .is_none(),
             attention_bias: false,
             bos_token_id: token("tokenizer.ggml.bos_token_id"),
             eos_token_id: token("tokenizer.ggml.eos_token_id").map(TokenIds::One),
@@ -211,6 +215,30 @@ impl ModelConfig {
         };
         config.validate()?;
         Ok(config)
+    }
+}
+
+impl Target {
+    /// `[out, in]` of this projection's weight.
+    pub fn shape(self, c: &ModelConfig) -> [usize; 2] {
+        let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        match self {
+            Target::QProj => [c.num_attention_heads * d, h],
+            Target::KProj | Target::VProj => [c.kv_heads() * d, h],
+            Target::OProj => [h, c.num_attention_heads * d],
+            Target::GateProj | Target::UpProj => [i, h],
+            Target::DownProj => [h, i],
+        }
+    }
+
+    /// Whether this projection has a bias in `c`'s architecture (qwen2's q/k/v; llama's with
+    /// `attention_bias`).
+    pub fn has_bias(self, c: &ModelConfig) -> bool {
+        match self {
+            Target::QProj | Target::KProj | Target::VProj => c.qkv_bias(),
+            Target::OProj => c.o_bias(),
+            _ => false,
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! The token-by-token decode path: one new token per sequence per step, computed in plain Rust over
-//! quantized weights ([`crate::kernels`]) so that each step reads the compact GGUF blocks once instead of
+//! quantized weights ([`supportlm_quant::kernels`]) so that each step reads the compact GGUF blocks once instead of
 //! f32 copies. Prompts are prefilled by the Burn model ([`crate::llama`], compute-bound batched matmuls);
 //! its KV cache is then carried over into a [`DecodeState`]. Same math, same layout (Hugging Face RoPE),
 //! tested against the Burn forward.
@@ -9,9 +9,10 @@ use rayon::prelude::*;
 use crate::cache::KvCache;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::kernels::{dot, QMatrix, MAX_BATCH};
 use crate::llama::{rope_tables, to_vec};
 use crate::loader::{unpermute_order, TensorSource};
+use crate::names::{self, Target};
+use supportlm_quant::kernels::{dot, QMatrix, MAX_BATCH};
 
 /// One layer's weights in kernel formats.
 #[derive(Debug, Clone)]
@@ -289,68 +290,62 @@ impl DecodeWeights {
     /// Reads the decode weights (quantized where the source has them) by Hugging Face name.
     pub fn load(src: &dyn TensorSource, config: &ModelConfig) -> Result<Self> {
         let c = config;
-        let (hidden, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
-        let (q_out, kv_out) = (c.num_attention_heads * d, c.kv_heads() * d);
+        let (hidden, d) = (c.hidden_size, c.head_dim());
         let permuted = src.raw_is_permuted() && c.model_type == Architecture::Llama;
-        let (qh, kh) = if permuted {
-            (Some(c.num_attention_heads), Some(c.kv_heads()))
-        } else {
-            (None, None)
-        };
-        let bias = |name: String, len: usize, on: bool| -> Result<Option<Vec<f32>>> {
-            if !on {
-                return Ok(None);
-            }
-            let v = vector(src, &name, len)?;
-            // Biases of permuted Q/K rows are permuted too.
-            let heads = if name.contains("q_proj") {
-                qh
-            } else if name.contains("k_proj") {
-                kh
-            } else {
-                None
-            };
-            Ok(Some(match heads {
-                Some(h) => unpermute_order(len, h).iter().map(|&i| v[i]).collect(),
-                None => v,
-            }))
+        // Raw GGUF rows (and biases) of llama Q/K are in llama.cpp's order.
+        let heads = |t: Target| match t {
+            Target::QProj if permuted => Some(c.num_attention_heads),
+            Target::KProj if permuted => Some(c.kv_heads()),
+            _ => None,
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let m = |name: &str, rows, cols, heads| {
-                matrix(src, &format!("{p}.{name}.weight"), rows, cols, heads)
+            let ln = names::layer(i);
+            let m = |t: Target| {
+                let [rows, cols] = t.shape(c);
+                matrix(src, &ln.proj(t).weight(), rows, cols, heads(t))
             };
-            let q = m("self_attn.q_proj", q_out, hidden, qh)?;
-            let k = m("self_attn.k_proj", kv_out, hidden, kh)?;
-            let v = m("self_attn.v_proj", kv_out, hidden, None)?;
-            let gate = m("mlp.gate_proj", inter, hidden, None)?;
-            let up = m("mlp.up_proj", inter, hidden, None)?;
+            let bias = |t: Target| -> Result<Option<Vec<f32>>> {
+                if !t.has_bias(c) {
+                    return Ok(None);
+                }
+                let len = t.shape(c)[0];
+                let v = vector(src, &ln.proj(t).bias(), len)?;
+                Ok(Some(match heads(t) {
+                    Some(h) => unpermute_order(len, h).iter().map(|&i| v[i]).collect(),
+                    None => v,
+                }))
+            };
+            let q = m(Target::QProj)?;
+            let k = m(Target::KProj)?;
+            let v = m(Target::VProj)?;
+            let gate = m(Target::GateProj)?;
+            let up = m(Target::UpProj)?;
             layers.push(DecodeLayer {
-                attn_norm: vector(src, &format!("{p}.input_layernorm.weight"), hidden)?,
-                ffn_norm: vector(src, &format!("{p}.post_attention_layernorm.weight"), hidden)?,
+                attn_norm: vector(src, &ln.input_norm(), hidden)?,
+                ffn_norm: vector(src, &ln.post_attention_norm(), hidden)?,
                 qkv: QMatrix::stack(&[&q, &k, &v]).map_or_else(|| vec![q, k, v], |m| vec![m]),
-                o: m("self_attn.o_proj", hidden, q_out, None)?,
-                q_bias: bias(format!("{p}.self_attn.q_proj.bias"), q_out, c.qkv_bias())?,
-                k_bias: bias(format!("{p}.self_attn.k_proj.bias"), kv_out, c.qkv_bias())?,
-                v_bias: bias(format!("{p}.self_attn.v_proj.bias"), kv_out, c.qkv_bias())?,
-                o_bias: bias(format!("{p}.self_attn.o_proj.bias"), hidden, c.o_bias())?,
+                o: m(Target::OProj)?,
+                q_bias: bias(Target::QProj)?,
+                k_bias: bias(Target::KProj)?,
+                v_bias: bias(Target::VProj)?,
+                o_bias: bias(Target::OProj)?,
                 gate_up: QMatrix::stack(&[&gate, &up]).map_or_else(|| vec![gate, up], |m| vec![m]),
-                down: m("mlp.down_proj", hidden, inter, None)?,
+                down: m(Target::DownProj)?,
             });
         }
-        let embed = matrix(src, "model.embed_tokens.weight", c.vocab_size, hidden, None)?;
+        let embed = matrix(src, names::EMBED_TOKENS, c.vocab_size, hidden, None)?;
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(matrix(src, "lm_head.weight", c.vocab_size, hidden, None)?)
+            Some(matrix(src, names::LM_HEAD, c.vocab_size, hidden, None)?)
         };
         let (cos, sin) = rope_tables(d, c.rope_theta, c.max_position_embeddings);
         Ok(DecodeWeights {
             config: config.clone(),
             embed,
             lm_head,
-            norm: vector(src, "model.norm.weight", hidden)?,
+            norm: vector(src, names::FINAL_NORM, hidden)?,
             layers,
             cos,
             sin,

@@ -14,22 +14,9 @@ pub enum ModelError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: not a GGUF file (bad magic {found:02x?}, expected \"GGUF\")")]
-    BadMagic { path: PathBuf, found: [u8; 4] },
-    #[error("{path}: unsupported GGUF version {version} (supported: 2, 3)")]
-    UnsupportedVersion { path: PathBuf, version: u32 },
-    #[error("{path}: file is truncated: {what} needs bytes {start}..{end} but the file has {len}")]
-    Truncated {
-        path: PathBuf,
-        what: String,
-        start: u64,
-        end: u64,
-        len: u64,
-    },
-    #[error("{path}: malformed GGUF: {message}")]
-    Malformed { path: PathBuf, message: String },
-    #[error("tensor `{tensor}`: unsupported tensor type {type_name} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)")]
-    UnsupportedTensorType { tensor: String, type_name: String },
+    /// A GGUF file or a quantized format could not be read.
+    #[error(transparent)]
+    Quant(#[from] supportlm_quant::QuantError),
     #[error("tensor `{tensor}`: expected shape {expected:?}, found {found:?}")]
     ShapeMismatch {
         tensor: String,
@@ -48,8 +35,12 @@ pub enum ModelError {
     Template(String),
     #[error("adapter: {0}")]
     Adapter(String),
+    /// The caller's input is not valid (a prompt longer than the context, an unknown label, …).
     #[error("invalid input: {0}")]
     Input(String),
+    /// A broken internal invariant: a bug in supportlm, not a problem with the input.
+    #[error("internal error (a bug in supportlm, please report it): {0}")]
+    Internal(String),
 }
 
 impl ModelError {

@@ -5,6 +5,8 @@
 //! `(i, i + d/2)`); an explicit [`KvCache`] passed to every forward. Weights are kept as
 //! `[out, in]` (the checkpoint layout) and multiplied through a transposed view.
 
+use std::sync::Arc;
+
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -19,27 +21,54 @@ pub fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
         .map_err(|e| ModelError::Input(format!("reading a tensor back: {e:?}")))
 }
 
-/// A low-rank update `s · B(A(dropout(x)))` added to a linear layer (LoRA), not merged into `W`.
+/// A low-rank update added to a linear layer's output without merging it into `W` (LoRA, attached).
+/// Inference uses [`LoraDelta`]; training plugs in its own (dropout on the update's input).
+pub trait LowRank: std::fmt::Debug + Send + Sync {
+    /// The update for input rows `x`.
+    ///
+    /// # Shapes
+    /// - `x`: `[n, in]` → `[n, out]`
+    fn forward(&self, x: Tensor<2>) -> Tensor<2>;
+}
+
+/// A LoRA update `s · B(A x)`.
 #[derive(Debug, Clone)]
 pub struct LoraDelta {
     /// `[r, in]`.
     pub a: Tensor<2>,
     /// `[out, r]`.
     pub b: Tensor<2>,
+    /// `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
     pub scale: f64,
-    /// Dropout on the adapter's input as a mask of `0` and `1/(1-p)`, `[b·s, in]` (training only).
-    pub dropout_mask: Option<Tensor<2>>,
+}
+
+impl LoraDelta {
+    /// `s · B(A x)` computed as `((x Aᵀ) · s) Bᵀ`: the rank-r product is scaled, not the output.
+    pub fn apply(x: Tensor<2>, a: &Tensor<2>, b: &Tensor<2>, scale: f64) -> Tensor<2> {
+        let low = x.matmul(a.clone().transpose()) * scale;
+        low.matmul(b.clone().transpose())
+    }
+}
+
+impl LowRank for LoraDelta {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        LoraDelta::apply(x, &self.a, &self.b, self.scale)
+    }
 }
 
 /// A dense linear layer `y = x Wᵀ + b (+ LoRA)` with `W` stored `[out, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// `[out, in]`.
     pub weight: Tensor<2>,
+    /// `[out]`.
     pub bias: Option<Tensor<1>>,
-    pub lora: Option<LoraDelta>,
+    /// An attached, unmerged low-rank update.
+    pub lora: Option<Arc<dyn LowRank>>,
 }
 
 impl Linear {
+    /// A linear layer without an adapter.
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
         Linear {
             weight,
@@ -48,6 +77,8 @@ impl Linear {
         }
     }
 
+    /// # Shapes
+    /// - `x`: `[b, s, in]` → `[b, s, out]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, s, i] = x.dims();
         let [out, _] = self.weight.dims();
@@ -57,12 +88,7 @@ impl Linear {
             y = y + bias.clone().unsqueeze_dim(0);
         }
         if let Some(lora) = &self.lora {
-            let x = match &lora.dropout_mask {
-                Some(mask) => x * mask.clone(),
-                None => x,
-            };
-            let low = x.matmul(lora.a.clone().transpose()) * lora.scale;
-            y = y + low.matmul(lora.b.clone().transpose());
+            y = y + lora.forward(x);
         }
         y.reshape([b, s, out])
     }

@@ -2,7 +2,7 @@
 //!
 //! The model uses Hugging Face names and layouts internally. A [`TensorSource`] hands out f32 tensors by
 //! Hugging Face name: [`SafetensorsDir`] reads them directly, [`GgufFile`] translates the name
-//! ([`gguf_name`]) and un-permutes the Q/K rows that llama.cpp's converter permuted for its RoPE layout.
+//! ([`names::gguf`]) and un-permutes the Q/K rows that llama.cpp's converter permuted for its RoPE layout.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,10 +12,12 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::{Architecture, ModelConfig};
+use supportlm_quant::ggml::GgmlType;
+use supportlm_quant::gguf::GgufFile;
+
 use crate::error::{ModelError, Result};
-use crate::gguf::GgufFile;
 use crate::llama::{Attention, DecoderLayer, Linear, Llama, Mlp, RmsNorm, Rope};
-use crate::quants::GgmlType;
+use crate::names::{self, Target};
 
 /// A tensor as stored: GGML blocks and the shape in PyTorch order.
 #[derive(Debug, Clone)]
@@ -56,39 +58,6 @@ pub trait TensorSource {
     }
 }
 
-/// The GGUF name of a Hugging Face llama/qwen2 tensor name.
-pub fn gguf_name(hf_name: &str) -> String {
-    const TOP: [(&str, &str); 3] = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    const LAYER: [(&str, &str); 9] = [
-        ("input_layernorm", "attn_norm"),
-        ("self_attn.q_proj", "attn_q"),
-        ("self_attn.k_proj", "attn_k"),
-        ("self_attn.v_proj", "attn_v"),
-        ("self_attn.o_proj", "attn_output"),
-        ("post_attention_layernorm", "ffn_norm"),
-        ("mlp.gate_proj", "ffn_gate"),
-        ("mlp.up_proj", "ffn_up"),
-        ("mlp.down_proj", "ffn_down"),
-    ];
-    if let Some((_, g)) = TOP.iter().find(|(h, _)| *h == hf_name) {
-        return g.to_string();
-    }
-    if let Some(rest) = hf_name.strip_prefix("model.layers.") {
-        if let Some((index, field)) = rest.split_once('.') {
-            for (h, g) in LAYER {
-                if let Some(suffix) = field.strip_prefix(h) {
-                    return format!("blk.{index}.{g}{suffix}");
-                }
-            }
-        }
-    }
-    hf_name.to_string()
-}
-
 /// Which GGUF row each Hugging Face row of a llama Q/K projection comes from: llama.cpp's converter
 /// permuted rows per head, `W_hf[h*d + i*d/2 + j] = W_gguf[h*d + 2j + i]`.
 pub fn unpermute_order(rows: usize, n_heads: usize) -> Vec<usize> {
@@ -122,18 +91,16 @@ pub struct GgufSource<'a> {
 
 impl TensorSource for GgufSource<'_> {
     fn tensor(&self, hf_name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
-        let name = gguf_name(hf_name);
+        let name = names::gguf(hf_name);
         if self.file.tensor_info(&name).is_none() {
             return Ok(None);
         }
         let (data, shape) = self.file.tensor_f32(&name)?;
         let cols = if shape.len() == 2 { shape[1] } else { 1 };
-        let heads = if name.contains(".attn_q.") {
-            Some(self.config.num_attention_heads)
-        } else if name.contains(".attn_k.") {
-            Some(self.config.kv_heads())
-        } else {
-            None
+        let heads = match names::gguf_target(&name) {
+            Some(Target::QProj) => Some(self.config.num_attention_heads),
+            Some(Target::KProj) => Some(self.config.kv_heads()),
+            _ => None,
         };
         // Only llama-architecture GGUFs are permuted by the converter.
         let data = match heads {
@@ -146,7 +113,7 @@ impl TensorSource for GgufSource<'_> {
     }
 
     fn raw(&self, hf_name: &str) -> Result<Option<RawTensor>> {
-        let name = gguf_name(hf_name);
+        let name = names::gguf(hf_name);
         if self.file.tensor_info(&name).is_none() {
             return Ok(None);
         }
@@ -275,9 +242,7 @@ impl TensorSource for SafetensorsDir {
 pub fn load_llama(src: &dyn TensorSource, config: &ModelConfig, device: &Device) -> Result<Llama> {
     config.validate()?;
     let c = config;
-    let (hidden, inter, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
-    let (q_out, kv_out) = (c.num_attention_heads * d, c.kv_heads() * d);
-
+    let hidden = c.hidden_size;
     let need = |name: &str, shape: &[usize]| src.require(name, shape);
     let t2 = |data: Vec<f32>, shape: [usize; 2]| {
         Tensor::<2>::from_data(TensorData::new(data, shape), device)
@@ -285,15 +250,6 @@ pub fn load_llama(src: &dyn TensorSource, config: &ModelConfig, device: &Device)
     let t1 = |data: Vec<f32>| {
         let n = data.len();
         Tensor::<1>::from_data(TensorData::new(data, [n]), device)
-    };
-    let linear = |prefix: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-        let weight = t2(need(&format!("{prefix}.weight"), &[out, inp])?, [out, inp]);
-        let bias = if bias {
-            Some(t1(need(&format!("{prefix}.bias"), &[out])?))
-        } else {
-            None
-        };
-        Ok(Linear::new(weight, bias))
     };
     let norm = |name: &str| -> Result<RmsNorm> {
         Ok(RmsNorm {
@@ -303,40 +259,36 @@ pub fn load_llama(src: &dyn TensorSource, config: &ModelConfig, device: &Device)
     };
 
     let embed_tokens = t2(
-        need("model.embed_tokens.weight", &[c.vocab_size, hidden])?,
+        need(names::EMBED_TOKENS, &[c.vocab_size, hidden])?,
         [c.vocab_size, hidden],
     );
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{i}");
+        let ln = names::layer(i);
+        let linear = |t: Target| -> Result<Linear> {
+            let [out, inp] = t.shape(c);
+            let p = ln.proj(t);
+            let weight = t2(need(&p.weight(), &[out, inp])?, [out, inp]);
+            let bias = if t.has_bias(c) {
+                Some(t1(need(&p.bias(), &[out])?))
+            } else {
+                None
+            };
+            Ok(Linear::new(weight, bias))
+        };
         layers.push(DecoderLayer {
-            input_layernorm: norm(&format!("{p}.input_layernorm.weight"))?,
+            input_layernorm: norm(&ln.input_norm())?,
             self_attn: Attention {
-                q_proj: linear(
-                    &format!("{p}.self_attn.q_proj"),
-                    q_out,
-                    hidden,
-                    c.qkv_bias(),
-                )?,
-                k_proj: linear(
-                    &format!("{p}.self_attn.k_proj"),
-                    kv_out,
-                    hidden,
-                    c.qkv_bias(),
-                )?,
-                v_proj: linear(
-                    &format!("{p}.self_attn.v_proj"),
-                    kv_out,
-                    hidden,
-                    c.qkv_bias(),
-                )?,
-                o_proj: linear(&format!("{p}.self_attn.o_proj"), hidden, q_out, c.o_bias())?,
+                q_proj: linear(Target::QProj)?,
+                k_proj: linear(Target::KProj)?,
+                v_proj: linear(Target::VProj)?,
+                o_proj: linear(Target::OProj)?,
             },
-            post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
+            post_attention_layernorm: norm(&ln.post_attention_norm())?,
             mlp: Mlp {
-                gate_proj: linear(&format!("{p}.mlp.gate_proj"), inter, hidden, false)?,
-                up_proj: linear(&format!("{p}.mlp.up_proj"), inter, hidden, false)?,
-                down_proj: linear(&format!("{p}.mlp.down_proj"), hidden, inter, false)?,
+                gate_proj: linear(Target::GateProj)?,
+                up_proj: linear(Target::UpProj)?,
+                down_proj: linear(Target::DownProj)?,
             },
         });
     }
@@ -344,7 +296,7 @@ pub fn load_llama(src: &dyn TensorSource, config: &ModelConfig, device: &Device)
         None
     } else {
         Some(t2(
-            need("lm_head.weight", &[c.vocab_size, hidden])?,
+            need(names::LM_HEAD, &[c.vocab_size, hidden])?,
             [c.vocab_size, hidden],
         ))
     };
@@ -352,9 +304,14 @@ pub fn load_llama(src: &dyn TensorSource, config: &ModelConfig, device: &Device)
         config: config.clone(),
         embed_tokens,
         layers,
-        norm: norm("model.norm.weight")?,
+        norm: norm(names::FINAL_NORM)?,
         lm_head,
-        rope: Rope::new(d, c.rope_theta, c.max_position_embeddings, device),
+        rope: Rope::new(
+            c.head_dim(),
+            c.rope_theta,
+            c.max_position_embeddings,
+            device,
+        ),
         device: device.clone(),
     })
 }
@@ -391,23 +348,6 @@ pub fn write_safetensors(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_map_both_ways_we_need() {
-        assert_eq!(gguf_name("model.embed_tokens.weight"), "token_embd.weight");
-        assert_eq!(
-            gguf_name("model.layers.3.self_attn.q_proj.bias"),
-            "blk.3.attn_q.bias"
-        );
-        assert_eq!(
-            gguf_name("model.layers.12.mlp.down_proj.weight"),
-            "blk.12.ffn_down.weight"
-        );
-        assert_eq!(
-            gguf_name("model.layers.0.post_attention_layernorm.weight"),
-            "blk.0.ffn_norm.weight"
-        );
-    }
 
     #[test]
     fn unpermute_inverts_the_converter_permutation() {

@@ -10,11 +10,11 @@ use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::decode::DecodeWeights;
 use crate::error::{ModelError, Result};
-use crate::gguf::GgufFile;
 use crate::llama::Llama;
 use crate::loader::{load_llama, GgufSource, SafetensorsDir, TensorSource};
 use crate::lora::{merge, Adapter, MergedSource};
 use crate::tokenizer::Tokenizer;
+use supportlm_quant::gguf::GgufFile;
 
 /// The checkpoint file(s), kept open (memory-mapped) for weights read later.
 enum Weights {

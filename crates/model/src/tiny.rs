@@ -13,9 +13,10 @@ use serde_json::json;
 
 use crate::chat::CHATML;
 use crate::config::{Architecture, ModelConfig, TokenIds};
+use supportlm_quant::gguf::{self, GgufValue};
+
 use crate::error::{ModelError, Result};
-use crate::gguf::{self, GgufValue};
-use crate::loader::gguf_name;
+use crate::names::{self, Target};
 use crate::tokenizer::bpe_tokenizer_json;
 
 /// Special tokens of the tiny tokenizer (ids 0, 1, 2), as in SmolLM2.
@@ -94,58 +95,38 @@ pub fn weights(config: &ModelConfig, seed: u64) -> BTreeMap<String, (Vec<usize>,
             .collect();
         w.insert(name, (shape, data));
     };
-    let (h, i, d) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.head_dim(),
-    );
-    let (q, kv) = (config.num_attention_heads * d, config.kv_heads() * d);
+    let h = config.hidden_size;
     add(
-        "model.embed_tokens.weight".into(),
+        names::EMBED_TOKENS.into(),
         vec![config.vocab_size, h],
         0.5,
         0.0,
     );
+    // The order of `add` calls is the order of the random stream: keep it.
+    let attention = [Target::QProj, Target::KProj, Target::VProj, Target::OProj];
+    let mlp = [Target::GateProj, Target::UpProj, Target::DownProj];
     for l in 0..config.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        add(format!("{p}.input_layernorm.weight"), vec![h], 0.1, 1.0);
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            0.1,
-            1.0,
-        );
-        add(format!("{p}.self_attn.q_proj.weight"), vec![q, h], 0.3, 0.0);
-        add(
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![kv, h],
-            0.3,
-            0.0,
-        );
-        add(
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![kv, h],
-            0.3,
-            0.0,
-        );
-        add(format!("{p}.self_attn.o_proj.weight"), vec![h, q], 0.3, 0.0);
-        if config.qkv_bias() {
-            add(format!("{p}.self_attn.q_proj.bias"), vec![q], 0.1, 0.0);
-            add(format!("{p}.self_attn.k_proj.bias"), vec![kv], 0.1, 0.0);
-            add(format!("{p}.self_attn.v_proj.bias"), vec![kv], 0.1, 0.0);
+        let ln = names::layer(l);
+        add(ln.input_norm(), vec![h], 0.1, 1.0);
+        add(ln.post_attention_norm(), vec![h], 0.1, 1.0);
+        let weight = |t: Target| (ln.proj(t).weight(), t.shape(config).to_vec());
+        for t in attention {
+            let (name, shape) = weight(t);
+            add(name, shape, 0.3, 0.0);
         }
-        add(format!("{p}.mlp.gate_proj.weight"), vec![i, h], 0.3, 0.0);
-        add(format!("{p}.mlp.up_proj.weight"), vec![i, h], 0.3, 0.0);
-        add(format!("{p}.mlp.down_proj.weight"), vec![h, i], 0.3, 0.0);
+        if config.qkv_bias() {
+            for t in [Target::QProj, Target::KProj, Target::VProj] {
+                add(ln.proj(t).bias(), vec![t.shape(config)[0]], 0.1, 0.0);
+            }
+        }
+        for t in mlp {
+            let (name, shape) = weight(t);
+            add(name, shape, 0.3, 0.0);
+        }
     }
-    add("model.norm.weight".into(), vec![h], 0.1, 1.0);
+    add(names::FINAL_NORM.into(), vec![h], 0.1, 1.0);
     if !config.tie_word_embeddings {
-        add(
-            "lm_head.weight".into(),
-            vec![config.vocab_size, h],
-            0.5,
-            0.0,
-        );
+        add(names::LM_HEAD.into(), vec![config.vocab_size, h], 0.5, 0.0);
     }
     w
 }
@@ -272,23 +253,21 @@ pub fn write_gguf(path: &Path, config: &ModelConfig, seed: u64) -> Result<()> {
     let mut weights = weights(config, seed);
     if config.model_type == Architecture::Llama {
         for (name, (shape, data)) in weights.iter_mut() {
-            let heads = if name.contains("q_proj") {
-                config.num_attention_heads
-            } else if name.contains("k_proj") {
-                config.kv_heads()
-            } else {
-                continue;
+            let heads = match names::gguf_target(&names::gguf(name)) {
+                Some(Target::QProj) => config.num_attention_heads,
+                Some(Target::KProj) => config.kv_heads(),
+                _ => continue,
             };
             *data = permute_rows(data, heads, if shape.len() == 2 { shape[1] } else { 1 });
         }
     }
-    let names: Vec<String> = weights.keys().map(|n| gguf_name(n)).collect();
+    let gguf_names: Vec<String> = weights.keys().map(|n| names::gguf(n)).collect();
     let tensors: Vec<(&str, &[usize], &[f32])> = weights
         .values()
-        .zip(&names)
+        .zip(&gguf_names)
         .map(|((shape, data), name)| (name.as_str(), shape.as_slice(), data.as_slice()))
         .collect();
-    gguf::write_f32(path, &metadata, &tensors)
+    Ok(gguf::write_f32(path, &metadata, &tensors)?)
 }
 
 /// llama.cpp's converter permutation of Q/K rows (the inverse of [`crate::loader::unpermute_rows`]).

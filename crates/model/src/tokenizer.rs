@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::error::{ModelError, Result};
-use crate::gguf::{GgufFile, GgufValue};
+use supportlm_quant::gguf::{GgufFile, GgufValue};
 
 /// A tokenizer with the facts about it a model runner needs.
 #[derive(Clone)]

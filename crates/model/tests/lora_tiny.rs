@@ -2,8 +2,8 @@
 //! Face folder that loads back with the same logits, several adapters over one base, bad folders.
 
 use supportlm_model::config::Architecture;
+use supportlm_model::export::export_hf_dir;
 use supportlm_model::llama::{to_vec, Llama, StepInput};
-use supportlm_model::lora::export::export_hf_dir;
 use supportlm_model::lora::{attach, merge, unmerge, Adapter, LoraConfig};
 use supportlm_model::{default_device, tiny, Model};
 

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use serde_json::Value;
 use supportlm_model::generate::{generate, GenerateOptions};
 use supportlm_model::llama::{to_vec, Llama, StepInput};
-use supportlm_model::lora::{attach, peft_name, Adapter, LoraConfig, Target};
+use supportlm_model::lora::{attach, Adapter, LoraConfig, Target};
+use supportlm_model::names::{self, Factor};
 use supportlm_model::{default_device, Model};
 
 fn root() -> PathBuf {
@@ -188,7 +189,9 @@ fn written_adapter_has_peft_names_shapes_and_config_and_loads_back() {
     let bytes = std::fs::read(dir.path().join("adapter_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.names().len(), 2 * 3 * 2);
-    let q_a = st.tensor(&peft_name(0, Target::QProj, 'A')).unwrap();
+    let q_a = st
+        .tensor(&names::peft(0, Target::QProj, Factor::A))
+        .unwrap();
     assert_eq!(q_a.shape(), [8, 576]);
     assert_eq!(
         st.tensor("base_model.model.model.layers.29.mlp.down_proj.lora_B.weight")
@@ -226,8 +229,8 @@ fn adapter_for_another_base_is_refused_with_the_tensor_named() {
 
 #[test]
 fn nf4_and_int8_round_trip_error_is_bounded_on_real_layers() {
-    use supportlm_model::base_quant::{Int8Matrix, Nf4Tensor};
     use supportlm_model::model::Checkpoint;
+    use supportlm_quant::{Int8Matrix, Nf4Tensor};
     let ck =
         Checkpoint::open(&root().join("checkpoints/base/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
     for name in [

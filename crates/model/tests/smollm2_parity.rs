@@ -7,11 +7,11 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 use supportlm_model::generate::{generate, GenerateOptions};
-use supportlm_model::gguf::GgufFile;
 use supportlm_model::llama::{to_vec, StepInput};
 use supportlm_model::sampling::argmax;
 use supportlm_model::score::{encode_prefix, score_candidates};
 use supportlm_model::{default_device, Model};
+use supportlm_quant::gguf::GgufFile;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")

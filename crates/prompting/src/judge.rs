@@ -426,7 +426,7 @@ fn constrained_answer(model: &Model, messages: &[Message]) -> Result<String> {
 }
 
 /// Mean judge scores with 95% bootstrap intervals over the parsed verdicts.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JudgeSummary {
     pub judge: String,
     pub items: usize,

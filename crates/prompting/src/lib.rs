@@ -8,8 +8,9 @@
 //! - [`classify`]: the evaluator: a method (zero-shot, few-shot, SFT adapter) and a decision rule
 //!   (generate and extract, or constrained label scoring) over a split, with a progress callback;
 //!   `classify_both` gives both rules from one pass per item.
-//! - [`report`]: `predictions.jsonl`, `metrics.json`, `classification_report.csv`, most-confused
-//!   pairs and hardest errors.
+//! - [`report`]: the run files: Task 1's `predictions.jsonl`, `metrics.json`,
+//!   `classification_report.csv`, most-confused pairs and hardest errors; Task 2's `metrics.json`
+//!   ([`report::RespondRunMetrics`]).
 //! - [`respond`]: Task 2: generating support responses and scoring them against the references
 //!   (ROUGE, BLEU, chrF, embedding cosine, degeneration counts).
 //! - [`judge`]: LLM-as-judge with the study's rubric, over a local model or an OpenAI-compatible

@@ -10,6 +10,8 @@ use supportlm_metrics::{bootstrap_ci, wilson_interval, ClassificationReport, Int
 use crate::classify::Prediction;
 use crate::error::{PromptError, Result};
 use crate::extract::Extraction;
+use crate::judge::JudgeSummary;
+use crate::respond::RespondMetrics;
 
 /// How a run was made.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -32,7 +34,7 @@ pub struct RunInfo {
 }
 
 /// `metrics.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClassifyMetrics {
     pub info: RunInfo,
     pub items: usize,
@@ -160,4 +162,54 @@ pub fn read_predictions(path: &Path) -> Result<Vec<Prediction>> {
                 .map_err(|e| PromptError::Prompt(format!("{} line {}: {e}", path.display(), i + 1)))
         })
         .collect()
+}
+/// The settings of a response run (`run.json`, and `settings` in `metrics.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RespondSettings {
+    /// Always `response`.
+    pub task: String,
+    /// `zero-shot`, `few-shot` or `sft`.
+    pub method: String,
+    /// The base model's path.
+    pub model: String,
+    /// The adapter's path (SFT).
+    pub adapter: Option<String>,
+    /// The split the items come from.
+    pub split: String,
+    /// How many seeded items.
+    pub limit: usize,
+    /// Few-shot examples.
+    pub k: usize,
+    /// Seed of the item sample and of sampling.
+    pub seed: u64,
+    /// Generation budget per response.
+    pub max_new_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    pub temperature: f32,
+}
+
+/// How fast responses were generated.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GenerationSpeed {
+    /// Wall time of the generation.
+    pub seconds: f64,
+    /// Items generated in that time (fewer than all when the run was resumed).
+    pub items_timed: usize,
+    /// `items_timed / seconds`.
+    pub items_per_s: f64,
+}
+
+/// `metrics.json` of a response run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RespondRunMetrics {
+    /// What was run.
+    pub settings: RespondSettings,
+    /// Generation speed.
+    pub generation: GenerationSpeed,
+    /// Overlap, embedding and degeneration scores.
+    pub scores: RespondMetrics,
+    /// The judge's means, when a judge ran.
+    pub judge: Option<JudgeSummary>,
+    /// What the report should say about the judge (e.g. that a 135M judge is weak evidence).
+    pub judge_note: Option<String>,
 }

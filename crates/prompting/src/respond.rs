@@ -145,7 +145,7 @@ pub struct DegenerationCounts {
 }
 
 /// Aggregates of a response run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RespondMetrics {
     pub items: usize,
     /// Means over items with 95% bootstrap intervals.

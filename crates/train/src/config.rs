@@ -4,8 +4,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use supportlm_data::Task;
-use supportlm_model::base_quant::BaseQuant;
 use supportlm_model::lora::LoraConfig;
+use supportlm_quant::BaseQuant;
 
 use crate::error::{Result, TrainError};
 

@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 
+use crate::qlora::Sequence;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use supportlm_data::{Record, Task};
 use supportlm_model::chat::ChatTemplate;
-use supportlm_model::qlora::Sequence;
 use supportlm_model::tokenizer::Tokenizer;
 
 use crate::error::{Result, TrainError};

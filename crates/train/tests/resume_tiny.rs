@@ -9,9 +9,9 @@ use supportlm_model::chat::ChatTemplate;
 use supportlm_model::config::Architecture;
 use supportlm_model::llama::to_vec;
 use supportlm_model::model::Checkpoint;
-use supportlm_model::qlora::QloraModel;
 use supportlm_model::{default_device, tiny};
 use supportlm_train::examples::encode;
+use supportlm_train::qlora::QloraModel;
 use supportlm_train::trainer::{train, MetricsLine, TrainJob};
 use supportlm_train::{TrainConfig, TrainError};
 

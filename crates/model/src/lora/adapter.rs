@@ -1,8 +1,7 @@
 //! LoRA adapter weights and their files in Hugging Face PEFT's format.
 //!
 //! A folder holds `adapter_config.json` (PEFT's `LoraConfig` keys) and `adapter_model.safetensors`
-//! with tensors `base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_A.weight` (`[r, in]`)
-//! and `…lora_B.weight` (`[out, r]`). Loading checks every name and shape against the base model, so
+//! with tensors named by [`names::peft`] (`A` `[r, in]` and `B` `[out, r]` of each adapted projection). Loading checks every name and shape against the base model, so
 //! an adapter made for another base is refused with the offending tensor named.
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,6 +16,7 @@ use super::config::{LoraConfig, Target};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::loader::{write_safetensors, SafetensorsDir, TensorSource};
+use crate::names::{self, Factor};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -35,14 +35,6 @@ pub struct Adapter {
     /// `base_model_name_or_path` in the PEFT config.
     pub base_model: String,
     pub weights: BTreeMap<(usize, Target), LoraPair>,
-}
-
-/// PEFT's tensor name for `A` or `B` of a projection.
-pub fn peft_name(layer: usize, target: Target, which: char) -> String {
-    format!(
-        "base_model.model.model.layers.{layer}.{}.lora_{which}.weight",
-        target.module_path()
-    )
 }
 
 /// The keys of PEFT's `adapter_config.json` this project reads and writes (others are ignored on read).
@@ -266,13 +258,14 @@ impl Adapter {
                 )));
             }
             let [out, inp] = target.shape(model);
-            for (which, len, shape) in
-                [('A', pair.a.len(), [r, inp]), ('B', pair.b.len(), [out, r])]
-            {
+            for (which, len, shape) in [
+                (Factor::A, pair.a.len(), [r, inp]),
+                (Factor::B, pair.b.len(), [out, r]),
+            ] {
                 if len != shape[0] * shape[1] {
                     return Err(ModelError::Adapter(format!(
                         "`{}` has {len} values, the base model needs {shape:?}: the adapter was made for another base",
-                        peft_name(layer, target, which)
+                        names::peft(layer, target, which)
                     )));
                 }
             }
@@ -289,12 +282,12 @@ impl Adapter {
         for (&(layer, target), pair) in &self.weights {
             let [out, inp] = target.shape(model);
             tensors.push((
-                peft_name(layer, target, 'A'),
+                names::peft(layer, target, Factor::A),
                 vec![r, inp],
                 pair.a.as_slice(),
             ));
             tensors.push((
-                peft_name(layer, target, 'B'),
+                names::peft(layer, target, Factor::B),
                 vec![out, r],
                 pair.b.as_slice(),
             ));
@@ -334,8 +327,8 @@ impl Adapter {
         let mut expected = std::collections::BTreeSet::new();
         for (layer, target) in config.sites(model) {
             let [out, inp] = target.shape(model);
-            let mut get = |which: char, shape: [usize; 2]| -> Result<Vec<f32>> {
-                let name = peft_name(layer, target, which);
+            let mut get = |which: Factor, shape: [usize; 2]| -> Result<Vec<f32>> {
+                let name = names::peft(layer, target, which);
                 let (values, found) = file.tensor(&name)?.ok_or_else(|| {
                     ModelError::Adapter(format!(
                         "{}: tensor `{name}` is missing (the config targets {target} in layer {layer})",
@@ -351,8 +344,8 @@ impl Adapter {
                 expected.insert(name);
                 Ok(values)
             };
-            let a = get('A', [r, inp])?;
-            let b = get('B', [out, r])?;
+            let a = get(Factor::A, [r, inp])?;
+            let b = get(Factor::B, [out, r])?;
             weights.insert((layer, target), LoraPair { a, b });
         }
         if let Some(extra) = file.names().find(|n| !expected.contains(*n)) {

@@ -2,6 +2,8 @@
 //! several adapters can share it), merged into the weights (`W + s·B·A`) for plain inference, or merged
 //! while the weights are read ([`MergedSource`]).
 
+use std::sync::Arc;
+
 use burn::tensor::{Tensor, TensorData};
 
 use super::adapter::Adapter;
@@ -46,12 +48,11 @@ pub fn attach(base: &Llama, adapter: &Adapter) -> Result<Llama> {
     for (&(layer, target), pair) in &adapter.weights {
         let [out, inp] = target.shape(&base.config);
         let linear = llama.layers[layer].linear_mut(target);
-        linear.lora = Some(LoraDelta {
+        linear.lora = Some(Arc::new(LoraDelta {
             a: Tensor::from_data(TensorData::new(pair.a.clone(), [r, inp]), &base.device),
             b: Tensor::from_data(TensorData::new(pair.b.clone(), [out, r]), &base.device),
             scale: adapter.config.scale(),
-            dropout_mask: None,
-        });
+        }));
     }
     Ok(llama)
 }
@@ -96,13 +97,7 @@ pub struct MergedSource<'a> {
 impl MergedSource<'_> {
     /// The `(layer, target)` a Hugging Face weight name refers to, when the adapter adapts it.
     fn site(&self, name: &str) -> Option<(usize, Target)> {
-        let rest = name.strip_prefix("model.layers.")?;
-        let (layer, field) = rest.split_once('.')?;
-        let layer: usize = layer.parse().ok()?;
-        let module = field.strip_suffix(".weight")?;
-        let target = Target::ALL
-            .into_iter()
-            .find(|t| t.module_path() == module)?;
+        let (layer, target) = crate::names::parse_proj_weight(name)?;
         self.adapter
             .weights
             .contains_key(&(layer, target))

@@ -1,77 +1,12 @@
 //! What an adapter adapts: rank, scaling, dropout, target projections and layers.
 
-use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-
-/// A linear projection of a decoder layer that can carry a LoRA adapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Target {
-    QProj,
-    KProj,
-    VProj,
-    OProj,
-    GateProj,
-    UpProj,
-    DownProj,
-}
-
-impl Target {
-    pub const ALL: [Target; 7] = [
-        Target::QProj,
-        Target::KProj,
-        Target::VProj,
-        Target::OProj,
-        Target::GateProj,
-        Target::UpProj,
-        Target::DownProj,
-    ];
-
-    /// The module name PEFT uses in `target_modules`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Target::QProj => "q_proj",
-            Target::KProj => "k_proj",
-            Target::VProj => "v_proj",
-            Target::OProj => "o_proj",
-            Target::GateProj => "gate_proj",
-            Target::UpProj => "up_proj",
-            Target::DownProj => "down_proj",
-        }
-    }
-
-    /// The path inside a decoder layer (`self_attn.q_proj`, `mlp.gate_proj`, …).
-    pub fn module_path(self) -> String {
-        let block = match self {
-            Target::QProj | Target::KProj | Target::VProj | Target::OProj => "self_attn",
-            _ => "mlp",
-        };
-        format!("{block}.{}", self.as_str())
-    }
-
-    /// `[out, in]` of this projection's weight.
-    pub fn shape(self, c: &ModelConfig) -> [usize; 2] {
-        let (h, i, d) = (c.hidden_size, c.intermediate_size, c.head_dim());
-        match self {
-            Target::QProj => [c.num_attention_heads * d, h],
-            Target::KProj | Target::VProj => [c.kv_heads() * d, h],
-            Target::OProj => [h, c.num_attention_heads * d],
-            Target::GateProj | Target::UpProj => [i, h],
-            Target::DownProj => [h, i],
-        }
-    }
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::names::Target;
 
 impl FromStr for Target {
     type Err = ModelError;
@@ -81,8 +16,10 @@ impl FromStr for Target {
             .into_iter()
             .find(|t| t.as_str() == s)
             .ok_or_else(|| {
+                let known: Vec<&str> = Target::ALL.iter().map(|t| t.as_str()).collect();
                 ModelError::Adapter(format!(
-                    "unknown LoRA target module {s:?} (expected one of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)"
+                    "unknown LoRA target module {s:?} (expected one of {})",
+                    known.join(" ")
                 ))
             })
     }

@@ -1,0 +1,115 @@
+//! [`StepPath::Recompute`](super::StepPath::Recompute): forward keeps each layer's input only;
+//! backward re-runs the layer on Burn's autodiff device and takes the adapter's gradients from it.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::Tensor;
+use supportlm_model::cache::LayerCache;
+use supportlm_model::error::{ModelError, Result};
+use supportlm_model::llama::to_vec;
+use supportlm_model::lora::{Adapter, LoraPair, Target};
+
+use super::driver::{LayerGrads, Pass, StepClock};
+use super::dropout::Dropout;
+use super::layout::Layout;
+use super::{LossSum, QloraModel};
+
+/// The recomputing pass over one batch.
+pub(super) struct RecomputePass<'a> {
+    model: &'a QloraModel,
+    adapter: &'a Adapter,
+    layout: &'a Layout,
+    dropout: Option<Dropout>,
+    /// RoPE cos, sin and the additive mask of the batch.
+    tables: (Tensor<4>, Tensor<4>, Tensor<4>),
+}
+
+impl<'a> RecomputePass<'a> {
+    pub fn new(
+        model: &'a QloraModel,
+        adapter: &'a Adapter,
+        layout: &'a Layout,
+        dropout: Option<Dropout>,
+    ) -> Self {
+        let tables = layout.tensors(&model.rope, &model.device);
+        RecomputePass {
+            model,
+            adapter,
+            layout,
+            dropout,
+            tables,
+        }
+    }
+}
+
+impl Pass for RecomputePass<'_> {
+    type Hidden = Tensor<3>;
+    type Kept = Tensor<3>;
+
+    fn embed(&mut self) -> Result<Tensor<3>> {
+        Ok(self.model.embed(self.layout))
+    }
+
+    fn forward(
+        &mut self,
+        l: usize,
+        x: Tensor<3>,
+        _clock: &mut StepClock,
+    ) -> Result<(Tensor<3>, Tensor<3>)> {
+        let m = self.model;
+        let lora = m.lora_tensors(self.adapter, l, false);
+        let layer = m.layer(
+            l,
+            &lora,
+            self.adapter.config.scale(),
+            self.dropout,
+            self.layout.rows(),
+        );
+        let (cos, sin, mask) = &self.tables;
+        let next = layer.base.forward(
+            &m.config,
+            &m.rope,
+            x.clone(),
+            &mut LayerCache::default(),
+            cos,
+            sin,
+            mask,
+        );
+        Ok((next, x))
+    }
+
+    fn head(&mut self, x: Tensor<3>) -> Result<(LossSum, Tensor<3>)> {
+        let (loss, grad) = self.model.head_loss(x, self.layout, true)?;
+        let [b, s] = [self.layout.b, self.layout.s];
+        let hidden = self.model.config.hidden_size;
+        let grad = grad.unwrap_or_else(|| Tensor::zeros([b, s, hidden], &self.model.device));
+        Ok((loss, grad))
+    }
+
+    fn backward(
+        &mut self,
+        l: usize,
+        x_in: Tensor<3>,
+        grad: Tensor<3>,
+        _clock: &mut StepClock,
+    ) -> Result<(Tensor<3>, LayerGrads)> {
+        let m = self.model;
+        let (b, s) = (self.layout.b, self.layout.s);
+        let lora: BTreeMap<Target, (Tensor<2>, Tensor<2>)> = m.lora_tensors(self.adapter, l, true);
+        let layer = m.layer(l, &lora, self.adapter.config.scale(), self.dropout, b * s);
+        let (cos, sin, mask) = &self.tables;
+        let (g, dx) = m.backward_through(&layer.base, x_in, grad, (cos, sin, mask))?;
+        let mut pairs = Vec::with_capacity(lora.len());
+        for (t, (a, bt)) in &lora {
+            let ga = a.grad(&g).map(to_vec).transpose()?.unwrap_or_default();
+            let gb = bt.grad(&g).map(to_vec).transpose()?.unwrap_or_default();
+            if ga.is_empty() || gb.is_empty() {
+                return Err(ModelError::Internal(format!(
+                    "LoRA factors of layer {l} {t} received no gradient"
+                )));
+            }
+            pairs.push((*t, LoraPair { a: ga, b: gb }));
+        }
+        Ok((dx, pairs))
+    }
+}

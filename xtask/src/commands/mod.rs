@@ -1,0 +1,9 @@
+//! One module per `cargo xtask` command. Commands share code only through [`crate::utils`] and the
+//! public APIs named here: the pipeline measures training steps through [`bench::train`], and every
+//! command that needs the models calls [`setup::run`] first.
+
+pub mod bench;
+pub mod pipeline;
+pub mod repro;
+pub mod setup;
+pub mod test;

