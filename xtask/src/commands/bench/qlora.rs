@@ -25,18 +25,18 @@ pub fn run(batch: usize, seq: usize) -> anyhow::Result<()> {
         .chain(BaseQuant::ALL.map(Mode::LoraRecompute))
     {
         let v = child(mode, batch, seq)?;
-        let mb = |k: &str| v[k].as_f64().unwrap_or(0.0) / 1e6;
+        let mb = |bytes: f64| bytes / 1e6;
         println!(
             "{:<15} {:>9.1} {:>10.3} {:>10.1} {:>12.1} {:>8.2} {:>8.4}",
             mode.name(),
-            mb("base_bytes"),
-            v["bits_per_param"].as_f64().unwrap_or(0.0),
-            mb("linear_bytes"),
-            mb("peak_rss"),
-            v["step_s"].as_f64().unwrap_or(0.0),
-            v["loss"].as_f64().unwrap_or(0.0),
+            mb(v.base_bytes as f64),
+            v.bits_per_param,
+            mb(v.linear_bytes as f64),
+            mb(v.peak_rss as f64),
+            v.step_s,
+            v.loss,
         );
-        peaks.push((mode, mb("peak_rss")));
+        peaks.push((mode, mb(v.peak_rss as f64)));
     }
     let peak = |m: Mode| peaks.iter().find(|(x, _)| *x == m).map_or(0.0, |p| p.1);
     for (what, wrap) in [

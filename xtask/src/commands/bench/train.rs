@@ -14,6 +14,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
 use supportlm_model::config::ModelConfig;
 use supportlm_model::default_device;
 use supportlm_model::lora::{Adapter, LoraConfig};
@@ -202,35 +203,86 @@ pub fn step(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<()> {
     let median = by_share[by_share.len() / 2];
     let peak = peak_rss();
     let trainable: usize = sizes.iter().sum();
-    println!(
-        "{}",
-        serde_json::json!({
-            "mode": mode.name(),
-            "batch": batch,
-            "seq": seq,
-            "linear_params": fp.linear_params,
-            "linear_bytes": fp.linear_bytes,
-            "bits_per_param": fp.bits_per_linear_param(),
-            "base_bytes": fp.total_bytes(),
-            "trainable": trainable,
-            "rss_loaded": rss_loaded,
-            "peak_rss": peak,
-            "load_s": load_s,
-            "step_s": median.step_s,
-            "fastest_step_s": timed.iter().map(|t| t.step_s).fold(f64::INFINITY, f64::min),
-            "steps": timed.iter().map(|t| [t.step_s, t.gflops]).collect::<Vec<_>>(),
-            "tokens": data.iter().map(|q| q.ids.len()).sum::<usize>(),
-            "flops": flops,
-            "loss": loss,
-            "matmul_gflops": super::matmul_gflops(),
-            "matmul_sustained_gflops": median.gflops,
-        })
-    );
+    let row = StepRow {
+        mode: mode.name().to_string(),
+        batch,
+        seq,
+        linear_params: fp.linear_params,
+        linear_bytes: fp.linear_bytes,
+        bits_per_param: fp.bits_per_linear_param(),
+        base_bytes: fp.total_bytes(),
+        trainable,
+        rss_loaded,
+        peak_rss: peak,
+        load_s,
+        step_s: median.step_s,
+        fastest_step_s: timed.iter().map(|t| t.step_s).fold(f64::INFINITY, f64::min),
+        steps: timed.iter().map(|t| [t.step_s, t.gflops]).collect(),
+        tokens: data.iter().map(|q| q.ids.len()).sum(),
+        flops,
+        loss,
+        matmul_gflops: super::matmul_gflops(),
+        matmul_sustained_gflops: Some(median.gflops),
+    };
+    println!("{}", serde_json::to_string(&row)?);
     Ok(())
 }
 
-/// Runs `bench train-step` in a child process and returns its JSON line.
-pub fn child(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<serde_json::Value> {
+/// What one `bench train-step` child measured: its JSON line, and a line of the pipeline's
+/// `efficiency/steps.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRow {
+    /// [`Mode::name`].
+    pub mode: String,
+    /// Sequences per batch.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Parameters of the base's linear projections.
+    pub linear_params: usize,
+    /// Bytes those take in the mode's format.
+    pub linear_bytes: usize,
+    /// `8 · linear_bytes / linear_params`.
+    pub bits_per_param: f64,
+    /// Resident bytes of the whole base.
+    pub base_bytes: usize,
+    /// Trainable parameters.
+    pub trainable: usize,
+    /// RSS after loading, bytes.
+    pub rss_loaded: u64,
+    /// Peak RSS, bytes.
+    pub peak_rss: u64,
+    /// Seconds to load the base.
+    pub load_s: f64,
+    /// The step with the median share of the sustained matmul rate around it.
+    pub step_s: f64,
+    /// The fastest timed step.
+    pub fastest_step_s: f64,
+    /// Every timed step: `[seconds, sustained GFLOP/s around it]`.
+    #[serde(default)]
+    pub steps: Vec<[f64; 2]>,
+    /// Tokens per batch.
+    pub tokens: usize,
+    /// Useful FLOPs of one step.
+    pub flops: f64,
+    /// The last step's loss.
+    pub loss: f64,
+    /// Burst rate: the fastest single 1024³ product of 30.
+    pub matmul_gflops: f64,
+    /// The sustained rate around the median step (absent in runs written before it was measured).
+    #[serde(default)]
+    pub matmul_sustained_gflops: Option<f64>,
+}
+
+impl StepRow {
+    /// The matmul rate a row is compared with: sustained where measured, else burst.
+    pub fn rate(&self) -> f64 {
+        self.matmul_sustained_gflops.unwrap_or(self.matmul_gflops)
+    }
+}
+
+/// Runs `bench train-step` in a child process and returns its row.
+pub fn child(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<StepRow> {
     let exe = std::env::current_exe()?;
     let out = Command::new(&exe)
         .args(["bench", "train-step", "--mode", mode.name()])
@@ -284,26 +336,25 @@ pub fn run() -> anyhow::Result<()> {
     );
     let mut nf4_peak = 0.0;
     for (mode, batch, seq, v) in results {
-        let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
-        let gflops = f("flops") / f("step_s") / 1e9;
-        let (sustained, burst) = (f("matmul_sustained_gflops"), f("matmul_gflops"));
+        let gflops = v.flops / v.step_s / 1e9;
+        let (sustained, burst) = (v.rate(), v.matmul_gflops);
         println!(
             "{:<14} {:>7} {:>12} {:>9.2} {:>10.1} {:>9.1} {:>10.1} {:>9.1} {:>10.0}% {:>8.0}% {:>9.1} {:>8.4}",
             mode.name(),
             format!("{batch}x{seq}"),
-            v["trainable"].as_u64().unwrap_or(0),
-            f("step_s"),
-            f("tokens") / f("step_s"),
+            v.trainable,
+            v.step_s,
+            v.tokens as f64 / v.step_s,
             gflops,
             sustained,
             burst,
             100.0 * gflops / sustained,
             100.0 * gflops / burst,
-            f("peak_rss") / 1e6,
-            f("loss"),
+            v.peak_rss as f64 / 1e6,
+            v.loss,
         );
         if mode == Mode::Lora(BaseQuant::Nf4) && batch == 8 {
-            nf4_peak = f("peak_rss");
+            nf4_peak = v.peak_rss as f64;
         }
     }
     println!(

@@ -505,7 +505,7 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
                 for mode in crate::commands::bench::train::Mode::ALL {
                     eprintln!("[efficiency] {} at {batch}x{seq}", mode.name());
                     let v = crate::commands::bench::train::child(mode, batch, seq)?;
-                    lines += &format!("{v}\n");
+                    lines += &format!("{}\n", serde_json::to_string(&v)?);
                 }
             }
             // Each line carries its own matmul rates, measured in its child right after its steps.

@@ -6,9 +6,15 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 use supportlm_data::fsio::write_atomic;
-use supportlm_metrics::mcnemar;
+use supportlm_metrics::{mcnemar, Interval};
+use supportlm_prompting::judge::JudgeSummary;
+use supportlm_prompting::report::{ClassifyMetrics, RespondRunMetrics, RunInfo};
+use supportlm_prompting::Prediction;
+use supportlm_train::TrainOutcome;
+
+use crate::commands::bench::train::StepRow;
 
 use super::{Run, Step};
 
@@ -29,18 +35,26 @@ const T2_RUNS: [(&str, &str); 3] = [
     ("sft", "SFT (QLoRA)"),
 ];
 
-fn read_json(path: &Path) -> Option<Value> {
-    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+/// A run file read through the type its writer serializes; `None` when absent or unreadable (that
+/// step has not run, or ran with an older format: the report leaves its row out).
+fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match serde_json::from_str(&text) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!(
+                "[report] {} is not readable ({e}): left out",
+                path.display()
+            );
+            None
+        }
+    }
 }
 
-fn interval(v: &Value) -> String {
-    match (
-        v["estimate"].as_f64(),
-        v["low"].as_f64(),
-        v["high"].as_f64(),
-    ) {
-        (Some(e), Some(l), Some(h)) => format!("{e:.4} [{l:.4}, {h:.4}]"),
-        _ => "–".into(),
+fn interval(v: Option<&Interval>) -> String {
+    match v {
+        Some(i) => format!("{:.4} [{:.4}, {:.4}]", i.estimate, i.low, i.high),
+        None => "–".into(),
     }
 }
 
@@ -55,8 +69,8 @@ fn table(md: &mut String, header: &[&str], rows: &[Vec<String>]) {
 
 /// Whether Task 1 run `folder` took both decision rules from one pass: recorded in its metrics, or (for
 /// runs written before that was recorded) the same wall time to the nanosecond as its sibling rule's.
-fn shared_pass(t1: &Path, folder: &str, m: &Value) -> bool {
-    if m["info"]["shared_pass"].as_bool() == Some(true) {
+fn shared_pass(t1: &Path, folder: &str, info: &RunInfo) -> bool {
+    if info.shared_pass {
         return true;
     }
     let sibling = match folder.rsplit_once('-') {
@@ -64,9 +78,13 @@ fn shared_pass(t1: &Path, folder: &str, m: &Value) -> bool {
         Some((method, "generate")) => format!("{method}-constrained"),
         _ => return false,
     };
-    let seconds = |v: &Value| v["info"]["seconds"].as_f64();
-    read_json(&t1.join(sibling).join("metrics.json"))
-        .is_some_and(|s| seconds(&s).is_some() && seconds(&s) == seconds(m))
+    /// The part of a `metrics.json` this needs.
+    #[derive(serde::Deserialize)]
+    struct InfoOf {
+        info: RunInfo,
+    }
+    read_json::<InfoOf>(&t1.join(sibling).join("metrics.json"))
+        .is_some_and(|s| s.info.seconds == info.seconds)
 }
 
 /// Which items each Task 1 run got right.
@@ -74,11 +92,8 @@ fn correctness(dir: &Path) -> Option<HashMap<u64, bool>> {
     let text = std::fs::read_to_string(dir.join("predictions.jsonl")).ok()?;
     Some(
         text.lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .map(|v| {
-                let id = v["id"].as_u64().unwrap_or(0);
-                (id, v["truth"] == v["prediction"])
-            })
+            .filter_map(|l| serde_json::from_str::<Prediction>(l).ok())
+            .map(|p| (p.id as u64, p.truth == p.prediction))
             .collect(),
     )
 }
@@ -148,23 +163,20 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     let mut shared_pass_mark = false;
     for (folder, name) in T1_RUNS {
         let dir = d.join("t1").join(folder);
-        let Some(m) = read_json(&dir.join("metrics.json")) else {
+        let Some(m) = read_json::<ClassifyMetrics>(&dir.join("metrics.json")) else {
             continue;
         };
         rows.push(vec![
             name.to_string(),
-            m["items"].to_string(),
-            interval(&m["accuracy"]),
-            interval(&m["macro_f1"]),
-            format!("{:.4}", m["weighted_f1"].as_f64().unwrap_or(0.0)),
-            format!(
-                "{:.2}%",
-                100.0 * m["extraction_failed_rate"].as_f64().unwrap_or(0.0)
-            ),
+            m.items.to_string(),
+            interval(Some(&m.accuracy)),
+            interval(Some(&m.macro_f1)),
+            format!("{:.4}", m.weighted_f1),
+            format!("{:.2}%", 100.0 * m.extraction_failed_rate),
             format!(
                 "{:.2}{}",
-                m["items_per_s"].as_f64().unwrap_or(0.0),
-                if shared_pass(&d.join("t1"), folder, &m) {
+                m.items_per_s,
+                if shared_pass(&d.join("t1"), folder, &m.info) {
                     shared_pass_mark = true;
                     " †"
                 } else {
@@ -173,18 +185,8 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
             ),
         ]);
         if folder.ends_with("constrained") || folder == "tfidf" {
-            labels = m["report"]["labels"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|l| l.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let f1s = m["report"]["per_class"]
-                .as_array()
-                .map(|a| a.iter().map(|c| c["f1"].as_f64().unwrap_or(0.0)).collect())
-                .unwrap_or_default();
+            labels = m.report.labels.clone();
+            let f1s = m.report.per_class.iter().map(|c| c.f1).collect();
             per_class.push((name.to_string(), f1s));
         }
         if let Some(c) = correctness(&dir) {
@@ -274,19 +276,18 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     writeln!(md, "## Fine-tuning (QLoRA, NF4 base)\n")?;
     let mut rows = Vec::new();
     for (folder, name) in [("t1/sft-train", "Task 1"), ("t2/sft-train", "Task 2")] {
-        let Some(o) = read_json(&d.join(folder).join("outcome.json")) else {
+        let Some(o) = read_json::<TrainOutcome>(&d.join(folder).join("outcome.json")) else {
             continue;
         };
-        let f = |k: &str| o[k].as_f64().unwrap_or(f64::NAN);
         rows.push(vec![
             name.to_string(),
-            o["train_examples"].to_string(),
-            format!("{}/{}", o["steps"], o["total_steps"]),
-            format!("{:.4}", f("initial_val_loss")),
-            format!("{:.4} (step {})", f("best_val_loss"), o["best_step"]),
-            format!("{:.0}", f("seconds")),
-            format!("{:.0}", f("tokens_per_s")),
-            format!("{:.0}", f("peak_rss") / 1e6),
+            o.train_examples.to_string(),
+            format!("{}/{}", o.steps, o.total_steps),
+            format!("{:.4}", o.initial_val_loss.unwrap_or(f64::NAN)),
+            format!("{:.4} (step {})", o.best_val_loss, o.best_step),
+            format!("{:.0}", o.seconds),
+            format!("{:.0}", o.tokens_per_s),
+            format!("{:.0}", o.peak_rss as f64 / 1e6),
         ]);
     }
     table(
@@ -314,29 +315,33 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     for (folder, name) in T2_RUNS {
-        let Some(m) = read_json(&d.join("t2").join(folder).join("metrics.json")) else {
+        let path = d.join("t2").join(folder).join("metrics.json");
+        let Some(m) = read_json::<RespondRunMetrics>(&path) else {
             continue;
         };
-        let s = &m["scores"];
-        let dg = &s["degeneration"];
+        let s = &m.scores;
+        let dg = &s.degeneration;
+        let judge = |f: fn(&JudgeSummary) -> Option<Interval>| {
+            interval(m.judge.as_ref().and_then(f).as_ref())
+        };
         rows.push(vec![
             name.to_string(),
-            s["items"].to_string(),
-            interval(&s["rouge_l"]),
-            format!("{:.2}", s["corpus_bleu"].as_f64().unwrap_or(0.0)),
-            format!("{:.2}", s["corpus_chrf"].as_f64().unwrap_or(0.0)),
-            interval(&s["cosine"]),
-            interval(&m["judge"]["relevance"]),
-            interval(&m["judge"]["politeness"]),
-            interval(&m["judge"]["actionable"]),
-            interval(&m["judge"]["total"]),
+            s.items.to_string(),
+            interval(Some(&s.rouge_l)),
+            format!("{:.2}", s.corpus_bleu),
+            format!("{:.2}", s.corpus_chrf),
+            interval(s.cosine.as_ref()),
+            judge(|j| j.relevance),
+            judge(|j| j.politeness),
+            judge(|j| j.actionable),
+            judge(|j| j.total),
             format!(
                 "{}/{}/{}/{}",
-                dg["empty"], dg["repetition"], dg["leak"], dg["truncated"]
+                dg.empty, dg.repetition, dg.leak, dg.truncated
             ),
         ]);
-        if let Some(n) = m["judge_note"].as_str() {
-            notes.push(n.to_string());
+        if let Some(n) = &m.judge_note {
+            notes.push(n.clone());
         }
     }
     table(
@@ -364,23 +369,19 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     // Efficiency.
     writeln!(md, "## Efficiency: one training step per mode\n")?;
     let text = std::fs::read_to_string(d.join("efficiency/steps.jsonl")).unwrap_or_default();
-    let lines: Vec<Value> = text
+    let lines: Vec<StepRow> = text
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    // A row's matmul rate: the sustained one its child measured (runs since it exists), else the burst.
-    let rate = |v: &Value| {
-        v["matmul_sustained_gflops"]
-            .as_f64()
-            .or_else(|| v["matmul_gflops"].as_f64())
-            .unwrap_or(f64::NAN)
-    };
     let (mut slowest, mut fastest) = (f64::INFINITY, 0f64);
     let mut rows = Vec::new();
-    for v in lines.iter().filter(|v| v["mode"].is_string()) {
-        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-        (slowest, fastest) = (slowest.min(rate(v)), fastest.max(rate(v)));
-        let name = match v["mode"].as_str().unwrap_or("") {
+    for v in &lines {
+        // A row's matmul rate: the sustained one its child measured (runs since it exists), else the
+        // burst.
+        let rate = v.rate();
+        (slowest, fastest) = (slowest.min(rate), fastest.max(rate));
+        let step_s = v.step_s;
+        let name = match v.mode.as_str() {
             "none" => "LoRA, f32 base",
             "int8" => "QLoRA, int8 base",
             "nf4" => "QLoRA, NF4 base",
@@ -389,17 +390,17 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
         };
         rows.push(vec![
             name.to_string(),
-            format!("{}x{}", v["batch"], v["seq"]),
-            v["trainable"].to_string(),
+            format!("{}x{}", v.batch, v.seq),
+            v.trainable.to_string(),
             // What a run saves: the adapter (LoRA) or the whole model (full), f32.
-            format!("{:.1}", f("trainable") * 4.0 / 1e6),
-            format!("{:.1}", f("base_bytes") / 1e6),
-            format!("{:.1}", f("peak_rss") / 1e6),
-            format!("{:.2}", f("step_s")),
-            format!("{:.2}", f("batch") / f("step_s")),
-            format!("{:.0}", f("tokens") / f("step_s")),
-            format!("{:.0}%", 100.0 * f("flops") / f("step_s") / 1e9 / rate(v)),
-            format!("{:.4}", f("loss")),
+            format!("{:.1}", v.trainable as f64 * 4.0 / 1e6),
+            format!("{:.1}", v.base_bytes as f64 / 1e6),
+            format!("{:.1}", v.peak_rss as f64 / 1e6),
+            format!("{step_s:.2}"),
+            format!("{:.2}", v.batch as f64 / step_s),
+            format!("{:.0}", v.tokens as f64 / step_s),
+            format!("{:.0}%", 100.0 * v.flops / step_s / 1e9 / rate),
+            format!("{:.4}", v.loss),
         ]);
     }
     if rows.is_empty() {
@@ -552,27 +553,23 @@ pub fn publish(run_dir: &Path, docs: &Path) -> anyhow::Result<()> {
 /// A point's row: training examples, epochs, steps, best validation loss, test items, accuracy,
 /// macro-F1; and its macro-F1 interval for the chart.
 fn point_row(train: &Path, eval: &Path) -> Option<(Vec<String>, f64, [f64; 3])> {
-    let o = read_json(&train.join("outcome.json"))?;
-    let m = read_json(&eval.join("metrics.json"))?;
+    let o: TrainOutcome = read_json(&train.join("outcome.json"))?;
+    let m: ClassifyMetrics = read_json(&eval.join("metrics.json"))?;
     let cfg = supportlm_train::TrainConfig::load(Some(&train.join("config.toml")), &[]).ok()?;
-    let f1 = &m["macro_f1"];
-    let band = [
-        f1["estimate"].as_f64()?,
-        f1["low"].as_f64()?,
-        f1["high"].as_f64()?,
-    ];
-    let examples = o["train_examples"].as_f64()?;
+    let f1 = &m.macro_f1;
+    let band = [f1.estimate, f1.low, f1.high];
+    let examples = o.train_examples as f64;
     let row = vec![
-        o["train_examples"].to_string(),
+        o.train_examples.to_string(),
         format!("{:e}", cfg.lr),
         cfg.epochs.to_string(),
-        o["steps"].to_string(),
-        format!("{:.4}", o["initial_val_loss"].as_f64().unwrap_or(f64::NAN)),
-        format!("{:.4}", o["best_val_loss"].as_f64().unwrap_or(f64::NAN)),
-        format!("{:.0}", o["seconds"].as_f64().unwrap_or(f64::NAN)),
-        m["items"].to_string(),
-        interval(&m["accuracy"]),
-        interval(f1),
+        o.steps.to_string(),
+        format!("{:.4}", o.initial_val_loss.unwrap_or(f64::NAN)),
+        format!("{:.4}", o.best_val_loss),
+        format!("{:.0}", o.seconds),
+        m.items.to_string(),
+        interval(Some(&m.accuracy)),
+        interval(Some(f1)),
     ];
     Some((row, examples, band))
 }
@@ -826,29 +823,33 @@ mod tests {
     #[test]
     fn a_shared_pass_is_read_from_the_metrics_or_the_siblings_identical_time() {
         let t1 = tempfile::tempdir().unwrap();
-        let write = |folder: &str, info: Value| {
+        let write = |folder: &str, seconds: f64, shared_pass: bool| {
+            let info = RunInfo {
+                task: "category".into(),
+                method: "few-shot".into(),
+                decision: "constrained".into(),
+                model: "m.gguf".into(),
+                adapter: None,
+                split: "test".into(),
+                few_shot_k: 1,
+                seed: 42,
+                seconds,
+                items_timed: 10,
+                shared_pass,
+            };
             std::fs::create_dir_all(t1.path().join(folder)).unwrap();
             let m = serde_json::json!({ "info": info });
             std::fs::write(t1.path().join(folder).join("metrics.json"), m.to_string()).unwrap();
-            m
+            info
         };
-        let c = write(
-            "few-shot-constrained",
-            serde_json::json!({ "seconds": 12.5 }),
-        );
-        let g = write("few-shot-generate", serde_json::json!({ "seconds": 12.5 }));
+        let c = write("few-shot-constrained", 12.5, false);
+        let g = write("few-shot-generate", 12.5, false);
         assert!(shared_pass(t1.path(), "few-shot-constrained", &c));
         assert!(shared_pass(t1.path(), "few-shot-generate", &g));
-        let z = write(
-            "zero-shot-constrained",
-            serde_json::json!({ "seconds": 3.0 }),
-        );
-        write("zero-shot-generate", serde_json::json!({ "seconds": 4.0 }));
+        let z = write("zero-shot-constrained", 3.0, false);
+        write("zero-shot-generate", 4.0, false);
         assert!(!shared_pass(t1.path(), "zero-shot-constrained", &z));
-        let s = write(
-            "sft-constrained",
-            serde_json::json!({ "seconds": 1.0, "shared_pass": true }),
-        );
+        let s = write("sft-constrained", 1.0, true);
         assert!(shared_pass(t1.path(), "sft-constrained", &s));
         assert!(!shared_pass(t1.path(), "tfidf", &z));
     }
