@@ -361,3 +361,52 @@ fn inference_crates_do_not_depend_on_training_code() {
         );
     }
 }
+
+/// `(package, version) → features` of one `cargo tree` over the workspace.
+fn feature_sets(args: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["tree", "--offline", "--locked", "--prefix", "none"])
+        .args(["--format", "{p} [{f}]"])
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("running cargo tree");
+    assert!(
+        out.status.success(),
+        "cargo tree {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut sets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((package, features)) = line.split_once(" [") else {
+            continue;
+        };
+        // `name vX.Y.Z (path)` → `name vX.Y.Z`
+        let id: String = package.split(' ').take(2).collect::<Vec<_>>().join(" ");
+        sets.entry(id)
+            .or_default()
+            .insert(features.trim_end_matches(']').to_string());
+    }
+    sets
+}
+
+#[test]
+fn the_binaries_and_the_tests_build_dependencies_with_the_same_features() {
+    // Else `cargo xtask …`, `cargo build -p supportlm` and `cargo test --workspace` each compile their
+    // own copy of burn, polars and tokenizers (supportlm-workspace-hack unifies them).
+    let workspace = feature_sets(&["--workspace", "-e", "normal,build,dev"]);
+    let mut differing = Vec::new();
+    for package in ["supportlm", "xtask"] {
+        for (id, features) in feature_sets(&["-p", package, "-e", "normal,build"]) {
+            if let Some(all) = workspace.get(&id).filter(|all| **all != features) {
+                differing.push(format!("{package}: {id} {features:?}, workspace {all:?}"));
+            }
+        }
+    }
+    assert!(
+        differing.is_empty(),
+        "add these features to crates/workspace-hack/Cargo.toml:\n{}",
+        differing.join("\n")
+    );
+}

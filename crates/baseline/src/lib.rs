@@ -12,13 +12,17 @@ use linfa_logistic::{MultiFittedLogisticRegression, MultiLogisticRegression};
 use ndarray::{Array1, Array2};
 
 #[derive(Debug, thiserror::Error)]
+/// What can go wrong fitting or using the baseline.
 pub enum BaselineError {
     #[error("baseline: {0}")]
+    /// The records given cannot be used (empty, unknown label, …).
     Input(String),
     #[error("logistic regression: {0}")]
+    /// The logistic regression did not fit.
     Fit(String),
 }
 
+/// Result alias for this crate.
 pub type Result<T, E = BaselineError> = std::result::Result<T, E>;
 
 /// Lower-cased alphanumeric words, then adjacent pairs (`"a b"`).
@@ -69,6 +73,7 @@ impl TfIdf {
         TfIdf { index, idf }
     }
 
+    /// Terms in the vocabulary.
     pub fn features(&self) -> usize {
         self.idf.len()
     }
@@ -93,6 +98,7 @@ impl TfIdf {
 
 /// TF-IDF features and a multinomial logistic regression.
 pub struct TfIdfLogReg {
+    /// The fitted vectorizer.
     pub tfidf: TfIdf,
     model: MultiFittedLogisticRegression<f32, usize>,
     classes: usize,
@@ -101,10 +107,13 @@ pub struct TfIdfLogReg {
 /// Fitting settings.
 #[derive(Debug, Clone, Copy)]
 pub struct FitOptions {
+    /// Terms in fewer documents than this are dropped.
     pub min_df: usize,
+    /// At most this many terms (the most frequent) are kept.
     pub max_features: usize,
     /// L2 penalty.
     pub alpha: f32,
+    /// Iterations of the optimizer.
     pub max_iterations: u64,
 }
 

@@ -27,7 +27,9 @@ pub struct Record {
     pub flags: Option<String>,
     /// The customer message, cleaned (trimmed, whitespace collapsed).
     pub instruction: String,
+    /// The category (Task 1).
     pub category: Category,
+    /// The intent (Task 1's harder variant).
     pub intent: Intent,
     /// The reference response, cleaned; `None` when unknown.
     pub response: Option<String>,
@@ -36,8 +38,11 @@ pub struct Record {
 /// A loaded file: where it came from, its hash, and its rows.
 #[derive(Debug, Clone)]
 pub struct Dataset {
+    /// The file read.
     pub path: PathBuf,
+    /// Its sha256.
     pub sha256: String,
+    /// Its rows, in file order.
     pub records: Vec<Record>,
 }
 

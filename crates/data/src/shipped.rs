@@ -8,8 +8,11 @@ use crate::fsio::sha256_file;
 /// A file that ships with the project, with its expected sha256.
 #[derive(Debug, Clone, Copy)]
 pub struct ShippedFile {
+    /// The file's path under `data/`.
     pub name: &'static str,
+    /// Its expected sha256.
     pub sha256: &'static str,
+    /// What it holds, for error messages.
     pub what: &'static str,
 }
 

@@ -30,8 +30,11 @@ pub struct SplitConfig {
     /// The task whose label the split is stratified by (the response task keeps only rows with a known
     /// response and stratifies by category).
     pub task: Task,
+    /// Seed of the group shuffle.
     pub seed: u64,
+    /// Share of each label's rows in validation.
     pub val_ratio: f64,
+    /// Share of each label's rows in test.
     pub test_ratio: f64,
     /// Keep one row per normalised instruction.
     pub dedupe: bool,
@@ -79,14 +82,19 @@ impl SplitConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SplitName {
+    /// The training split.
     Train,
+    /// The validation split (model selection, few-shot examples).
     Validation,
+    /// The held-out test split.
     Test,
 }
 
 impl SplitName {
+    /// The three splits in file order.
     pub const ALL: [SplitName; 3] = [SplitName::Train, SplitName::Validation, SplitName::Test];
 
+    /// `train`, `validation` or `test`.
     pub fn as_str(self) -> &'static str {
         match self {
             SplitName::Train => "train",
@@ -95,6 +103,7 @@ impl SplitName {
         }
     }
 
+    /// The split's file name in a split folder (`train.jsonl`, …).
     pub fn file_name(self) -> String {
         format!("{}.jsonl", self.as_str())
     }
@@ -119,16 +128,22 @@ impl std::str::FromStr for SplitName {
 /// The rows of one split.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Split {
+    /// Which split.
     pub name: SplitName,
+    /// Its rows, sorted by id.
     pub records: Vec<Record>,
 }
 
 /// Train, validation and test, plus how they were made.
 #[derive(Debug, Clone)]
 pub struct SplitSet {
+    /// How the splits were made.
     pub config: SplitConfig,
+    /// The training split.
     pub train: Split,
+    /// The validation split.
     pub validation: Split,
+    /// The test split.
     pub test: Split,
     /// Labels removed by `min_per_label`.
     pub dropped_labels: Vec<String>,
@@ -137,32 +152,45 @@ pub struct SplitSet {
 /// What `manifest.json` records about one split.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SplitSummary {
+    /// The split's file name.
     pub file: String,
+    /// Its sha256.
     pub sha256: String,
+    /// Rows.
     pub rows: usize,
+    /// Distinct normalised instructions.
     pub unique_instructions: usize,
     /// Rows that repeat an instruction already in this split.
     pub duplicates: usize,
+    /// Rows per label.
     pub labels: BTreeMap<String, usize>,
 }
 
 /// The source file a split came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceSummary {
+    /// The source file's name.
     pub file: String,
+    /// Its sha256.
     pub sha256: String,
+    /// Its rows.
     pub rows: usize,
 }
 
 /// `manifest.json`: everything needed to trust and reproduce a split.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// The split settings.
     pub config: SplitConfig,
+    /// Each split's share of the rows.
     pub ratios: BTreeMap<String, f64>,
+    /// The file the rows came from.
     pub source: SourceSummary,
+    /// Labels removed by `min_per_label`.
     pub dropped_labels: Vec<String>,
     /// Normalised instructions that occur in more than one split (0 by construction; recorded as proof).
     pub instructions_shared_between_splits: usize,
+    /// Each split's summary, by name.
     pub splits: BTreeMap<String, SplitSummary>,
 }
 

@@ -10,12 +10,19 @@ use crate::load::Record;
 /// Summary of a distribution of lengths (in words).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LengthStats {
+    /// Values counted.
     pub count: usize,
+    /// Smallest.
     pub min: usize,
+    /// Mean.
     pub mean: f64,
+    /// Median.
     pub p50: usize,
+    /// 90th percentile.
     pub p90: usize,
+    /// 99th percentile.
     pub p99: usize,
+    /// Largest.
     pub max: usize,
 }
 
@@ -43,10 +50,15 @@ impl LengthStats {
 /// Counts per label and length distributions.
 #[derive(Debug, Clone, Serialize)]
 pub struct Stats {
+    /// Rows in the file.
     pub rows: usize,
+    /// Rows whose response is known.
     pub rows_with_response: usize,
+    /// Rows whose flags are known.
     pub rows_with_flags: usize,
+    /// Rows per category.
     pub categories: BTreeMap<String, usize>,
+    /// Rows per intent.
     pub intents: BTreeMap<String, usize>,
     /// Words per customer message.
     pub message_words: Option<LengthStats>,

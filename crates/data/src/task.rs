@@ -23,8 +23,10 @@ pub enum Task {
 }
 
 impl Task {
+    /// Every task.
     pub const ALL: [Task; 3] = [Task::Category, Task::Intent, Task::Response];
 
+    /// The task's name (`category`, `intent`, `response`).
     pub fn as_str(self) -> &'static str {
         match self {
             Task::Category => "category",
@@ -140,19 +142,25 @@ impl FromStr for Task {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// The system prompt.
     System,
+    /// The customer.
     User,
+    /// The model's answer.
     Assistant,
 }
 
 /// One chat message, in the shape chat templates expect (`{"role": …, "content": …}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
+    /// Who speaks.
     pub role: Role,
+    /// What they say.
     pub content: String,
 }
 
 impl Message {
+    /// A message from `role`.
     pub fn new(role: Role, content: impl Into<String>) -> Self {
         Message {
             role,
@@ -164,6 +172,7 @@ impl Message {
 /// An ordered list of messages.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conversation {
+    /// The messages in order.
     pub messages: Vec<Message>,
 }
 

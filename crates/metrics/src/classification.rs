@@ -12,36 +12,53 @@ use serde::{Deserialize, Serialize};
 /// Precision, recall, F1 and support of one class.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ClassScores {
+    /// `tp / (tp + fp)` (0 when nothing was predicted as the class).
     pub precision: f64,
+    /// `tp / (tp + fn)`.
     pub recall: f64,
+    /// Harmonic mean of precision and recall.
     pub f1: f64,
+    /// Items whose true label is the class.
     pub support: usize,
 }
 
 /// Averaged precision, recall and F1.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Averages {
+    /// Precision averaged as named.
     pub precision: f64,
+    /// Recall averaged as named.
     pub recall: f64,
+    /// F1 averaged as named (macro: the mean of per-class F1, as scikit-learn).
     pub f1: f64,
 }
 
 /// Everything about one set of predictions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassificationReport {
+    /// The classes, in report order.
     pub labels: Vec<String>,
+    /// Items.
     pub n: usize,
+    /// Items predicted right.
     pub correct: usize,
+    /// `correct / n`.
     pub accuracy: f64,
+    /// One row per class, in `labels` order.
     pub per_class: Vec<ClassScores>,
+    /// Unweighted mean over classes.
     pub macro_avg: Averages,
+    /// Mean over classes weighted by support.
     pub weighted_avg: Averages,
+    /// Counted over all items (equals accuracy when every prediction is a class).
     pub micro_avg: Averages,
     /// Rows: true label, columns: predicted label, over `labels`.
     pub confusion: Vec<Vec<usize>>,
     /// Predictions outside `labels`.
     pub outside_labels: usize,
+    /// Cohen's kappa between truth and prediction.
     pub cohen_kappa: f64,
+    /// Matthews correlation coefficient (multiclass).
     pub mcc: f64,
 }
 
@@ -58,6 +75,7 @@ fn f1(p: f64, r: f64) -> f64 {
 }
 
 impl ClassificationReport {
+    /// The report of predictions `y_pred` against `y_true` over `labels`.
     pub fn compute<S: AsRef<str>>(labels: &[S], y_true: &[S], y_pred: &[S]) -> Self {
         assert_eq!(
             y_true.len(),

@@ -17,6 +17,7 @@ pub struct Degeneration {
 }
 
 impl Degeneration {
+    /// Whether any check fired.
     pub fn any(&self) -> bool {
         self.empty || self.repetition || self.leak
     }

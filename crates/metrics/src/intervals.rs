@@ -7,8 +7,11 @@ use serde::{Deserialize, Serialize};
 /// A point estimate with a two-sided interval.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Interval {
+    /// The point estimate.
     pub estimate: f64,
+    /// Lower bound.
     pub low: f64,
+    /// Upper bound.
     pub high: f64,
 }
 

@@ -5,14 +5,19 @@ use serde::Serialize;
 /// The paired outcome counts and both forms of the test.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct McNemar {
+    /// Items both got right.
     pub both_correct: usize,
+    /// Items only the first got right.
     pub a_only: usize,
+    /// Items only the second got right.
     pub b_only: usize,
+    /// Items both got wrong.
     pub both_wrong: usize,
     /// Two-sided exact binomial test on the discordant pairs (`exact=True`).
     pub exact_p: f64,
     /// `(|b - c| - 1)² / (b + c)` (`exact=False, correction=True`) and its chi-square(1) p-value.
     pub chi2_statistic: f64,
+    /// The chi-square statistic's p-value.
     pub chi2_p: f64,
 }
 

@@ -9,8 +9,11 @@ use serde::Serialize;
 /// Precision, recall and F-measure of one ROUGE variant.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
 pub struct Prf {
+    /// Precision.
     pub precision: f64,
+    /// Recall.
     pub recall: f64,
+    /// F-measure.
     pub f: f64,
 }
 
@@ -36,9 +39,13 @@ fn prf(hits: f64, hyp: f64, reference: f64) -> Prf {
 /// ROUGE-1, ROUGE-2, ROUGE-L and ROUGE-Lsum of a hypothesis against a reference.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
 pub struct Rouge {
+    /// Unigram overlap.
     pub rouge1: Prf,
+    /// Bigram overlap.
     pub rouge2: Prf,
+    /// Longest common subsequence over the whole text.
     pub rouge_l: Prf,
+    /// Union LCS over sentences (split at newlines), as rouge-score's `rougeLsum`.
     pub rouge_lsum: Prf,
 }
 
@@ -252,13 +259,18 @@ pub fn tokenize_13a(line: &str) -> Vec<String> {
 /// Sufficient statistics of BLEU for one or more sentences.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct BleuStats {
+    /// Clipped n-gram matches, n = 1..4.
     pub correct: [usize; 4],
+    /// Hypothesis n-grams, n = 1..4.
     pub total: [usize; 4],
+    /// Hypothesis length in tokens.
     pub hyp_len: usize,
+    /// Reference length in tokens.
     pub ref_len: usize,
 }
 
 impl BleuStats {
+    /// The statistics of one sentence pair (sacrebleu's 13a tokenization).
     pub fn of(hypothesis: &str, reference: &str) -> Self {
         let (h, r) = (tokenize_13a(hypothesis), tokenize_13a(reference));
         let mut s = BleuStats {
@@ -277,6 +289,7 @@ impl BleuStats {
         s
     }
 
+    /// Adds another sentence's statistics (corpus BLEU sums them).
     pub fn add(&mut self, o: &BleuStats) {
         for n in 0..4 {
             self.correct[n] += o.correct[n];

@@ -18,17 +18,26 @@ use crate::loader::{SafetensorsDir, TensorSource};
 /// The fields of a BERT `config.json` that the encoder uses.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct BertConfig {
+    /// Tokens in the vocabulary.
     pub vocab_size: usize,
+    /// Width of the hidden states.
     pub hidden_size: usize,
+    /// Encoder layers.
     pub num_hidden_layers: usize,
+    /// Attention heads per layer.
     pub num_attention_heads: usize,
+    /// Width of the feed-forward block.
     pub intermediate_size: usize,
     #[serde(default = "default_act")]
+    /// The feed-forward activation (only `gelu` is supported).
     pub hidden_act: String,
+    /// Positions the position embeddings cover.
     pub max_position_embeddings: usize,
     #[serde(default = "default_type_vocab")]
+    /// Token type (segment) embeddings.
     pub type_vocab_size: usize,
     #[serde(default = "default_eps")]
+    /// LayerNorm epsilon.
     pub layer_norm_eps: f64,
 }
 
@@ -113,6 +122,7 @@ impl EncoderLayer {
 
 /// A sentence encoder: tokenizer + BERT + mean pooling + L2 normalisation.
 pub struct SentenceEncoder {
+    /// The checkpoint's configuration.
     pub config: BertConfig,
     tokenizer: tokenizers::Tokenizer,
     word_embeddings: Tensor<2>,

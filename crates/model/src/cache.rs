@@ -6,7 +6,9 @@ use burn::tensor::Tensor;
 /// Keys and values of one layer, `[batch, kv_heads, positions, head_dim]`.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
+    /// Keys, `[batch, kv_heads, positions, head_dim]` (`None` before the first step).
     pub k: Option<Tensor<4>>,
+    /// Values, same shape as the keys.
     pub v: Option<Tensor<4>>,
 }
 
@@ -30,6 +32,7 @@ impl LayerCache {
 /// The cache of a whole model for a batch of sequences.
 #[derive(Debug, Clone)]
 pub struct KvCache {
+    /// One cache per decoder layer.
     pub layers: Vec<LayerCache>,
     /// `valid[row][pos]`: whether cached position `pos` of `row` is a real token (false for padding).
     pub valid: Vec<Vec<bool>>,
@@ -47,6 +50,7 @@ impl KvCache {
         }
     }
 
+    /// Rows (sequences) in the cache.
     pub fn batch(&self) -> usize {
         self.valid.len()
     }
@@ -56,6 +60,7 @@ impl KvCache {
         self.valid.first().map_or(0, Vec::len)
     }
 
+    /// Whether nothing has been cached yet.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -21,34 +21,49 @@ pub enum Architecture {
 /// `config.json` of a llama or qwen2 checkpoint. Fields keep the Hugging Face names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
+    /// `llama` or `qwen2`.
     pub model_type: Architecture,
+    /// Tokens in the vocabulary.
     pub vocab_size: usize,
+    /// Width of the hidden states.
     pub hidden_size: usize,
+    /// Width of the SwiGLU block.
     pub intermediate_size: usize,
+    /// Decoder layers.
     pub num_hidden_layers: usize,
+    /// Query heads.
     pub num_attention_heads: usize,
     #[serde(default)]
+    /// Key/value heads (grouped-query attention); `None` means as many as query heads.
     pub num_key_value_heads: Option<usize>,
     #[serde(default)]
+    /// Width of a head; `None` means `hidden_size / num_attention_heads`.
     pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
     #[serde(default = "default_rope_theta")]
+    /// RoPE base.
     pub rope_theta: f64,
     #[serde(default = "default_max_positions")]
+    /// The context length.
     pub max_position_embeddings: usize,
     #[serde(default)]
+    /// Whether the LM head is the embedding table.
     pub tie_word_embeddings: bool,
     /// Llama only: biases on q/k/v/o projections.
     #[serde(default)]
     pub attention_bias: bool,
     #[serde(default)]
+    /// The beginning-of-sequence token.
     pub bos_token_id: Option<u32>,
     #[serde(default)]
+    /// End-of-sequence token(s).
     pub eos_token_id: Option<TokenIds>,
     /// Rope scaling is not supported; a checkpoint that sets it is refused rather than run wrongly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The checkpoint's dtype (informational).
     pub torch_dtype: Option<String>,
 }
 
@@ -56,11 +71,14 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TokenIds {
+    /// One id.
     One(u32),
+    /// Several ids.
     Many(Vec<u32>),
 }
 
 impl TokenIds {
+    /// The ids as a list.
     pub fn to_vec(&self) -> Vec<u32> {
         match self {
             TokenIds::One(id) => vec![*id],
@@ -94,10 +112,12 @@ impl ModelConfig {
         embed + self.num_hidden_layers * layer + h + head
     }
 
+    /// Key/value heads (defaults to the query heads).
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
+    /// Width of one head.
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)

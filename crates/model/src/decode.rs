@@ -94,6 +94,7 @@ impl DecodeState {
         })
     }
 
+    /// Rows (sequences) being decoded.
     pub fn batch(&self) -> usize {
         self.valid.len()
     }

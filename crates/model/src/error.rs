@@ -8,31 +8,52 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 /// Everything that can go wrong loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// Reading a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
     /// A GGUF file or a quantized format could not be read.
     #[error(transparent)]
     Quant(#[from] supportlm_quant::QuantError),
+    /// A checkpoint tensor has another shape than the configuration says.
     #[error("tensor `{tensor}`: expected shape {expected:?}, found {found:?}")]
     ShapeMismatch {
+        /// The tensor's name.
         tensor: String,
+        /// The shape the configuration implies.
         expected: Vec<usize>,
+        /// The shape in the file.
         found: Vec<usize>,
     },
+    /// A tensor the architecture needs is not in the checkpoint.
     #[error("tensor `{tensor}` is missing from the checkpoint")]
-    MissingTensor { tensor: String },
+    MissingTensor {
+        /// The tensor's name.
+        tensor: String,
+    },
+    /// A safetensors file cannot be read or written.
     #[error("{path}: {message}")]
-    Safetensors { path: PathBuf, message: String },
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// `config.json` or GGUF metadata is missing a value or holds an unsupported one.
     #[error("config: {0}")]
     Config(String),
+    /// The tokenizer cannot be built or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The chat template cannot be parsed or rendered.
     #[error("chat template: {0}")]
     Template(String),
+    /// An adapter does not fit the base (names, shapes, config).
     #[error("adapter: {0}")]
     Adapter(String),
     /// The caller's input is not valid (a prompt longer than the context, an unknown label, …).

@@ -15,7 +15,9 @@ use crate::score::PrefixCache;
 /// How to generate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateOptions {
+    /// Tokens to generate at most, per prompt.
     pub max_new_tokens: usize,
+    /// How tokens are picked.
     pub sampling: SamplingConfig,
     /// Generation stops when the text contains one of these (the stop string is not returned).
     pub stop_strings: Vec<String>,
@@ -37,7 +39,9 @@ impl Default for GenerateOptions {
 pub enum StopReason {
     /// An end-of-sequence or end-of-turn token.
     Eos,
+    /// A stop string appeared in the text.
     StopString,
+    /// `max_new_tokens` were generated.
     MaxTokens,
 }
 
@@ -46,7 +50,9 @@ pub enum StopReason {
 pub struct Generation {
     /// Generated ids (without the stopping EOS token).
     pub tokens: Vec<u32>,
+    /// The generated text (stop string cut off).
     pub text: String,
+    /// Why generation stopped.
     pub stop: StopReason,
 }
 

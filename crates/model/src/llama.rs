@@ -18,7 +18,7 @@ use crate::error::{ModelError, Result};
 /// Copies a tensor's values to the host.
 pub fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
     t.try_into_vec_as::<f32>()
-        .map_err(|e| ModelError::Input(format!("reading a tensor back: {e:?}")))
+        .map_err(|e| ModelError::Internal(format!("reading a tensor back from the backend: {e:?}")))
 }
 
 /// A low-rank update added to a linear layer's output without merging it into `W` (LoRA, attached).
@@ -97,11 +97,14 @@ impl Linear {
 /// RMSNorm: `x / sqrt(mean(x²) + eps) * w`.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
+    /// `[hidden]`.
     pub weight: Tensor<1>,
+    /// Added to the mean square before the root.
     pub eps: f64,
 }
 
 impl RmsNorm {
+    /// `x / sqrt(mean(x²) + eps) * w` over the last axis.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let inv = (x.clone().square().mean_dim(2) + self.eps).sqrt().recip();
         x * inv * self.weight.clone().unsqueeze_dims::<3>(&[0, 1])
@@ -111,21 +114,29 @@ impl RmsNorm {
 /// Self-attention with grouped-query heads.
 #[derive(Debug, Clone)]
 pub struct Attention {
+    /// Query projection.
     pub q_proj: Linear,
+    /// Key projection.
     pub k_proj: Linear,
+    /// Value projection.
     pub v_proj: Linear,
+    /// Output projection.
     pub o_proj: Linear,
 }
 
 /// The SwiGLU feed-forward block.
 #[derive(Debug, Clone)]
 pub struct Mlp {
+    /// Gate projection.
     pub gate_proj: Linear,
+    /// Up projection.
     pub up_proj: Linear,
+    /// Down projection.
     pub down_proj: Linear,
 }
 
 impl Mlp {
+    /// `down(silu(gate(x)) * up(x))`; shapes `[b, s, hidden]` → `[b, s, hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.down_proj
             .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
@@ -135,9 +146,13 @@ impl Mlp {
 /// One decoder layer.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
+    /// RMSNorm before attention.
     pub input_layernorm: RmsNorm,
+    /// Self-attention.
     pub self_attn: Attention,
+    /// RMSNorm before the MLP.
     pub post_attention_layernorm: RmsNorm,
+    /// The SwiGLU block.
     pub mlp: Mlp,
 }
 
@@ -166,10 +181,12 @@ pub fn rope_tables(head_dim: usize, theta: f64, max_positions: usize) -> (Vec<f3
 pub struct Rope {
     cos: Tensor<2>,
     sin: Tensor<2>,
+    /// Positions the tables cover (the context length).
     pub max_positions: usize,
 }
 
 impl Rope {
+    /// Tables for `max_positions` positions of `head_dim`-wide heads with base `theta`.
     pub fn new(head_dim: usize, theta: f64, max_positions: usize, device: &Device) -> Self {
         let (cos, sin) = rope_tables(head_dim, theta, max_positions);
         let table = |v: Vec<f32>| {
@@ -264,20 +281,28 @@ const MASK_BELOW: f32 = -1e29;
 /// The whole decoder: embeddings, layers, final norm and LM head.
 #[derive(Debug, Clone)]
 pub struct Llama {
+    /// The checkpoint's configuration.
     pub config: ModelConfig,
+    /// `[vocab, hidden]`.
     pub embed_tokens: Tensor<2>,
+    /// The decoder layers.
     pub layers: Vec<DecoderLayer>,
+    /// The final RMSNorm.
     pub norm: RmsNorm,
     /// `None` when tied to `embed_tokens`.
     pub lm_head: Option<Tensor<2>>,
+    /// RoPE tables.
     pub rope: Rope,
+    /// The device every tensor lives on.
     pub device: Device,
 }
 
 /// One step's input: `tokens[row]` (all rows the same length) and which of them are real (not padding).
 #[derive(Debug, Clone)]
 pub struct StepInput {
+    /// Token ids per row.
     pub tokens: Vec<Vec<u32>>,
+    /// Whether each token is real (`false`: padding, masked out).
     pub valid: Vec<Vec<bool>>,
 }
 
@@ -290,6 +315,7 @@ impl StepInput {
 }
 
 impl Llama {
+    /// An empty KV cache for `batch` rows.
     pub fn new_cache(&self, batch: usize) -> KvCache {
         KvCache::new(self.layers.len(), batch)
     }

@@ -22,8 +22,11 @@ use crate::names::{self, Target};
 /// A tensor as stored: GGML blocks and the shape in PyTorch order.
 #[derive(Debug, Clone)]
 pub struct RawTensor {
+    /// How the data is stored.
     pub ty: GgmlType,
+    /// The stored bytes.
     pub bytes: Vec<u8>,
+    /// Shape in PyTorch order.
     pub shape: Vec<usize>,
 }
 
@@ -85,7 +88,9 @@ pub fn unpermute_rows(w: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
 
 /// A GGUF file read through Hugging Face names.
 pub struct GgufSource<'a> {
+    /// The file.
     pub file: &'a GgufFile,
+    /// Its configuration (Q/K un-permutation needs the head counts).
     pub config: &'a ModelConfig,
 }
 
@@ -193,10 +198,12 @@ impl SafetensorsDir {
         })
     }
 
+    /// The folder.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// Every tensor name in the folder's files.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.index.keys().map(String::as_str)
     }

@@ -25,8 +25,11 @@ enum Weights {
 /// An opened checkpoint (GGUF file or Hugging Face folder): configuration, tokenizer and memory-mapped
 /// weights, read one tensor at a time through [`Checkpoint::with_source`].
 pub struct Checkpoint {
+    /// The file or folder opened.
     pub path: PathBuf,
+    /// Its configuration.
     pub config: ModelConfig,
+    /// Its tokenizer.
     pub tokenizer: Tokenizer,
     weights: Weights,
 }
@@ -82,8 +85,11 @@ impl Checkpoint {
 
 /// Everything needed to turn text into text.
 pub struct Model {
+    /// The decoder.
     pub llama: Llama,
+    /// The tokenizer.
     pub tokenizer: Tokenizer,
+    /// The chat template.
     pub template: ChatTemplate,
     /// Where it was loaded from.
     pub source: PathBuf,

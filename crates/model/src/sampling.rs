@@ -7,9 +7,13 @@ use serde::{Deserialize, Serialize};
 /// How to pick tokens. `temperature == 0` means greedy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SamplingConfig {
+    /// 0: greedy; otherwise logits are divided by it before sampling.
     pub temperature: f32,
+    /// Sample among the `k` most likely tokens.
     pub top_k: Option<usize>,
+    /// Sample among the most likely tokens whose probabilities sum to `p`.
     pub top_p: Option<f32>,
+    /// Seed of the sampler's RNG.
     pub seed: u64,
 }
 
@@ -27,16 +31,23 @@ impl Default for SamplingConfig {
 /// A token picker with its own RNG state.
 #[derive(Debug, Clone)]
 pub enum Sampler {
+    /// The most likely token.
     Greedy,
+    /// A draw from the tempered, truncated distribution.
     Random {
+        /// The seeded generator.
         rng: Box<ChaCha8Rng>,
+        /// Logits are divided by this.
         temperature: f32,
+        /// Keep the `k` most likely tokens.
         top_k: Option<usize>,
+        /// Keep the smallest set whose probability reaches `p`.
         top_p: Option<f32>,
     },
 }
 
 impl Sampler {
+    /// The sampler `config` describes.
     pub fn new(config: &SamplingConfig) -> Self {
         if config.temperature <= 0.0 {
             Sampler::Greedy

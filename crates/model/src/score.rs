@@ -16,8 +16,11 @@ use crate::sampling;
 /// An encoded prefix: its KV cache and the log-probabilities of the token after it.
 #[derive(Debug, Clone)]
 pub struct PrefixCache {
+    /// Keys and values of the prefix.
     pub cache: KvCache,
+    /// Log-probabilities of the token after the prefix.
     pub next_logprobs: Vec<f32>,
+    /// Tokens in the prefix.
     pub len: usize,
 }
 

@@ -155,7 +155,7 @@ pub fn write_hf_dir(dir: &Path, config: &ModelConfig, seed: u64, shards: usize) 
             .map(|(_, (n, (shape, _)))| {
                 TensorView::new(Dtype::F32, shape.clone(), &bytes[n])
                     .map(|v| (n.clone(), v))
-                    .map_err(|e| ModelError::Input(e.to_string()))
+                    .map_err(|e| ModelError::Internal(format!("tiny model tensors: {e}")))
             })
             .collect::<Result<_>>()?;
         let file = if shards == 1 {
@@ -166,15 +166,16 @@ pub fn write_hf_dir(dir: &Path, config: &ModelConfig, seed: u64, shards: usize) 
         for (name, _) in &views {
             weight_map.insert(name.clone(), json!(file));
         }
-        let st =
-            safetensors::serialize(views, None).map_err(|e| ModelError::Input(e.to_string()))?;
+        let st = safetensors::serialize(views, None)
+            .map_err(|e| ModelError::Internal(format!("tiny model safetensors: {e}")))?;
         write(&file, &st)?;
     }
     if shards > 1 {
         let index = json!({"metadata": {}, "weight_map": weight_map});
         write("model.safetensors.index.json", index.to_string().as_bytes())?;
     }
-    let mut cfg = serde_json::to_value(config).map_err(|e| ModelError::Input(e.to_string()))?;
+    let mut cfg = serde_json::to_value(config)
+        .map_err(|e| ModelError::Internal(format!("tiny model config: {e}")))?;
     cfg["architectures"] = json!([match config.model_type {
         Architecture::Llama => "LlamaForCausalLM",
         Architecture::Qwen2 => "Qwen2ForCausalLM",

@@ -13,15 +13,19 @@ use supportlm_quant::gguf::{GgufFile, GgufValue};
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The beginning-of-sequence token, if the model has one.
     pub bos_id: Option<u32>,
     /// Ids that end a turn or the text (EOS, `<|im_end|>`, `<|endoftext|>` where present).
     pub eos_ids: Vec<u32>,
+    /// The padding token, if any.
     pub pad_id: Option<u32>,
     /// Whether BOS is prepended to a prompt.
     pub add_bos: bool,
     /// The checkpoint's Jinja chat template, if it has one.
     pub chat_template: Option<String>,
+    /// The BOS token's text.
     pub bos_token: Option<String>,
+    /// The EOS token's text.
     pub eos_token: Option<String>,
 }
 
@@ -108,10 +112,12 @@ impl Tokenizer {
             .collect()
     }
 
+    /// The id of token `token`, if it is in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
 
+    /// Tokens in the vocabulary (special tokens included).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

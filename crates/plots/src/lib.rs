@@ -15,11 +15,15 @@ use plotters::style::{register_font, FontStyle};
 
 #[derive(Debug, thiserror::Error)]
 #[error("plot {path}: {message}")]
+/// A chart could not be drawn or written.
 pub struct PlotError {
+    /// The file being written.
     pub path: PathBuf,
+    /// What went wrong.
     pub message: String,
 }
 
+/// Result alias for this crate.
 pub type Result<T> = std::result::Result<T, PlotError>;
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -50,7 +54,9 @@ fn err(path: &Path, e: impl std::fmt::Display) -> PlotError {
 /// One named series of `(x, y)` points.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
+    /// The legend entry.
     pub name: String,
+    /// `(x, y)` points in drawing order.
     pub points: Vec<(f64, f64)>,
 }
 

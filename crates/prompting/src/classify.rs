@@ -16,13 +16,16 @@ use crate::prompt::{encode_prompts, label_candidates, Prompts};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
+    /// The system prompt and the message only.
     ZeroShot,
+    /// Balanced k-shot: one validation example per label before the message.
     FewShot,
     /// The model carries a fine-tuned adapter and gets the zero-shot prompt it was trained on.
     Sft,
 }
 
 impl Method {
+    /// The name used on the command line and in run files.
     pub fn as_str(self) -> &'static str {
         match self {
             Method::ZeroShot => "zero-shot",
@@ -43,6 +46,7 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// The name used on the command line and in run files.
     pub fn as_str(self) -> &'static str {
         match self {
             Decision::Generate => "generate",
@@ -54,8 +58,11 @@ impl Decision {
 /// Evaluator settings.
 #[derive(Debug, Clone)]
 pub struct ClassifyOptions {
+    /// Categories or intents.
     pub task: Task,
+    /// How the model is prompted.
     pub method: Method,
+    /// How a label is read from the model.
     pub decision: Decision,
     /// Few-shot examples (earlier turns); empty for zero-shot and SFT.
     pub examples: Vec<Record>,
@@ -70,18 +77,24 @@ pub struct ClassifyOptions {
 /// One evaluated item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
+    /// The record's id (its row in the source file).
     pub id: usize,
+    /// The customer message.
     pub message: String,
+    /// The true label.
     pub truth: String,
+    /// The predicted label (`EXTRACTION_FAILED` when none could be read).
     pub prediction: String,
     /// The generated text (generate rule) or the best label (constrained rule).
     pub raw: String,
     /// Softmax over labels of their scores (constrained), 1 or 0 for generate (extracted or not).
     pub confidence: f64,
+    /// Which extraction rule found the label.
     pub extraction: Extraction,
 }
 
 impl Prediction {
+    /// Whether the prediction is the true label.
     pub fn correct(&self) -> bool {
         self.truth == self.prediction
     }

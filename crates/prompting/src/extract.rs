@@ -17,10 +17,15 @@ pub const EXTRACTION_FAILED: &str = "EXTRACTION_FAILED";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Extraction {
+    /// The output is exactly a label.
     Exact,
+    /// A label after normalising case, punctuation and spacing.
     Normalized,
+    /// The first label mentioned in the output.
     FirstMention,
+    /// The label nearest by edit distance (within a bound).
     EditDistance,
+    /// No label could be read.
     Failed,
     /// Not extracted: the label was chosen by scoring.
     Scored,

@@ -20,12 +20,16 @@ pub const CRITERIA: [(&str, u32); 3] = [("relevance", 5), ("politeness", 3), ("a
 /// One judged response.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Scores {
+    /// How relevant the response is, 0–5.
     pub relevance: u32,
+    /// How polite, 0–3.
     pub politeness: u32,
+    /// How actionable, 0–2.
     pub actionable: u32,
 }
 
 impl Scores {
+    /// The sum, 0–10.
     pub fn total(&self) -> u32 {
         self.relevance + self.politeness + self.actionable
     }
@@ -34,12 +38,16 @@ impl Scores {
 /// What the judge said about one item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
+    /// The judged item's id.
     pub id: usize,
     /// `None` when the judge's answer could not be parsed (`error` says why).
     pub scores: Option<Scores>,
+    /// The judge's reason, when it gave one.
     pub rationale: String,
+    /// The judge's whole answer.
     pub raw: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Why the answer could not be parsed (scores are then `None`).
     pub error: Option<String>,
 }
 
@@ -229,8 +237,11 @@ pub enum Judge<'a> {
     /// shape and each score is the value the model finds most likely (small local models rarely write
     /// the format on their own); otherwise it is generated greedily and parsed.
     Local {
+        /// The judge model.
         model: &'a Model,
+        /// Its name in reports.
         name: String,
+        /// Score each criterion by likelihood instead of generating.
         constrained: bool,
     },
     /// An OpenAI-compatible chat-completions endpoint.
@@ -241,8 +252,11 @@ pub enum Judge<'a> {
 pub struct HttpJudge {
     /// Base URL (`http://localhost:8000/v1`) or the full `…/chat/completions` URL.
     pub url: String,
+    /// The model name sent in requests.
     pub model: String,
+    /// Bearer token, when the endpoint needs one.
     pub api_key: Option<String>,
+    /// Per-request timeout.
     pub timeout: Duration,
 }
 
@@ -428,16 +442,23 @@ fn constrained_answer(model: &Model, messages: &[Message]) -> Result<String> {
 /// Mean judge scores with 95% bootstrap intervals over the parsed verdicts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JudgeSummary {
+    /// The judge's name.
     pub judge: String,
+    /// Items judged.
     pub items: usize,
+    /// Answers that could not be parsed.
     pub unparseable: usize,
     /// Means over the parsed verdicts (`None` when none parsed).
     pub relevance: Option<supportlm_metrics::Interval>,
+    /// Mean politeness (0–3).
     pub politeness: Option<supportlm_metrics::Interval>,
+    /// Mean actionability (0–2).
     pub actionable: Option<supportlm_metrics::Interval>,
+    /// Mean total (0–10).
     pub total: Option<supportlm_metrics::Interval>,
 }
 
+/// Means with seeded bootstrap intervals over the parsed verdicts.
 pub fn summarize(judge: String, verdicts: &[Verdict], resamples: usize, seed: u64) -> JudgeSummary {
     let parsed: Vec<Scores> = verdicts.iter().filter_map(|v| v.scores).collect();
     let mean = |f: &dyn Fn(&Scores) -> u32| {

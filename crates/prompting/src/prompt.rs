@@ -14,7 +14,9 @@ use crate::error::{PromptError, Result};
 /// A shared prefix and per-item suffixes, as token ids.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prompts {
+    /// The tokens every item shares (system prompt and examples).
     pub prefix: Vec<u32>,
+    /// Each item's own tokens after the prefix.
     pub items: Vec<Vec<u32>>,
     /// The rendered text of the first full prompt (for logs and reports).
     pub example_text: String,

@@ -16,17 +16,26 @@ use crate::respond::RespondMetrics;
 /// How a run was made.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunInfo {
+    /// `category` or `intent`.
     pub task: String,
+    /// `zero-shot`, `few-shot`, `sft` or `tfidf`.
     pub method: String,
+    /// `generate` or `constrained`.
     pub decision: String,
+    /// The base model's path.
     pub model: String,
+    /// The adapter's path (SFT).
     pub adapter: Option<String>,
+    /// The split evaluated.
     pub split: String,
+    /// Few-shot examples (0 otherwise).
     pub few_shot_k: usize,
+    /// Seed of the item sample, the examples and the bootstrap.
     pub seed: u64,
     /// Wall time of the classification, and how many items it covered (fewer than all when the run
     /// was resumed).
     pub seconds: f64,
+    /// Items classified in `seconds`.
     pub items_timed: usize,
     /// Both decision rules came from one pass per item, and `seconds` is that pass's (both rules).
     #[serde(default)]
@@ -36,22 +45,35 @@ pub struct RunInfo {
 /// `metrics.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClassifyMetrics {
+    /// What was run.
     pub info: RunInfo,
+    /// Items evaluated.
     pub items: usize,
+    /// Classification speed.
     pub items_per_s: f64,
     /// Accuracy with Wilson's 95% interval.
     pub accuracy: Interval,
     /// Accuracy and macro-F1 with seeded bootstrap 95% intervals.
     pub accuracy_bootstrap: Interval,
+    /// Macro-F1 with a seeded bootstrap 95% interval.
     pub macro_f1: Interval,
+    /// F1 weighted by support.
     pub weighted_f1: f64,
+    /// F1 over all items.
     pub micro_f1: f64,
+    /// Cohen's kappa.
     pub cohen_kappa: f64,
+    /// Matthews correlation coefficient.
     pub mcc: f64,
+    /// Predictions no label could be read from.
     pub extraction_failed: usize,
+    /// Their share of the items.
     pub extraction_failed_rate: f64,
+    /// Bootstrap resamples behind the intervals.
     pub bootstrap_resamples: usize,
+    /// Per-class precision, recall, F1 and the confusion matrix.
     pub report: ClassificationReport,
+    /// The most frequent `(truth, prediction, count)` mistakes.
     pub most_confused: Vec<(String, String, usize)>,
     /// Wrong predictions with the highest confidence.
     pub hardest_errors: Vec<Prediction>,

@@ -22,9 +22,11 @@ use crate::prompt::encode_prompts;
 /// Generation settings.
 #[derive(Debug, Clone)]
 pub struct RespondOptions {
+    /// How the model is prompted (or the adapter's SFT prompt).
     pub method: Method,
     /// Few-shot examples (one per category); ignored unless the method is few-shot.
     pub examples: Vec<Record>,
+    /// Generation budget per response.
     pub max_new_tokens: usize,
     /// Greedy by default.
     pub sampling: SamplingConfig,
@@ -35,14 +37,21 @@ pub struct RespondOptions {
 /// One generated response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Response {
+    /// The record's id.
     pub id: usize,
+    /// The customer message.
     pub message: String,
+    /// The message's category (given to the prompt).
     pub category: String,
+    /// The dataset's response.
     pub reference: String,
+    /// The model's response.
     pub generated: String,
+    /// Tokens generated.
     pub tokens: usize,
     /// Seconds for the batch this item was generated in, divided by its size.
     pub seconds: f64,
+    /// Why generation stopped.
     pub stop: StopReason,
 }
 
@@ -104,11 +113,17 @@ pub fn respond(
 /// Per-item scores of one response.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ItemScores {
+    /// ROUGE-1 F (stemmed).
     pub rouge1: f64,
+    /// ROUGE-2 F (stemmed).
     pub rouge2: f64,
+    /// ROUGE-L F (stemmed).
     pub rouge_l: f64,
+    /// ROUGE-Lsum F (stemmed).
     pub rouge_lsum: f64,
+    /// Sentence BLEU (sacrebleu's conventions).
     pub bleu: f64,
+    /// Sentence chrF.
     pub chrf: f64,
     /// Cosine of the sentence embeddings of response and reference, when an encoder was given.
     pub cosine: Option<f64>,
@@ -137,8 +152,11 @@ pub fn item_scores(responses: &[Response], cosines: Option<&[f64]>) -> Vec<ItemS
 /// Counts of degenerate responses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct DegenerationCounts {
+    /// Empty responses.
     pub empty: usize,
+    /// Responses that loop.
     pub repetition: usize,
+    /// Responses that leak the prompt or template tokens.
     pub leak: usize,
     /// Responses cut at `max_new_tokens`.
     pub truncated: usize,
@@ -147,18 +165,29 @@ pub struct DegenerationCounts {
 /// Aggregates of a response run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RespondMetrics {
+    /// Items scored.
     pub items: usize,
     /// Means over items with 95% bootstrap intervals.
     pub rouge1: Interval,
+    /// ROUGE-2 F.
     pub rouge2: Interval,
+    /// ROUGE-L F.
     pub rouge_l: Interval,
+    /// ROUGE-Lsum F.
     pub rouge_lsum: Interval,
+    /// Sentence BLEU.
     pub sentence_bleu: Interval,
+    /// Sentence chrF.
     pub sentence_chrf: Interval,
+    /// MiniLM cosine to the reference (`None` without an embedder).
     pub cosine: Option<Interval>,
+    /// Corpus BLEU.
     pub corpus_bleu: f64,
+    /// Corpus chrF.
     pub corpus_chrf: f64,
+    /// Mean tokens generated.
     pub mean_tokens: f64,
+    /// Degenerate responses by kind.
     pub degeneration: DegenerationCounts,
 }
 

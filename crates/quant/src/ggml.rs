@@ -8,19 +8,28 @@ use half::{bf16, f16};
 /// The GGML tensor types this crate reads, plus the ones it recognises by name only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
+    /// 32-bit floats.
     F32,
+    /// IEEE half floats.
     F16,
+    /// Blocks of 32 4-bit values with one f16 scale (`q · d`, `q - 8` centred).
     Q4_0,
+    /// Blocks of 32 4-bit values with an f16 scale and an f16 minimum (`q · d + m`).
     Q4_1,
+    /// Blocks of 32 signed 8-bit values with one f16 scale.
     Q8_0,
+    /// K-quant super-blocks of 256 4-bit values with 6-bit sub-block scales and minima.
     Q4K,
+    /// K-quant super-blocks of 256 6-bit values with 8-bit sub-block scales.
     Q6K,
+    /// bfloat16.
     BF16,
     /// Any other GGML type id (recognised so errors can name it, never dequantized).
     Other(u32),
 }
 
 impl GgmlType {
+    /// The type with GGML's numeric id `id` (types this crate cannot read become `Other`).
     pub fn from_id(id: u32) -> Self {
         match id {
             0 => GgmlType::F32,
@@ -35,6 +44,7 @@ impl GgmlType {
         }
     }
 
+    /// GGML's numeric id of this type.
     pub fn id(self) -> u32 {
         match self {
             GgmlType::F32 => 0,

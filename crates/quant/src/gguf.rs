@@ -16,18 +16,31 @@ use crate::ggml::{dequantize, GgmlType};
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GgufValue {
+    /// `uint8`.
     U8(u8),
+    /// `int8`.
     I8(i8),
+    /// `uint16`.
     U16(u16),
+    /// `int16`.
     I16(i16),
+    /// `uint32`.
     U32(u32),
+    /// `int32`.
     I32(i32),
+    /// `float32`.
     F32(f32),
+    /// `bool`.
     Bool(bool),
+    /// A UTF-8 string.
     String(String),
+    /// An array of values of one type.
     Array(Vec<GgufValue>),
+    /// `uint64`.
     U64(u64),
+    /// `int64`.
     I64(i64),
+    /// `float64`.
     F64(f64),
 }
 
@@ -56,6 +69,7 @@ impl GgufValue {
         }
     }
 
+    /// The string, if this is one.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             GgufValue::String(s) => Some(s),
@@ -63,6 +77,7 @@ impl GgufValue {
         }
     }
 
+    /// The boolean, if this is one.
     pub fn as_bool(&self) -> Option<bool> {
         match *self {
             GgufValue::Bool(b) => Some(b),
@@ -70,6 +85,7 @@ impl GgufValue {
         }
     }
 
+    /// The elements, if this is an array.
     pub fn as_array(&self) -> Option<&[GgufValue]> {
         match self {
             GgufValue::Array(a) => Some(a),
@@ -81,15 +97,18 @@ impl GgufValue {
 /// One entry of the tensor table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorInfo {
+    /// The tensor's name in the file (GGUF naming, e.g. `blk.0.attn_q.weight`).
     pub name: String,
     /// Dimensions as GGUF lists them: innermost first (`[in, out]` for a weight matrix).
     pub ne: Vec<usize>,
+    /// How its data is stored.
     pub ty: GgmlType,
     /// Offset from the start of the data section.
     pub offset: u64,
 }
 
 impl TensorInfo {
+    /// Values in the tensor (the product of its dimensions).
     pub fn n_elements(&self) -> usize {
         self.ne.iter().product()
     }
@@ -104,8 +123,11 @@ impl TensorInfo {
 pub struct GgufFile {
     path: PathBuf,
     mmap: Mmap,
+    /// The GGUF version in the header (2 or 3).
     pub version: u32,
+    /// Every metadata key and its value.
     pub metadata: BTreeMap<String, GgufValue>,
+    /// The tensor table, in file order.
     pub tensors: Vec<TensorInfo>,
     data_start: usize,
 }
@@ -328,14 +350,17 @@ impl GgufFile {
         Ok((version, metadata, tensors, data_start))
     }
 
+    /// The file this was read from.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The metadata value under `key`.
     pub fn get(&self, key: &str) -> Option<&GgufValue> {
         self.metadata.get(key)
     }
 
+    /// The tensor named `name` (GGUF naming), if the file has it.
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }

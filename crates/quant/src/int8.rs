@@ -6,13 +6,18 @@ use rayon::prelude::*;
 /// A `[rows, cols]` matrix in int8 with per-row scales.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Int8Matrix {
+    /// Output rows.
     pub rows: usize,
+    /// Input columns.
     pub cols: usize,
+    /// The quantized values, row-major.
     pub codes: Vec<i8>,
+    /// Each row's absolute maximum (the scale is `absmax / 127`).
     pub absmax: Vec<f32>,
 }
 
 impl Int8Matrix {
+    /// Quantizes `values` (row-major `[rows, cols]`), rounding half to even.
     pub fn quantize(values: &[f32], rows: usize, cols: usize) -> Self {
         debug_assert_eq!(values.len(), rows * cols);
         let absmax: Vec<f32> = values
@@ -45,6 +50,7 @@ impl Int8Matrix {
         out
     }
 
+    /// The values as f32 into `out` (`rows · cols` long), row-major.
     pub fn dequantize_into(&self, out: &mut [f32]) {
         assert_eq!(
             out.len(),
@@ -62,6 +68,7 @@ impl Int8Matrix {
             });
     }
 
+    /// Bytes this matrix keeps resident (codes and scales).
     pub fn resident_bytes(&self) -> usize {
         self.codes.len() + 4 * self.absmax.len()
     }

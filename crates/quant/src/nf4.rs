@@ -35,8 +35,11 @@ pub enum Absmax {
     Single(Vec<f32>),
     /// 8-bit codes into [`dynamic_code`], one f32 scale per [`STATE2_BLOCK`] codes, plus the mean.
     Double {
+        /// One 8-bit code per block absmax (index into the signed dynamic code).
         codes: Vec<u8>,
+        /// One f32 absmax per [`STATE2_BLOCK`] block absmax values.
         state2_absmax: Vec<f32>,
+        /// The mean subtracted from the block absmax values before quantizing them.
         offset: f32,
     },
 }
@@ -76,8 +79,11 @@ impl Absmax {
 /// A tensor in NF4: packed 4-bit indices and block absmax values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Nf4Tensor {
+    /// The tensor's shape (PyTorch order).
     pub shape: Vec<usize>,
+    /// Two 4-bit codes per byte, high nibble first.
     pub packed: Vec<u8>,
+    /// Each block's absmax, plain or double-quantized.
     pub absmax: Absmax,
 }
 
@@ -144,10 +150,12 @@ impl Nf4Tensor {
         }
     }
 
+    /// Values in the tensor.
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }
 
+    /// Whether the tensor holds no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -190,6 +198,7 @@ impl Nf4Tensor {
             });
     }
 
+    /// The values as f32, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.len()];
         self.dequantize_into(&mut out);

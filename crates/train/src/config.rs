@@ -22,9 +22,11 @@ pub struct TrainConfig {
     pub tuning: Tuning,
     /// How the frozen base is stored: nf4 (QLoRA), int8 or none (f32).
     pub base_quant: BaseQuant,
+    /// The adapter: rank, alpha, dropout, target projections.
     pub lora: LoraConfig,
     /// Peak learning rate.
     pub lr: f64,
+    /// AdamW's decoupled weight decay.
     pub weight_decay: f64,
     /// Share of the steps spent warming up linearly from 0; cosine decay to 0 after.
     pub warmup_ratio: f64,
@@ -32,6 +34,7 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
+    /// Passes over the training examples (0: run exactly `max_steps`).
     pub epochs: usize,
     /// Stop after this many optimizer steps (overrides epochs when smaller).
     pub max_steps: Option<usize>,
@@ -47,14 +50,17 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Stop when the validation loss has not improved by `min_delta` for this many evaluations.
     pub patience: Option<usize>,
+    /// An evaluation improves on the best only by more than this.
     pub min_delta: f64,
     /// Write a checkpoint every this many steps; keep the last `keep_checkpoints`.
     pub save_every: usize,
+    /// Checkpoints kept in the run folder (the oldest are removed).
     pub keep_checkpoints: usize,
+    /// Seed of every random choice: example subsets, batches, adapter init, dropout.
     pub seed: u64,
-    /// Keep every layer's activations for the backward pass (the fast path; about 28 MB per layer at
-    /// 8 × 128 tokens on the default model). `false` recomputes each layer in backward instead: slower,
-    /// for a model whose activations do not fit in memory.
+    /// Keep every layer's activations for the backward pass (the fast path, `StepPath::Host` on the CPU).
+    /// `false` recomputes each layer in backward instead (`StepPath::Recompute`): slower, for a model
+    /// whose activations do not fit in memory.
     pub store_activations: bool,
 }
 
@@ -69,6 +75,7 @@ pub enum Tuning {
 }
 
 impl Tuning {
+    /// The name used in config files.
     pub fn as_str(self) -> &'static str {
         match self {
             Tuning::Lora => "lora",
@@ -146,6 +153,7 @@ impl TrainConfig {
         Ok(config)
     }
 
+    /// Checks the values fit together; the error names the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(TrainError::Config(m.to_string()));
         if !(self.lr > 0.0 && self.lr.is_finite()) {

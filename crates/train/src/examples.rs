@@ -16,6 +16,7 @@ use crate::error::{Result, TrainError};
 /// Encoded examples and what happened on the way.
 #[derive(Debug, Clone, Default)]
 pub struct Encoded {
+    /// The encoded examples, in record order.
     pub sequences: Vec<Sequence>,
     /// Examples whose answer was cut at `max_len`.
     pub truncated: usize,

@@ -6,9 +6,13 @@ use serde::{Deserialize, Serialize};
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamW {
+    /// First-moment decay.
     pub beta1: f64,
+    /// Second-moment decay.
     pub beta2: f64,
+    /// Added to the second moment's root (PyTorch's default 1e-8, not Burn's 1e-5).
     pub eps: f64,
+    /// Decoupled weight decay (applied as `p -= lr · wd · p`).
     pub weight_decay: f64,
 }
 
@@ -26,12 +30,16 @@ impl Default for AdamW {
 /// First and second moments of every parameter tensor, and the number of updates made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdamState {
+    /// Updates applied so far.
     pub step: u64,
+    /// First moments, one vector per trained tensor.
     pub m: Vec<Vec<f32>>,
+    /// Second moments, one vector per trained tensor.
     pub v: Vec<Vec<f32>>,
 }
 
 impl AdamState {
+    /// Zero moments for tensors of `sizes` values.
     pub fn new(sizes: &[usize]) -> Self {
         AdamState {
             step: 0,

@@ -19,11 +19,15 @@ use crate::optim::AdamState;
 pub struct TrainerState {
     /// Optimizer steps done.
     pub step: usize,
+    /// Steps the run's schedule has.
     pub total_steps: usize,
+    /// The best validation loss so far.
     pub best_val_loss: Option<f64>,
+    /// The step that reached it.
     pub best_step: Option<usize>,
     /// Evaluations since the last improvement.
     pub evals_without_improvement: usize,
+    /// Whether early stopping ended the run.
     pub stopped_early: bool,
     /// The run's config (TOML), to refuse resuming with a different one.
     pub config: String,
@@ -31,8 +35,11 @@ pub struct TrainerState {
 
 /// A checkpoint read back (its weights are read by the caller from `dir`).
 pub struct Checkpoint {
+    /// The checkpoint folder.
     pub dir: PathBuf,
+    /// AdamW's moments and step count.
     pub optimizer: AdamState,
+    /// Where the run was.
     pub state: TrainerState,
 }
 
@@ -43,6 +50,7 @@ fn ck_err(path: &Path, message: impl Into<String>) -> TrainError {
     }
 }
 
+/// The folder name of the checkpoint after `step` (`checkpoint-000042`).
 pub fn checkpoint_name(step: usize) -> String {
     format!("checkpoint-{step:06}")
 }

@@ -88,18 +88,21 @@ fn lora_gradients_match_finite_differences_through_every_base_format() {
                 let eps = 1e-2f32;
                 let mut plus = adapter.clone();
                 let mut minus = adapter.clone();
-                let get = |a: &mut Adapter| -> *mut f32 {
+                fn value(
+                    a: &mut Adapter,
+                    site: (usize, Target),
+                    which: char,
+                    index: usize,
+                ) -> &mut f32 {
                     let p = a.weights.get_mut(&site).unwrap();
                     if which == 'A' {
                         &mut p.a[index]
                     } else {
                         &mut p.b[index]
                     }
-                };
-                unsafe {
-                    *get(&mut plus) += eps;
-                    *get(&mut minus) -= eps;
                 }
+                *value(&mut plus, site, which, index) += eps;
+                *value(&mut minus, site, which, index) -= eps;
                 let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * eps as f64);
                 let g = &step.grads[&site];
                 let analytic = if which == 'A' { g.a[index] } else { g.b[index] } as f64;

@@ -18,22 +18,28 @@ use crate::error::{ModelError, Result};
 use crate::loader::{write_safetensors, SafetensorsDir, TensorSource};
 use crate::names::{self, Factor};
 
+/// The adapter folder's config file.
 pub const CONFIG_FILE: &str = "adapter_config.json";
+/// The adapter folder's weights file.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 /// The low-rank pair of one projection: `A` `[r, in]` and `B` `[out, r]`, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraPair {
+    /// `A`, `[r, in]`.
     pub a: Vec<f32>,
+    /// `B`, `[out, r]`.
     pub b: Vec<f32>,
 }
 
 /// An adapter: configuration plus one [`LoraPair`] per adapted `(layer, projection)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Adapter {
+    /// Rank, scaling, targets.
     pub config: LoraConfig,
     /// `base_model_name_or_path` in the PEFT config.
     pub base_model: String,
+    /// The factors of each adapted `(layer, projection)`.
     pub weights: BTreeMap<(usize, Target), LoraPair>,
 }
 

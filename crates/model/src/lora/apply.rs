@@ -14,6 +14,7 @@ use crate::llama::{DecoderLayer, Linear, Llama, LoraDelta};
 use crate::loader::{RawTensor, TensorSource};
 
 impl DecoderLayer {
+    /// The projection `target` of this layer.
     pub fn linear(&self, target: Target) -> &Linear {
         match target {
             Target::QProj => &self.self_attn.q_proj,
@@ -26,6 +27,7 @@ impl DecoderLayer {
         }
     }
 
+    /// The projection `target` of this layer, mutable.
     pub fn linear_mut(&mut self, target: Target) -> &mut Linear {
         match target {
             Target::QProj => &mut self.self_attn.q_proj,
@@ -89,8 +91,11 @@ pub fn unmerge(llama: &mut Llama, adapter: &Adapter) -> Result<()> {
 /// A [`TensorSource`] that hands out base weights with an adapter merged in. Adapted projections come
 /// out as f32 (so the decode path keeps them unquantized); everything else passes through.
 pub struct MergedSource<'a> {
+    /// Where the base weights come from.
     pub base: &'a dyn TensorSource,
+    /// The adapter merged in.
     pub adapter: &'a Adapter,
+    /// The base's configuration.
     pub config: &'a ModelConfig,
 }
 

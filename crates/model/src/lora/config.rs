@@ -29,9 +29,13 @@ impl FromStr for Target {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoraConfig {
+    /// Rank of the update.
     pub r: usize,
+    /// Scaling numerator (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA).
     pub alpha: f64,
+    /// Dropout on the adapter's input during training.
     pub dropout: f64,
+    /// Projections that get an adapter.
     pub targets: Vec<Target>,
     /// Layers that get adapters; `None` for all.
     pub layers: Option<Vec<usize>>,
@@ -63,6 +67,7 @@ impl LoraConfig {
         }
     }
 
+    /// Checks the settings against `model` (rank, layers in range).
     pub fn validate(&self, model: &ModelConfig) -> Result<()> {
         if self.r == 0 {
             return Err(ModelError::Adapter("LoRA rank r must be at least 1".into()));

@@ -246,7 +246,7 @@ pub unsafe fn rows_dot(job: &Job<'_>, out: &mut [f32]) {
 
 /// One full block looked up eight values at a time: the nibbles are spread to 32-bit lanes in element
 /// order and each picks its scaled code with two in-register table lookups (codes 0–7 and 8–15). The
-/// same values as the scalar loop (a lookup, no arithmetic), about eight times faster.
+/// same values as the scalar loop (a lookup, no arithmetic).
 ///
 /// Safety: the CPU has AVX2; `bytes` holds 32 bytes, `out` 64 values.
 #[target_feature(enable = "avx2")]

@@ -52,8 +52,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// A weight matrix `[rows, cols]` in a format the kernels read directly.
 #[derive(Debug, Clone)]
 pub struct QMatrix {
+    /// Output rows.
     pub rows: usize,
+    /// Input columns.
     pub cols: usize,
+    /// How each row is stored.
     pub format: QFormat,
     data: Vec<u8>,
 }
@@ -61,9 +64,13 @@ pub struct QMatrix {
 /// Row formats the kernels read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QFormat {
+    /// Plain f32 rows.
     F32,
+    /// GGML Q4_0 blocks.
     Q4_0,
+    /// GGML Q4_1 blocks.
     Q4_1,
+    /// GGML Q8_0 blocks.
     Q8_0,
 }
 

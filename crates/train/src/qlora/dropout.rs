@@ -13,7 +13,9 @@ use super::target_index;
 /// Dropout on the LoRA inputs for one step: each `(layer, target)` mask is drawn from `seed`.
 #[derive(Debug, Clone, Copy)]
 pub struct Dropout {
+    /// Probability of dropping an input element.
     pub p: f64,
+    /// The step's seed (masks of each layer and projection derive from it).
     pub seed: u64,
 }
 

@@ -14,7 +14,9 @@ use supportlm_quant::{BaseQuant, Int8Matrix, Nf4Tensor};
 pub enum FrozenWeight {
     /// Kept as a tensor, ready to use.
     F32(Tensor<2>),
+    /// Per-row int8, dequantized when the layer runs.
     Int8(Int8Matrix),
+    /// NF4 with double-quantized scales, dequantized when the layer runs.
     Nf4(Nf4Tensor),
 }
 
@@ -37,6 +39,7 @@ impl FrozenWeight {
         }
     }
 
+    /// `[rows, cols]`.
     pub fn dims(&self) -> [usize; 2] {
         match self {
             FrozenWeight::F32(t) => t.dims(),

@@ -23,7 +23,9 @@ use supportlm_quant::BaseQuant;
 /// One trainable tensor of full fine-tuning: its Hugging Face name and shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamInfo {
+    /// The Hugging Face tensor name.
     pub name: String,
+    /// Its shape (PyTorch order).
     pub shape: Vec<usize>,
 }
 
@@ -31,7 +33,9 @@ pub struct ParamInfo {
 /// order.
 #[derive(Debug, Clone)]
 pub struct FullStep {
+    /// The batch's summed loss.
     pub loss: LossSum,
+    /// One gradient per parameter, in [`QloraModel::full_parameters`] order.
     pub grads: Vec<Vec<f32>>,
 }
 
@@ -55,7 +59,7 @@ enum Tracked {
 
 impl Tracked {
     fn grad(&self, g: &burn::tensor::Gradients) -> Result<Vec<f32>> {
-        let missing = || ModelError::Input("a parameter received no gradient".into());
+        let missing = || ModelError::Internal("a parameter received no gradient".into());
         match self {
             Tracked::Vector(t) => to_vec(t.grad(g).ok_or_else(missing)?),
             Tracked::Matrix(t) => to_vec(t.grad(g).ok_or_else(missing)?),
@@ -124,7 +128,7 @@ impl QloraModel {
         self.slots()
             .get(index)
             .map(|(_, s)| *s)
-            .ok_or_else(|| ModelError::Input(format!("no parameter number {index}")))
+            .ok_or_else(|| ModelError::Internal(format!("no parameter number {index}")))
     }
 
     /// The values of parameter `index` (row-major).
@@ -132,12 +136,12 @@ impl QloraModel {
         self.require_full()?;
         let table = |t: &Table| match t {
             Table::F32(t) => to_vec(t.clone()),
-            Table::Bf16 { .. } => Err(ModelError::Input("a bf16 table is frozen".into())),
+            Table::Bf16 { .. } => Err(ModelError::Internal("a bf16 table is frozen".into())),
         };
         match self.slot(index)? {
             Slot::Embed => table(&self.embed_tokens),
             Slot::LmHead => self.lm_head.as_ref().map_or_else(
-                || Err(ModelError::Input("the LM head is tied".into())),
+                || Err(ModelError::Internal("the LM head is tied".into())),
                 table,
             ),
             Slot::Norm => to_vec(self.norm.clone()),
@@ -145,12 +149,12 @@ impl QloraModel {
             Slot::PostNorm(l) => to_vec(self.layers[l].post_attention_layernorm.clone()),
             Slot::Weight(l, k) => match &self.layers[l].linears[k].weight {
                 FrozenWeight::F32(t) => to_vec(t.clone()),
-                _ => Err(ModelError::Input("a quantized weight is frozen".into())),
+                _ => Err(ModelError::Internal("a quantized weight is frozen".into())),
             },
             Slot::Bias(l, k) => self.layers[l].linears[k]
                 .bias
                 .clone()
-                .map_or_else(|| Err(ModelError::Input("no bias".into())), to_vec),
+                .map_or_else(|| Err(ModelError::Internal("no bias".into())), to_vec),
         }
     }
 
@@ -161,7 +165,7 @@ impl QloraModel {
             .full_parameters()
             .into_iter()
             .nth(index)
-            .ok_or_else(|| ModelError::Input(format!("no parameter number {index}")))?;
+            .ok_or_else(|| ModelError::Internal(format!("no parameter number {index}")))?;
         if values.len() != info.shape.iter().product::<usize>() {
             return Err(ModelError::ShapeMismatch {
                 tensor: info.name,
@@ -207,7 +211,7 @@ impl QloraModel {
         let mut linears = Vec::with_capacity(7);
         for f in &frozen.linears {
             let FrozenWeight::F32(w) = &f.weight else {
-                return Err(ModelError::Input("a quantized weight is frozen".into()));
+                return Err(ModelError::Internal("a quantized weight is frozen".into()));
             };
             let w = track2(w);
             params.push(Tracked::Matrix(w.clone()));

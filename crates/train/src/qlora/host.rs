@@ -2,19 +2,19 @@
 //! `backprop` (and the head of [`QloraModel::head`]), written as matrix products through `gemm` plus
 //! fused row loops.
 //!
-//! Why: at 8 × 128 tokens the products of a step run at about 92% of the square-matrix GEMM rate when
-//! called directly, but through tensor ops the step took twice that time: every elementwise op
+//! Why: called directly, the products of a step run close to the square-matrix GEMM rate, but through
+//! tensor ops the step took about twice as long (README: training speed): every elementwise op
 //! allocated and filled a fresh tensor, LoRA's thin products and the residual adds were separate ops,
 //! and the attention heads went through transposed copies. Here residuals and summed input gradients
 //! are accumulated by the product that produces them (`dst += a·b`), LoRA's products are single row
 //! passes (`low_rank`), attention reads each head's queries, keys and values in place through strides
 //! (one rayon task per sequence row), dropout masks are bits drawn once per step, and RMSNorm, SwiGLU
 //! and RoPE are single passes over rows (SwiGLU, softmax and cross-entropy with AVX2 + FMA when the
-//! CPU has them). NF4 at 8 × 128: 10.8 s per step through tensor ops, about 6.6 s here.
+//! CPU has them).
 //!
 //! Frozen weights: quantized ones are dequantized into four buffers reused from layer to layer; f32
-//! ones are read in place from the CPU backend's storage (`FrozenWeight::host_f32`: copying them out
-//! took 0.2-0.3 s of a 4 × 64 step). The whole step runs on a worker of rayon's pool.
+//! ones are read in place from the CPU backend's storage (`FrozenWeight::host_f32`, no copy). The whole
+//! step runs on a worker of rayon's pool.
 //!
 //! Layout: activations are row-major `[T, width]` with `T = b·s`. Projections that read the same input
 //! are one product with stacked weights, so queries, keys and values are the column blocks of one

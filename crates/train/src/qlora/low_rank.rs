@@ -8,8 +8,8 @@
 //! `dA = dlowᵀ dropout(x)` with `dx += (dlow A) ⊙ mask` over `x` and `dx`. Each row is `r` dot
 //! products (`dots`) and one combination of `r` rows (`add_combination`); `dA` and `dBᵀ` are
 //! outer-product sums over a block of rows (`add_outer`). With AVX2 + FMA these three and the mask
-//! expansion keep their partial sums in registers (module `avx`), which made LoRA's share of an NF4
-//! 8 × 128 step 0.85 → 0.45 s; the portable loops are the reference for other CPUs.
+//! expansion keep their partial sums in registers (module `avx`, about half the time of the plain
+//! loops); the portable loops are the reference for other CPUs.
 //!
 //! Determinism: rows are split into fixed blocks of [`ROWS`] (backward: [`BACKWARD_ROWS`]); a block's partial `dA` / `dB` are summed
 //! in block order, so results do not depend on the thread count.

@@ -59,7 +59,9 @@ pub use full::{FullStep, ParamInfo};
 /// predicting `ids[t]` from `ids[..t]`; `loss_mask[0]` is ignored).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sequence {
+    /// Token ids.
     pub ids: Vec<u32>,
+    /// `loss_mask[t]`: the loss includes predicting `ids[t]`.
     pub loss_mask: Vec<bool>,
 }
 
@@ -73,14 +75,18 @@ impl Sequence {
 /// Loss of a batch: the summed cross-entropy over target tokens and how many there were.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LossSum {
+    /// Summed cross-entropy (nats) over the target tokens.
     pub sum: f64,
+    /// How many target tokens.
     pub tokens: usize,
 }
 
 /// [`LossSum`] and the gradient of `sum` for every adapter pair (same keys and layout as the adapter).
 #[derive(Debug, Clone)]
 pub struct StepGrads {
+    /// The batch's summed loss.
     pub loss: LossSum,
+    /// Gradient of the summed loss for each adapter pair.
     pub grads: BTreeMap<(usize, Target), LoraPair>,
 }
 
@@ -99,6 +105,7 @@ pub struct BaseFootprint {
 }
 
 impl BaseFootprint {
+    /// Bits per parameter of the linear projections.
     pub fn bits_per_linear_param(&self) -> f64 {
         8.0 * self.linear_bytes as f64 / self.linear_params.max(1) as f64
     }
@@ -306,7 +313,9 @@ struct FrozenLayer {
 
 /// The frozen base for LoRA / QLoRA training.
 pub struct QloraModel {
+    /// The base's configuration.
     pub config: ModelConfig,
+    /// How the linear weights are stored.
     pub quant: BaseQuant,
     embed_tokens: Table,
     norm: Tensor<1>,
@@ -405,6 +414,7 @@ impl QloraModel {
         })
     }
 
+    /// The device the base lives on.
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -662,7 +672,7 @@ impl QloraModel {
         let g = (out * grad).sum().backward();
         let dx = x_ad
             .grad(&g)
-            .ok_or_else(|| ModelError::Input("no gradient reached the layer input".into()))?;
+            .ok_or_else(|| ModelError::Internal("no gradient reached the layer input".into()))?;
         Ok((g, dx))
     }
 
@@ -769,7 +779,7 @@ impl QloraModel {
         let g = (h * dh).sum().backward();
         let dsel = selected
             .grad(&g)
-            .ok_or_else(|| ModelError::Input("no gradient reached the final norm".into()))?;
+            .ok_or_else(|| ModelError::Internal("no gradient reached the final norm".into()))?;
         let full_dx = Tensor::<2>::zeros([b * s, hidden], &self.device).select_assign(
             0,
             idx,

@@ -101,10 +101,10 @@ pub fn matmul_gflops() -> f64 {
 }
 
 /// The backend's sustained f32 matmul rate: 1024³ products back to back for at least `window` seconds
-/// (at least one product), over the whole window. Single products on this shared VM vary twofold
-/// (15.7–32 ms seen within one second), so the fastest of 30 single runs ([`matmul_gflops`], the burst
-/// rate) sits 20–35% above what any computation lasting a second or more sustains; beside a timed
-/// training step, a window of the step's length compares like with like.
+/// (at least one product), over the whole window. Single products on a shared VM vary widely from one
+/// to the next, so the fastest of 30 single runs ([`matmul_gflops`], the burst rate) sits above what
+/// any computation lasting a second or more sustains; beside a timed training step, a window of the
+/// step's length compares like with like.
 pub fn matmul_gflops_sustained(window: f64) -> f64 {
     let mut product = matmul_once();
     let (mut flops, t) = (0.0, Instant::now());
