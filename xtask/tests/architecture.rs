@@ -384,9 +384,9 @@ fn feature_sets(args: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
         };
         // `name vX.Y.Z (path)` → `name vX.Y.Z`
         let id: String = package.split(' ').take(2).collect::<Vec<_>>().join(" ");
-        sets.entry(id)
-            .or_default()
-            .insert(features.trim_end_matches(']').to_string());
+        // A package printed before is marked `(*)` after its features.
+        let features = features.trim_end_matches(" (*)").trim_end_matches(']');
+        sets.entry(id).or_default().insert(features.to_string());
     }
     sets
 }
