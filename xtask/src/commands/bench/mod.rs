@@ -115,6 +115,35 @@ pub fn matmul_gflops_sustained(window: f64) -> f64 {
 }
 
 /// Bytes copied per second by a 2-thread memcpy of a buffer of `bytes`.
+/// The CPU's model name, SIMD features, L3 size and the kernel level that runs, so figures from
+/// different machines can be told apart.
+pub fn cpu_line() -> String {
+    use supportlm_quant::cpu::{simd, CpuFeatures};
+    let f = CpuFeatures::detect();
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    // Linux: the last cache level of CPU 0 (index3 on x86 machines with an L3).
+    let l3 = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    format!(
+        "cpu: {model}; AVX2 {}, FMA {}, F16C {}, AVX-512F {}; L3 {l3}; kernels: {} (SUPPORTLM_SIMD caps it)",
+        yes(f.avx2),
+        yes(f.fma),
+        yes(f.f16c),
+        yes(f.avx512f),
+        simd().as_str()
+    )
+}
+
 fn memcpy_gbs(bytes: usize) -> f64 {
     let src = vec![1u8; bytes];
     let mut dst = vec![0u8; bytes];
@@ -141,6 +170,7 @@ fn model(args: &BenchArgs) -> anyhow::Result<()> {
         rayon::current_num_threads(),
         path.display()
     );
+    println!("{}", cpu_line());
 
     let gemm = matmul_gflops();
     println!("matmul 1024x1024x1024 f32 (burn-flex): {gemm:.1} GFLOP/s");

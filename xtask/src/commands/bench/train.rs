@@ -312,6 +312,7 @@ pub fn run() -> anyhow::Result<()> {
         eprintln!("[bench] {} {batch}x{seq}", mode.name());
         results.push((mode, batch, seq, child(mode, batch, seq)?));
     }
+    println!("{}", super::cpu_line());
     println!(
         "training step of the default model (LoRA r 8 on all projections; full: every parameter), \
          incl. AdamW, {TIMED_STEPS} timed steps after a warm-up; matmul: the backend's 1024³ f32 rate in \
