@@ -11,9 +11,32 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// `cargo`: the one running this xtask (`$CARGO`), else the one on the path.
+/// `cargo`: the one running this xtask (`$CARGO`), else the one on the path, without the package
+/// variables `cargo run` gave this process.
+///
+/// Why: `cargo run -p xtask` sets `CARGO_MANIFEST_DIR=…/xtask`, `CARGO_PKG_NAME=xtask` and the like in
+/// our environment. Build scripts that rerun when those change (ring's, through cc: `rerun-if-env-changed`)
+/// would see other values in a cargo started from here than in one started from the shell, and ring,
+/// rustls, ureq and everything above them would be rebuilt each time the two alternate.
 pub fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if is_package_variable(key) {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// The variables cargo sets for the package it runs (see [`cargo`]).
+fn is_package_variable(key: &str) -> bool {
+    key.starts_with("CARGO_PKG_")
+        || key.starts_with("CARGO_MANIFEST_")
+        || matches!(
+            key,
+            "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR"
+        )
 }
 
 /// The target folder cargo builds into (`$CARGO_TARGET_DIR`, else `target/` under the workspace).
@@ -32,4 +55,30 @@ pub fn build_cli(root: &Path) -> anyhow::Result<PathBuf> {
         .status()?;
     anyhow::ensure!(status.success(), "building the supportlm binary failed");
     Ok(target_dir(root).join("debug").join("supportlm"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_package_variables_of_cargo_run_are_not_passed_on() {
+        for key in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "OUT_DIR",
+        ] {
+            assert!(is_package_variable(key), "{key}");
+        }
+        for key in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "PATH",
+            "RUSTFLAGS",
+        ] {
+            assert!(!is_package_variable(key), "{key}");
+        }
+    }
 }
