@@ -199,6 +199,16 @@ impl Rope {
         }
     }
 
+    /// The tables of `c`'s heads over its whole context.
+    pub fn for_config(c: &ModelConfig, device: &Device) -> Self {
+        Rope::new(
+            c.head_dim(),
+            c.rope_theta,
+            c.max_position_embeddings,
+            device,
+        )
+    }
+
     /// Rotates `x` (`[b, heads, s, d]`) by the angles of `positions` (`[b, s]`).
     pub fn apply(&self, x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
         let [_, _, _, d] = x.dims();

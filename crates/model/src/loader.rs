@@ -313,12 +313,7 @@ pub fn load_llama(src: &dyn TensorSource, config: &ModelConfig, device: &Device)
         layers,
         norm: norm(names::FINAL_NORM)?,
         lm_head,
-        rope: Rope::new(
-            c.head_dim(),
-            c.rope_theta,
-            c.max_position_embeddings,
-            device,
-        ),
+        rope: Rope::for_config(c, device),
         device: device.clone(),
     })
 }

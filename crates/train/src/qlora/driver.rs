@@ -16,7 +16,38 @@ use std::collections::BTreeMap;
 use supportlm_model::error::{ModelError, Result};
 use supportlm_model::lora::{LoraPair, Target};
 
-use super::{LossSum, StepGrads};
+use burn::tensor::Tensor;
+
+use super::dropout::{Dropout, TrainLayer};
+use super::layout::Layout;
+use super::{LossSum, QloraModel, StepGrads};
+use supportlm_model::lora::Adapter;
+
+/// What every pass of one step reads: the base, the adapter, the laid-out batch and the step's dropout.
+#[derive(Clone, Copy)]
+pub(super) struct StepInputs<'a> {
+    pub model: &'a QloraModel,
+    pub adapter: &'a Adapter,
+    pub layout: &'a Layout,
+    pub dropout: Option<Dropout>,
+}
+
+impl StepInputs<'_> {
+    /// Layer `l` as the step runs it (weights dequantized now, this step's dropout masks), and the
+    /// adapter's factors of that layer (tracked for autodiff when `track`).
+    pub fn layer(
+        &self,
+        l: usize,
+        track: bool,
+    ) -> (BTreeMap<Target, (Tensor<2>, Tensor<2>)>, TrainLayer) {
+        let lora = self.model.lora_tensors(self.adapter, l, track);
+        let rows = self.layout.b * self.layout.s;
+        let layer = self
+            .model
+            .layer(l, &lora, self.adapter.config.scale(), self.dropout, rows);
+        (lora, layer)
+    }
+}
 
 /// How a LoRA training step runs (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -24,8 +24,8 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::driver::{LayerGrads, Pass, StepClock};
-use super::dropout::{DropMask, Dropout};
+use super::driver::{LayerGrads, Pass, StepClock, StepInputs};
+use super::dropout::DropMask;
 use super::frozen::HostF32;
 use super::layout::Layout;
 use super::low_rank::{self, Factors};
@@ -873,22 +873,15 @@ impl QloraModel {
 
 /// The stored-activation pass over one batch on host buffers.
 pub(super) struct HostPass<'a> {
-    model: &'a QloraModel,
-    adapter: &'a Adapter,
-    layout: &'a Layout,
-    dropout: Option<Dropout>,
+    step: StepInputs<'a>,
     geometry: Geometry<'a>,
     /// Dequantization buffers reused from layer to layer (forward and backward).
     scratch: LayerWeights,
 }
 
 impl<'a> HostPass<'a> {
-    pub fn new(
-        model: &'a QloraModel,
-        adapter: &'a Adapter,
-        layout: &'a Layout,
-        dropout: Option<Dropout>,
-    ) -> Self {
+    pub fn new(step: StepInputs<'a>) -> Self {
+        let (model, layout) = (step.model, step.layout);
         let c = &model.config;
         let d = c.head_dim();
         let positions: Vec<usize> = layout.positions.iter().flatten().copied().collect();
@@ -908,10 +901,7 @@ impl<'a> HostPass<'a> {
             mask: &layout.mask,
         };
         HostPass {
-            model,
-            adapter,
-            layout,
-            dropout,
+            step,
             geometry,
             scratch: LayerWeights::default(),
         }
@@ -923,8 +913,8 @@ impl Pass for HostPass<'_> {
     type Kept = Saved;
 
     fn embed(&mut self) -> Result<Vec<f32>> {
-        let m = self.model;
-        to_vec(m.embed_tokens.rows(&self.layout.ids, &m.device))
+        let m = self.step.model;
+        to_vec(m.embed_tokens.rows(&self.step.layout.ids, &m.device))
     }
 
     fn forward(
@@ -933,22 +923,27 @@ impl Pass for HostPass<'_> {
         x: Vec<f32>,
         clock: &mut StepClock,
     ) -> Result<(Vec<f32>, Saved)> {
-        let c = &self.model.config;
+        let StepInputs {
+            model,
+            adapter,
+            dropout,
+            ..
+        } = self.step;
         let rows = self.geometry.rows();
         let t = std::time::Instant::now();
-        let layer = self.model.host_layer(l, self.adapter, &mut self.scratch)?;
+        let layer = model.host_layer(l, adapter, &mut self.scratch)?;
         clock.weights_since(t);
         let masks = Target::ALL.map(|t| {
-            let inp = t.shape(c)[1];
-            self.dropout
-                .filter(|d| d.p > 0.0 && self.adapter.weights.contains_key(&(l, t)))
+            let inp = t.shape(&model.config)[1];
+            dropout
+                .filter(|d| d.p > 0.0 && adapter.weights.contains_key(&(l, t)))
                 .map(|d| DropMask::new(d, l, t, rows, inp))
         });
         Ok(forward_layer(&layer, masks, x, &self.geometry))
     }
 
     fn head(&mut self, x: Vec<f32>) -> Result<(LossSum, Vec<f32>)> {
-        self.model.head_on_host(&x, self.layout)
+        self.step.model.head_on_host(&x, self.step.layout)
     }
 
     fn backward(
@@ -959,7 +954,10 @@ impl Pass for HostPass<'_> {
         clock: &mut StepClock,
     ) -> Result<(Vec<f32>, LayerGrads)> {
         let t = std::time::Instant::now();
-        let layer = self.model.host_layer(l, self.adapter, &mut self.scratch)?;
+        let layer = self
+            .step
+            .model
+            .host_layer(l, self.step.adapter, &mut self.scratch)?;
         clock.weights_since(t);
         Ok(backward_layer(&layer, kept, grad, &self.geometry))
     }

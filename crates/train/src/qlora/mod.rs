@@ -401,12 +401,7 @@ impl QloraModel {
             norm: tensor1(need(names::FINAL_NORM, &[hidden])?, device),
             lm_head,
             layers,
-            rope: Rope::new(
-                c.head_dim(),
-                c.rope_theta,
-                c.max_position_embeddings,
-                device,
-            ),
+            rope: Rope::for_config(c, device),
             device: device.clone(),
             loss_chunk: 256,
             pack: true,
@@ -572,27 +567,23 @@ impl QloraModel {
         adapter.validate_for(&self.config)?;
         let layout = self.check_batch(batch)?;
         let layers = self.layers.len();
+        let step = driver::StepInputs {
+            model: self,
+            adapter,
+            layout: &layout,
+            dropout,
+        };
         match self.effective_step_path() {
             // On a worker of rayon's pool: the step's hundreds of parallel sections then split their
             // work there, where the caller's thread would hand each one over and sleep until it is
             // done (two context switches per section).
-            path @ StepPath::Host => rayon::scope(|_| {
-                drive(
-                    &mut host::HostPass::new(self, adapter, &layout, dropout),
-                    layers,
-                    path,
-                )
-            }),
-            path @ StepPath::Saved => drive(
-                &mut saved::SavedPass::new(self, adapter, &layout, dropout),
-                layers,
-                path,
-            ),
-            path @ StepPath::Recompute => drive(
-                &mut recompute::RecomputePass::new(self, adapter, &layout, dropout),
-                layers,
-                path,
-            ),
+            path @ StepPath::Host => {
+                rayon::scope(|_| drive(&mut host::HostPass::new(step), layers, path))
+            }
+            path @ StepPath::Saved => drive(&mut saved::SavedPass::new(step), layers, path),
+            path @ StepPath::Recompute => {
+                drive(&mut recompute::RecomputePass::new(step), layers, path)
+            }
         }
     }
 

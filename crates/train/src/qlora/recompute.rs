@@ -1,44 +1,26 @@
 //! [`StepPath::Recompute`](super::StepPath::Recompute): forward keeps each layer's input only;
 //! backward re-runs the layer on Burn's autodiff device and takes the adapter's gradients from it.
 
-use std::collections::BTreeMap;
-
 use burn::tensor::Tensor;
 use supportlm_model::cache::LayerCache;
 use supportlm_model::error::{ModelError, Result};
 use supportlm_model::llama::to_vec;
-use supportlm_model::lora::{Adapter, LoraPair, Target};
+use supportlm_model::lora::LoraPair;
 
-use super::driver::{LayerGrads, Pass, StepClock};
-use super::dropout::Dropout;
-use super::layout::Layout;
-use super::{LossSum, QloraModel};
+use super::driver::{LayerGrads, Pass, StepClock, StepInputs};
+use super::LossSum;
 
 /// The recomputing pass over one batch.
 pub(super) struct RecomputePass<'a> {
-    model: &'a QloraModel,
-    adapter: &'a Adapter,
-    layout: &'a Layout,
-    dropout: Option<Dropout>,
+    step: StepInputs<'a>,
     /// RoPE cos, sin and the additive mask of the batch.
     tables: (Tensor<4>, Tensor<4>, Tensor<4>),
 }
 
 impl<'a> RecomputePass<'a> {
-    pub fn new(
-        model: &'a QloraModel,
-        adapter: &'a Adapter,
-        layout: &'a Layout,
-        dropout: Option<Dropout>,
-    ) -> Self {
-        let tables = layout.tensors(&model.rope, &model.device);
-        RecomputePass {
-            model,
-            adapter,
-            layout,
-            dropout,
-            tables,
-        }
+    pub fn new(step: StepInputs<'a>) -> Self {
+        let tables = step.layout.tensors(&step.model.rope, &step.model.device);
+        RecomputePass { step, tables }
     }
 }
 
@@ -47,7 +29,7 @@ impl Pass for RecomputePass<'_> {
     type Kept = Tensor<3>;
 
     fn embed(&mut self) -> Result<Tensor<3>> {
-        Ok(self.model.embed(self.layout))
+        Ok(self.step.model.embed(self.step.layout))
     }
 
     fn forward(
@@ -56,15 +38,8 @@ impl Pass for RecomputePass<'_> {
         x: Tensor<3>,
         _clock: &mut StepClock,
     ) -> Result<(Tensor<3>, Tensor<3>)> {
-        let m = self.model;
-        let lora = m.lora_tensors(self.adapter, l, false);
-        let layer = m.layer(
-            l,
-            &lora,
-            self.adapter.config.scale(),
-            self.dropout,
-            self.layout.rows(),
-        );
+        let m = self.step.model;
+        let (_, layer) = self.step.layer(l, false);
         let (cos, sin, mask) = &self.tables;
         let next = layer.base.forward(
             &m.config,
@@ -79,10 +54,10 @@ impl Pass for RecomputePass<'_> {
     }
 
     fn head(&mut self, x: Tensor<3>) -> Result<(LossSum, Tensor<3>)> {
-        let (loss, grad) = self.model.head_loss(x, self.layout, true)?;
-        let [b, s] = [self.layout.b, self.layout.s];
-        let hidden = self.model.config.hidden_size;
-        let grad = grad.unwrap_or_else(|| Tensor::zeros([b, s, hidden], &self.model.device));
+        let (m, layout) = (self.step.model, self.step.layout);
+        let (loss, grad) = m.head_loss(x, layout, true)?;
+        let shape = [layout.b, layout.s, m.config.hidden_size];
+        let grad = grad.unwrap_or_else(|| Tensor::zeros(shape, &m.device));
         Ok((loss, grad))
     }
 
@@ -93,10 +68,8 @@ impl Pass for RecomputePass<'_> {
         grad: Tensor<3>,
         _clock: &mut StepClock,
     ) -> Result<(Tensor<3>, LayerGrads)> {
-        let m = self.model;
-        let (b, s) = (self.layout.b, self.layout.s);
-        let lora: BTreeMap<Target, (Tensor<2>, Tensor<2>)> = m.lora_tensors(self.adapter, l, true);
-        let layer = m.layer(l, &lora, self.adapter.config.scale(), self.dropout, b * s);
+        let m = self.step.model;
+        let (lora, layer) = self.step.layer(l, true);
         let (cos, sin, mask) = &self.tables;
         let (g, dx) = m.backward_through(&layer.base, x_in, grad, (cos, sin, mask))?;
         let mut pairs = Vec::with_capacity(lora.len());

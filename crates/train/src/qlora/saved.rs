@@ -5,20 +5,16 @@
 use burn::tensor::Tensor;
 use supportlm_model::error::Result;
 use supportlm_model::llama::to_vec;
-use supportlm_model::lora::{Adapter, LoraPair};
+use supportlm_model::lora::LoraPair;
 
 use super::backprop::{self, Saved};
-use super::driver::{LayerGrads, Pass, StepClock};
-use super::dropout::{Dropout, TrainLayer};
-use super::layout::Layout;
-use super::{LossSum, QloraModel};
+use super::driver::{LayerGrads, Pass, StepClock, StepInputs};
+use super::dropout::TrainLayer;
+use super::LossSum;
 
 /// The stored-activation pass over one batch, in tensor ops.
 pub(super) struct SavedPass<'a> {
-    model: &'a QloraModel,
-    adapter: &'a Adapter,
-    layout: &'a Layout,
-    dropout: Option<Dropout>,
+    step: StepInputs<'a>,
     cos: Tensor<4>,
     sin: Tensor<4>,
     /// `-sin`: RoPE's inverse rotation, which is its backward.
@@ -28,21 +24,14 @@ pub(super) struct SavedPass<'a> {
 }
 
 impl<'a> SavedPass<'a> {
-    pub fn new(
-        model: &'a QloraModel,
-        adapter: &'a Adapter,
-        layout: &'a Layout,
-        dropout: Option<Dropout>,
-    ) -> Self {
+    pub fn new(step: StepInputs<'a>) -> Self {
+        let (model, layout) = (step.model, step.layout);
         let c = &model.config;
         let (cos, sin, mask) = layout.tensors(&model.rope, &model.device);
         let sin_neg = sin.clone().neg();
         let grouped_mask = mask.repeat_dim(2, c.num_attention_heads / c.kv_heads());
         SavedPass {
-            model,
-            adapter,
-            layout,
-            dropout,
+            step,
             cos,
             sin,
             sin_neg,
@@ -52,9 +41,9 @@ impl<'a> SavedPass<'a> {
 
     fn geometry(&self) -> backprop::Geometry<'_> {
         backprop::Geometry {
-            b: self.layout.b,
-            s: self.layout.s,
-            rope: &self.model.rope,
+            b: self.step.layout.b,
+            s: self.step.layout.s,
+            rope: &self.step.model.rope,
             cos: &self.cos,
             sin: &self.sin,
             sin_neg: &self.sin_neg,
@@ -64,14 +53,11 @@ impl<'a> SavedPass<'a> {
 
     /// Layer `l` with the adapter's (untracked) factors and this step's dropout masks.
     fn layer(&self, l: usize) -> TrainLayer {
-        let lora = self.model.lora_tensors(self.adapter, l, false);
-        let rows = self.layout.b * self.layout.s;
-        self.model
-            .layer(l, &lora, self.adapter.config.scale(), self.dropout, rows)
+        self.step.layer(l, false).1
     }
 
     fn hidden(&self) -> usize {
-        self.model.config.hidden_size
+        self.step.model.config.hidden_size
     }
 }
 
@@ -80,8 +66,10 @@ impl Pass for SavedPass<'_> {
     type Kept = Saved;
 
     fn embed(&mut self) -> Result<Tensor<2>> {
-        let rows = self.layout.b * self.layout.s;
-        Ok(self.model.embed(self.layout).reshape([rows, self.hidden()]))
+        let (model, layout) = (self.step.model, self.step.layout);
+        Ok(model
+            .embed(layout)
+            .reshape([layout.b * layout.s, self.hidden()]))
     }
 
     fn forward(
@@ -90,17 +78,16 @@ impl Pass for SavedPass<'_> {
         x: Tensor<2>,
         _clock: &mut StepClock,
     ) -> Result<(Tensor<2>, Saved)> {
-        backprop::forward_saving(&self.model.config, &self.layer(l), x, &self.geometry())
+        backprop::forward_saving(&self.step.model.config, &self.layer(l), x, &self.geometry())
     }
 
     fn head(&mut self, x: Tensor<2>) -> Result<(LossSum, Tensor<2>)> {
-        let (b, s, hidden) = (self.layout.b, self.layout.s, self.hidden());
-        let (loss, grad) = self
-            .model
-            .head_loss(x.reshape([b, s, hidden]), self.layout, true)?;
+        let (model, layout) = (self.step.model, self.step.layout);
+        let (b, s, hidden) = (layout.b, layout.s, self.hidden());
+        let (loss, grad) = model.head_loss(x.reshape([b, s, hidden]), layout, true)?;
         let grad = match grad {
             Some(g) => g.reshape([b * s, hidden]),
-            None => Tensor::zeros([b * s, hidden], &self.model.device),
+            None => Tensor::zeros([b * s, hidden], &model.device),
         };
         Ok((loss, grad))
     }
@@ -113,7 +100,7 @@ impl Pass for SavedPass<'_> {
         _clock: &mut StepClock,
     ) -> Result<(Tensor<2>, LayerGrads)> {
         let (dx, pairs) = backprop::backward(
-            &self.model.config,
+            &self.step.model.config,
             &self.layer(l),
             kept,
             grad,
