@@ -13,15 +13,13 @@
 
 use std::collections::BTreeMap;
 
+use burn::tensor::{Device, Tensor};
 use supportlm_model::error::{ModelError, Result};
-use supportlm_model::lora::{LoraPair, Target};
-
-use burn::tensor::Tensor;
+use supportlm_model::lora::{Adapter, LoraPair, Target};
 
 use super::dropout::{Dropout, TrainLayer};
 use super::layout::Layout;
 use super::{LossSum, QloraModel, StepGrads};
-use supportlm_model::lora::Adapter;
 
 /// What every pass of one step reads: the base, the adapter, the laid-out batch and the step's dropout.
 #[derive(Clone, Copy)]
@@ -62,8 +60,8 @@ pub enum StepPath {
 
 impl StepPath {
     /// The path for a run that keeps activations (`store_activations`) or not, on `device`.
-    pub fn choose(store_activations: bool, device: &burn::tensor::Device) -> StepPath {
-        match (store_activations, *device == burn::tensor::Device::flex()) {
+    pub fn choose(store_activations: bool, device: &Device) -> StepPath {
+        match (store_activations, *device == Device::flex()) {
             (false, _) => StepPath::Recompute,
             (true, true) => StepPath::Host,
             (true, false) => StepPath::Saved,
