@@ -260,7 +260,7 @@ impl QloraModel {
         let (b, s) = (layout.b, layout.s);
         let hidden = self.config.hidden_size;
         let (cos, sin, mask) = layout.tensors(&self.rope, &self.device);
-        let (x, mut xs) = self.forward_layers(&layout, None, None, (&cos, &sin, &mask), true);
+        let (x, mut xs) = self.forward_layers(&layout, None, (&cos, &sin, &mask), true);
         let head = self.head(x, &layout, true, true)?;
         let n_params = self.slots().len();
         let mut grads: Vec<Vec<f32>> = vec![Vec::new(); n_params];

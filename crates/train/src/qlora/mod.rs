@@ -602,7 +602,7 @@ impl QloraModel {
         }
         let layout = self.check_batch(batch)?;
         let (cos, sin, mask) = layout.tensors(&self.rope, &self.device);
-        let (x, _) = self.forward_layers(&layout, adapter, None, (&cos, &sin, &mask), false);
+        let (x, _) = self.forward_layers(&layout, adapter, (&cos, &sin, &mask), false);
         Ok(self.head_loss(x, &layout, false)?.0)
     }
 
@@ -612,8 +612,7 @@ impl QloraModel {
         &self,
         layout: &Layout,
         adapter: Option<&Adapter>,
-        dropout: Option<Dropout>,
-        (cos, sin, mask): (&Tensor<4>, &Tensor<4>, &Tensor<4>),
+        tables: (&Tensor<4>, &Tensor<4>, &Tensor<4>),
         keep: bool,
     ) -> (Tensor<3>, Vec<Tensor<3>>) {
         let mut xs = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
@@ -623,22 +622,33 @@ impl QloraModel {
                 Some(a) => (self.lora_tensors(a, l, false), a.config.scale()),
                 None => (BTreeMap::new(), 0.0),
             };
-            let layer = self.layer(l, &lora, scale, dropout, layout.rows());
-            let next = layer.base.forward(
-                &self.config,
-                &self.rope,
-                x.clone(),
-                &mut LayerCache::default(),
-                cos,
-                sin,
-                mask,
-            );
+            let layer = self.layer(l, &lora, scale, None, layout.rows());
+            let next = self.run_layer(&layer.base, x.clone(), tables);
             if keep {
                 xs.push(x);
             }
             x = next;
         }
         (x, xs)
+    }
+
+    /// One layer's forward pass over a whole batch (no KV cache kept), with the batch's RoPE tables and
+    /// mask.
+    fn run_layer(
+        &self,
+        layer: &DecoderLayer,
+        x: Tensor<3>,
+        (cos, sin, mask): (&Tensor<4>, &Tensor<4>, &Tensor<4>),
+    ) -> Tensor<3> {
+        layer.forward(
+            &self.config,
+            &self.rope,
+            x,
+            &mut LayerCache::default(),
+            cos,
+            sin,
+            mask,
+        )
     }
 
     /// Re-runs `layer` on `x_in` on the autodiff device and back-propagates `grad` from its output:
@@ -651,15 +661,7 @@ impl QloraModel {
         (cos, sin, mask): (&Tensor<4>, &Tensor<4>, &Tensor<4>),
     ) -> Result<(Gradients, Tensor<3>)> {
         let x_ad = x_in.autodiff().require_grad();
-        let out = layer.forward(
-            &self.config,
-            &self.rope,
-            x_ad.clone(),
-            &mut LayerCache::default(),
-            cos,
-            sin,
-            mask,
-        );
+        let out = self.run_layer(layer, x_ad.clone(), (cos, sin, mask));
         let g = (out * grad).sum().backward();
         let dx = x_ad
             .grad(&g)

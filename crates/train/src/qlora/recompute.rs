@@ -2,7 +2,6 @@
 //! backward re-runs the layer on Burn's autodiff device and takes the adapter's gradients from it.
 
 use burn::tensor::Tensor;
-use supportlm_model::cache::LayerCache;
 use supportlm_model::error::{ModelError, Result};
 use supportlm_model::llama::to_vec;
 use supportlm_model::lora::LoraPair;
@@ -41,15 +40,7 @@ impl Pass for RecomputePass<'_> {
         let m = self.step.model;
         let (_, layer) = self.step.layer(l, false);
         let (cos, sin, mask) = &self.tables;
-        let next = layer.base.forward(
-            &m.config,
-            &m.rope,
-            x.clone(),
-            &mut LayerCache::default(),
-            cos,
-            sin,
-            mask,
-        );
+        let next = m.run_layer(&layer.base, x.clone(), (cos, sin, mask));
         Ok((next, x))
     }
 
