@@ -11,9 +11,19 @@ mod train;
 
 use clap::{Parser, Subcommand};
 
+/// Exit status after Ctrl-C (128 + SIGINT, as shells report a process the signal ended).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
 /// Fine-tune a small open LLM into a customer-support assistant and measure it against prompting.
 #[derive(Parser)]
-#[command(name = "supportlm", version, about, long_about = None)]
+#[command(
+    name = "supportlm",
+    version,
+    about,
+    long_about = None,
+    after_help = "Exit status: 0 success, 1 error (the message names the file or value at fault), \
+                  130 interrupted by Ctrl-C (`train` checkpoints first; rerun with --resume)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,6 +50,7 @@ fn main() -> std::process::ExitCode {
     supportlm_model::alloc::tune_for_tensors();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -54,9 +65,17 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<supportlm_train::TrainError>() {
+            Some(supportlm_train::TrainError::Interrupted { step }) => {
+                eprintln!(
+                    "interrupted at step {step} (checkpoint written); continue with the same command and --resume"
+                );
+                std::process::ExitCode::from(EXIT_INTERRUPTED)
+            }
+            _ => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
     }
 }

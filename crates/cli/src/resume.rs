@@ -15,6 +15,10 @@ use supportlm_data::Record;
 /// Records `settings` as `run.json` in `out`, refusing a folder that holds a run with other settings.
 pub fn claim_folder(out: &Path, settings: &serde_json::Value) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
+    for leftover in supportlm_data::fsio::leftovers(out)? {
+        tracing::warn!(path = %leftover.display(), "removing what an interrupted run left unfinished");
+        supportlm_data::fsio::remove_leftover(&leftover)?;
+    }
     let path = out.join("run.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
         let old: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
@@ -41,13 +45,29 @@ pub fn item_bar(len: usize, what: &str) -> ProgressBar {
     bar
 }
 
-/// The results saved so far; a line cut short by a crash (the last one) is dropped.
-fn read_partial<T: DeserializeOwned>(path: &Path) -> Vec<T> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map_while(|l| serde_json::from_str(l).ok())
-        .collect()
+/// The results saved so far. A line cut short by a crash (and anything after it) is named and
+/// dropped, never read as a result.
+fn read_partial<T: DeserializeOwned>(path: &Path) -> anyhow::Result<Vec<T>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {}", path.display()))),
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        match serde_json::from_str(line) {
+            Ok(item) => out.push(item),
+            Err(e) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    line = i + 1,
+                    "dropping an unfinished result an interrupted run left ({e})"
+                );
+                break;
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn jsonl<T: Serialize>(items: &[T]) -> anyhow::Result<String> {
@@ -80,7 +100,7 @@ pub fn run_chunks<T: Serialize + DeserializeOwned>(
     bar: &ProgressBar,
     work: &mut Work<T>,
 ) -> anyhow::Result<(Vec<T>, usize)> {
-    let saved: Vec<T> = read_partial(partial);
+    let saved: Vec<T> = read_partial(partial)?;
     let saved_ids: HashSet<usize> = saved.iter().map(id_of).collect();
     let chunks: Vec<&[Record]> = records.chunks(chunk.max(1)).collect();
     let complete = |c: &[Record]| c.iter().all(|r| saved_ids.contains(&r.id));
@@ -108,8 +128,14 @@ pub fn run_chunks<T: Serialize + DeserializeOwned>(
     for c in todo {
         let base = done.len() as u64;
         let results = work(c, &mut |n| bar.set_position(base + n as u64))?;
-        file.write_all(jsonl(&results)?.as_bytes())?;
+        let text = jsonl(&results)?;
+        // Two writes, so that crash tests can land between them: a resumed run drops the cut line.
+        let (first, second) = text.as_bytes().split_at(text.len() / 2);
+        file.write_all(first)?;
+        supportlm_data::fsio::chaos::point("eval: half a chunk of results appended");
+        file.write_all(second)?;
         file.flush()?;
+        supportlm_data::fsio::chaos::point("eval: a chunk of results appended");
         done.extend(results);
     }
     bar.finish();

@@ -14,7 +14,7 @@ use supportlm_model::default_device;
 use supportlm_model::model::Checkpoint;
 use supportlm_train::qlora::{QloraModel, StepPath};
 use supportlm_train::trainer::{train, TrainJob};
-use supportlm_train::{TrainConfig, TrainError};
+use supportlm_train::TrainConfig;
 
 use crate::shared::DEFAULT_MODEL;
 
@@ -99,7 +99,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         let stop = stop.clone();
         ctrlc::set_handler(move || {
             if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
+                std::process::exit(i32::from(crate::EXIT_INTERRUPTED));
             }
             eprintln!(
                 "\nstopping after this step (checkpoint first); press Ctrl-C again to quit now"
@@ -151,13 +151,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         ));
     });
     bar.finish();
-    let outcome = match outcome {
-        Err(TrainError::Interrupted { step }) => {
-            println!("interrupted at step {step}; continue with the same command and --resume");
-            return Ok(());
-        }
-        other => other?,
-    };
+    // An interrupted run is an error to the caller (exit status 130); main prints how to continue.
+    let outcome = outcome?;
     let summary = serde_json::to_string_pretty(&outcome)?;
     supportlm_data::fsio::write_atomic(&args.out.join("outcome.json"), summary.as_bytes())?;
     println!("{summary}");

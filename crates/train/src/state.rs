@@ -23,6 +23,9 @@ pub struct TrainerState {
     pub total_steps: usize,
     /// The best validation loss so far.
     pub best_val_loss: Option<f64>,
+    /// The latest validation loss (absent in checkpoints written before it was recorded).
+    #[serde(default)]
+    pub last_val_loss: Option<f64>,
     /// The step that reached it.
     pub best_step: Option<usize>,
     /// Evaluations since the last improvement.
@@ -70,7 +73,39 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    write_weights(&tmp)?;
+    // A failed write (a full disk) removes its temporary folder and leaves the previous checkpoints as
+    // they were.
+    if let Err(e) = write_checkpoint_files(&tmp, write_weights, optimizer, state) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
+    supportlm_fsio::chaos::point("checkpoint: renamed into place");
+    let mut all = list(run_dir)?;
+    while all.len() > keep.max(1) {
+        let (old_step, old) = all.remove(0);
+        // Renamed out of the checkpoint names first: a crash while removing it leaves a `.tmp-` folder
+        // (named and removed on resume), never a half-removed folder that looks like a checkpoint.
+        let doomed = run_dir.join(format!(".tmp-removing-{}", checkpoint_name(old_step)));
+        std::fs::rename(&old, &doomed).map_err(|e| TrainError::io(&old, e))?;
+        supportlm_fsio::chaos::point("checkpoint: an old one being removed");
+        std::fs::remove_dir_all(&doomed).map_err(|e| TrainError::io(&doomed, e))?;
+    }
+    Ok(final_dir)
+}
+
+/// The files of a checkpoint, written into its temporary folder `tmp`.
+fn write_checkpoint_files(
+    tmp: &Path,
+    write_weights: &dyn Fn(&Path) -> Result<()>,
+    optimizer: &AdamState,
+    state: &TrainerState,
+) -> Result<()> {
+    write_weights(tmp)?;
+    supportlm_fsio::chaos::point("checkpoint: weights written");
     let mut tensors = Vec::new();
     for (i, (m, v)) in optimizer.m.iter().zip(&optimizer.v).enumerate() {
         tensors.push((format!("m.{i}"), vec![m.len()], m.as_slice()));
@@ -79,20 +114,12 @@ pub fn save(
     let meta =
         std::collections::HashMap::from([("adam_step".to_string(), optimizer.step.to_string())]);
     write_safetensors(&tmp.join("optimizer.safetensors"), &tensors, Some(meta))?;
-    let json = serde_json::to_string_pretty(state).map_err(|e| ck_err(&tmp, e.to_string()))?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| ck_err(tmp, e.to_string()))?;
     let state_path = tmp.join("trainer_state.json");
     supportlm_fsio::write_atomic(&state_path, json.as_bytes())
         .map_err(|e| TrainError::io(&state_path, e))?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
-    }
-    std::fs::rename(&tmp, &final_dir).map_err(|e| TrainError::io(&final_dir, e))?;
-    let mut all = list(run_dir)?;
-    while all.len() > keep.max(1) {
-        let (_, old) = all.remove(0);
-        std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
-    }
-    Ok(final_dir)
+    supportlm_fsio::chaos::point("checkpoint: complete in its temporary folder");
+    Ok(())
 }
 
 /// Checkpoints under `run_dir`, oldest first.
@@ -163,4 +190,62 @@ pub fn load_latest(run_dir: &Path, sizes: &[usize]) -> Result<Option<Checkpoint>
         optimizer,
         state,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(step: usize) -> TrainerState {
+        TrainerState {
+            step,
+            total_steps: 10,
+            best_val_loss: None,
+            last_val_loss: None,
+            best_step: None,
+            evals_without_improvement: 0,
+            stopped_early: false,
+            config: "seed = 1".into(),
+        }
+    }
+
+    #[test]
+    fn a_full_disk_during_a_checkpoint_leaves_the_previous_one_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut adam = AdamState::new(&[1000, 24]);
+        adam.m[0][3] = 0.5;
+        adam.step = 2;
+        let weights = |d: &Path| {
+            supportlm_fsio::write_atomic(&d.join("adapter.bin"), &[7u8; 4096])
+                .map_err(|e| TrainError::io(d, e))
+        };
+        save(dir.path(), &weights, &adam, &state(2), 2).unwrap();
+        let before: Vec<(String, String)> =
+            ["optimizer.safetensors", "trainer_state.json", "adapter.bin"]
+                .iter()
+                .map(|f| {
+                    let p = dir.path().join(checkpoint_name(2)).join(f);
+                    (f.to_string(), supportlm_fsio::sha256_file(&p).unwrap())
+                })
+                .collect();
+
+        // The disk fills up part-way through the next checkpoint (after the weights).
+        adam.step = 4;
+        supportlm_fsio::simulate_disk_full_after(Some(5000));
+        let err = save(dir.path(), &weights, &adam, &state(4), 2);
+        supportlm_fsio::simulate_disk_full_after(None);
+        let err = err.expect_err("the write must fail").to_string();
+        assert!(err.contains("no space left"), "{err}");
+
+        // Step 2 is still the newest checkpoint, byte for byte, and nothing half-written is left.
+        let ck = load_latest(dir.path(), &[1000, 24]).unwrap().unwrap();
+        assert_eq!((ck.state.step, ck.optimizer.step), (2, 2));
+        assert_eq!(ck.optimizer.m[0][3], 0.5);
+        for (f, hash) in before {
+            let p = dir.path().join(checkpoint_name(2)).join(&f);
+            assert_eq!(supportlm_fsio::sha256_file(&p).unwrap(), hash, "{f}");
+        }
+        assert!(supportlm_fsio::leftovers(dir.path()).unwrap().is_empty());
+        assert_eq!(list(dir.path()).unwrap().len(), 1);
+    }
 }

@@ -16,6 +16,7 @@ impl EarlyStopping {
     /// Records validation loss `loss` at `st.step` and returns whether it is the new best (the caller
     /// then keeps the weights); sets `st.stopped_early` when patience runs out.
     pub fn record(&self, st: &mut TrainerState, loss: f64) -> bool {
+        st.last_val_loss = Some(loss);
         let improved = st.best_val_loss.is_none_or(|b| loss < b - self.min_delta);
         if improved {
             st.best_val_loss = Some(loss);
@@ -43,6 +44,7 @@ mod tests {
             step: 0,
             total_steps: 100,
             best_val_loss: None,
+            last_val_loss: None,
             best_step: None,
             evals_without_improvement: 0,
             stopped_early: false,

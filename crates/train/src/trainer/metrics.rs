@@ -62,7 +62,13 @@ impl MetricsLog {
     pub fn write(&mut self, line: &MetricsLine) -> Result<()> {
         let text = serde_json::to_string(line)
             .map_err(|e| TrainError::Internal(format!("a metrics line does not serialize: {e}")))?;
-        writeln!(self.file, "{text}")
+        // Two writes, so that crash tests can land between them: a resumed run must drop the half line.
+        let line = format!("{text}\n");
+        let (first, second) = line.as_bytes().split_at(text.len() / 2);
+        self.file
+            .write_all(first)
+            .map(|_| supportlm_fsio::chaos::point("metrics.jsonl: half a line appended"))
+            .and_then(|_| self.file.write_all(second))
             .and_then(|_| self.file.flush())
             .map_err(|e| TrainError::io(&self.path, e))
     }
@@ -84,11 +90,21 @@ pub(super) fn truncate(path: &Path, step: usize) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(TrainError::io(path, e)),
     };
-    let kept: String = text
-        .lines()
-        .filter(|l| serde_json::from_str::<MetricsLine>(l).is_ok_and(|m| m.step <= step))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let mut kept = String::new();
+    for (i, l) in text.lines().enumerate() {
+        match serde_json::from_str::<MetricsLine>(l) {
+            Ok(m) if m.step <= step => {
+                kept += l;
+                kept.push('\n');
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                line = i + 1,
+                "dropping a line an interrupted run left unfinished ({e})"
+            ),
+        }
+    }
     supportlm_fsio::write_atomic(path, kept.as_bytes()).map_err(|e| TrainError::io(path, e))
 }
 

@@ -108,6 +108,7 @@ pub fn train(job: TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Res
     let c = job.config;
     let model = job.model;
     std::fs::create_dir_all(job.out_dir).map_err(|e| TrainError::io(job.out_dir, e))?;
+    let _lock = resume::lock_run_folder(job.out_dir)?;
     let prepared = data::prepare(c, job.train, job.validation, job.tokenizer, job.template)?;
     let schedule = prepared.schedule;
     let total_steps = schedule.total_steps;
@@ -173,7 +174,7 @@ pub fn train(job: TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Res
     };
     let mut batches = step::Batches::new(&prepared.train.sequences, c, schedule.n_batches);
     let mut tokens_seen = 0usize;
-    let mut last_val = st.best_val_loss.unwrap_or(f64::NAN);
+    let mut last_val = st.last_val_loss.unwrap_or(f64::NAN);
     while st.step < total_steps && !st.stopped_early {
         let step_start = Instant::now();
         let stats = step::optimizer_step(

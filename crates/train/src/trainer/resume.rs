@@ -20,6 +20,37 @@ pub(super) struct Start {
     pub state: TrainerState,
 }
 
+/// Names and removes what a killed run left half-written in `out_dir`: temporary checkpoint and
+/// weights folders, temporary files of atomic writes. None of them is ever read as a result.
+fn remove_leftovers(out_dir: &Path) -> Result<()> {
+    for path in supportlm_fsio::leftovers(out_dir).map_err(|e| TrainError::io(out_dir, e))? {
+        tracing::warn!(path = %path.display(), "removing what an interrupted run left unfinished");
+        supportlm_fsio::remove_leftover(&path).map_err(|e| TrainError::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// Holds the run folder for this process: a second `train` on the same folder is refused (two writers
+/// would interleave checkpoints). The lock is the operating system's and goes with the process, `kill -9`
+/// included.
+pub(super) fn lock_run_folder(out_dir: &Path) -> Result<std::fs::File> {
+    let path = out_dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| TrainError::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(TrainError::Checkpoint {
+            path: out_dir.to_path_buf(),
+            message: "another process is training in this folder".into(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(TrainError::io(&path, e)),
+    }
+}
+
 /// The state a run in `out_dir` starts from: the newest checkpoint when `resume` (its metrics lines
 /// after that step dropped), else a fresh start (`metrics.jsonl` removed).
 pub(super) fn start(
@@ -32,6 +63,7 @@ pub(super) fn start(
 ) -> Result<Start> {
     let config_text = c.to_toml();
     let metrics_path = out_dir.join(metrics::FILE);
+    remove_leftovers(out_dir)?;
     let existing = state::list(out_dir)?;
     let initial = match c.tuning {
         Tuning::Lora => Weights::Lora(Adapter::init(
@@ -76,6 +108,7 @@ pub(super) fn start(
         step: 0,
         total_steps,
         best_val_loss: None,
+        last_val_loss: None,
         best_step: None,
         evals_without_improvement: 0,
         stopped_early: false,

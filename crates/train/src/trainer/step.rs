@@ -85,6 +85,7 @@ pub(super) fn optimizer_step(
             seed: splitmix(c.seed ^ splitmix(g as u64)),
         });
         let (loss, flat) = weights.loss_and_grads(model, &batch, dropout)?;
+        supportlm_fsio::chaos::point("train: a micro-batch's gradients computed");
         loss_sum += loss.sum;
         loss_tokens += loss.tokens;
         match grads.as_mut() {

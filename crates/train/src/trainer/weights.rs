@@ -174,13 +174,17 @@ pub fn validation_loss(
     for chunk in order.chunks(batch.max(1)) {
         let b: Vec<Sequence> = chunk.iter().map(|&i| seqs[i].clone()).collect();
         let l = model.loss(adapter, &b)?;
+        supportlm_fsio::chaos::point("validation: a batch's loss computed");
         sum += l.sum;
         tokens += l.tokens;
     }
     Ok(sum / tokens.max(1) as f64)
 }
 
-/// Writes the weights as folder `dir` atomically (temporary folder, then rename).
+/// Writes the weights as folder `dir`: into `dir.tmp`, then the old folder is moved aside to
+/// `dir.old.tmp`, the new one renamed into place and the old one removed. A crash leaves `dir` complete
+/// (old or new) or, between the two renames, missing with both `*.tmp` folders beside it; the trainer
+/// writes a weights folder before the checkpoint that records it, so a resumed run rewrites it.
 pub(super) fn save_weights_dir(
     dir: &Path,
     weights: &Weights,
@@ -188,12 +192,21 @@ pub(super) fn save_weights_dir(
     tokenizer: &Tokenizer,
 ) -> Result<()> {
     let tmp = dir.with_extension("tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    let old = dir.with_extension("old.tmp");
+    for leftover in [&tmp, &old] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover).map_err(|e| TrainError::io(leftover, e))?;
+        }
     }
     weights.write(&tmp, model, tokenizer)?;
+    supportlm_fsio::chaos::point("weights folder: written beside the old one");
     if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+        std::fs::rename(dir, &old).map_err(|e| TrainError::io(dir, e))?;
+        supportlm_fsio::chaos::point("weights folder: old one moved aside");
     }
-    std::fs::rename(&tmp, dir).map_err(|e| TrainError::io(dir, e))
+    std::fs::rename(&tmp, dir).map_err(|e| TrainError::io(dir, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+    }
+    Ok(())
 }
