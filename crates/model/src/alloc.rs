@@ -39,3 +39,35 @@ pub fn tune_for_tensors() -> bool {
         false
     }
 }
+
+/// Memory this process could still get without swapping anything out: `MemAvailable` plus free swap
+/// from `/proc/meminfo` (Linux); `None` where that is unknown.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kb| kb * 1024)
+    };
+    Some(field("MemAvailable:")? + field("SwapFree:").unwrap_or(0))
+}
+
+/// Refuses to load `what` when it needs more than the memory available (see [`available_memory`]), so
+/// a file whose header promises terabytes fails with a message instead of the OOM killer.
+pub fn ensure_fits(what: &str, needed: u64) -> crate::Result<()> {
+    match available_memory() {
+        Some(available) if needed > available => Err(crate::ModelError::TooLarge {
+            what: what.to_string(),
+            needed,
+            available,
+        }),
+        _ => Ok(()),
+    }
+}

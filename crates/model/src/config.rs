@@ -158,7 +158,42 @@ impl ModelConfig {
         if self.vocab_size == 0 || self.hidden_size == 0 || self.num_hidden_layers == 0 {
             return bad("vocab_size, hidden_size and num_hidden_layers must be positive".into());
         }
+        // Sizes a file claims are bounded before anything is allocated from them (the largest open
+        // models stay far inside these).
+        for (name, value, limit) in [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
+            ("num_attention_heads", self.num_attention_heads, 1 << 10),
+            ("head_dim", self.head_dim(), 1 << 12),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 20,
+            ),
+        ] {
+            if value > limit {
+                return bad(format!(
+                    "{name} {value} is beyond what any supported model has (at most {limit})"
+                ));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rope_theta.is_finite() && self.rope_theta > 0.0)
+        {
+            return bad(format!(
+                "rms_norm_eps {} and rope_theta {} must be finite (rope_theta positive)",
+                self.rms_norm_eps, self.rope_theta
+            ));
+        }
         Ok(())
+    }
+
+    /// Bytes this model takes as f32 weights plus its RoPE tables: what loading it allocates (checked
+    /// against the machine's memory before loading).
+    pub fn load_bytes(&self) -> u64 {
+        let rope = 2 * self.max_position_embeddings as u64 * self.head_dim() as u64;
+        4 * (self.num_params() as u64 + rope)
     }
 
     /// Parses `config.json` text.
@@ -220,7 +255,7 @@ impl ModelConfig {
             num_hidden_layers: uint("block_count")?,
             num_attention_heads: heads,
             num_key_value_heads: uint("attention.head_count_kv").ok(),
-            head_dim: head_dim.filter(|d| *d != hidden / heads),
+            head_dim: head_dim.filter(|d| heads == 0 || *d != hidden / heads),
             rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             rope_theta: float("rope.freq_base").unwrap_or(default_rope_theta()),
             max_position_embeddings: uint("context_length").unwrap_or(default_max_positions()),

@@ -44,6 +44,16 @@ pub enum ModelError {
         /// What is wrong.
         message: String,
     },
+    /// Loading would need more memory than the machine has available.
+    #[error("{what} needs {} MB of memory; {} MB are available", needed / 1_000_000, available / 1_000_000)]
+    TooLarge {
+        /// What was being loaded.
+        what: String,
+        /// Bytes it needs.
+        needed: u64,
+        /// Bytes available (free memory and swap).
+        available: u64,
+    },
     /// `config.json` or GGUF metadata is missing a value or holds an unsupported one.
     #[error("config: {0}")]
     Config(String),

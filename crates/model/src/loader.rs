@@ -107,9 +107,16 @@ impl TensorSource for GgufSource<'_> {
             Some(Target::KProj) => Some(self.config.kv_heads()),
             _ => None,
         };
-        // Only llama-architecture GGUFs are permuted by the converter.
+        // Only llama-architecture GGUFs are permuted by the converter. A tensor whose shape does not
+        // split into the heads is left as it is: the shape check after this refuses it.
+        let rows = data.len().checked_div(cols).unwrap_or(0);
         let data = match heads {
-            Some(n) if self.config.model_type == Architecture::Llama => {
+            Some(n)
+                if self.config.model_type == Architecture::Llama
+                    && rows > 0
+                    && n > 0
+                    && rows.is_multiple_of(n) =>
+            {
                 unpermute_rows(&data, n, cols)
             }
             _ => data,
@@ -248,6 +255,10 @@ impl TensorSource for SafetensorsDir {
 /// Builds the decoder from a source, checking every tensor's shape against the configuration.
 pub fn load_llama(src: &dyn TensorSource, config: &ModelConfig, device: &Device) -> Result<Llama> {
     config.validate()?;
+    crate::alloc::ensure_fits(
+        &format!("a {}M-parameter model", config.num_params() / 1_000_000),
+        config.load_bytes(),
+    )?;
     let c = config;
     let hidden = c.hidden_size;
     let need = |name: &str, shape: &[usize]| src.require(name, shape);

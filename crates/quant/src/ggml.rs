@@ -116,7 +116,11 @@ impl GgmlType {
     /// Bytes taken by `n` weights (which must be a whole number of blocks).
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         let (per_block, bytes) = self.block()?;
-        n.is_multiple_of(per_block).then_some(n / per_block * bytes)
+        if n.is_multiple_of(per_block) {
+            (n / per_block).checked_mul(bytes)
+        } else {
+            None
+        }
     }
 }
 

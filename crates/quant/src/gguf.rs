@@ -143,6 +143,9 @@ impl std::fmt::Debug for GgufFile {
     }
 }
 
+/// How deeply metadata arrays may nest (llama.cpp's files nest at most once).
+const MAX_ARRAY_DEPTH: usize = 8;
+
 struct Reader<'a> {
     path: &'a Path,
     bytes: &'a [u8],
@@ -213,6 +216,12 @@ impl<'a> Reader<'a> {
     }
 
     fn value(&mut self, ty: u32, what: &str) -> Result<GgufValue> {
+        self.value_at(ty, what, 0)
+    }
+
+    /// A value inside `depth` enclosing arrays (bounded: a file of nested arrays must not overflow the
+    /// stack).
+    fn value_at(&mut self, ty: u32, what: &str, depth: usize) -> Result<GgufValue> {
         Ok(match ty {
             0 => GgufValue::U8(self.array::<1>(what)?[0]),
             1 => GgufValue::I8(self.array::<1>(what)?[0] as i8),
@@ -224,11 +233,16 @@ impl<'a> Reader<'a> {
             7 => GgufValue::Bool(self.array::<1>(what)?[0] != 0),
             8 => GgufValue::String(self.string(what)?),
             9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(self.malformed(format!(
+                        "{what}: arrays nested more than {MAX_ARRAY_DEPTH} deep"
+                    )));
+                }
                 let item_ty = self.u32(what)?;
                 let n = self.len(what)?;
                 let mut items = Vec::with_capacity(n.min(1 << 20));
                 for _ in 0..n {
-                    items.push(self.value(item_ty, what)?);
+                    items.push(self.value_at(item_ty, what, depth + 1)?);
                 }
                 GgufValue::Array(items)
             }
@@ -322,9 +336,21 @@ impl GgufFile {
         if alignment == 0 {
             return Err(r.malformed("general.alignment is 0".into()));
         }
-        let data_start = r.pos.div_ceil(alignment) * alignment;
+        let data_start = r
+            .pos
+            .div_ceil(alignment)
+            .checked_mul(alignment)
+            .ok_or_else(|| r.malformed(format!("general.alignment {alignment} is absurd")))?;
         for t in &tensors {
-            let Some(n_bytes) = t.ty.bytes_for(t.n_elements()) else {
+            // Dimensions from the file are checked before any size arithmetic: their product, and the
+            // byte range it implies, must fit in the file.
+            let Some(n_elements) = t.ne.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else {
+                return Err(r.malformed(format!(
+                    "tensor `{}`: dimensions {:?} overflow",
+                    t.name, t.ne
+                )));
+            };
+            let Some(n_bytes) = t.ty.bytes_for(n_elements) else {
                 if t.ty.block().is_some() {
                     return Err(r.malformed(format!(
                         "tensor `{}`: {} elements is not a whole number of {} blocks",
@@ -335,8 +361,8 @@ impl GgufFile {
                 }
                 continue; // unsupported type: an error when (if) the tensor is read
             };
-            let start = data_start as u64 + t.offset;
-            let end = start + n_bytes as u64;
+            let start = (data_start as u64).saturating_add(t.offset);
+            let end = start.saturating_add(n_bytes as u64);
             if end > bytes.len() as u64 {
                 return Err(QuantError::Truncated {
                     path: path.to_path_buf(),
