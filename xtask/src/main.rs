@@ -1,11 +1,11 @@
 //! Project automation: `cargo xtask setup`, `cargo xtask pipeline`, `cargo xtask publish`, `cargo xtask bench`,
-//! `cargo xtask repro`, `cargo xtask test`. This file only parses and dispatches: each command lives in
+//! `cargo xtask repro`, `cargo xtask test`, `cargo xtask chaos-train`, `cargo xtask fuzz`. This file only parses and dispatches: each command lives in
 //! `commands/` (one module each), shared helpers in `utils/`.
 
 mod commands;
 mod utils;
 
-use commands::{bench, pipeline, repro, setup};
+use commands::{bench, chaos, fuzz, pipeline, repro, setup};
 
 use clap::{Parser, Subcommand};
 
@@ -40,12 +40,18 @@ enum Command {
     },
     /// Fetch what the tests need (setup), then run the whole test suite.
     Test,
+    /// Crash tests: SIGKILL training and evaluations at seeded moments, resume, compare with an
+    /// uninterrupted run.
+    ChaosTrain(chaos::ChaosArgs),
+    /// Run the parsers' fuzz targets longer than the test suite does (`--iterations`, `--seed`).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> std::process::ExitCode {
     supportlm_model::alloc::tune_for_tensors();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
@@ -61,6 +67,8 @@ fn main() -> std::process::ExitCode {
             pipeline::publish(&root.join("runs").join(name), &root.join("docs"))
         }
         Command::Test => commands::test::run(&utils::workspace_root()),
+        Command::ChaosTrain(args) => chaos::run(args),
+        Command::Fuzz(args) => fuzz::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -3,6 +3,8 @@
 //! command that needs the models calls [`setup::run`] first.
 
 pub mod bench;
+pub mod chaos;
+pub mod fuzz;
 pub mod pipeline;
 pub mod repro;
 pub mod setup;

@@ -46,6 +46,49 @@ pub fn target_dir(root: &Path) -> PathBuf {
         .unwrap_or_else(|_| root.join("target"))
 }
 
+/// Makes `command`'s process die with this one (Linux: `PR_SET_PDEATHSIG`). Without it a `kill -9` of
+/// the pipeline would leave its `supportlm` step running, and the resumed pipeline would start a second
+/// writer on the same folder.
+pub fn die_with_parent(command: &mut Command) -> &mut Command {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; this runs in the
+        // forked child before exec.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    command
+}
+
+/// Holds `dir` for this process (an advisory lock on `dir/.lock`, released when the process ends, `kill -9`
+/// included); `what` names the holder in the error a second process gets.
+pub fn lock_folder(dir: &Path, what: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            anyhow::bail!("another {what} is running in {}", dir.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::Error::new(e).context(format!("locking {}", path.display())))
+        }
+    }
+}
+
 /// Builds the `supportlm` binary (dev profile) and returns its path. Cargo's progress stays visible:
 /// on a cold machine this is the half-hour build a user should see moving.
 pub fn build_cli(root: &Path) -> anyhow::Result<PathBuf> {

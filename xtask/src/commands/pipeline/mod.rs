@@ -42,6 +42,9 @@ pub struct PipelineArgs {
     /// Run only this step.
     #[arg(long, value_enum)]
     only: Option<Step>,
+    /// Stop after this step.
+    #[arg(long, value_enum)]
+    to: Option<Step>,
 }
 
 /// The pipeline's steps, in order.
@@ -258,7 +261,7 @@ impl Run {
             .append(true)
             .open(&log_path)?;
         eprintln!("[{}] supportlm {}", step.name(), args.join(" "));
-        let status = Command::new(&self.exe)
+        let status = crate::utils::die_with_parent(&mut Command::new(&self.exe))
             .args(args)
             .current_dir(&self.root)
             .stdout(log.try_clone()?)
@@ -525,6 +528,7 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     let root = crate::utils::workspace_root();
     let dir = root.join("runs").join(&name);
     std::fs::create_dir_all(dir.join("steps"))?;
+    let _lock = crate::utils::lock_folder(&dir, "pipeline")?;
     let exe = crate::utils::build_cli(&root)?;
     let run = Run {
         root,
@@ -535,7 +539,10 @@ pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
     };
     let started = Instant::now();
     for step in Step::ALL {
-        if args.only.is_some_and(|o| o != step) || args.from.is_some_and(|f| step < f) {
+        if args.only.is_some_and(|o| o != step)
+            || args.from.is_some_and(|f| step < f)
+            || args.to.is_some_and(|t| step > t)
+        {
             continue;
         }
         let hash = run.hash(step)?;
