@@ -6,6 +6,7 @@ mod eval;
 mod generate;
 mod respond;
 mod resume;
+mod serve;
 mod shared;
 mod train;
 
@@ -44,6 +45,8 @@ enum Command {
     /// Inspect LoRA adapters; merge one into its base and export a Hugging Face folder.
     #[command(subcommand)]
     Adapter(adapter::AdapterCommand),
+    /// Serve the model and its adapters: the demo API, an OpenAI-compatible endpoint and a web page.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,6 +65,7 @@ fn main() -> std::process::ExitCode {
         Command::Adapter(cmd) => adapter::run(cmd),
         Command::Train(args) => train::run(args),
         Command::Eval(cmd) => eval::run(cmd),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

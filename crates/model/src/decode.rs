@@ -11,6 +11,7 @@ use crate::config::{Architecture, ModelConfig};
 use crate::error::{ModelError, Result};
 use crate::llama::{rope_tables, to_vec};
 use crate::loader::{unpermute_order, TensorSource};
+use crate::lora::Adapter;
 use crate::names::{self, Target};
 use supportlm_quant::kernels::{dot, QMatrix, MAX_BATCH};
 
@@ -41,6 +42,81 @@ pub struct DecodeWeights {
     layers: Vec<DecodeLayer>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+}
+
+/// One layer's adapted projections, by [`target_slot`]: `(A [r × in], B [out × r])`.
+type LoraLayer = [Option<(Vec<f32>, Vec<f32>)>; 7];
+
+/// An adapter kept beside the decode weights instead of merged into them: `y = W x + scale · B (A x)` for
+/// each adapted projection. What one more adapter costs when many share a base: its factors in f32
+/// (`r × (in + out)` values per projection), nothing of the base.
+#[derive(Debug, Clone)]
+pub struct DecodeLora {
+    scale: f32,
+    r: usize,
+    /// `layers[layer][target]`: `(A [r × in], B [out × r])` of the adapted projections.
+    layers: Vec<LoraLayer>,
+}
+
+impl DecodeLora {
+    /// The adapter's factors in decode layout (Hugging Face row order, as the decode weights).
+    pub fn new(adapter: &Adapter, config: &ModelConfig) -> Result<Self> {
+        adapter.validate_for(config)?;
+        let mut layers: Vec<LoraLayer> = (0..config.num_hidden_layers)
+            .map(|_| Default::default())
+            .collect();
+        for (&(layer, target), pair) in &adapter.weights {
+            layers[layer][target_slot(target)] = Some((pair.a.clone(), pair.b.clone()));
+        }
+        Ok(DecodeLora {
+            scale: adapter.config.scale() as f32,
+            r: adapter.config.r,
+            layers,
+        })
+    }
+
+    /// Bytes its factors take.
+    pub fn size_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|(a, b)| 4 * (a.len() + b.len()))
+            .sum()
+    }
+
+    /// Adds `scale · B (A x)` of `(layer, target)` to each row's output slice `ys[row][from..]`.
+    fn add(&self, layer: usize, target: Target, xs: &[Vec<f32>], ys: &mut [Vec<f32>], from: usize) {
+        let Some((a, b)) = &self.layers[layer][target_slot(target)] else {
+            return;
+        };
+        let r = self.r;
+        for (x, y) in xs.iter().zip(ys.iter_mut()) {
+            let t: Vec<f32> = a
+                .chunks_exact(x.len())
+                .map(|row| dot_f32(row, x) * self.scale)
+                .collect();
+            for (out, brow) in y[from..].iter_mut().zip(b.chunks_exact(r)) {
+                *out += dot_f32(brow, &t);
+            }
+        }
+    }
+}
+
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn target_slot(t: Target) -> usize {
+    match t {
+        Target::QProj => 0,
+        Target::KProj => 1,
+        Target::VProj => 2,
+        Target::OProj => 3,
+        Target::GateProj => 4,
+        Target::UpProj => 5,
+        Target::DownProj => 6,
+    }
 }
 
 /// Keys or values by sequence and layer, each `[position][kv_heads × head_dim]`.
@@ -378,6 +454,17 @@ impl DecodeWeights {
         active: &[bool],
         state: &mut DecodeState,
     ) -> Result<Vec<Vec<f32>>> {
+        self.step_with(tokens, active, state, None)
+    }
+
+    /// [`DecodeWeights::step`] with an unmerged adapter added to every projection it adapts.
+    pub fn step_with(
+        &self,
+        tokens: &[u32],
+        active: &[bool],
+        state: &mut DecodeState,
+        lora: Option<&DecodeLora>,
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let b = tokens.len();
         if b != state.batch() || active.len() != b {
@@ -440,8 +527,13 @@ impl DecodeWeights {
                 .iter()
                 .map(|r| rms_norm(r, &layer.attn_norm, c.rms_norm_eps))
                 .collect();
-            let qkv = stacked_matvec(&layer.qkv, &n);
+            let mut qkv = stacked_matvec(&layer.qkv, &n);
             let (q_out, kv_out) = (h * d, kvh * d);
+            if let Some(l) = lora {
+                l.add(li, Target::QProj, &n, &mut qkv, 0);
+                l.add(li, Target::KProj, &n, &mut qkv, q_out);
+                l.add(li, Target::VProj, &n, &mut qkv, q_out + kv_out);
+            }
             let split = |from: usize, len: usize, bias: Option<&Vec<f32>>| -> Vec<Vec<f32>> {
                 qkv.iter()
                     .map(|r| {
@@ -476,7 +568,10 @@ impl DecodeWeights {
                     )
                 })
                 .collect();
-            let o = matvec(&layer.o, &attn_out, layer.o_bias.as_ref());
+            let mut o = matvec(&layer.o, &attn_out, layer.o_bias.as_ref());
+            if let Some(l) = lora {
+                l.add(li, Target::OProj, &attn_out, &mut o, 0);
+            }
             for (xr, or) in x.iter_mut().zip(&o) {
                 xr.iter_mut().zip(or).for_each(|(a, b)| *a += b);
             }
@@ -484,7 +579,12 @@ impl DecodeWeights {
                 .iter()
                 .map(|r| rms_norm(r, &layer.ffn_norm, c.rms_norm_eps))
                 .collect();
-            let act: Vec<Vec<f32>> = stacked_matvec(&layer.gate_up, &n)
+            let mut gate_up = stacked_matvec(&layer.gate_up, &n);
+            if let Some(l) = lora {
+                l.add(li, Target::GateProj, &n, &mut gate_up, 0);
+                l.add(li, Target::UpProj, &n, &mut gate_up, c.intermediate_size);
+            }
+            let act: Vec<Vec<f32>> = gate_up
                 .iter()
                 .map(|r| {
                     let (g, u) = r.split_at(c.intermediate_size);
@@ -494,7 +594,10 @@ impl DecodeWeights {
                         .collect()
                 })
                 .collect();
-            let down = matvec(&layer.down, &act, None);
+            let mut down = matvec(&layer.down, &act, None);
+            if let Some(l) = lora {
+                l.add(li, Target::DownProj, &act, &mut down, 0);
+            }
             for (xr, dr) in x.iter_mut().zip(&down) {
                 xr.iter_mut().zip(dr).for_each(|(a, b)| *a += b);
             }

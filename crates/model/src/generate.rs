@@ -43,6 +43,8 @@ pub enum StopReason {
     StopString,
     /// `max_new_tokens` were generated.
     MaxTokens,
+    /// The caller stopped it (see [`generate_controlled`]).
+    Cancelled,
 }
 
 /// One generated continuation.
@@ -64,6 +66,22 @@ pub fn generate(
     options: &GenerateOptions,
     on_token: &mut dyn FnMut(usize, u32, &str),
 ) -> Result<Vec<Generation>> {
+    generate_controlled(model, prompts, options, &mut |row, id, text| {
+        on_token(row, id, text);
+        true
+    })
+}
+
+/// [`generate`] where the caller may stop a row: `on_token` returns `false` to end that row's
+/// generation after this token (its [`StopReason`] is then `Cancelled`); the other rows go on. A server
+/// uses it for per-request token limits and stop strings in a shared batch, and for clients that went
+/// away.
+pub fn generate_controlled(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    options: &GenerateOptions,
+    on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
+) -> Result<Vec<Generation>> {
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
@@ -73,6 +91,14 @@ pub fn generate(
     let input = left_padded(prompts, pad_id(model));
     let cache = model.llama.new_cache(prompts.len());
     continue_generation(model, cache, &input, options, on_token)
+}
+
+/// Adapts a streaming callback to the controlled form (never stops a row).
+fn always(on_token: &mut dyn FnMut(usize, u32, &str)) -> impl FnMut(usize, u32, &str) -> bool + '_ {
+    move |row, id, text| {
+        on_token(row, id, text);
+        true
+    }
 }
 
 /// Generates a continuation for each item after a shared, already encoded prefix (e.g. the system
@@ -93,7 +119,7 @@ pub fn generate_after(
     // Left padding between the prefix and each item: masked out, and positions count real tokens only.
     let input = left_padded(items, pad_id(model));
     let cache = prefix.cache.repeat(items.len());
-    continue_generation(model, cache, &input, options, on_token)
+    continue_generation(model, cache, &input, options, &mut always(on_token))
 }
 
 /// Scores `candidates` after each item (as [`crate::score::score_items`]) and generates a continuation
@@ -121,7 +147,13 @@ pub fn score_and_generate(
         next_pos,
     )?;
     drop(pass.cache);
-    let generations = decode(model, pass.next_logprobs, state, options, on_token)?;
+    let generations = decode(
+        model,
+        pass.next_logprobs,
+        state,
+        options,
+        &mut always(on_token),
+    )?;
     Ok(pass.scores.into_iter().zip(generations).collect())
 }
 
@@ -162,7 +194,7 @@ fn continue_generation(
     mut cache: KvCache,
     input: &StepInput,
     options: &GenerateOptions,
-    on_token: &mut dyn FnMut(usize, u32, &str),
+    on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
 ) -> Result<Vec<Generation>> {
     let llama = &model.llama;
     let vocab = llama.config.vocab_size;
@@ -180,7 +212,7 @@ fn decode(
     mut logits: Vec<Vec<f32>>,
     mut state: DecodeState,
     options: &GenerateOptions,
-    on_token: &mut dyn FnMut(usize, u32, &str),
+    on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
 ) -> Result<Vec<Generation>> {
     let b = logits.len();
     let pad = pad_id(model);
@@ -230,14 +262,17 @@ fn decode(
                 g.stop = StopReason::StopString;
                 done[row] = true;
             }
-            on_token(row, id, &new_text);
+            if !on_token(row, id, &new_text) && !done[row] {
+                done[row] = true;
+                out[row].stop = StopReason::Cancelled;
+            }
         }
         // No forward pass after the last token: nothing would read its logits.
         if done.iter().all(|d| *d) || step + 1 == options.max_new_tokens {
             break;
         }
         let active: Vec<bool> = done.iter().map(|d| !d).collect();
-        logits = weights.step(&next, &active, &mut state)?;
+        logits = weights.step_with(&next, &active, &mut state, model.decode_lora())?;
     }
     for g in &mut out {
         if g.stop != StopReason::StopString {

@@ -1,18 +1,18 @@
 //! A loaded model: decoder weights, tokenizer and chat template, from a GGUF file or a Hugging Face folder.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use burn::tensor::Device;
 use serde::Serialize;
 
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
-use crate::decode::DecodeWeights;
+use crate::decode::{DecodeLora, DecodeWeights};
 use crate::error::{ModelError, Result};
 use crate::llama::Llama;
 use crate::loader::{load_llama, GgufSource, SafetensorsDir, TensorSource};
-use crate::lora::{merge, Adapter, MergedSource};
+use crate::lora::{attach, merge, Adapter, MergedSource};
 use crate::tokenizer::Tokenizer;
 use supportlm_quant::gguf::GgufFile;
 
@@ -95,8 +95,13 @@ pub struct Model {
     pub source: PathBuf,
     /// The adapter merged into the weights, if any.
     pub adapter: Option<Adapter>,
-    checkpoint: Weights,
-    decode: OnceLock<DecodeWeights>,
+    /// The adapter attached unmerged (see [`Model::attach_adapter`]), if any.
+    pub attached: Option<Arc<Adapter>>,
+    /// The attached adapter's factors for the decode path.
+    lora: Option<Arc<DecodeLora>>,
+    /// Shared by a base and the models attached to it.
+    checkpoint: Arc<Weights>,
+    decode: Arc<OnceLock<DecodeWeights>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -147,8 +152,10 @@ impl Model {
             template,
             source: path,
             adapter: None,
-            checkpoint: weights,
-            decode: OnceLock::new(),
+            attached: None,
+            lora: None,
+            checkpoint: Arc::new(weights),
+            decode: Arc::new(OnceLock::new()),
         })
     }
 
@@ -159,7 +166,7 @@ impl Model {
         }
         let config = &self.llama.config;
         let gguf;
-        let base: &dyn TensorSource = match &self.checkpoint {
+        let base: &dyn TensorSource = match self.checkpoint.as_ref() {
             Weights::Gguf(file) => {
                 gguf = GgufSource { file, config };
                 &gguf
@@ -190,8 +197,39 @@ impl Model {
         }
         merge(&mut self.llama, &adapter)?;
         self.adapter = Some(adapter);
-        self.decode = OnceLock::new();
+        self.decode = Arc::new(OnceLock::new());
         Ok(self)
+    }
+
+    /// A model that runs this base with `adapter` attached, unmerged: the base's weights (Burn tensors,
+    /// memory-mapped checkpoint, decode weights) are shared, not copied; the adapter's factors are added
+    /// on every adapted projection, in prefill and scoring (Burn) and in decoding. One base in memory
+    /// serves any number of adapters this way; each costs its factors (`r × (in + out)` f32 values per
+    /// adapted projection, twice: once as Burn tensors, once for the decode path).
+    pub fn attach_adapter(&self, adapter: Adapter) -> Result<Self> {
+        if self.adapter.is_some() || self.attached.is_some() {
+            return Err(ModelError::Adapter(
+                "attach adapters to a base without one (this model already has an adapter)".into(),
+            ));
+        }
+        let llama = attach(&self.llama, &adapter)?;
+        let lora = DecodeLora::new(&adapter, &self.llama.config)?;
+        Ok(Model {
+            llama,
+            tokenizer: self.tokenizer.clone(),
+            template: self.template.clone(),
+            source: self.source.clone(),
+            adapter: None,
+            attached: Some(Arc::new(adapter)),
+            lora: Some(Arc::new(lora)),
+            checkpoint: self.checkpoint.clone(),
+            decode: self.decode.clone(),
+        })
+    }
+
+    /// The attached adapter's factors for the decode path, if any.
+    pub fn decode_lora(&self) -> Option<&DecodeLora> {
+        self.lora.as_deref()
     }
 
     /// Loads the adapter folder `dir` (PEFT format) and merges it.

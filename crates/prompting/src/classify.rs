@@ -8,7 +8,7 @@ use supportlm_model::generate::{generate_after, score_and_generate, GenerateOpti
 use supportlm_model::score::{encode_prefix, score_items, PrefixCache};
 use supportlm_model::Model;
 
-use crate::error::Result;
+use crate::error::{PromptError, Result};
 use crate::extract::{extract_label, Extraction, EXTRACTION_FAILED};
 use crate::prompt::{encode_prompts, label_candidates, Prompts};
 
@@ -198,6 +198,62 @@ pub fn classify_both(
     Ok(out)
 }
 
+/// The constrained rule's distribution over the task's labels for messages nobody has labelled (a
+/// server's requests): per message, `(label, probability)` in label order, from one scoring pass over
+/// all of them after the shared prefix. `method` as in [`ClassifyOptions`] (the adapter, for SFT, is
+/// already on `model`); `examples` are the few-shot turns.
+pub fn label_probabilities(
+    model: &Model,
+    messages: &[String],
+    task: Task,
+    method: Method,
+    examples: &[Record],
+) -> Result<Vec<Vec<(&'static str, f64)>>> {
+    if !matches!(task, Task::Category | Task::Intent) {
+        return Err(PromptError::Prompt(format!(
+            "{task} is not a classification task"
+        )));
+    }
+    // The prompts read only the message; the labels of these records are never looked at.
+    let records: Vec<Record> = messages
+        .iter()
+        .enumerate()
+        .map(|(id, m)| Record {
+            id,
+            flags: None,
+            instruction: m.clone(),
+            category: supportlm_data::Category::ALL[0],
+            intent: supportlm_data::Intent::ALL[0],
+            response: None,
+        })
+        .collect();
+    let options = ClassifyOptions {
+        task,
+        method,
+        decision: Decision::Constrained,
+        examples: examples.to_vec(),
+        length_normalize: false,
+        max_new_tokens: 0,
+        batch: records.len().max(1),
+    };
+    let Setup {
+        labels,
+        prompts,
+        prefix,
+        candidates,
+    } = setup(model, &records, &options)?;
+    let scores = score_items(model, &prefix, &prompts.items, &candidates)?;
+    Ok(scores
+        .into_iter()
+        .map(|s| {
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exp: Vec<f64> = s.iter().map(|&x| ((x - max) as f64).exp()).collect();
+            let z: f64 = exp.iter().sum();
+            labels.iter().zip(exp).map(|(&l, e)| (l, e / z)).collect()
+        })
+        .collect())
+}
+
 /// What both rules start from: the task's labels, the encoded prompts, the shared prefix run once,
 /// and each label as a candidate answer.
 struct Setup {
@@ -346,5 +402,60 @@ mod tests {
         assert_eq!(c, constrained);
         assert_eq!(g, generated);
         assert!(g.iter().all(|p| !p.raw.is_empty()));
+    }
+
+    #[test]
+    fn label_probabilities_agree_with_the_constrained_rule() {
+        use supportlm_model::config::Architecture;
+        use supportlm_model::{default_device, tiny};
+        let dir = tempfile::tempdir().unwrap();
+        tiny::write_hf_dir(dir.path(), &tiny::config(Architecture::Llama), 5, 1).unwrap();
+        let model = Model::load(dir.path(), &default_device()).unwrap();
+        let messages = [
+            "where is my order?",
+            "I want my money back",
+            "close my account",
+        ];
+        let records: Vec<Record> = messages
+            .iter()
+            .enumerate()
+            .map(|(id, m)| Record {
+                id,
+                flags: None,
+                instruction: m.to_string(),
+                category: "ORDER".parse().unwrap(),
+                intent: "track_order".parse().unwrap(),
+                response: None,
+            })
+            .collect();
+        for task in [Task::Category, Task::Intent] {
+            let options = ClassifyOptions {
+                task,
+                method: Method::ZeroShot,
+                decision: Decision::Constrained,
+                examples: Vec::new(),
+                length_normalize: false,
+                max_new_tokens: 8,
+                batch: 2,
+            };
+            let want = classify(&model, &records, &options, &mut |_, _| {}).unwrap();
+            let owned: Vec<String> = messages.iter().map(|m| m.to_string()).collect();
+            let got = label_probabilities(&model, &owned, task, Method::ZeroShot, &[]).unwrap();
+            for (p, dist) in want.iter().zip(&got) {
+                assert_eq!(dist.len(), task.labels().len());
+                let (best, conf) =
+                    dist.iter()
+                        .copied()
+                        .fold(("", -1.0), |b, s| if s.1 > b.1 { s } else { b });
+                assert_eq!(best, p.prediction);
+                assert!(
+                    (conf - p.confidence).abs() < 1e-5,
+                    "{conf} vs {}",
+                    p.confidence
+                );
+                assert!((dist.iter().map(|d| d.1).sum::<f64>() - 1.0).abs() < 1e-9);
+            }
+        }
+        assert!(label_probabilities(&model, &[], Task::Response, Method::ZeroShot, &[]).is_err());
     }
 }

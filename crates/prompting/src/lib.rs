@@ -24,5 +24,7 @@ pub mod prompt;
 pub mod report;
 pub mod respond;
 
-pub use classify::{classify, classify_both, ClassifyOptions, Decision, Method, Prediction};
+pub use classify::{
+    classify, classify_both, label_probabilities, ClassifyOptions, Decision, Method, Prediction,
+};
 pub use error::{PromptError, Result};
