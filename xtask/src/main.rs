@@ -1,11 +1,11 @@
 //! Project automation: `cargo xtask setup`, `cargo xtask pipeline`, `cargo xtask publish`, `cargo xtask bench`,
-//! `cargo xtask repro`, `cargo xtask test`, `cargo xtask chaos-train`, `cargo xtask fuzz`. This file only parses and dispatches: each command lives in
+//! `cargo xtask repro`, `cargo xtask test`, `cargo xtask chaos-train`, `cargo xtask fuzz`, `cargo xtask loadtest`. This file only parses and dispatches: each command lives in
 //! `commands/` (one module each), shared helpers in `utils/`.
 
 mod commands;
 mod utils;
 
-use commands::{bench, chaos, fuzz, pipeline, repro, setup};
+use commands::{bench, chaos, fuzz, loadtest, pipeline, repro, setup};
 
 use clap::{Parser, Subcommand};
 
@@ -45,6 +45,8 @@ enum Command {
     ChaosTrain(chaos::ChaosArgs),
     /// Run the parsers' fuzz targets longer than the test suite does (`--iterations`, `--seed`).
     Fuzz(fuzz::FuzzArgs),
+    /// Bounded load against `supportlm serve` on 127.0.0.1: requests/s, latency, errors, peak RSS.
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +71,7 @@ fn main() -> std::process::ExitCode {
         Command::Test => commands::test::run(&utils::workspace_root()),
         Command::ChaosTrain(args) => chaos::run(args),
         Command::Fuzz(args) => fuzz::run(args),
+        Command::Loadtest(args) => loadtest::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod chaos;
 pub mod fuzz;
+pub mod loadtest;
 pub mod pipeline;
 pub mod repro;
 pub mod setup;
