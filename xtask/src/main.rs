@@ -1,11 +1,11 @@
 //! Project automation: `cargo xtask setup`, `cargo xtask pipeline`, `cargo xtask publish`, `cargo xtask bench`,
-//! `cargo xtask repro`, `cargo xtask test`, `cargo xtask chaos-train`, `cargo xtask fuzz`, `cargo xtask loadtest`. This file only parses and dispatches: each command lives in
+//! `cargo xtask repro`, `cargo xtask test`, `cargo xtask chaos-train`, `cargo xtask fuzz`, `cargo xtask loadtest`, `cargo xtask browser-test`. This file only parses and dispatches: each command lives in
 //! `commands/` (one module each), shared helpers in `utils/`.
 
 mod commands;
 mod utils;
 
-use commands::{bench, chaos, fuzz, loadtest, pipeline, repro, setup};
+use commands::{bench, browser, chaos, fuzz, loadtest, pipeline, repro, setup};
 
 use clap::{Parser, Subcommand};
 
@@ -47,6 +47,8 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Bounded load against `supportlm serve` on 127.0.0.1: requests/s, latency, errors, peak RSS.
     Loadtest(loadtest::LoadtestArgs),
+    /// The page in headless Chromium (WebDriver): a message classified, a reply streamed, screenshots.
+    BrowserTest,
 }
 
 fn main() -> std::process::ExitCode {
@@ -72,6 +74,7 @@ fn main() -> std::process::ExitCode {
         Command::ChaosTrain(args) => chaos::run(args),
         Command::Fuzz(args) => fuzz::run(args),
         Command::Loadtest(args) => loadtest::run(args),
+        Command::BrowserTest => browser::run(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -2,9 +2,8 @@
 //! port, and stopped with SIGTERM at the end). Prints requests/s, latency percentiles, errors by status,
 //! for streamed chat the time to the first token and tokens/s per stream, and the server's peak RSS.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -40,10 +39,6 @@ struct Outcome {
     seconds: f64,
     first_token: Option<f64>,
     tokens: usize,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -146,47 +141,18 @@ fn one_request(
     }
 }
 
-fn start_server(args: &LoadtestArgs, port: u16) -> anyhow::Result<Child> {
-    let root = crate::utils::workspace_root();
-    let exe = crate::utils::build_cli(&root)?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--max-queue", "256"])
-        .current_dir(&root)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    if let Some(m) = &args.model {
-        cmd.arg("--model").arg(m);
-    }
-    for a in &args.adapters {
-        cmd.args(["--adapter", a]);
-    }
-    let child = crate::utils::die_with_parent(&mut cmd).spawn()?;
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let started = Instant::now();
-    while agent
-        .get(&format!("http://127.0.0.1:{port}/health"))
-        .call()
-        .is_err()
-    {
-        if started.elapsed() > Duration::from_secs(300) {
-            bail!("the server did not come up within 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(child)
-}
-
 pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     if !["classify", "chat"].contains(&args.endpoint.as_str()) {
         bail!("--endpoint must be classify or chat");
     }
-    let port = free_port()?;
-    let mut server = start_server(&args, port)?;
+    let mut extra: Vec<String> = Vec::new();
+    if let Some(m) = &args.model {
+        extra.extend(["--model".to_string(), m.display().to_string()]);
+    }
+    for a in &args.adapters {
+        extra.extend(["--adapter".to_string(), a.clone()]);
+    }
+    let (mut server, port) = crate::utils::start_serve(&extra)?;
     let base = format!("http://127.0.0.1:{port}");
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)

@@ -3,6 +3,7 @@
 //! command that needs the models calls [`setup::run`] first.
 
 pub mod bench;
+pub mod browser;
 pub mod chaos;
 pub mod fuzz;
 pub mod loadtest;

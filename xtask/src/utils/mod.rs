@@ -89,6 +89,51 @@ pub fn lock_folder(dir: &Path, what: &str) -> anyhow::Result<std::fs::File> {
     }
 }
 
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Waits until `url` answers (any status), for at most `limit`.
+pub fn wait_for(url: &str, limit: std::time::Duration) -> anyhow::Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let started = std::time::Instant::now();
+    while agent.get(url).call().is_err() {
+        anyhow::ensure!(
+            started.elapsed() < limit,
+            "{url} did not answer within {limit:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// Starts `supportlm serve` on 127.0.0.1 and a free port with `extra` arguments, and waits until it
+/// answers. The server dies with this process; stop it with SIGTERM.
+pub fn start_serve(extra: &[String]) -> anyhow::Result<(std::process::Child, u16)> {
+    let root = workspace_root();
+    let exe = build_cli(&root)?;
+    let port = free_port()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--max-queue", "256"])
+        .args(extra)
+        .current_dir(&root)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    let child = die_with_parent(&mut cmd).spawn()?;
+    wait_for(
+        &format!("http://127.0.0.1:{port}/health"),
+        std::time::Duration::from_secs(300),
+    )?;
+    Ok((child, port))
+}
+
 /// Builds the `supportlm` binary (dev profile) and returns its path. Cargo's progress stays visible:
 /// on a cold machine this is the half-hour build a user should see moving.
 pub fn build_cli(root: &Path) -> anyhow::Result<PathBuf> {
