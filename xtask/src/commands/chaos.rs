@@ -720,11 +720,12 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let adapter = work.join("adapter");
     remove_dir(&adapter)?;
     std::fs::rename(train.out.join("adapter"), &adapter)?;
-    let classify = Workload {
-        name: "eval-classify",
-        args: [
+    // Both evaluations: the trained adapter on the tiny model, resumable in their --out folder.
+    let eval = |name: &'static str, command: &str, data: &Path, own: &[&str], fingerprint| {
+        let out = work.join(name);
+        let mut args: Vec<String> = [
             "eval",
-            "classify",
+            command,
             "--method",
             "sft",
             "--adapter",
@@ -732,34 +733,39 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
             "--model",
             &s(&model),
             "--data",
-            &s(&cat_split),
-            "--limit",
-            "160",
-            "--bootstrap",
-            "50",
-            "--out",
-            &s(&work.join("classify")),
+            &s(data),
         ]
         .iter()
         .map(|x| x.to_string())
-        .collect(),
-        out: work.join("classify"),
-        fingerprint: classify_fingerprint,
+        .collect();
+        args.extend(own.iter().map(|x| x.to_string()));
+        args.extend([
+            "--bootstrap".to_string(),
+            "50".into(),
+            "--out".into(),
+            s(&out),
+        ]);
+        Workload {
+            name,
+            args,
+            out,
+            fingerprint,
+        }
     };
+    let classify = eval(
+        "eval-classify",
+        "classify",
+        &cat_split,
+        &["--limit", "160"],
+        classify_fingerprint,
+    );
     h.torture(&classify, args.eval_kills, &mut rng, &mut records)?;
-    let respond = Workload {
-        name: "eval-respond",
-        args: [
-            "eval",
-            "respond",
-            "--method",
-            "sft",
-            "--adapter",
-            &s(&adapter),
-            "--model",
-            &s(&model),
-            "--data",
-            &s(&resp_split),
+    let judge = s(&model);
+    let respond = eval(
+        "eval-respond",
+        "respond",
+        &resp_split,
+        &[
             "--limit",
             "64",
             "--max-new-tokens",
@@ -767,20 +773,12 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
             "--embedder",
             "none",
             "--judge",
-            &s(&model),
+            &judge,
             "--judge-items",
             "10",
-            "--bootstrap",
-            "50",
-            "--out",
-            &s(&work.join("respond")),
-        ]
-        .iter()
-        .map(|x| x.to_string())
-        .collect(),
-        out: work.join("respond"),
-        fingerprint: respond_fingerprint,
-    };
+        ],
+        respond_fingerprint,
+    );
     h.torture(&respond, args.eval_kills, &mut rng, &mut records)?;
 
     if args.pipeline_kills > 0 {
