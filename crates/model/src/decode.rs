@@ -44,78 +44,30 @@ pub struct DecodeWeights {
     sin: Vec<f32>,
 }
 
-/// One layer's adapted projections, by [`target_slot`]: `(A [r × in], B [out × r])`.
-type LoraLayer = [Option<(Vec<f32>, Vec<f32>)>; 7];
-
-/// An adapter kept beside the decode weights instead of merged into them: `y = W x + scale · B (A x)` for
-/// each adapted projection. What one more adapter costs when many share a base: its factors in f32
-/// (`r × (in + out)` values per projection), nothing of the base.
-#[derive(Debug, Clone)]
-pub struct DecodeLora {
-    scale: f32,
-    r: usize,
-    /// `layers[layer][target]`: `(A [r × in], B [out × r])` of the adapted projections.
-    layers: Vec<LoraLayer>,
-}
-
-impl DecodeLora {
-    /// The adapter's factors in decode layout (Hugging Face row order, as the decode weights).
-    pub fn new(adapter: &Adapter, config: &ModelConfig) -> Result<Self> {
-        adapter.validate_for(config)?;
-        let mut layers: Vec<LoraLayer> = (0..config.num_hidden_layers)
-            .map(|_| Default::default())
+/// Adds an unmerged adapter's `scale · B (A x)` of `(layer, target)` to each row's output slice
+/// `ys[row][from..]` (nothing when the adapter leaves that projection alone). The factors are the
+/// adapter's own (`A [r × in]`, `B [out × r]`, Hugging Face row order, as the decode weights).
+fn add_lora(
+    adapter: &Adapter,
+    layer: usize,
+    target: Target,
+    xs: &[Vec<f32>],
+    ys: &mut [Vec<f32>],
+    from: usize,
+) {
+    let Some(pair) = adapter.weights.get(&(layer, target)) else {
+        return;
+    };
+    let (r, scale) = (adapter.config.r, adapter.config.scale() as f32);
+    for (x, y) in xs.iter().zip(ys.iter_mut()) {
+        let t: Vec<f32> = pair
+            .a
+            .chunks_exact(x.len())
+            .map(|row| dot(row, x) * scale)
             .collect();
-        for (&(layer, target), pair) in &adapter.weights {
-            layers[layer][target_slot(target)] = Some((pair.a.clone(), pair.b.clone()));
+        for (out, brow) in y[from..].iter_mut().zip(pair.b.chunks_exact(r)) {
+            *out += dot(brow, &t);
         }
-        Ok(DecodeLora {
-            scale: adapter.config.scale() as f32,
-            r: adapter.config.r,
-            layers,
-        })
-    }
-
-    /// Bytes its factors take.
-    pub fn size_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|(a, b)| 4 * (a.len() + b.len()))
-            .sum()
-    }
-
-    /// Adds `scale · B (A x)` of `(layer, target)` to each row's output slice `ys[row][from..]`.
-    fn add(&self, layer: usize, target: Target, xs: &[Vec<f32>], ys: &mut [Vec<f32>], from: usize) {
-        let Some((a, b)) = &self.layers[layer][target_slot(target)] else {
-            return;
-        };
-        let r = self.r;
-        for (x, y) in xs.iter().zip(ys.iter_mut()) {
-            let t: Vec<f32> = a
-                .chunks_exact(x.len())
-                .map(|row| dot_f32(row, x) * self.scale)
-                .collect();
-            for (out, brow) in y[from..].iter_mut().zip(b.chunks_exact(r)) {
-                *out += dot_f32(brow, &t);
-            }
-        }
-    }
-}
-
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn target_slot(t: Target) -> usize {
-    match t {
-        Target::QProj => 0,
-        Target::KProj => 1,
-        Target::VProj => 2,
-        Target::OProj => 3,
-        Target::GateProj => 4,
-        Target::UpProj => 5,
-        Target::DownProj => 6,
     }
 }
 
@@ -457,13 +409,14 @@ impl DecodeWeights {
         self.step_with(tokens, active, state, None)
     }
 
-    /// [`DecodeWeights::step`] with an unmerged adapter added to every projection it adapts.
+    /// [`DecodeWeights::step`] with an unmerged adapter (one already validated against this model, as
+    /// [`crate::lora::attach`] does) added to every projection it adapts.
     pub fn step_with(
         &self,
         tokens: &[u32],
         active: &[bool],
         state: &mut DecodeState,
-        lora: Option<&DecodeLora>,
+        lora: Option<&Adapter>,
     ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let b = tokens.len();
@@ -530,9 +483,9 @@ impl DecodeWeights {
             let mut qkv = stacked_matvec(&layer.qkv, &n);
             let (q_out, kv_out) = (h * d, kvh * d);
             if let Some(l) = lora {
-                l.add(li, Target::QProj, &n, &mut qkv, 0);
-                l.add(li, Target::KProj, &n, &mut qkv, q_out);
-                l.add(li, Target::VProj, &n, &mut qkv, q_out + kv_out);
+                add_lora(l, li, Target::QProj, &n, &mut qkv, 0);
+                add_lora(l, li, Target::KProj, &n, &mut qkv, q_out);
+                add_lora(l, li, Target::VProj, &n, &mut qkv, q_out + kv_out);
             }
             let split = |from: usize, len: usize, bias: Option<&Vec<f32>>| -> Vec<Vec<f32>> {
                 qkv.iter()
@@ -570,7 +523,7 @@ impl DecodeWeights {
                 .collect();
             let mut o = matvec(&layer.o, &attn_out, layer.o_bias.as_ref());
             if let Some(l) = lora {
-                l.add(li, Target::OProj, &attn_out, &mut o, 0);
+                add_lora(l, li, Target::OProj, &attn_out, &mut o, 0);
             }
             for (xr, or) in x.iter_mut().zip(&o) {
                 xr.iter_mut().zip(or).for_each(|(a, b)| *a += b);
@@ -581,8 +534,8 @@ impl DecodeWeights {
                 .collect();
             let mut gate_up = stacked_matvec(&layer.gate_up, &n);
             if let Some(l) = lora {
-                l.add(li, Target::GateProj, &n, &mut gate_up, 0);
-                l.add(li, Target::UpProj, &n, &mut gate_up, c.intermediate_size);
+                add_lora(l, li, Target::GateProj, &n, &mut gate_up, 0);
+                add_lora(l, li, Target::UpProj, &n, &mut gate_up, c.intermediate_size);
             }
             let act: Vec<Vec<f32>> = gate_up
                 .iter()
@@ -596,7 +549,7 @@ impl DecodeWeights {
                 .collect();
             let mut down = matvec(&layer.down, &act, None);
             if let Some(l) = lora {
-                l.add(li, Target::DownProj, &act, &mut down, 0);
+                add_lora(l, li, Target::DownProj, &act, &mut down, 0);
             }
             for (xr, dr) in x.iter_mut().zip(&down) {
                 xr.iter_mut().zip(dr).for_each(|(a, b)| *a += b);

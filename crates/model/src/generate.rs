@@ -66,10 +66,7 @@ pub fn generate(
     options: &GenerateOptions,
     on_token: &mut dyn FnMut(usize, u32, &str),
 ) -> Result<Vec<Generation>> {
-    generate_controlled(model, prompts, options, &mut |row, id, text| {
-        on_token(row, id, text);
-        true
-    })
+    generate_controlled(model, prompts, options, &mut always(on_token))
 }
 
 /// [`generate`] where the caller may stop a row: `on_token` returns `false` to end that row's
@@ -272,7 +269,7 @@ fn decode(
             break;
         }
         let active: Vec<bool> = done.iter().map(|d| !d).collect();
-        logits = weights.step_with(&next, &active, &mut state, model.decode_lora())?;
+        logits = weights.step_with(&next, &active, &mut state, model.attached.as_deref())?;
     }
     for g in &mut out {
         if g.stop != StopReason::StopString {

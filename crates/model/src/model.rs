@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
-use crate::decode::{DecodeLora, DecodeWeights};
+use crate::decode::DecodeWeights;
 use crate::error::{ModelError, Result};
 use crate::llama::Llama;
 use crate::loader::{load_llama, GgufSource, SafetensorsDir, TensorSource};
@@ -95,10 +95,9 @@ pub struct Model {
     pub source: PathBuf,
     /// The adapter merged into the weights, if any.
     pub adapter: Option<Adapter>,
-    /// The adapter attached unmerged (see [`Model::attach_adapter`]), if any.
+    /// The adapter attached unmerged (see [`Model::attach_adapter`]), if any; the decode path reads
+    /// its factors from here.
     pub attached: Option<Arc<Adapter>>,
-    /// The attached adapter's factors for the decode path.
-    lora: Option<Arc<DecodeLora>>,
     /// Shared by a base and the models attached to it.
     checkpoint: Arc<Weights>,
     decode: Arc<OnceLock<DecodeWeights>>,
@@ -153,7 +152,6 @@ impl Model {
             source: path,
             adapter: None,
             attached: None,
-            lora: None,
             checkpoint: Arc::new(weights),
             decode: Arc::new(OnceLock::new()),
         })
@@ -205,7 +203,7 @@ impl Model {
     /// memory-mapped checkpoint, decode weights) are shared, not copied; the adapter's factors are added
     /// on every adapted projection, in prefill and scoring (Burn) and in decoding. One base in memory
     /// serves any number of adapters this way; each costs its factors (`r × (in + out)` f32 values per
-    /// adapted projection, twice: once as Burn tensors, once for the decode path).
+    /// adapted projection, twice: once as Burn tensors, once as the adapter the decode path reads).
     pub fn attach_adapter(&self, adapter: Adapter) -> Result<Self> {
         if self.adapter.is_some() || self.attached.is_some() {
             return Err(ModelError::Adapter(
@@ -213,7 +211,6 @@ impl Model {
             ));
         }
         let llama = attach(&self.llama, &adapter)?;
-        let lora = DecodeLora::new(&adapter, &self.llama.config)?;
         Ok(Model {
             llama,
             tokenizer: self.tokenizer.clone(),
@@ -221,15 +218,9 @@ impl Model {
             source: self.source.clone(),
             adapter: None,
             attached: Some(Arc::new(adapter)),
-            lora: Some(Arc::new(lora)),
             checkpoint: self.checkpoint.clone(),
             decode: self.decode.clone(),
         })
-    }
-
-    /// The attached adapter's factors for the decode path, if any.
-    pub fn decode_lora(&self) -> Option<&DecodeLora> {
-        self.lora.as_deref()
     }
 
     /// Loads the adapter folder `dir` (PEFT format) and merges it.
