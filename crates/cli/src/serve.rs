@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use supportlm_model::BaseQuant;
 use supportlm_serve::ServeConfig;
 
 use crate::shared::DEFAULT_MODEL;
@@ -15,6 +16,10 @@ pub struct ServeArgs {
     /// Base model: a .gguf file or a Hugging Face folder (loaded once).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
+    /// How the base's linear weights are held: none (f32), int8 or nf4 (the codes QLoRA trains
+    /// against; less memory).
+    #[arg(long, default_value = "none")]
+    base_quant: BaseQuant,
     /// An adapter (PEFT folder) attached to the base under NAME, chosen per request (repeatable).
     #[arg(long = "adapter", value_name = "NAME=DIR")]
     adapters: Vec<String>,
@@ -62,6 +67,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let config = ServeConfig {
         model: args.model,
+        base_quant: args.base_quant,
         adapters,
         classify_adapter: args.classify_adapter,
         respond_adapter: args.respond_adapter,

@@ -14,6 +14,7 @@ use crate::loader::{unpermute_order, TensorSource};
 use crate::lora::Adapter;
 use crate::names::{self, Target};
 use supportlm_quant::kernels::{dot, QMatrix, MAX_BATCH};
+use supportlm_quant::BaseQuant;
 
 /// One layer's weights in kernel formats.
 #[derive(Debug, Clone)]
@@ -318,6 +319,13 @@ fn stacked_matvec(parts: &[QMatrix], xs: &[Vec<f32>]) -> Vec<Vec<f32>> {
 impl DecodeWeights {
     /// Reads the decode weights (quantized where the source has them) by Hugging Face name.
     pub fn load(src: &dyn TensorSource, config: &ModelConfig) -> Result<Self> {
+        Self::load_as(src, config, BaseQuant::None)
+    }
+
+    /// [`DecodeWeights::load`] with the layers' linear weights re-quantized in `quant`'s format
+    /// (`none`: as stored), from the values the Burn model holds: the same codes
+    /// [`crate::llama::Llama::quantize_linears`] and QLoRA training make.
+    pub fn load_as(src: &dyn TensorSource, config: &ModelConfig, quant: BaseQuant) -> Result<Self> {
         let c = config;
         let (hidden, d) = (c.hidden_size, c.head_dim());
         let permuted = src.raw_is_permuted() && c.model_type == Architecture::Llama;
@@ -332,7 +340,11 @@ impl DecodeWeights {
             let ln = names::layer(i);
             let m = |t: Target| {
                 let [rows, cols] = t.shape(c);
-                matrix(src, &ln.proj(t).weight(), rows, cols, heads(t))
+                let stored = matrix(src, &ln.proj(t).weight(), rows, cols, heads(t))?;
+                Ok::<_, ModelError>(match quant {
+                    BaseQuant::None => stored,
+                    _ => QMatrix::quantize(&stored.dequantize(), rows, cols, quant),
+                })
             };
             let bias = |t: Target| -> Result<Option<Vec<f32>>> {
                 if !t.has_bias(c) {

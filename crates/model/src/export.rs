@@ -49,7 +49,7 @@ fn named_weights(llama: &Llama) -> Result<Vec<NamedWeight>> {
             push(
                 p.weight(),
                 linear.weight.dims().to_vec(),
-                to_vec(linear.weight.clone())?,
+                to_vec(linear.weight.tensor(&llama.device))?,
             );
             if let Some(bias) = &linear.bias {
                 push(p.bias(), bias.dims().to_vec(), to_vec(bias.clone())?);

@@ -4,7 +4,8 @@
 //! What lives where:
 //! - [`config`] mirrors `config.json`; [`names`] spells every checkpoint tensor name (Hugging Face and
 //!   GGUF); [`loader`] maps checkpoints to fields through it.
-//! - [`llama`] is the decoder (llama and qwen2) in Burn, [`cache`] its KV cache; [`decode`] is the
+//! - [`llama`] is the decoder (llama and qwen2) in Burn ([`weight`]: its linear weights, f32 or int8 / NF4
+//!   dequantized when a layer runs), [`cache`] its KV cache; [`decode`] is the
 //!   token-by-token path over quantized weights with the kernels of `supportlm_quant`.
 //! - [`tokenizer`] builds tokenizers from `tokenizer.json` or GGUF metadata; [`chat`] renders chat templates.
 //! - [`sampling`], [`generate`]: picking tokens and the generation loop; [`score`]: candidate log-probs
@@ -17,7 +18,7 @@
 //! - [`alloc`]: allocator settings the binaries apply for long tensor workloads.
 //!
 //! Not here: GGUF parsing and quantized kernels (`supportlm-quant`), datasets, prompts for the study's
-//! tasks, training (`supportlm-train`: the frozen quantized base, backprop, dropout), metrics.
+//! tasks, training (`supportlm-train`: backprop, dropout, the optimizer), metrics.
 
 pub mod alloc;
 pub mod bert;
@@ -37,10 +38,12 @@ pub mod sampling;
 pub mod score;
 pub mod tiny;
 pub mod tokenizer;
+pub mod weight;
 
 pub use burn::tensor::Device;
 pub use error::{ModelError, Result};
 pub use model::Model;
+pub use supportlm_quant::BaseQuant;
 
 /// The CPU device (burn-flex) everything runs on by default.
 pub fn default_device() -> Device {

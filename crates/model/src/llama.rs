@@ -14,6 +14,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::cache::{KvCache, LayerCache};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
+use crate::lora::Target;
+use crate::weight::BaseWeight;
+use supportlm_quant::BaseQuant;
 
 /// Copies a tensor's values to the host.
 pub fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
@@ -60,7 +63,7 @@ impl LowRank for LoraDelta {
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// `[out, in]`.
-    pub weight: Tensor<2>,
+    pub weight: BaseWeight,
     /// `[out]`.
     pub bias: Option<Tensor<1>>,
     /// An attached, unmerged low-rank update.
@@ -71,7 +74,7 @@ impl Linear {
     /// A linear layer without an adapter.
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
         Linear {
-            weight,
+            weight: BaseWeight::F32(weight),
             bias,
             lora: None,
         }
@@ -83,7 +86,9 @@ impl Linear {
         let [b, s, i] = x.dims();
         let [out, _] = self.weight.dims();
         let x = x.reshape([b * s, i]);
-        let mut y = x.clone().matmul(self.weight.clone().transpose());
+        let mut y = x
+            .clone()
+            .matmul(self.weight.tensor(&x.device()).transpose());
         if let Some(bias) = &self.bias {
             y = y + bias.clone().unsqueeze_dim(0);
         }
@@ -325,6 +330,27 @@ impl StepInput {
 }
 
 impl Llama {
+    /// Stores every f32 linear weight of the layers in `quant`'s format (the same values QLoRA
+    /// training quantizes: Hugging Face layout, one matrix at a time); embeddings, norms and the LM head
+    /// stay f32. Layers then dequantize their weights when they run.
+    pub fn quantize_linears(&mut self, quant: BaseQuant) -> Result<()> {
+        if quant == BaseQuant::None {
+            return Ok(());
+        }
+        let device = self.device.clone();
+        for layer in &mut self.layers {
+            for target in Target::ALL {
+                let linear = layer.linear_mut(target);
+                if let BaseWeight::F32(t) = &linear.weight {
+                    let [rows, cols] = t.dims();
+                    let values = to_vec(t.clone())?;
+                    linear.weight = BaseWeight::new(values, rows, cols, quant, &device);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// An empty KV cache for `batch` rows.
     pub fn new_cache(&self, batch: usize) -> KvCache {
         KvCache::new(self.layers.len(), batch)

@@ -18,6 +18,8 @@ use supportlm_quant::gguf::GgufFile;
 use crate::error::{ModelError, Result};
 use crate::llama::{Attention, DecoderLayer, Linear, Llama, Mlp, RmsNorm, Rope};
 use crate::names::{self, Target};
+use crate::weight::BaseWeight;
+use supportlm_quant::BaseQuant;
 
 /// A tensor as stored: GGML blocks and the shape in PyTorch order.
 #[derive(Debug, Clone)]
@@ -254,6 +256,17 @@ impl TensorSource for SafetensorsDir {
 
 /// Builds the decoder from a source, checking every tensor's shape against the configuration.
 pub fn load_llama(src: &dyn TensorSource, config: &ModelConfig, device: &Device) -> Result<Llama> {
+    load_llama_as(src, config, BaseQuant::None, device)
+}
+
+/// [`load_llama`] with the layers' linear weights held in `quant`'s format, each quantized as it is
+/// read (the f32 values of one matrix at a time, never the whole model's).
+pub fn load_llama_as(
+    src: &dyn TensorSource,
+    config: &ModelConfig,
+    quant: BaseQuant,
+    device: &Device,
+) -> Result<Llama> {
     config.validate()?;
     crate::alloc::ensure_fits(
         &format!("a {}M-parameter model", config.num_params() / 1_000_000),
@@ -286,13 +299,17 @@ pub fn load_llama(src: &dyn TensorSource, config: &ModelConfig, device: &Device)
         let linear = |t: Target| -> Result<Linear> {
             let [out, inp] = t.shape(c);
             let p = ln.proj(t);
-            let weight = t2(need(&p.weight(), &[out, inp])?, [out, inp]);
+            let weight = BaseWeight::new(need(&p.weight(), &[out, inp])?, out, inp, quant, device);
             let bias = if t.has_bias(c) {
                 Some(t1(need(&p.bias(), &[out])?))
             } else {
                 None
             };
-            Ok(Linear::new(weight, bias))
+            Ok(Linear {
+                weight,
+                bias,
+                lora: None,
+            })
         };
         layers.push(DecoderLayer {
             input_layernorm: norm(&ln.input_norm())?,

@@ -11,10 +11,11 @@ use crate::config::ModelConfig;
 use crate::decode::DecodeWeights;
 use crate::error::{ModelError, Result};
 use crate::llama::Llama;
-use crate::loader::{load_llama, GgufSource, SafetensorsDir, TensorSource};
+use crate::loader::{load_llama_as, GgufSource, SafetensorsDir, TensorSource};
 use crate::lora::{attach, merge, Adapter, MergedSource};
 use crate::tokenizer::Tokenizer;
 use supportlm_quant::gguf::GgufFile;
+use supportlm_quant::BaseQuant;
 
 /// The checkpoint file(s), kept open (memory-mapped) for weights read later.
 enum Weights {
@@ -98,6 +99,8 @@ pub struct Model {
     /// The adapter attached unmerged (see [`Model::attach_adapter`]), if any; the decode path reads
     /// its factors from here.
     pub attached: Option<Arc<Adapter>>,
+    /// How the layers' linear weights are held (see [`Model::quantize_base`]).
+    pub base_quant: BaseQuant,
     /// Shared by a base and the models attached to it.
     checkpoint: Arc<Weights>,
     decode: Arc<OnceLock<DecodeWeights>>,
@@ -118,8 +121,24 @@ impl Model {
         Self::from_checkpoint(Checkpoint::open(path)?, device)
     }
 
+    /// [`Model::load`] with the base's linear weights held in `quant`'s format (see
+    /// [`Model::quantize_base`]), quantized one matrix at a time as they are read: the f32 model is
+    /// never in memory whole.
+    pub fn load_as(path: &Path, quant: BaseQuant, device: &Device) -> Result<Self> {
+        Self::from_checkpoint_as(Checkpoint::open(path)?, quant, device)
+    }
+
     /// Builds the decoder of an opened checkpoint.
     pub fn from_checkpoint(checkpoint: Checkpoint, device: &Device) -> Result<Self> {
+        Self::from_checkpoint_as(checkpoint, BaseQuant::None, device)
+    }
+
+    /// [`Model::from_checkpoint`] with the linear weights in `quant`'s format.
+    pub fn from_checkpoint_as(
+        checkpoint: Checkpoint,
+        quant: BaseQuant,
+        device: &Device,
+    ) -> Result<Self> {
         let Checkpoint {
             path,
             config,
@@ -127,15 +146,16 @@ impl Model {
             weights,
         } = checkpoint;
         let llama = match &weights {
-            Weights::Gguf(file) => load_llama(
+            Weights::Gguf(file) => load_llama_as(
                 &GgufSource {
                     file,
                     config: &config,
                 },
                 &config,
+                quant,
                 device,
             )?,
-            Weights::Hf(dir) => load_llama(dir, &config, device)?,
+            Weights::Hf(dir) => load_llama_as(dir, &config, quant, device)?,
         };
         if tokenizer.vocab_size() > llama.config.vocab_size {
             return Err(ModelError::Tokenizer(format!(
@@ -152,6 +172,7 @@ impl Model {
             source: path,
             adapter: None,
             attached: None,
+            base_quant: quant,
             checkpoint: Arc::new(weights),
             decode: Arc::new(OnceLock::new()),
         })
@@ -180,7 +201,7 @@ impl Model {
                 },
                 config,
             )?,
-            None => DecodeWeights::load(base, config)?,
+            None => DecodeWeights::load_as(base, config, self.base_quant)?,
         };
         Ok(self.decode.get_or_init(|| weights))
     }
@@ -192,6 +213,12 @@ impl Model {
             return Err(ModelError::Adapter(
                 "this model already has an adapter merged in".into(),
             ));
+        }
+        if self.base_quant != BaseQuant::None {
+            return Err(ModelError::Adapter(format!(
+                "an adapter cannot be merged into a {} base: attach it instead",
+                self.base_quant
+            )));
         }
         merge(&mut self.llama, &adapter)?;
         self.adapter = Some(adapter);
@@ -218,9 +245,36 @@ impl Model {
             source: self.source.clone(),
             adapter: None,
             attached: Some(Arc::new(adapter)),
+            base_quant: self.base_quant,
             checkpoint: self.checkpoint.clone(),
             decode: self.decode.clone(),
         })
+    }
+
+    /// Holds the layers' linear weights in `quant`'s format (int8 or NF4, the formats QLoRA trains
+    /// against, with the same codes) instead of f32: in the Burn model, dequantized one matrix at a time
+    /// when a layer runs, and in the decode path, read by the kernels straight from the codes.
+    /// Embeddings, norms and the LM head stay as loaded. Adapters are then attached (not merged) to
+    /// the quantized base. For a base without an adapter.
+    pub fn quantize_base(mut self, quant: BaseQuant) -> Result<Self> {
+        if self.adapter.is_some() || self.attached.is_some() {
+            return Err(ModelError::Adapter(
+                "quantize the base before attaching an adapter to it".into(),
+            ));
+        }
+        if quant == self.base_quant {
+            return Ok(self);
+        }
+        if self.base_quant != BaseQuant::None {
+            return Err(ModelError::Input(format!(
+                "the base is already {}; load it again for {quant}",
+                self.base_quant
+            )));
+        }
+        self.llama.quantize_linears(quant)?;
+        self.base_quant = quant;
+        self.decode = Arc::new(OnceLock::new());
+        Ok(self)
     }
 
     /// Loads the adapter folder `dir` (PEFT format) and merges it.

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use supportlm_data::{Category, Task};
 use supportlm_model::sampling::SamplingConfig;
+use supportlm_model::BaseQuant;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{ChatMessage, ClassifyJob, Engine, Finish, GenEvent, GenerateJob, Job, Prompt};
@@ -34,6 +35,8 @@ pub struct AppState {
     pub engine: Engine,
     /// The base's id.
     pub base_id: String,
+    /// How the base's linear weights are held.
+    pub base_quant: BaseQuant,
     /// Attached adapters, by name.
     pub adapters: Vec<String>,
     /// The adapter `/api/process` classifies with (`None`: the base, 0-shot).
@@ -128,7 +131,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({
         "status": "ok",
         "model": state.base_id,
-        "base_quant": "none",
+        "base_quant": state.base_quant,
         "adapters": state.adapters,
         "classify_adapter": state.classify_adapter,
         "respond_adapter": state.respond_adapter,

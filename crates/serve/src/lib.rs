@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use supportlm_model::lora::Adapter;
-use supportlm_model::{default_device, Model};
+use supportlm_model::{default_device, BaseQuant, Model};
 
 pub use engine::{Engine, Models};
 pub use error::ServeError;
@@ -28,6 +28,10 @@ pub use error::ServeError;
 pub struct ServeConfig {
     /// The base: a GGUF file or a Hugging Face folder.
     pub model: PathBuf,
+    /// How the base's linear weights are held: f32 (`none`), or int8 / NF4 with the codes QLoRA
+    /// training uses (less memory; adapters trained on such a base then see the weights they were
+    /// trained against).
+    pub base_quant: BaseQuant,
     /// Adapters to attach, by the name requests use.
     pub adapters: Vec<(String, PathBuf)>,
     /// The adapter `/api/process` (and `/api/generate` without a category) classifies with; default:
@@ -64,7 +68,7 @@ pub enum StartError {
 /// Loads the base once and attaches every adapter to it (their factors are the only per-adapter
 /// memory).
 pub fn load_models(config: &ServeConfig) -> Result<Models, StartError> {
-    let base = Model::load(&config.model, &default_device())?;
+    let base = Model::load_as(&config.model, config.base_quant, &default_device())?;
     let base_id = config
         .model
         .file_name()
@@ -113,11 +117,13 @@ pub fn app_state(
     let classify_adapter = pick(&config.classify_adapter, "classify");
     let respond_adapter = pick(&config.respond_adapter, "respond");
     let base_id = models.base_id.clone();
+    let base_quant = models.base.base_quant;
     let adapters = models.adapters.keys().cloned().collect();
     let (engine, worker) = Engine::start(models, config.max_queue);
     let state = Arc::new(api::AppState {
         engine,
         base_id,
+        base_quant,
         adapters,
         classify_adapter,
         respond_adapter,

@@ -10,7 +10,7 @@ use supportlm_data::Task;
 use supportlm_model::config::Architecture;
 use supportlm_model::generate::{generate, GenerateOptions};
 use supportlm_model::lora::{Adapter, LoraConfig};
-use supportlm_model::{default_device, tiny, Model};
+use supportlm_model::{default_device, tiny, BaseQuant, Model};
 use supportlm_prompting::{label_probabilities, Method};
 use supportlm_serve::ServeConfig;
 
@@ -65,6 +65,7 @@ impl Drop for Server {
 fn config(f: &Fixture) -> ServeConfig {
     ServeConfig {
         model: f.model.clone(),
+        base_quant: BaseQuant::None,
         adapters: vec![("classify".into(), f.adapter.clone())],
         classify_adapter: None,
         respond_adapter: None,
@@ -159,6 +160,7 @@ fn health_models_and_the_page() {
     let h: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(h["status"], "ok");
     assert_eq!(h["model"], "tiny");
+    assert_eq!(h["base_quant"], "none");
     assert_eq!(h["adapters"], json!(["classify"]));
     assert_eq!(h["classify_adapter"], "classify");
     assert!(h["uptime_s"].as_f64().unwrap() >= 0.0 && h["queue_depth"] == 0);
@@ -179,6 +181,60 @@ fn health_models_and_the_page() {
         "the page loads nothing external"
     );
     assert_eq!(get(&format!("{}/health", s.url)).0, 200);
+}
+
+#[test]
+fn an_nf4_base_serves_what_the_library_computes_on_that_base() {
+    let f = fixture();
+    let s = start(ServeConfig {
+        base_quant: BaseQuant::Nf4,
+        ..config(&f)
+    });
+    let (_, body) = get(&format!("{}/api/health", s.url));
+    let h: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(h["base_quant"], "nf4");
+    let base = Model::load(&f.model, &default_device())
+        .unwrap()
+        .quantize_base(BaseQuant::Nf4)
+        .unwrap();
+    let with = base
+        .attach_adapter(Adapter::load(&f.adapter, &base.llama.config).unwrap())
+        .unwrap();
+    let message = "where is my parcel";
+    let want = label_probabilities(&with, &[message.into()], Task::Category, Method::Sft, &[])
+        .unwrap()
+        .remove(0);
+    let (best, p) = want
+        .iter()
+        .copied()
+        .fold(("", -1.0), |b, s| if s.1 > b.1 { s } else { b });
+    let (st, v) = post(
+        &format!("{}/api/classify", s.url),
+        json!({"message": message, "adapter": "classify"}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["label"], best);
+    assert!(
+        (v["confidence"].as_f64().unwrap() - p).abs() < 1e-4,
+        "{v} vs {p}"
+    );
+
+    let messages = json!([{"role": "user", "content": "hello there"}]);
+    let ids = with
+        .encode_chat(messages.as_array().unwrap(), true)
+        .unwrap();
+    let mut text = String::new();
+    let options = GenerateOptions {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
+    generate(&with, &[ids], &options, &mut |_, _, t| text.push_str(t)).unwrap();
+    let (st, v) = post(
+        &format!("{}/v1/chat/completions", s.url),
+        json!({"model": "classify", "messages": messages, "max_tokens": 12, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], text.as_str());
 }
 
 #[test]

@@ -25,6 +25,9 @@ pub struct LoadtestArgs {
     /// The base model (default: the default model).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// How the server holds the base's linear weights (`none`, `int8`, `nf4`).
+    #[arg(long, default_value = "none")]
+    base_quant: String,
     /// Adapters to attach (`NAME=DIR`); the first is used by the requests.
     #[arg(long = "adapter", value_name = "NAME=DIR")]
     adapters: Vec<String>,
@@ -145,7 +148,7 @@ pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
     if !["classify", "chat"].contains(&args.endpoint.as_str()) {
         bail!("--endpoint must be classify or chat");
     }
-    let mut extra: Vec<String> = Vec::new();
+    let mut extra: Vec<String> = vec!["--base-quant".into(), args.base_quant.clone()];
     if let Some(m) = &args.model {
         extra.extend(["--model".to_string(), m.display().to_string()]);
     }
@@ -172,9 +175,10 @@ pub fn run(args: LoadtestArgs) -> anyhow::Result<()> {
         .map(|(n, _)| n.to_string());
     let messages = messages().context("reading the messages")?;
     println!(
-        "loadtest: {} × {} on {model}{}, server on 127.0.0.1:{port}",
+        "loadtest: {} × {} on {model} ({} base){}, server on 127.0.0.1:{port}",
         args.requests,
         args.endpoint,
+        health["base_quant"].as_str().unwrap_or("?"),
         adapter
             .as_ref()
             .map_or(String::new(), |a| format!(" with adapter {a}"))

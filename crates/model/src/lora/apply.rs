@@ -12,6 +12,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::llama::{DecoderLayer, Linear, Llama, LoraDelta};
 use crate::loader::{RawTensor, TensorSource};
+use crate::weight::BaseWeight;
 
 impl DecoderLayer {
     /// The projection `target` of this layer.
@@ -72,8 +73,11 @@ fn add_delta(llama: &mut Llama, adapter: &Adapter, sign: f32) -> Result<()> {
         }
         let device = llama.device.clone();
         let linear = llama.layers[layer].linear_mut(target);
-        linear.weight = linear.weight.clone()
-            + Tensor::<2>::from_data(TensorData::new(delta, [out, inp]), &device);
+        // A quantized weight is dequantized first: the merged weight is f32.
+        linear.weight = BaseWeight::F32(
+            linear.weight.tensor(&device)
+                + Tensor::<2>::from_data(TensorData::new(delta, [out, inp]), &device),
+        );
     }
     Ok(())
 }

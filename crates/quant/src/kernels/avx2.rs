@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Job, QFormat, PREFETCH};
+use super::{Job, QFormat, MAX_BATCH, NF4_BLOCK_BYTES, PREFETCH};
 
 // Always inlined into `row_dot`, whose target features then apply to the intrinsics.
 #[inline(always)]
@@ -85,6 +85,7 @@ unsafe fn block(format: QFormat, row: *const u8, k: usize) -> ([__m256; 4], f32)
             ];
             (ws, f16_ptr(blk))
         }
+        QFormat::Nf4 | QFormat::Int8 => unreachable!("read by rows_dot_nf4 / rows_dot_int8"),
     }
 }
 
@@ -216,6 +217,7 @@ unsafe fn dot1(job: &Job<'_>, i: usize) -> f32 {
                 extra += *w.add(k) * *x.add(k);
             }
         }
+        QFormat::Nf4 | QFormat::Int8 => unreachable!("read by rows_dot_nf4 / rows_dot_int8"),
     }
     hsum(acc) + extra
 }
@@ -269,6 +271,97 @@ pub(crate) unsafe fn nf4_block(scaled: &[f32; 16], bytes: &[u8], out: &mut [f32]
             let high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, seven));
             let values = _mm256_blendv_ps(from_low, from_high, high);
             _mm256_storeu_ps(out.as_mut_ptr().add(half * 16 + part * 8), values);
+        }
+    }
+}
+
+/// Eight NF4 values from eight 4-bit indices (the low 8 bytes of `idx`, one index per byte): two
+/// in-register table lookups (codes 0–7 and 8–15), picked by the index's bit 3.
+// Always inlined into `rows_dot_nf4`, whose target features then apply to the intrinsics.
+#[inline(always)]
+unsafe fn nf4_values8(low_table: __m256, high_table: __m256, idx: __m128i) -> __m256 {
+    let i = _mm256_cvtepu8_epi32(idx);
+    let from_low = _mm256_permutevar8x32_ps(low_table, i);
+    let from_high = _mm256_permutevar8x32_ps(high_table, i);
+    // Bit 3 moved to the sign bit, which is what blendv reads.
+    _mm256_blendv_ps(
+        from_low,
+        from_high,
+        _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)),
+    )
+}
+
+/// [`QFormat::Nf4`] rows times every vector: per 64-value block, the code values are looked up in
+/// registers once, `Σ code·x` is taken for every vector, and the block's absmax multiplies that sum
+/// (`Σ (code·m)·x = m·Σ code·x`: summation order is the only difference from the dequantized weights).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn rows_dot_nf4(job: &Job<'_>, out: &mut [f32]) {
+    let b = job.xs.len();
+    let code = crate::nf4::nf4_code();
+    let low_table = _mm256_loadu_ps(code.as_ptr());
+    let high_table = _mm256_loadu_ps(code.as_ptr().add(8));
+    let nibble = _mm_set1_epi8(0x0f);
+    let blocks = job.row_bytes / NF4_BLOCK_BYTES;
+    for (i, y) in out.chunks_exact_mut(b).enumerate() {
+        let row = job.row(i).as_ptr();
+        let mut acc = [_mm256_setzero_ps(); MAX_BATCH];
+        for k in 0..blocks {
+            let blk = row.add(k * NF4_BLOCK_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(PREFETCH) as *const i8);
+            let m = _mm256_set1_ps((blk as *const f32).read_unaligned());
+            let mut w = [_mm256_setzero_ps(); 8];
+            for half in 0..2 {
+                // Sixteen bytes hold 32 values, high nibble first.
+                let v = _mm_loadu_si128(blk.add(4 + half * 16) as *const __m128i);
+                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+                let lo = _mm_and_si128(v, nibble);
+                let first = _mm_unpacklo_epi8(hi, lo);
+                let second = _mm_unpackhi_epi8(hi, lo);
+                w[half * 4] = nf4_values8(low_table, high_table, first);
+                w[half * 4 + 1] = nf4_values8(low_table, high_table, _mm_srli_si128(first, 8));
+                w[half * 4 + 2] = nf4_values8(low_table, high_table, second);
+                w[half * 4 + 3] = nf4_values8(low_table, high_table, _mm_srli_si128(second, 8));
+            }
+            for (bi, acc) in acc.iter_mut().enumerate().take(b) {
+                let x = job.xs[bi].as_ptr().add(k * 64);
+                let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+                for (j, w) in w.iter().enumerate().skip(1) {
+                    s = _mm256_fmadd_ps(*w, _mm256_loadu_ps(x.add(j * 8)), s);
+                }
+                *acc = _mm256_fmadd_ps(m, s, *acc);
+            }
+        }
+        for (bi, y) in y.iter_mut().enumerate() {
+            *y = hsum(acc[bi]);
+        }
+    }
+}
+
+/// [`QFormat::Int8`] rows times every vector: `scale · Σ q·x` per row.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn rows_dot_int8(job: &Job<'_>, out: &mut [f32]) {
+    let b = job.xs.len();
+    let cols = job.row_bytes - 4;
+    for (i, y) in out.chunks_exact_mut(b).enumerate() {
+        let row = job.row(i);
+        let scale = f32::from_le_bytes([row[0], row[1], row[2], row[3]]);
+        let q = row.as_ptr().add(4);
+        _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(job.row_bytes + PREFETCH) as *const i8);
+        for (bi, y) in y.iter_mut().enumerate() {
+            let x = job.xs[bi].as_ptr();
+            let mut s = _mm256_setzero_ps();
+            for k in 0..cols / 8 {
+                s = fma_i8(
+                    _mm_loadl_epi64(q.add(k * 8) as *const __m128i),
+                    x.add(k * 8),
+                    s,
+                );
+            }
+            let mut tail = 0f32;
+            for k in cols / 8 * 8..cols {
+                tail += (*q.add(k) as i8) as f32 * *x.add(k);
+            }
+            *y = (hsum(s) + tail) * scale;
         }
     }
 }

@@ -79,6 +79,9 @@ unsafe fn dot1(job: &Job<'_>, i: usize) -> f32 {
                 extra += *w.add(k) * *x.add(k);
             }
         }
+        QFormat::Nf4 | QFormat::Int8 => {
+            unreachable!("read by the AVX2 rows_dot_nf4 / rows_dot_int8")
+        }
     }
     _mm512_reduce_add_ps(acc) + extra
 }

@@ -11,6 +11,8 @@ use rayon::prelude::*;
 
 use crate::cpu::Simd;
 use crate::ggml::{dequantize, GgmlType};
+use crate::nf4::NF4_BLOCK;
+use crate::{BaseQuant, Int8Matrix, Nf4Tensor};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -72,15 +74,26 @@ pub enum QFormat {
     Q4_1,
     /// GGML Q8_0 blocks.
     Q8_0,
+    /// NF4 ([`crate::Nf4Tensor`]) per 64-value block: the block's absmax as an f32 (double quantization
+    /// already resolved), then 32 bytes of codes, high nibble first. Rows are whole blocks.
+    Nf4,
+    /// Per-row int8 ([`crate::Int8Matrix`]): the row's scale (`absmax / 127`) as an f32, then one byte
+    /// per column.
+    Int8,
 }
 
+/// Bytes of one [`QFormat::Nf4`] block: the f32 absmax and 64 four-bit codes.
+const NF4_BLOCK_BYTES: usize = 4 + NF4_BLOCK / 2;
+
 impl QFormat {
-    fn ggml(self) -> GgmlType {
+    /// The GGML type with the same blocks, for the GGML formats.
+    fn ggml(self) -> Option<GgmlType> {
         match self {
-            QFormat::F32 => GgmlType::F32,
-            QFormat::Q4_0 => GgmlType::Q4_0,
-            QFormat::Q4_1 => GgmlType::Q4_1,
-            QFormat::Q8_0 => GgmlType::Q8_0,
+            QFormat::F32 => Some(GgmlType::F32),
+            QFormat::Q4_0 => Some(GgmlType::Q4_0),
+            QFormat::Q4_1 => Some(GgmlType::Q4_1),
+            QFormat::Q8_0 => Some(GgmlType::Q8_0),
+            QFormat::Nf4 | QFormat::Int8 => None,
         }
     }
 }
@@ -119,6 +132,58 @@ impl QMatrix {
                 Self::from_f32(&values, rows, cols)
             }
         }
+    }
+
+    /// `values` (row-major `[rows, cols]`) quantized as a frozen base's weights are for (Q)LoRA: the
+    /// same codes and scales as [`Nf4Tensor::quantize`] (double-quantized) and [`Int8Matrix::quantize`],
+    /// so these products see exactly the weights the training step dequantizes. NF4 rows that are not
+    /// whole 64-value blocks (blocks then straddle rows) are kept as the f32 values of that round trip.
+    pub fn quantize(values: &[f32], rows: usize, cols: usize, quant: BaseQuant) -> Self {
+        assert_eq!(values.len(), rows * cols);
+        match quant {
+            BaseQuant::None => Self::from_f32(values, rows, cols),
+            BaseQuant::Int8 => {
+                let q = Int8Matrix::quantize(values, rows, cols);
+                let mut data = Vec::with_capacity(rows * (4 + cols));
+                for (codes, &m) in q.codes.chunks_exact(cols.max(1)).zip(&q.absmax) {
+                    data.extend_from_slice(&(m / 127.0).to_le_bytes());
+                    data.extend(codes.iter().map(|&c| c as u8));
+                }
+                QMatrix {
+                    rows,
+                    cols,
+                    format: QFormat::Int8,
+                    data,
+                }
+            }
+            BaseQuant::Nf4 => {
+                let q = Nf4Tensor::quantize(values, &[rows, cols], true);
+                if !cols.is_multiple_of(NF4_BLOCK) {
+                    return Self::from_f32(&q.dequantize(), rows, cols);
+                }
+                let absmax = q.absmax.values();
+                let mut data = Vec::with_capacity(absmax.len() * NF4_BLOCK_BYTES);
+                for (codes, m) in q.packed.chunks_exact(NF4_BLOCK / 2).zip(absmax) {
+                    data.extend_from_slice(&m.to_le_bytes());
+                    data.extend_from_slice(codes);
+                }
+                QMatrix {
+                    rows,
+                    cols,
+                    format: QFormat::Nf4,
+                    data,
+                }
+            }
+        }
+    }
+
+    /// Every value as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            self.row_f32(r, row);
+        }
+        out
     }
 
     /// Bytes per row.
@@ -162,7 +227,11 @@ impl QMatrix {
     /// One row dequantized (embedding lookup).
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let rb = self.row_bytes();
-        dequantize(self.format.ggml(), &self.data[r * rb..(r + 1) * rb], out);
+        let row = &self.data[r * rb..(r + 1) * rb];
+        match self.format.ggml() {
+            Some(ty) => dequantize(ty, row, out),
+            None => portable::row_values(self.format, row, out),
+        }
     }
 
     /// `ys[b][r] = Σ_k W[r, k] · xs[b][k]` for up to [`MAX_BATCH`] vectors; `ys` is `[rows][batch]`.
@@ -208,7 +277,13 @@ impl QMatrix {
                 };
                 #[cfg(target_arch = "x86_64")]
                 match simd {
-                    // SAFETY (both): the instruction sets were detected at run time (`cpu::simd`).
+                    // SAFETY (all): the instruction sets were detected at run time (`cpu::simd`).
+                    Simd::Avx2 | Simd::Avx512 if self.format == QFormat::Nf4 => {
+                        return unsafe { avx2::rows_dot_nf4(&job, out) }
+                    }
+                    Simd::Avx2 | Simd::Avx512 if self.format == QFormat::Int8 => {
+                        return unsafe { avx2::rows_dot_int8(&job, out) }
+                    }
                     Simd::Avx512 if b == 1 => return unsafe { avx512::rows_dot1(&job, out) },
                     Simd::Avx2 | Simd::Avx512 => return unsafe { avx2::rows_dot(&job, out) },
                     Simd::Portable => {}
@@ -330,6 +405,50 @@ mod tests {
                             "{ty:?} batch {batch} row {r}: {got} vs {want}"
                         );
                         assert!((portable[b] - want).abs() < 1e-4, "{ty:?} portable row {r}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn base_formats_hold_the_trainers_values_and_multiply_like_them() {
+        // (quant, rows, cols, format kept): NF4 rows of whole blocks, NF4 blocks straddling rows (kept
+        // as the f32 round trip), int8 with a tail past the 8-wide loop.
+        for (quant, rows, cols, format) in [
+            (BaseQuant::Nf4, 7, 128, QFormat::Nf4),
+            (BaseQuant::Nf4, 5, 96, QFormat::F32),
+            (BaseQuant::Int8, 7, 100, QFormat::Int8),
+            (BaseQuant::None, 3, 40, QFormat::F32),
+        ] {
+            let values = random(rows * cols, 21);
+            let m = QMatrix::quantize(&values, rows, cols, quant);
+            assert_eq!(m.format, format, "{quant}");
+            let dense = match quant {
+                BaseQuant::Nf4 => Nf4Tensor::quantize(&values, &[rows, cols], true).dequantize(),
+                BaseQuant::Int8 => Int8Matrix::quantize(&values, rows, cols).dequantize(),
+                BaseQuant::None => values.clone(),
+            };
+            assert_eq!(
+                m.dequantize(),
+                dense,
+                "{quant}: not the dequantizer's values"
+            );
+            for batch in [1, 3, MAX_BATCH] {
+                let xs: Vec<Vec<f32>> = (0..batch).map(|i| random(cols, 50 + i as u32)).collect();
+                let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+                for simd in [Simd::Portable, Simd::Avx2, Simd::Avx512] {
+                    let mut ys = vec![0f32; rows * batch];
+                    m.matvecs_with(simd, &refs, &mut ys);
+                    for r in 0..rows {
+                        for b in 0..batch {
+                            let want: f32 = (0..cols).map(|k| dense[r * cols + k] * xs[b][k]).sum();
+                            let got = ys[r * batch + b];
+                            assert!(
+                                (got - want).abs() < 1e-4,
+                                "{quant} {simd:?} batch {batch} row {r}: {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }

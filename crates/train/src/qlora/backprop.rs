@@ -75,7 +75,7 @@ fn rms_backward(dn: Tensor<2>, x: &Tensor<2>, inv: &Tensor<2>, weight: &Tensor<1
 /// `y = x Wᵀ + b + s · B(A(dropout(x)))`, and the low-rank activation `dropout(x) Aᵀ` when adapted.
 fn linear_forward(layer: &TrainLayer, t: Target, x: &Tensor<2>) -> (Tensor<2>, Option<Tensor<2>>) {
     let l = layer.base.linear(t);
-    let mut y = x.clone().matmul(l.weight.clone().transpose());
+    let mut y = x.clone().matmul(l.weight.tensor(&x.device()).transpose());
     if let Some(bias) = &l.bias {
         y = y + bias.clone().unsqueeze_dim(0);
     }
@@ -97,7 +97,9 @@ fn linear_backward(
     low: Option<Tensor<2>>,
     dy: Tensor<2>,
 ) -> (Tensor<2>, Option<PairGrad>) {
-    let dx = dy.clone().matmul(layer.base.linear(t).weight.clone());
+    let dx = dy
+        .clone()
+        .matmul(layer.base.linear(t).weight.tensor(&dy.device()));
     let (Some(lora), Some(low)) = (layer.lora(t), low) else {
         return (dx, None);
     };

@@ -10,7 +10,6 @@ use std::path::Path;
 
 use burn::tensor::{Tensor, TensorData};
 
-use super::frozen::FrozenWeight;
 use super::{LossSum, QloraModel, Sequence, Table};
 use supportlm_model::error::{ModelError, Result};
 use supportlm_model::export::write_hf_dir;
@@ -18,6 +17,7 @@ use supportlm_model::llama::{to_vec, Attention, DecoderLayer, Linear, Mlp, RmsNo
 use supportlm_model::lora::Target;
 use supportlm_model::names;
 use supportlm_model::tokenizer::Tokenizer;
+use supportlm_model::weight::BaseWeight;
 use supportlm_quant::BaseQuant;
 
 /// One trainable tensor of full fine-tuning: its Hugging Face name and shape.
@@ -148,7 +148,7 @@ impl QloraModel {
             Slot::InputNorm(l) => to_vec(self.layers[l].input_layernorm.clone()),
             Slot::PostNorm(l) => to_vec(self.layers[l].post_attention_layernorm.clone()),
             Slot::Weight(l, k) => match &self.layers[l].linears[k].weight {
-                FrozenWeight::F32(t) => to_vec(t.clone()),
+                BaseWeight::F32(t) => to_vec(t.clone()),
                 _ => Err(ModelError::Internal("a quantized weight is frozen".into())),
             },
             Slot::Bias(l, k) => self.layers[l].linears[k]
@@ -184,7 +184,7 @@ impl QloraModel {
             Slot::Norm => self.norm = t1(values),
             Slot::InputNorm(l) => self.layers[l].input_layernorm = t1(values),
             Slot::PostNorm(l) => self.layers[l].post_attention_layernorm = t1(values),
-            Slot::Weight(l, k) => self.layers[l].linears[k].weight = FrozenWeight::F32(t2(values)),
+            Slot::Weight(l, k) => self.layers[l].linears[k].weight = BaseWeight::F32(t2(values)),
             Slot::Bias(l, k) => self.layers[l].linears[k].bias = Some(t1(values)),
         }
         Ok(())
@@ -210,7 +210,7 @@ impl QloraModel {
         params.push(Tracked::Vector(input_norm.clone()));
         let mut linears = Vec::with_capacity(7);
         for f in &frozen.linears {
-            let FrozenWeight::F32(w) = &f.weight else {
+            let BaseWeight::F32(w) = &f.weight else {
                 return Err(ModelError::Internal("a quantized weight is frozen".into()));
             };
             let w = track2(w);

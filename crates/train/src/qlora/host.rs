@@ -13,7 +13,7 @@
 //! CPU has them).
 //!
 //! Frozen weights: quantized ones are dequantized into four buffers reused from layer to layer; f32
-//! ones are read in place from the CPU backend's storage (`FrozenWeight::host_f32`, no copy). The whole
+//! ones are read in place from the CPU backend's storage (`BaseWeight::host_f32`, no copy). The whole
 //! step runs on a worker of rayon's pool.
 //!
 //! Layout: activations are row-major `[T, width]` with `T = b·s`. Projections that read the same input
@@ -26,7 +26,6 @@ use rayon::prelude::*;
 
 use super::driver::{LayerGrads, Pass, StepClock, StepInputs};
 use super::dropout::DropMask;
-use super::frozen::HostF32;
 use super::layout::Layout;
 use super::low_rank::{self, Factors};
 use super::pointwise::{cross_entropy, exp, softmax_row};
@@ -34,6 +33,7 @@ use super::{target_index, LossSum, QloraModel};
 use supportlm_model::error::Result;
 use supportlm_model::llama::{rope_tables, to_vec};
 use supportlm_model::lora::{Adapter, LoraPair, Target};
+use supportlm_model::weight::HostF32;
 use supportlm_quant::kernels::dot;
 use supportlm_quant::simd_fn;
 

@@ -38,7 +38,6 @@ use supportlm_model::names;
 mod backprop;
 mod driver;
 mod dropout;
-pub mod frozen;
 mod full;
 mod host;
 mod layout;
@@ -52,8 +51,8 @@ use layout::Layout;
 
 pub use driver::StepPath;
 pub use dropout::{splitmix, Dropout};
-pub use frozen::FrozenWeight;
 pub use full::{FullStep, ParamInfo};
+pub use supportlm_model::weight::BaseWeight;
 
 /// One training sequence: token ids and which of them are predicted (`loss_mask[t]`: the loss includes
 /// predicting `ids[t]` from `ids[..t]`; `loss_mask[0]` is ignored).
@@ -300,7 +299,7 @@ impl Blocks<'_> {
 }
 
 struct FrozenLinear {
-    weight: FrozenWeight,
+    weight: BaseWeight,
     bias: Option<Tensor<1>>,
 }
 
@@ -368,7 +367,7 @@ impl QloraModel {
                     None
                 };
                 linears.push(FrozenLinear {
-                    weight: FrozenWeight::new(values, out, inp, quant, device),
+                    weight: BaseWeight::new(values, out, inp, quant, device),
                     bias,
                 });
             }

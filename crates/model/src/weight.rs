@@ -1,26 +1,32 @@
-//! The frozen base's weight matrices, held in f32, int8 or NF4 (QLoRA; the formats are
-//! `supportlm_quant`'s) and dequantized one matrix at a time when a layer runs.
+//! A base model's weight matrices, held in f32, int8 or NF4 (the formats are `supportlm_quant`'s;
+//! QLoRA trains against the quantized ones, `supportlm serve --base-quant` serves from them) and
+//! dequantized one matrix at a time when a layer runs.
+
+use std::sync::Arc;
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::{Device, Tensor, TensorData};
 
-use supportlm_model::error::ModelError;
-use supportlm_model::llama::to_vec;
+use crate::error::{ModelError, Result};
+use crate::llama::to_vec;
 use supportlm_quant::{BaseQuant, Int8Matrix, Nf4Tensor};
 
-/// One frozen `[rows, cols]` weight matrix.
+/// One `[rows, cols]` weight matrix (a linear layer's, `[out, in]`). Clones share the quantized
+/// storage.
+// A few hundred of these per model: the f32 variant's inline tensor handle costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
-pub enum FrozenWeight {
+pub enum BaseWeight {
     /// Kept as a tensor, ready to use.
     F32(Tensor<2>),
     /// Per-row int8, dequantized when the layer runs.
-    Int8(Int8Matrix),
+    Int8(Arc<Int8Matrix>),
     /// NF4 with double-quantized scales, dequantized when the layer runs.
-    Nf4(Nf4Tensor),
+    Nf4(Arc<Nf4Tensor>),
 }
 
-impl FrozenWeight {
+impl BaseWeight {
     /// Stores `values` (row-major `[rows, cols]`) in the format `quant` names.
     pub fn new(
         values: Vec<f32>,
@@ -30,21 +36,25 @@ impl FrozenWeight {
         device: &Device,
     ) -> Self {
         match quant {
-            BaseQuant::None => FrozenWeight::F32(Tensor::from_data(
+            BaseQuant::None => BaseWeight::F32(Tensor::from_data(
                 TensorData::new(values, [rows, cols]),
                 device,
             )),
-            BaseQuant::Int8 => FrozenWeight::Int8(Int8Matrix::quantize(&values, rows, cols)),
-            BaseQuant::Nf4 => FrozenWeight::Nf4(Nf4Tensor::quantize(&values, &[rows, cols], true)),
+            BaseQuant::Int8 => {
+                BaseWeight::Int8(Arc::new(Int8Matrix::quantize(&values, rows, cols)))
+            }
+            BaseQuant::Nf4 => {
+                BaseWeight::Nf4(Arc::new(Nf4Tensor::quantize(&values, &[rows, cols], true)))
+            }
         }
     }
 
     /// `[rows, cols]`.
     pub fn dims(&self) -> [usize; 2] {
         match self {
-            FrozenWeight::F32(t) => t.dims(),
-            FrozenWeight::Int8(m) => [m.rows, m.cols],
-            FrozenWeight::Nf4(t) => [t.shape[0], t.shape[1]],
+            BaseWeight::F32(t) => t.dims(),
+            BaseWeight::Int8(m) => [m.rows, m.cols],
+            BaseWeight::Nf4(t) => [t.shape[0], t.shape[1]],
         }
     }
 
@@ -52,18 +62,18 @@ impl FrozenWeight {
     /// only as long as the returned tensor.
     pub fn tensor(&self, device: &Device) -> Tensor<2> {
         let values = match self {
-            FrozenWeight::F32(t) => return t.clone(),
-            FrozenWeight::Int8(m) => m.dequantize(),
-            FrozenWeight::Nf4(t) => t.dequantize(),
+            BaseWeight::F32(t) => return t.clone(),
+            BaseWeight::Int8(m) => m.dequantize(),
+            BaseWeight::Nf4(t) => t.dequantize(),
         };
         Tensor::from_data(TensorData::new(values, self.dims()), device)
     }
 
     /// The values of an f32 weight read in place: `Some` when the weight is kept in f32 in host memory
     /// (the CPU backend) as one contiguous row-major block, `None` otherwise (quantized formats, other
-    /// backends): then [`FrozenWeight::dequantize_into`] is the way to the values.
+    /// backends): then [`BaseWeight::dequantize_into`] is the way to the values.
     pub fn host_f32(&self) -> Option<HostF32> {
-        let FrozenWeight::F32(t) = self else {
+        let BaseWeight::F32(t) = self else {
             return None;
         };
         let tensor = t.clone().try_into_primitive::<Flex>().ok()?;
@@ -75,7 +85,7 @@ impl FrozenWeight {
     }
 
     /// The weight as f32 values, row-major, into `out` (exactly its size).
-    pub fn dequantize_into(&self, out: &mut [f32]) -> supportlm_model::error::Result<()> {
+    pub fn dequantize_into(&self, out: &mut [f32]) -> Result<()> {
         let len: usize = self.dims().iter().product();
         if out.len() != len {
             return Err(ModelError::Internal(format!(
@@ -85,9 +95,9 @@ impl FrozenWeight {
             )));
         }
         match self {
-            FrozenWeight::F32(t) => out.copy_from_slice(&to_vec(t.clone())?),
-            FrozenWeight::Int8(m) => m.dequantize_into(out),
-            FrozenWeight::Nf4(t) => t.dequantize_into(out),
+            BaseWeight::F32(t) => out.copy_from_slice(&to_vec(t.clone())?),
+            BaseWeight::Int8(m) => m.dequantize_into(out),
+            BaseWeight::Nf4(t) => t.dequantize_into(out),
         }
         Ok(())
     }
@@ -95,9 +105,9 @@ impl FrozenWeight {
     /// Bytes this weight keeps resident.
     pub fn resident_bytes(&self) -> usize {
         match self {
-            FrozenWeight::F32(t) => 4 * t.dims().iter().product::<usize>(),
-            FrozenWeight::Int8(m) => m.resident_bytes(),
-            FrozenWeight::Nf4(t) => t.resident_bytes(),
+            BaseWeight::F32(t) => 4 * t.dims().iter().product::<usize>(),
+            BaseWeight::Int8(m) => m.resident_bytes(),
+            BaseWeight::Nf4(t) => t.resident_bytes(),
         }
     }
 }
@@ -126,13 +136,13 @@ mod tests {
     fn f32_weights_are_read_in_place_and_quantized_ones_are_not() {
         let device = Device::default();
         let values: Vec<f32> = (0..6 * 64).map(|i| (i as f32 - 100.0) / 37.0).collect();
-        let f32_weight = FrozenWeight::new(values.clone(), 6, 64, BaseQuant::None, &device);
+        let f32_weight = BaseWeight::new(values.clone(), 6, 64, BaseQuant::None, &device);
         let view = f32_weight
             .host_f32()
             .expect("an f32 weight on the CPU backend");
         assert_eq!(view.values(), values.as_slice());
         // The view is the tensor's own storage, not a copy.
-        let FrozenWeight::F32(t) = &f32_weight else {
+        let BaseWeight::F32(t) = &f32_weight else {
             unreachable!()
         };
         let storage = t.clone().try_into_primitive::<Flex>().unwrap();
@@ -141,7 +151,7 @@ mod tests {
             storage.as_slice::<f32>().unwrap().as_ptr()
         );
         for quant in [BaseQuant::Int8, BaseQuant::Nf4] {
-            let weight = FrozenWeight::new(values.clone(), 6, 64, quant, &device);
+            let weight = BaseWeight::new(values.clone(), 6, 64, quant, &device);
             assert!(weight.host_f32().is_none(), "{quant}");
         }
     }
