@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use supportlm_data::kshot::balanced_kshot;
-use supportlm_data::{Record, SplitName, Task};
+use supportlm_data::{Record, SplitName, SplitSet, Task};
 use supportlm_prompting::report::{metrics, write_run, RunInfo};
 use supportlm_prompting::Prediction;
 use supportlm_prompting::{classify, classify_both, ClassifyOptions, Decision, Method};
@@ -28,6 +28,9 @@ pub enum EvalCommand {
 enum DecisionArg {
     Generate,
     Constrained,
+    /// The constrained rule after contextual calibration (label probabilities divided by those of
+    /// content-free messages: "N/A", "", "[MASK]").
+    Calibrated,
     /// Both rules from one pass per item: constrained results to --out, generated to --generate-out.
     Both,
 }
@@ -80,6 +83,29 @@ pub(crate) struct Items {
     /// Seed for the item draw, the few-shot draw and the bootstrap.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Evaluate the labelled messages of this CSV (Bitext's columns: flags, instruction, category,
+    /// intent, response; e.g. the out-of-distribution set `data/ood/ood.csv`) instead of a split.
+    /// Few-shot examples and the TF-IDF model still come from the split's validation and train parts.
+    #[arg(long, value_name = "CSV", conflicts_with = "split")]
+    items_file: Option<PathBuf>,
+}
+
+impl Items {
+    /// The items to evaluate (drawn with `--limit`/`--seed`) and how to name where they came from.
+    fn records(&self, splits: &SplitSet) -> anyhow::Result<(Vec<Record>, String)> {
+        let (records, source) = match &self.items_file {
+            Some(path) => {
+                let dataset = supportlm_data::load_csv(path)
+                    .with_context(|| format!("reading --items-file {}", path.display()))?;
+                (dataset.records, format!("file {}", path.display()))
+            }
+            None => (
+                splits.get(self.split).records.clone(),
+                self.split.as_str().to_string(),
+            ),
+        };
+        Ok((sample(&records, self.limit, self.seed), source))
+    }
 }
 
 pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
@@ -111,16 +137,13 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
         (_, Some(_)) => bail!("--generate-out goes with --decision both"),
         (DecisionArg::Generate, None) => vec![(Decision::Generate, args.out.clone())],
         (DecisionArg::Constrained, None) => vec![(Decision::Constrained, args.out.clone())],
+        (DecisionArg::Calibrated, None) => vec![(Decision::Calibrated, args.out.clone())],
     };
     let splits = load_splits(args.items.data.as_deref(), task)?;
     let method = method_of(args.method, args.adapter.as_deref(), &args.model)?;
     let adapter = args.adapter.clone();
     let model = load_model(&args.model, adapter.as_deref())?;
-    let records = sample(
-        &splits.get(args.items.split).records,
-        args.items.limit,
-        args.items.seed,
-    );
+    let (records, source) = args.items.records(&splits)?;
     let examples = if method == Method::FewShot {
         balanced_kshot(
             &splits.validation.records,
@@ -148,7 +171,7 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
         let settings = serde_json::json!({
             "task": task.as_str(), "method": method.as_str(), "decision": decision.as_str(),
             "model": args.model.display().to_string(), "adapter": adapter.as_ref().map(|a| a.display().to_string()),
-            "split": args.items.split.as_str(), "limit": args.items.limit, "k": args.k, "seed": args.items.seed,
+            "split": source, "limit": args.items.limit, "k": args.k, "seed": args.items.seed,
             "length_normalize": args.length_normalize,
         });
         claim_folder(out, &settings)?;
@@ -193,7 +216,7 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
             decision: decision.as_str().into(),
             model: args.model.display().to_string(),
             adapter: adapter.as_ref().map(|a| a.display().to_string()),
-            split: args.items.split.as_str().into(),
+            split: source.clone(),
             few_shot_k: if method == Method::FewShot { args.k } else { 0 },
             seed: args.items.seed,
             // With both rules the time is the shared pass's.
@@ -258,11 +281,7 @@ fn tfidf_cmd(args: TfidfArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let model = TfIdfLogReg::fit(&texts, &y, labels.len(), FitOptions::default())?;
     let fit_seconds = started.elapsed().as_secs_f64();
-    let records = sample(
-        &splits.get(args.items.split).records,
-        args.items.limit,
-        args.items.seed,
-    );
+    let (records, source) = args.items.records(&splits)?;
     let t = Instant::now();
     let test_texts: Vec<&str> = records.iter().map(|r| r.instruction.as_str()).collect();
     let predictions: Vec<Prediction> = records
@@ -288,7 +307,7 @@ fn tfidf_cmd(args: TfidfArgs) -> anyhow::Result<()> {
             train.len()
         ),
         adapter: None,
-        split: args.items.split.as_str().into(),
+        split: source,
         few_shot_k: 0,
         seed: args.items.seed,
         seconds: t.elapsed().as_secs_f64(),

@@ -6,6 +6,8 @@
 //! - [`load`]: CSV → typed [`Record`]s (through polars), with errors naming file, row and column.
 //! - [`clean`]: text cleaning as the original study did it, and the normalisation used to find duplicates.
 //! - [`split`]: leak-free stratified train/validation/test splits, written as JSONL + `manifest.json`.
+//! - [`augment`]: training-time rewrites that take Bitext's template marks off the messages
+//!   (placeholders filled with realistic values, typing noise).
 //! - [`kshot`]: the balanced k-shot sampler (few-shot examples come from validation, never from test).
 //! - [`task`]: the task views (category, intent, response) and their chat conversations, shared by
 //!   prompting and fine-tuning so both see exactly the same task text.
@@ -14,6 +16,7 @@
 //!
 //! Not here: anything about models, tokenizers or metrics.
 
+pub mod augment;
 pub mod clean;
 pub use supportlm_fsio as fsio;
 pub mod error;

@@ -19,4 +19,4 @@ pub mod text;
 
 pub use classification::{ClassScores, ClassificationReport};
 pub use intervals::{bootstrap_ci, wilson_interval, Interval};
-pub use significance::{mcnemar, McNemar};
+pub use significance::{mcnemar, two_proportion_test, McNemar, TwoProportions};

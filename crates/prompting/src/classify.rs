@@ -43,7 +43,14 @@ pub enum Decision {
     Generate,
     /// The label with the highest log-likelihood after the prompt.
     Constrained,
+    /// The constrained rule after contextual calibration (Zhao et al., 2021, "Calibrate Before Use"):
+    /// each label's probability divided by the one the same prompt gives it for content-free messages
+    /// ([`CONTENT_FREE`], averaged), so a prompt's bias toward some labels no longer decides.
+    Calibrated,
 }
+
+/// The content-free messages of contextual calibration (the paper's "N/A", "" and "[MASK]").
+pub const CONTENT_FREE: [&str; 3] = ["N/A", "", "[MASK]"];
 
 impl Decision {
     /// The name used on the command line and in run files.
@@ -51,6 +58,7 @@ impl Decision {
         match self {
             Decision::Generate => "generate",
             Decision::Constrained => "constrained",
+            Decision::Calibrated => "calibrated",
         }
     }
 }
@@ -116,14 +124,32 @@ pub fn classify(
         candidates,
     } = setup(model, records, options)?;
     let started = Instant::now();
+    let calibration = match options.decision {
+        Decision::Calibrated => Some(content_free_log_probs(
+            model,
+            options,
+            &prompts.prefix,
+            &prefix,
+            &candidates,
+        )?),
+        _ => None,
+    };
     let chunk = options.batch.max(1);
     let mut out = Vec::with_capacity(records.len());
     for (chunk_r, chunk_items) in records.chunks(chunk).zip(prompts.items.chunks(chunk)) {
         match options.decision {
-            Decision::Constrained => {
+            Decision::Constrained | Decision::Calibrated => {
                 let all = score_items(model, &prefix, chunk_items, &candidates)?;
                 for (r, scores) in chunk_r.iter().zip(all) {
-                    out.push(scored(options, &labels, &candidates, r, scores));
+                    let p = scored(
+                        options,
+                        &labels,
+                        &candidates,
+                        r,
+                        scores,
+                        calibration.as_deref(),
+                    );
+                    out.push(p);
                 }
             }
             Decision::Generate => {
@@ -182,7 +208,7 @@ pub fn classify_both(
         )?;
         for (r, (scores, g)) in chunk_r.iter().zip(both) {
             out.push((
-                scored(options, &labels, &candidates, r, scores),
+                scored(options, &labels, &candidates, r, scores, None),
                 generated(task, &labels, r, g),
             ));
         }
@@ -245,12 +271,7 @@ pub fn label_probabilities(
     let scores = score_items(model, &prefix, &prompts.items, &candidates)?;
     Ok(scores
         .into_iter()
-        .map(|s| {
-            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let exp: Vec<f64> = s.iter().map(|&x| ((x - max) as f64).exp()).collect();
-            let z: f64 = exp.iter().sum();
-            labels.iter().zip(exp).map(|(&l, e)| (l, e / z)).collect()
-        })
+        .map(|s| labels.iter().copied().zip(softmax(&s)).collect())
         .collect())
 }
 
@@ -317,20 +338,96 @@ fn prediction(
     }
 }
 
-/// The constrained rule: the best-scoring label (ties to the earlier one), its softmax share as the
-/// confidence.
-fn scored(
+/// The label scores the constrained rule compares: log-likelihoods, divided by the label's token
+/// count with `length_normalize`.
+fn rule_scores(
     options: &ClassifyOptions,
-    labels: &[&str],
     candidates: &[Vec<u32>],
-    r: &Record,
     mut scores: Vec<f32>,
-) -> Prediction {
+) -> Vec<f32> {
     if options.length_normalize {
         scores
             .iter_mut()
             .zip(candidates)
             .for_each(|(s, c)| *s /= c.len() as f32);
+    }
+    scores
+}
+
+/// `ln` of each label's probability (softmax of the rule's scores) averaged over the content-free
+/// messages: the prompt's own bias, which [`Decision::Calibrated`] divides out.
+fn content_free_log_probs(
+    model: &Model,
+    options: &ClassifyOptions,
+    prefix_tokens: &[u32],
+    prefix: &PrefixCache,
+    candidates: &[Vec<u32>],
+) -> Result<Vec<f32>> {
+    let records: Vec<Record> = CONTENT_FREE
+        .iter()
+        .enumerate()
+        .map(|(id, m)| Record {
+            id,
+            flags: None,
+            instruction: m.to_string(),
+            category: supportlm_data::Category::ALL[0],
+            intent: supportlm_data::Intent::ALL[0],
+            response: None,
+        })
+        .collect();
+    let prompts = encode_prompts(
+        options.task,
+        examples(options),
+        &records,
+        &model.tokenizer,
+        &model.template,
+    )?;
+    if prompts.prefix != prefix_tokens {
+        return Err(PromptError::Prompt(
+            "the content-free prompts do not share the items' prefix".into(),
+        ));
+    }
+    let mut mean = vec![0f64; candidates.len()];
+    for scores in score_items(model, prefix, &prompts.items, candidates)? {
+        for (m, p) in mean
+            .iter_mut()
+            .zip(softmax(&rule_scores(options, candidates, scores)))
+        {
+            *m += p / CONTENT_FREE.len() as f64;
+        }
+    }
+    Ok(mean
+        .iter()
+        .map(|&p| p.max(f64::MIN_POSITIVE).ln() as f32)
+        .collect())
+}
+
+fn softmax(scores: &[f32]) -> Vec<f64> {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f64> = scores.iter().map(|&s| ((s - max) as f64).exp()).collect();
+    let z: f64 = exp.iter().sum();
+    exp.iter().map(|e| e / z).collect()
+}
+
+/// The constrained rule: the best-scoring label (ties to the earlier one), its softmax share as the
+/// confidence. With `calibration` (ln of the content-free probabilities), the scores are the
+/// log-probabilities minus it: `p(label | message) / p(label | content-free)`, renormalised.
+fn scored(
+    options: &ClassifyOptions,
+    labels: &[&str],
+    candidates: &[Vec<u32>],
+    r: &Record,
+    scores: Vec<f32>,
+    calibration: Option<&[f32]>,
+) -> Prediction {
+    let mut scores = rule_scores(options, candidates, scores);
+    if let Some(cal) = calibration {
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_z = max + scores.iter().map(|&s| (s - max).exp()).sum::<f32>().ln();
+        scores
+            .iter_mut()
+            .zip(cal)
+            .for_each(|(s, c)| *s = *s - log_z - c);
     }
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let z: f64 = scores.iter().map(|&s| ((s - max) as f64).exp()).sum();
@@ -457,5 +554,75 @@ mod tests {
             }
         }
         assert!(label_probabilities(&model, &[], Task::Response, Method::ZeroShot, &[]).is_err());
+    }
+
+    #[test]
+    fn calibration_divides_by_the_content_free_probabilities() {
+        use supportlm_model::config::Architecture;
+        use supportlm_model::{default_device, tiny};
+        let dir = tempfile::tempdir().unwrap();
+        tiny::write_hf_dir(dir.path(), &tiny::config(Architecture::Llama), 11, 1).unwrap();
+        let model = Model::load(dir.path(), &default_device()).unwrap();
+        let messages = [
+            "where is my order?",
+            "refund please",
+            "change my address",
+            "hi",
+        ];
+        let records: Vec<Record> = messages
+            .iter()
+            .enumerate()
+            .map(|(id, m)| Record {
+                id,
+                flags: None,
+                instruction: m.to_string(),
+                category: "ORDER".parse().unwrap(),
+                intent: "track_order".parse().unwrap(),
+                response: None,
+            })
+            .collect();
+        let options = ClassifyOptions {
+            task: Task::Category,
+            method: Method::ZeroShot,
+            decision: Decision::Calibrated,
+            examples: Vec::new(),
+            length_normalize: false,
+            max_new_tokens: 8,
+            batch: 3,
+        };
+        let got = classify(&model, &records, &options, &mut |_, _| {}).unwrap();
+        // By hand: the label distribution of each message over the mean distribution of the
+        // content-free messages, renormalised.
+        let owned: Vec<String> = messages.iter().map(|m| m.to_string()).collect();
+        let p = label_probabilities(&model, &owned, Task::Category, Method::ZeroShot, &[]).unwrap();
+        let free: Vec<String> = CONTENT_FREE.iter().map(|m| m.to_string()).collect();
+        let cf = label_probabilities(&model, &free, Task::Category, Method::ZeroShot, &[]).unwrap();
+        let labels = Task::Category.labels();
+        let mean: Vec<f64> = (0..labels.len())
+            .map(|j| cf.iter().map(|d| d[j].1).sum::<f64>() / cf.len() as f64)
+            .collect();
+        let mut differs = false;
+        for (pred, dist) in got.iter().zip(&p) {
+            let q: Vec<f64> = dist.iter().zip(&mean).map(|(d, m)| d.1 / m).collect();
+            let z: f64 = q.iter().sum();
+            let (best, top) =
+                q.iter()
+                    .enumerate()
+                    .fold((0, -1.0), |b, (j, &v)| if v > b.1 { (j, v) } else { b });
+            assert_eq!(pred.prediction, labels[best]);
+            assert!(
+                (pred.confidence - top / z).abs() < 1e-4,
+                "{} vs {}",
+                pred.confidence,
+                top / z
+            );
+            let raw_best = dist
+                .iter()
+                .copied()
+                .fold(("", -1.0), |b, s| if s.1 > b.1 { s } else { b });
+            differs |= raw_best.0 != pred.prediction;
+        }
+        // The content-free bias of this random model is strong enough to move some decision.
+        assert!(differs, "calibration changed no decision");
     }
 }

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use supportlm_data::augment::AugmentConfig;
 use supportlm_data::Task;
 use supportlm_model::lora::LoraConfig;
 use supportlm_quant::BaseQuant;
@@ -58,6 +59,10 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Seed of every random choice: example subsets, batches, adapter init, dropout.
     pub seed: u64,
+    /// Rewrites of the training messages (placeholders filled, typing noise); off by default. The
+    /// validation messages are never rewritten.
+    #[serde(skip_serializing_if = "AugmentConfig::is_off")]
+    pub augment: AugmentConfig,
     /// Keep every layer's activations for the backward pass (the fast path, `StepPath::Host` on the CPU).
     /// `false` recomputes each layer in backward instead (`StepPath::Recompute`): slower, for a model
     /// whose activations do not fit in memory.
@@ -123,6 +128,7 @@ impl Default for TrainConfig {
             save_every: 100,
             keep_checkpoints: 2,
             seed: 42,
+            augment: AugmentConfig::default(),
             store_activations: true,
         }
     }
@@ -156,6 +162,9 @@ impl TrainConfig {
     /// Checks the values fit together; the error names the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(TrainError::Config(m.to_string()));
+        if let Err(m) = self.augment.validate() {
+            return bad(&m);
+        }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad("lr must be a positive number");
         }

@@ -1,6 +1,7 @@
 //! Data preparation: the records a run trains and validates on, encoded with the chat template, and
 //! the step schedule that follows from them and the config.
 
+use supportlm_data::augment::augment;
 use supportlm_data::Record;
 use supportlm_model::chat::ChatTemplate;
 use supportlm_model::tokenizer::Tokenizer;
@@ -8,6 +9,9 @@ use supportlm_model::tokenizer::Tokenizer;
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::examples::{balanced_subset, encode_all, Encoded};
+
+/// Mixed into the run's seed for the rewrites of [`supportlm_data::augment`] (their own stream).
+const AUGMENT_SEED: u64 = 0xA06_0E27;
 
 /// A run's encoded examples and its schedule.
 pub struct Prepared {
@@ -68,6 +72,7 @@ pub fn prepare(
         Some(n) => balanced_subset(train, c.task, n, c.seed),
         None => train.to_vec(),
     };
+    let train_records = augment(&train_records, &c.augment, c.seed ^ AUGMENT_SEED);
     let val_records = balanced_subset(validation, c.task, c.val_examples, c.seed ^ 1);
     let train = encode_all(c.task, &train_records, tokenizer, template, c.max_len)?;
     let val = encode_all(c.task, &val_records, tokenizer, template, c.max_len)?;

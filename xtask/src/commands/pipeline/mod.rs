@@ -1,9 +1,10 @@
 //! `cargo xtask pipeline`: the study end to end. Steps, in order:
 //! setup → data (check, splits, statistics) → t1-baselines (TF-IDF + logistic regression; 0-shot and
-//! 10-shot, both decision rules) →
+//! 10-shot, both decision rules and the calibrated constrained rule) →
 //! t1-sft (QLoRA training) → t1-sft-eval → t2-baselines (0-shot and 10-shot responses) → t2-sft →
 //! t2-sft-eval → efficiency (one training step per mode) → learning-curve (SFT macro-F1 against the
-//! number of training examples) → hparams (learning rates on the quick training budget) → report.
+//! number of training examples) → hparams (learning rates on the quick training budget) → t1-ood (every
+//! Task 1 method on the hand-written out-of-distribution messages of `data/ood/`) → report.
 //!
 //! Every step records a hash of its inputs and settings in `runs/<name>/steps/<step>.json` when it
 //! finishes; a later run skips a step whose record matches. A step that was interrupted continues
@@ -11,6 +12,7 @@
 //! Work is done by the `supportlm` binary, each step logging to `runs/<name>/logs/<step>.log`.
 
 mod data;
+mod ood;
 mod report;
 mod sweeps;
 
@@ -62,11 +64,12 @@ pub enum Step {
     Efficiency,
     LearningCurve,
     Hparams,
+    T1Ood,
     Report,
 }
 
 impl Step {
-    pub const ALL: [Step; 12] = [
+    pub const ALL: [Step; 13] = [
         Step::Setup,
         Step::Data,
         Step::T1Baselines,
@@ -78,6 +81,7 @@ impl Step {
         Step::Efficiency,
         Step::LearningCurve,
         Step::Hparams,
+        Step::T1Ood,
         Step::Report,
     ];
 
@@ -94,6 +98,7 @@ impl Step {
             Step::Efficiency => "efficiency",
             Step::LearningCurve => "learning-curve",
             Step::Hparams => "hparams",
+            Step::T1Ood => "t1-ood",
             Step::Report => "report",
         }
     }
@@ -120,6 +125,8 @@ pub struct Budget {
     pub hp_examples: usize,
     /// Test items each learning-curve and learning-rate point is evaluated on.
     pub sweep_items: usize,
+    /// Messages of the out-of-distribution set each method is scored on (`None`: all of them).
+    pub ood_items: Option<usize>,
     pub seed: u64,
 }
 
@@ -139,6 +146,7 @@ impl Budget {
                 hp_lrs: vec![2e-4, 3e-3],
                 hp_examples: 55,
                 sweep_items: 60,
+                ood_items: Some(66),
                 seed,
             }
         } else {
@@ -156,6 +164,7 @@ impl Budget {
                 hp_lrs: vec![2e-4, 3e-3],
                 hp_examples: 110,
                 sweep_items: 500,
+                ood_items: None,
                 seed,
             }
         }
@@ -212,6 +221,12 @@ impl Run {
             Step::Hparams => serde_json::json!({
                 "lrs": b.hp_lrs, "examples": b.hp_examples, "items": b.sweep_items
             }),
+            Step::T1Ood => serde_json::json!({
+                "set": sha256_hex(&std::fs::read(self.root.join(ood::OOD_FILE))
+                    .with_context(|| format!("reading {}", ood::OOD_FILE))?),
+                "curve": b.curve_sizes,
+                "items": b.ood_items,
+            }),
             Step::Report => serde_json::to_value(b)?,
         };
         let mut text = format!("{}\nseed {}\n{settings}\n", step.name(), b.seed);
@@ -230,6 +245,7 @@ impl Run {
             Step::Setup | Step::Data | Step::Efficiency => &[],
             Step::T1SftEval => &[Step::Data, Step::T1Sft],
             Step::T2SftEval => &[Step::Data, Step::T2Sft],
+            Step::T1Ood => &[Step::Data, Step::T1Sft, Step::LearningCurve],
             Step::Report => &[
                 Step::Data,
                 Step::T1Baselines,
@@ -239,6 +255,7 @@ impl Run {
                 Step::Efficiency,
                 Step::LearningCurve,
                 Step::Hparams,
+                Step::T1Ood,
             ],
             _ => &[Step::Data],
         };
@@ -357,6 +374,8 @@ fn step_outputs(run: &Run, step: Step) -> anyhow::Result<Vec<PathBuf>> {
             d("t1/zero-shot-generate"),
             d("t1/few-shot-constrained"),
             d("t1/few-shot-generate"),
+            d("t1/zero-shot-calibrated"),
+            d("t1/few-shot-calibrated"),
         ],
         Step::T1Sft => vec![d("t1/sft-train")],
         Step::T1SftEval => vec![d("t1/sft-constrained"), d("t1/sft-generate")],
@@ -365,6 +384,7 @@ fn step_outputs(run: &Run, step: Step) -> anyhow::Result<Vec<PathBuf>> {
         Step::T2SftEval => vec![d("t2/sft")],
         Step::Efficiency => vec![d("efficiency")],
         Step::LearningCurve | Step::Hparams => sweeps::outputs(run, step)?,
+        Step::T1Ood => ood::outputs(run),
         Step::Report => vec![],
     })
 }
@@ -428,6 +448,11 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
                         out("generate"),
                     ]);
                     run.supportlm(step, &args)?;
+                }
+                if *method != "sft" {
+                    // Contextual calibration: the constrained rule's scores over those of
+                    // content-free messages (a scoring pass, no generation).
+                    run.evaluation(step, &alone("calibrated"))?;
                 }
             }
             if step == Step::T1Baselines {
@@ -516,6 +541,7 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
             Ok(())
         }
         Step::LearningCurve | Step::Hparams => sweeps::run_points(run, step),
+        Step::T1Ood => ood::run_step(run),
         Step::Report => report::write(run),
     }
 }

@@ -19,11 +19,13 @@ use crate::commands::bench::train::StepRow;
 use super::{Run, Step};
 
 /// Task 1 runs in table order: folder under `t1/`, and the row's name.
-const T1_RUNS: [(&str, &str); 7] = [
+const T1_RUNS: [(&str, &str); 9] = [
     ("tfidf", "TF-IDF + logistic regression"),
     ("zero-shot-constrained", "0-shot, constrained"),
+    ("zero-shot-calibrated", "0-shot, calibrated"),
     ("zero-shot-generate", "0-shot, generate + extract"),
     ("few-shot-constrained", "10-shot, constrained"),
+    ("few-shot-calibrated", "10-shot, calibrated"),
     ("few-shot-generate", "10-shot, generate + extract"),
     ("sft-constrained", "SFT (QLoRA), constrained"),
     ("sft-generate", "SFT (QLoRA), generate + extract"),
@@ -37,7 +39,7 @@ const T2_RUNS: [(&str, &str); 3] = [
 
 /// A run file read through the type its writer serializes; `None` when absent or unreadable (that
 /// step has not run, or ran with an older format: the report leaves its row out).
-fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
+pub(super) fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
     let text = std::fs::read_to_string(path).ok()?;
     match serde_json::from_str(&text) {
         Ok(v) => Some(v),
@@ -51,14 +53,14 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
     }
 }
 
-fn interval(v: Option<&Interval>) -> String {
+pub(super) fn interval(v: Option<&Interval>) -> String {
     match v {
         Some(i) => format!("{:.4} [{:.4}, {:.4}]", i.estimate, i.low, i.high),
         None => "–".into(),
     }
 }
 
-fn table(md: &mut String, header: &[&str], rows: &[Vec<String>]) {
+pub(super) fn table(md: &mut String, header: &[&str], rows: &[Vec<String>]) {
     let _ = writeln!(md, "| {} |", header.join(" | "));
     let _ = writeln!(md, "|{}", "---|".repeat(header.len()));
     for r in rows {
@@ -87,8 +89,44 @@ fn shared_pass(t1: &Path, folder: &str, info: &RunInfo) -> bool {
         .is_some_and(|s| s.info.seconds == info.seconds)
 }
 
+/// McNemar's test for every pair of runs, on the items both scored.
+pub(super) fn mcnemar_table(md: &mut String, correct: &[(&str, HashMap<u64, bool>)]) {
+    let mut rows = Vec::new();
+    for i in 0..correct.len() {
+        for j in i + 1..correct.len() {
+            let (a, ca) = &correct[i];
+            let (bn, cb) = &correct[j];
+            let mut ids: Vec<u64> = ca.keys().filter(|k| cb.contains_key(k)).copied().collect();
+            ids.sort_unstable();
+            let xa: Vec<bool> = ids.iter().map(|k| ca[k]).collect();
+            let xb: Vec<bool> = ids.iter().map(|k| cb[k]).collect();
+            let t = mcnemar(&xa, &xb);
+            rows.push(vec![
+                format!("{a} vs {bn}"),
+                ids.len().to_string(),
+                t.a_only.to_string(),
+                t.b_only.to_string(),
+                format!("{:.3e}", t.exact_p),
+                format!("{:.3e}", t.chi2_p),
+            ]);
+        }
+    }
+    table(
+        md,
+        &[
+            "pair (a vs b)",
+            "items",
+            "only a right",
+            "only b right",
+            "exact p",
+            "chi-square p",
+        ],
+        &rows,
+    );
+}
+
 /// Which items each Task 1 run got right.
-fn correctness(dir: &Path) -> Option<HashMap<u64, bool>> {
+pub(super) fn correctness(dir: &Path) -> Option<HashMap<u64, bool>> {
     let text = std::fs::read_to_string(dir.join("predictions.jsonl")).ok()?;
     Some(
         text.lines()
@@ -218,37 +256,7 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
             "McNemar's test between methods on the same items (exact two-sided p; continuity-corrected \
              chi-square p):\n"
         )?;
-        let mut rows = Vec::new();
-        for i in 0..correct.len() {
-            for j in i + 1..correct.len() {
-                let (a, ca) = &correct[i];
-                let (bn, cb) = &correct[j];
-                let ids: Vec<u64> = ca.keys().filter(|k| cb.contains_key(k)).copied().collect();
-                let xa: Vec<bool> = ids.iter().map(|k| ca[k]).collect();
-                let xb: Vec<bool> = ids.iter().map(|k| cb[k]).collect();
-                let t = mcnemar(&xa, &xb);
-                rows.push(vec![
-                    format!("{a} vs {bn}"),
-                    ids.len().to_string(),
-                    t.a_only.to_string(),
-                    t.b_only.to_string(),
-                    format!("{:.3e}", t.exact_p),
-                    format!("{:.3e}", t.chi2_p),
-                ]);
-            }
-        }
-        table(
-            &mut md,
-            &[
-                "pair (a vs b)",
-                "items",
-                "only a right",
-                "only b right",
-                "exact p",
-                "chi-square p",
-            ],
-            &rows,
-        );
+        mcnemar_table(&mut md, &correct);
     }
     if !per_class.is_empty() {
         let fig = d.join("figures");
@@ -439,6 +447,7 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     );
 
     sweeps(&mut md, run)?;
+    super::ood::report(&mut md, run)?;
 
     writeln!(md, "## Reproducibility\n")?;
     writeln!(
