@@ -1,6 +1,7 @@
 //! `supportlm`: the command line. Argument parsing and wiring only; the work lives in the library crates.
 
 mod adapter;
+mod classify;
 mod data;
 mod eval;
 mod generate;
@@ -35,6 +36,8 @@ enum Command {
     /// Inspect and split the Bitext customer-support data.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Classify one customer message: its label, confidence and runners-up.
+    Classify(classify::ClassifyArgs),
     /// Generate text with a model (GGUF file or Hugging Face folder), optionally with an adapter.
     Generate(generate::GenerateArgs),
     /// Evaluate prompting baselines and fine-tuned adapters.
@@ -61,6 +64,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),
+        Command::Classify(args) => classify::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Adapter(cmd) => adapter::run(cmd),
         Command::Train(args) => train::run(args),

@@ -1,6 +1,7 @@
 //! Training-time rewrites of customer messages that take Bitext's template marks off the surface form:
-//! its placeholders (`{{Order Number}}`, `{{Person Name}}`, …) replaced by realistic values, and
-//! noise of the kind real customers type (typos, no capitals, dropped punctuation, run-together words).
+//! its placeholders (`{{Order Number}}`, `{{Person Name}}`, …) replaced by realistic values, noise of
+//! the kind real customers type (typos, no capitals, dropped punctuation, run-together words), and
+//! the sentences real messages wrap a request in (a greeting, some context, a thank-you).
 //! Labels are never touched; every choice comes from a seed, so the same config gives the same text.
 
 use rand::seq::IndexedRandom;
@@ -19,21 +20,23 @@ pub struct AugmentConfig {
     /// Share of messages given noise (0 to 1): one to three of typos, lower case, no punctuation, a
     /// missing space.
     pub noise: f64,
+    /// Share of messages wrapped in a label-neutral opening and/or closing sentence (0 to 1), so a
+    /// request is not always the whole message.
+    pub compose: f64,
 }
 
 impl AugmentConfig {
     /// Whether nothing is rewritten.
     pub fn is_off(&self) -> bool {
-        !self.placeholders && self.noise <= 0.0
+        !self.placeholders && self.noise <= 0.0 && self.compose <= 0.0
     }
 
     /// Checks the settings; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
-        if !(0.0..=1.0).contains(&self.noise) || self.noise.is_nan() {
-            return Err(format!(
-                "augment.noise must be between 0 and 1, not {}",
-                self.noise
-            ));
+        for (name, v) in [("noise", self.noise), ("compose", self.compose)] {
+            if !(0.0..=1.0).contains(&v) || v.is_nan() {
+                return Err(format!("augment.{name} must be between 0 and 1, not {v}"));
+            }
         }
         Ok(())
     }
@@ -140,6 +143,43 @@ fn typo(text: &str, rng: &mut ChaCha8Rng) -> String {
     format!("{}{}{}", &text[..start], new, &text[start + word.len()..])
 }
 
+/// Openings that say nothing about what the customer wants.
+const OPENINGS: [&str; 10] = [
+    "Hi there.",
+    "Hello,",
+    "Good morning.",
+    "Hey, quick question.",
+    "Hope you can help me.",
+    "Sorry to bother you.",
+    "I've been a customer for a few years now.",
+    "I'm writing from my phone so excuse the typos.",
+    "Hi, it's my first time contacting you.",
+    "Not sure if this is the right place to ask.",
+];
+
+/// Closings that say nothing about what the customer wants.
+const CLOSINGS: [&str; 8] = [
+    "Thanks in advance.",
+    "Thank you!",
+    "Cheers.",
+    "Appreciate the help.",
+    "Let me know, thanks.",
+    "Kind regards.",
+    "Thanks for your time.",
+    "Have a nice day.",
+];
+
+/// The message with an opening, a closing, or both.
+fn compose(text: &str, rng: &mut ChaCha8Rng) -> String {
+    let opening = OPENINGS.choose(rng).copied().unwrap_or_default();
+    let closing = CLOSINGS.choose(rng).copied().unwrap_or_default();
+    match rng.random_range(0..3) {
+        0 => format!("{opening} {text}"),
+        1 => format!("{text} {closing}"),
+        _ => format!("{opening} {text} {closing}"),
+    }
+}
+
 /// One to three kinds of noise.
 fn add_noise(text: &str, rng: &mut ChaCha8Rng) -> String {
     let mut t = text.to_string();
@@ -189,6 +229,9 @@ pub fn augment(records: &[Record], config: &AugmentConfig, seed: u64) -> Vec<Rec
             if config.placeholders {
                 text = fill_placeholders(&text, &mut rng);
             }
+            if config.compose > 0.0 && rng.random_bool(config.compose.clamp(0.0, 1.0)) {
+                text = compose(&text, &mut rng);
+            }
             if rng.random_bool(config.noise.clamp(0.0, 1.0)) {
                 text = add_noise(&text, &mut rng);
             }
@@ -221,7 +264,7 @@ mod tests {
         let r = record(3, "where is order {{Order Number}} for {{Person Name}}?");
         let config = AugmentConfig {
             placeholders: true,
-            noise: 0.0,
+            ..Default::default()
         };
         let out = augment(std::slice::from_ref(&r), &config, 7).remove(0);
         assert!(!out.instruction.contains("{{"), "{}", out.instruction);
@@ -251,8 +294,8 @@ mod tests {
             })
             .collect();
         let config = AugmentConfig {
-            placeholders: false,
             noise: 0.5,
+            ..Default::default()
         };
         let a = augment(&records, &config, 11);
         assert_eq!(a, augment(&records, &config, 11), "not deterministic");
@@ -271,8 +314,8 @@ mod tests {
         // Off: the records as given.
         assert_eq!(augment(&records, &AugmentConfig::default(), 11), records);
         assert!(AugmentConfig {
-            placeholders: false,
-            noise: 1.5
+            noise: 1.5,
+            ..Default::default()
         }
         .validate()
         .unwrap_err()
@@ -293,5 +336,29 @@ mod tests {
                 .count();
             assert_eq!(same, 3, "{t}");
         }
+    }
+
+    #[test]
+    fn composed_messages_keep_the_request_whole() {
+        let records: Vec<Record> = (0..200).map(|i| record(i, "where is my parcel")).collect();
+        let config = AugmentConfig {
+            compose: 1.0,
+            ..Default::default()
+        };
+        for r in augment(&records, &config, 3) {
+            assert!(
+                r.instruction.contains("where is my parcel"),
+                "{}",
+                r.instruction
+            );
+            assert!(r.instruction.len() > "where is my parcel".len());
+        }
+        assert!(AugmentConfig {
+            compose: -0.1,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .contains("augment.compose"));
     }
 }
