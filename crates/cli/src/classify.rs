@@ -67,7 +67,7 @@ pub fn run(args: ClassifyArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let mut dist = label_probabilities(
         &model,
-        &[args.message.clone()],
+        std::slice::from_ref(&args.message),
         args.task,
         method,
         &examples,
