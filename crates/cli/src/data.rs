@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use supportlm_data::{load_csv, shipped, split, stats, SplitConfig, Task};
+use supportlm_data::{load_csv, robustness, shipped, split, stats, SplitConfig, Task};
 
 #[derive(Subcommand)]
 pub enum DataCommand {
@@ -19,6 +19,19 @@ pub enum DataCommand {
     },
     /// Write a leak-free stratified train/validation/test split (JSONL + manifest.json).
     Split(SplitArgs),
+    /// Write the robustness set (prompt injection, abusive, off-topic and noisy messages), made from
+    /// the shipped data's category test split only.
+    Robustness {
+        /// Output file (one item per line).
+        #[arg(long, default_value = "data/robustness/robustness.jsonl")]
+        out: PathBuf,
+        /// Clean test messages sampled (balanced over categories); each gets every attack family,
+        /// an abusive and a noisy variant.
+        #[arg(long, default_value_t = 66)]
+        messages: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 #[derive(Args)]
@@ -88,6 +101,36 @@ pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
                 println!("dropped labels: {}", manifest.dropped_labels.join(", "));
             }
             println!("wrote {}", args.out.join("manifest.json").display());
+        }
+        DataCommand::Robustness {
+            out,
+            messages,
+            seed,
+        } => {
+            let dataset = load(None)?;
+            let set = split::split(&dataset, &SplitConfig::default())?;
+            let config = robustness::RobustnessConfig { messages, seed };
+            let items = robustness::build(&set.test.records, &config);
+            let mut text = String::new();
+            for item in &items {
+                text += &serde_json::to_string(item)?;
+                text.push('\n');
+            }
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            supportlm_data::fsio::write_atomic(&out, text.as_bytes())
+                .with_context(|| format!("writing {}", out.display()))?;
+            for part in robustness::Part::ALL {
+                let n = items.iter().filter(|i| i.part == part).count();
+                println!("{:<10} {n:>5} items", part.as_str());
+            }
+            println!(
+                "wrote {} (sha256 {})",
+                out.display(),
+                supportlm_data::fsio::sha256_hex(text.as_bytes())
+            );
         }
     }
     Ok(())

@@ -22,6 +22,8 @@ pub enum EvalCommand {
     Respond(Box<crate::respond::RespondArgs>),
     /// Task 1's classical baseline: TF-IDF + logistic regression trained on the train split.
     Tfidf(TfidfArgs),
+    /// Task 1 on the robustness set (injection, abusive, off-topic, noisy), with or without the guard.
+    Robustness(Box<crate::robustness::RobustnessArgs>),
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -113,6 +115,7 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
         EvalCommand::Classify(args) => classify_cmd(args),
         EvalCommand::Respond(args) => crate::respond::run(*args),
         EvalCommand::Tfidf(args) => tfidf_cmd(args),
+        EvalCommand::Robustness(args) => crate::robustness::run(*args),
     }
 }
 

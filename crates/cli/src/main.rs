@@ -7,6 +7,7 @@ mod eval;
 mod generate;
 mod respond;
 mod resume;
+mod robustness;
 mod serve;
 mod shared;
 mod train;

@@ -45,6 +45,11 @@ pub struct ServeArgs {
     /// Seconds a request may take (more get 504).
     #[arg(long, default_value_t = 120)]
     request_timeout_s: u64,
+    /// The guard: chat-template tokens and role tags in messages neutralised, off-topic messages
+    /// answered with a scope reply (threshold chosen at start per classifier), degenerate replies
+    /// replaced by a fallback.
+    #[arg(long)]
+    guard: bool,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -76,6 +81,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_queue: args.max_queue,
         max_body_bytes: args.max_body_bytes,
         request_timeout: Duration::from_secs(args.request_timeout_s.max(1)),
+        guard: args.guard,
     };
     supportlm_serve::serve(&config).context("serving")?;
     Ok(())

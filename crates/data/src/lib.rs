@@ -9,6 +9,8 @@
 //! - [`augment`]: training-time rewrites that take Bitext's template marks off the messages
 //!   (placeholders filled with realistic values, typing noise).
 //! - [`kshot`]: the balanced k-shot sampler (few-shot examples come from validation, never from test).
+//! - [`robustness`]: the robustness set (prompt injection, abusive, off-topic and noisy messages) made
+//!   reproducibly from the test split.
 //! - [`task`]: the task views (category, intent, response) and their chat conversations, shared by
 //!   prompting and fine-tuning so both see exactly the same task text.
 //! - [`stats`]: label counts and length distributions.
@@ -23,6 +25,7 @@ pub mod error;
 pub mod kshot;
 pub mod labels;
 pub mod load;
+pub mod robustness;
 pub mod shipped;
 pub mod split;
 pub mod stats;

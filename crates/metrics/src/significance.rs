@@ -1,10 +1,10 @@
 //! McNemar's test for two systems scored on the same items, as statsmodels computes it; and the
 //! two-proportion z-test for accuracies measured on different items (statsmodels' `proportions_ztest`).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The paired outcome counts and both forms of the test.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct McNemar {
     /// Items both got right.
     pub both_correct: usize,
@@ -73,7 +73,7 @@ pub fn mcnemar(a_correct: &[bool], b_correct: &[bool]) -> McNemar {
 
 /// Two accuracies on different items (e.g. one method in and out of distribution): the pooled
 /// two-proportion z-test, as statsmodels' `proportions_ztest(count=[k1, k2], nobs=[n1, n2])`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct TwoProportions {
     /// `k1/n1 − k2/n2`.
     pub difference: f64,

@@ -14,7 +14,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::cache::{KvCache, LayerCache};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::lora::Target;
+use crate::names::Target;
 use crate::weight::BaseWeight;
 use supportlm_quant::BaseQuant;
 

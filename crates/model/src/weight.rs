@@ -9,7 +9,6 @@ use burn::backend::Flex;
 use burn::tensor::{Device, Tensor, TensorData};
 
 use crate::error::{ModelError, Result};
-use crate::llama::to_vec;
 use supportlm_quant::{BaseQuant, Int8Matrix, Nf4Tensor};
 
 /// One `[rows, cols]` weight matrix (a linear layer's, `[out, in]`). Clones share the quantized
@@ -95,7 +94,12 @@ impl BaseWeight {
             )));
         }
         match self {
-            BaseWeight::F32(t) => out.copy_from_slice(&to_vec(t.clone())?),
+            BaseWeight::F32(t) => {
+                let values = t.clone().try_into_vec_as::<f32>().map_err(|e| {
+                    ModelError::Internal(format!("reading a weight back from the backend: {e:?}"))
+                })?;
+                out.copy_from_slice(&values)
+            }
             BaseWeight::Int8(m) => m.dequantize_into(out),
             BaseWeight::Nf4(t) => t.dequantize_into(out),
         }

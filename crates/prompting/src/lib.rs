@@ -13,16 +13,21 @@
 //!   ([`report::RespondRunMetrics`]).
 //! - [`respond`]: Task 2: generating support responses and scoring them against the references
 //!   (ROUGE, BLEU, chrF, embedding cosine, degeneration counts).
+//! - [`guard`]: the input guard (chat-template tokens and role tags neutralised; off-topic flagged by a
+//!   threshold on the best label's probability) and [`robustness`]: Task 1 on the robustness set
+//!   (accuracy per part, flip and attack-success rates, off-topic AUROC).
 //! - [`judge`]: LLM-as-judge with the study's rubric, over a local model or an OpenAI-compatible
 //!   endpoint, with robust score parsing.
 
 pub mod classify;
 pub mod error;
 pub mod extract;
+pub mod guard;
 pub mod judge;
 pub mod prompt;
 pub mod report;
 pub mod respond;
+pub mod robustness;
 
 pub use classify::{
     classify, classify_both, label_probabilities, ClassifyOptions, Decision, Method, Prediction,

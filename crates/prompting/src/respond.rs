@@ -193,6 +193,14 @@ pub struct RespondMetrics {
 
 /// Whether a response is degenerate: empty, looping, or leaking the prompt or template.
 pub fn degeneration_of(r: &Response, model: &Model) -> Degeneration {
+    let markers = leak_markers(model);
+    let refs: Vec<&str> = markers.iter().map(String::as_str).collect();
+    degeneration::check(&r.generated, &refs)
+}
+
+/// What a reply must not contain: the model's end-of-text tokens, ChatML's control tokens, the start
+/// of Task 2's system prompt and the prompt's scaffolding.
+pub fn leak_markers(model: &Model) -> Vec<String> {
     let mut markers: Vec<String> = model
         .tokenizer
         .eos_ids
@@ -203,8 +211,7 @@ pub fn degeneration_of(r: &Response, model: &Model) -> Degeneration {
     let system = Task::Response.system_prompt();
     markers.push(system.chars().take(48).collect());
     markers.push("Customer message:".into());
-    let refs: Vec<&str> = markers.iter().map(String::as_str).collect();
-    degeneration::check(&r.generated, &refs)
+    markers
 }
 
 /// Aggregates item scores (bootstrap over items with `seed`).

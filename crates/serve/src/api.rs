@@ -18,9 +18,11 @@ use axum::{Json, Router};
 use futures_util::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use supportlm_data::robustness::OUT_OF_SCOPE;
 use supportlm_data::{Category, Task};
 use supportlm_model::sampling::SamplingConfig;
 use supportlm_model::BaseQuant;
+use supportlm_prompting::guard::{neutralise, Guard, FALLBACK_REPLY, SCOPE_REPLY};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{ChatMessage, ClassifyJob, Engine, Finish, GenEvent, GenerateJob, Job, Prompt};
@@ -37,6 +39,10 @@ pub struct AppState {
     pub base_id: String,
     /// How the base's linear weights are held.
     pub base_quant: BaseQuant,
+    /// With `--guard`: each classifier's off-topic threshold (`None`: the base, 0-shot).
+    pub guards: Option<BTreeMap<Option<String>, Guard>>,
+    /// What a reply must not contain (checked when the guard is on).
+    pub leak_markers: Vec<String>,
     /// Attached adapters, by name.
     pub adapters: Vec<String>,
     /// The adapter `/api/process` classifies with (`None`: the base, 0-shot).
@@ -189,6 +195,39 @@ async fn run_classify(
     within(state, rx).await
 }
 
+/// The message as the model will see it: neutralised when the guard is on.
+fn screen(state: &AppState, message: String) -> String {
+    if state.guards.is_some() {
+        neutralise(&message).0
+    } else {
+        message
+    }
+}
+
+/// Whether the guard calls a category classification by `adapter` off-topic.
+fn off_topic(state: &AppState, adapter: &Option<String>, confidence: f64) -> bool {
+    let key = adapter.clone().filter(|a| *a != state.base_id);
+    state
+        .guards
+        .as_ref()
+        .and_then(|g| g.get(&key))
+        .is_some_and(|g: &Guard| g.off_topic(confidence))
+}
+
+/// The reply, or the fallback when the guard is on and the reply is degenerate; and whether it was
+/// replaced.
+fn checked_reply(state: &AppState, text: String) -> (String, bool) {
+    if state.guards.is_none() {
+        return (text, false);
+    }
+    let markers: Vec<&str> = state.leak_markers.iter().map(String::as_str).collect();
+    if supportlm_metrics::degeneration::check(&text, &markers).any() {
+        (FALLBACK_REPLY.to_string(), true)
+    } else {
+        (text, false)
+    }
+}
+
 fn best(scores: &[(&'static str, f64)]) -> (&'static str, f64) {
     scores.iter().copied().fold(
         ("", f64::NEG_INFINITY),
@@ -212,9 +251,17 @@ async fn classify(
             )))
         }
     };
-    let scores = run_classify(&state, req.message, req.adapter, task).await?;
+    let message = screen(&state, req.message);
+    let scores = run_classify(&state, message, req.adapter.clone(), task).await?;
     let (label, confidence) = best(&scores);
     let map: BTreeMap<&str, f64> = scores.iter().copied().collect();
+    if task == Task::Category && off_topic(&state, &req.adapter, confidence) {
+        return Ok(Json(json!({
+            "label": OUT_OF_SCOPE, "confidence": confidence, "scores": map,
+            "guard": "off-topic", "reply": SCOPE_REPLY,
+            "latency_ms": started.elapsed().as_secs_f64() * 1e3,
+        })));
+    }
     Ok(Json(json!({
         "label": label, "confidence": confidence, "scores": map,
         "latency_ms": started.elapsed().as_secs_f64() * 1e3,
@@ -365,13 +412,14 @@ async fn generate(
     let started = Instant::now();
     let req = body(&state, parsed)?;
     non_empty("message", &req.message)?;
+    let message = screen(&state, req.message.clone());
     let category = match &req.category {
         Some(c) => parse_category(c)?,
         // Without a category the reply is conditioned on the predicted one.
         None => {
             let scores = run_classify(
                 &state,
-                req.message.clone(),
+                message.clone(),
                 state.classify_adapter.clone(),
                 Task::Category,
             )
@@ -383,10 +431,7 @@ async fn generate(
     let max_tokens = req.max_tokens.unwrap_or(DEFAULT_REPLY_TOKENS);
     let mut rx = start_generation(
         &state,
-        Prompt::Respond {
-            message: req.message,
-            category,
-        },
+        Prompt::Respond { message, category },
         adapter,
         max_tokens,
         SamplingConfig::default(),
@@ -414,11 +459,15 @@ async fn generate(
             .into_response());
     }
     let done = collect(&state, rx).await?;
-    Ok(Json(json!({
-        "response": done.text, "category": category.as_str(), "tokens": done.completion_tokens,
+    let (response, replaced) = checked_reply(&state, done.text);
+    let mut out = json!({
+        "response": response, "category": category.as_str(), "tokens": done.completion_tokens,
         "latency_ms": started.elapsed().as_secs_f64() * 1e3,
-    }))
-    .into_response())
+    });
+    if replaced {
+        out["guard"] = json!("fallback");
+    }
+    Ok(Json(out).into_response())
 }
 
 #[derive(Deserialize)]
@@ -435,18 +484,25 @@ async fn process(
     let started = Instant::now();
     let req = body(&state, parsed)?;
     non_empty("message", &req.message)?;
+    let message = screen(&state, req.message);
     let scores = run_classify(
         &state,
-        req.message.clone(),
+        message.clone(),
         state.classify_adapter.clone(),
         Task::Category,
     )
     .await?;
     let (label, confidence) = best(&scores);
+    if off_topic(&state, &state.classify_adapter, confidence) {
+        return Ok(Json(json!({
+            "label": OUT_OF_SCOPE, "confidence": confidence, "response": SCOPE_REPLY, "tokens": 0,
+            "guard": "off-topic", "latency_ms": started.elapsed().as_secs_f64() * 1e3,
+        })));
+    }
     let rx = start_generation(
         &state,
         Prompt::Respond {
-            message: req.message,
+            message,
             category: parse_category(label)?,
         },
         state.respond_adapter.clone(),
@@ -455,11 +511,16 @@ async fn process(
         Vec::new(),
     )?;
     let done = collect(&state, rx).await?;
-    Ok(Json(json!({
-        "label": label, "confidence": confidence, "response": done.text,
+    let (response, replaced) = checked_reply(&state, done.text);
+    let mut out = json!({
+        "label": label, "confidence": confidence, "response": response,
         "tokens": done.completion_tokens,
         "latency_ms": started.elapsed().as_secs_f64() * 1e3,
-    })))
+    });
+    if replaced {
+        out["guard"] = json!("fallback");
+    }
+    Ok(Json(out))
 }
 
 fn unix_now() -> u64 {
@@ -543,9 +604,17 @@ async fn chat_completions(
         Some(Stop::Many(v)) => v,
     };
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(256);
+    let messages = req
+        .messages
+        .into_iter()
+        .map(|m| ChatMessage {
+            content: screen(&state, m.content),
+            ..m
+        })
+        .collect();
     let mut rx = start_generation(
         &state,
-        Prompt::Chat(req.messages),
+        Prompt::Chat(messages),
         adapter,
         max_tokens,
         sampling,
@@ -597,9 +666,10 @@ async fn chat_completions(
             .into_response());
     }
     let done = collect(&state, rx).await?;
+    let (content, _) = checked_reply(&state, done.text);
     Ok(Json(json!({
         "id": id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                      "finish_reason": done.finish}],
         "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
                   "total_tokens": done.prompt_tokens + done.completion_tokens},

@@ -20,6 +20,7 @@ use supportlm_data::{Category, Intent, Record, Task};
 use supportlm_model::generate::{generate_controlled, GenerateOptions};
 use supportlm_model::sampling::SamplingConfig;
 use supportlm_model::Model;
+use supportlm_prompting::guard::Guard;
 use supportlm_prompting::{label_probabilities, Method};
 use tokio::sync::{mpsc, oneshot};
 
@@ -36,6 +37,10 @@ pub struct Models {
     pub base: Model,
     /// Each adapter attached (unmerged) to `base`.
     pub adapters: BTreeMap<String, Model>,
+    /// With `--guard`: the off-topic threshold of each classifier (`None`: the base, 0-shot).
+    pub guards: Option<BTreeMap<Option<String>, Guard>>,
+    /// What a reply must not contain (the guard's output check).
+    pub leak_markers: Vec<String>,
 }
 
 impl Models {

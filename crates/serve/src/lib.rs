@@ -17,8 +17,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
+use supportlm_data::Task;
 use supportlm_model::lora::Adapter;
 use supportlm_model::{default_device, BaseQuant, Model};
+use supportlm_prompting::guard::{neutralise, Guard};
+use supportlm_prompting::robustness::GUARD_RECALL;
+use supportlm_prompting::{label_probabilities, Method};
 
 pub use engine::{Engine, Models};
 pub use error::ServeError;
@@ -49,6 +55,11 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Per-request time limit (more: 504).
     pub request_timeout: Duration,
+    /// The guard: chat-template tokens and role tags in messages neutralised; category
+    /// classifications whose best probability is at or below the classifier's threshold (chosen at
+    /// start on the validation off-topic messages of `supportlm_data::robustness`) answered with the
+    /// scope reply; degenerate replies (empty, looping, leaking the prompt) replaced by a fallback.
+    pub guard: bool,
 }
 
 /// Errors starting the server.
@@ -73,7 +84,7 @@ pub fn load_models(config: &ServeConfig) -> Result<Models, StartError> {
         .model
         .file_name()
         .map_or_else(|| "base".to_string(), |n| n.to_string_lossy().into_owned());
-    let mut adapters = std::collections::BTreeMap::new();
+    let mut adapters = BTreeMap::new();
     for (name, dir) in &config.adapters {
         if name.is_empty() || *name == base_id || adapters.contains_key(name) {
             return Err(StartError::Config(format!(
@@ -94,12 +105,51 @@ pub fn load_models(config: &ServeConfig) -> Result<Models, StartError> {
             )));
         }
     }
+    let guards = if config.guard {
+        let mut guards = BTreeMap::new();
+        guards.insert(None, fit_guard(&base, Method::ZeroShot)?);
+        for (name, model) in &adapters {
+            guards.insert(Some(name.clone()), fit_guard(model, Method::Sft)?);
+        }
+        for (name, g) in &guards {
+            tracing::info!(
+                classifier = name.as_deref().unwrap_or("base, 0-shot"),
+                threshold = g.threshold,
+                "guard: off-topic threshold"
+            );
+        }
+        Some(guards)
+    } else {
+        None
+    };
+    let leak_markers = supportlm_prompting::respond::leak_markers(&base);
     Ok(Models {
         base_id,
         base,
         adapters,
+        guards,
+        leak_markers,
     })
 }
+
+/// A classifier's off-topic threshold: the best label probability that flags 95% of the validation
+/// off-topic messages (neutralised as requests are).
+fn fit_guard(model: &Model, method: Method) -> Result<Guard, StartError> {
+    let messages: Vec<String> = supportlm_data::robustness::off_topic_validation(GUARD_SEED)
+        .into_iter()
+        .map(|m| neutralise(m).0)
+        .collect();
+    let best: Vec<f64> = label_probabilities(model, &messages, Task::Category, method, &[])
+        .map_err(|e| StartError::Config(format!("fitting the guard's threshold: {e}")))?
+        .iter()
+        .map(|d| d.iter().map(|s| s.1).fold(0.0, f64::max))
+        .collect();
+    Guard::fit(&best, GUARD_RECALL)
+        .ok_or_else(|| StartError::Config("the guard has no validation messages".into()))
+}
+
+/// The seed of the robustness set whose validation off-topic half the guard is fitted on.
+const GUARD_SEED: u64 = 42;
 
 /// The state the routes share, and the model thread's handle.
 pub fn app_state(
@@ -118,6 +168,8 @@ pub fn app_state(
     let respond_adapter = pick(&config.respond_adapter, "respond");
     let base_id = models.base_id.clone();
     let base_quant = models.base.base_quant;
+    let guards = models.guards.clone();
+    let leak_markers = models.leak_markers.clone();
     let adapters = models.adapters.keys().cloned().collect();
     let (engine, worker) = Engine::start(models, config.max_queue);
     let state = Arc::new(api::AppState {
@@ -125,6 +177,8 @@ pub fn app_state(
         base_id,
         base_quant,
         adapters,
+        guards,
+        leak_markers,
         classify_adapter,
         respond_adapter,
         api_key: config.api_key.clone(),

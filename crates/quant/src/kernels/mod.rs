@@ -21,8 +21,6 @@ mod avx2;
 mod avx512;
 mod portable;
 
-#[cfg(target_arch = "x86_64")]
-pub(crate) use avx2::nf4_block;
 use portable::portable_row_dot;
 
 /// How far ahead of the block being multiplied its weights are prefetched (bytes).

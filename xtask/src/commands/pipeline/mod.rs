@@ -15,6 +15,7 @@ mod data;
 mod ood;
 mod report;
 mod sweeps;
+mod tables;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

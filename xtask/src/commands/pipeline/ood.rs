@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use supportlm_metrics::two_proportion_test;
 use supportlm_prompting::report::ClassifyMetrics;
 
-use super::report::{correctness, interval, mcnemar_table, read_json, table};
+use super::tables::{correctness, interval, mcnemar_table, read_json, table};
 use super::{sweeps, Run, Step};
 
 /// The set, relative to the workspace root.

@@ -1,0 +1,89 @@
+//! The helpers the report's sections share: reading run files, formatting intervals, Markdown
+//! tables, per-item correctness and McNemar tables.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use supportlm_metrics::{mcnemar, Interval};
+use supportlm_prompting::Prediction;
+
+/// A run file read through the type its writer serializes; `None` when absent or unreadable (that
+/// step has not run, or ran with an older format: the report leaves its row out).
+pub(super) fn read_json<T: DeserializeOwned>(path: &Path) -> Option<T> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match serde_json::from_str(&text) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!(
+                "[report] {} is not readable ({e}): left out",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+pub(super) fn interval(v: Option<&Interval>) -> String {
+    match v {
+        Some(i) => format!("{:.4} [{:.4}, {:.4}]", i.estimate, i.low, i.high),
+        None => "–".into(),
+    }
+}
+
+pub(super) fn table(md: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let _ = writeln!(md, "| {} |", header.join(" | "));
+    let _ = writeln!(md, "|{}", "---|".repeat(header.len()));
+    for r in rows {
+        let _ = writeln!(md, "| {} |", r.join(" | "));
+    }
+    md.push('\n');
+}
+
+/// McNemar's test for every pair of runs, on the items both scored.
+pub(super) fn mcnemar_table(md: &mut String, correct: &[(&str, HashMap<u64, bool>)]) {
+    let mut rows = Vec::new();
+    for i in 0..correct.len() {
+        for j in i + 1..correct.len() {
+            let (a, ca) = &correct[i];
+            let (bn, cb) = &correct[j];
+            let mut ids: Vec<u64> = ca.keys().filter(|k| cb.contains_key(k)).copied().collect();
+            ids.sort_unstable();
+            let xa: Vec<bool> = ids.iter().map(|k| ca[k]).collect();
+            let xb: Vec<bool> = ids.iter().map(|k| cb[k]).collect();
+            let t = mcnemar(&xa, &xb);
+            rows.push(vec![
+                format!("{a} vs {bn}"),
+                ids.len().to_string(),
+                t.a_only.to_string(),
+                t.b_only.to_string(),
+                format!("{:.3e}", t.exact_p),
+                format!("{:.3e}", t.chi2_p),
+            ]);
+        }
+    }
+    table(
+        md,
+        &[
+            "pair (a vs b)",
+            "items",
+            "only a right",
+            "only b right",
+            "exact p",
+            "chi-square p",
+        ],
+        &rows,
+    );
+}
+
+/// Which items each Task 1 run got right.
+pub(super) fn correctness(dir: &Path) -> Option<HashMap<u64, bool>> {
+    let text = std::fs::read_to_string(dir.join("predictions.jsonl")).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Prediction>(l).ok())
+            .map(|p| (p.id as u64, p.truth == p.prediction))
+            .collect(),
+    )
+}
