@@ -37,6 +37,9 @@ pub struct RobustnessArgs {
     /// Seed of the few-shot draw.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Only the first N clean messages and the items made from them (every off-topic item is kept).
+    #[arg(long)]
+    limit_messages: Option<usize>,
     /// Output folder (predictions.jsonl, metrics.json).
     #[arg(long)]
     out: PathBuf,
@@ -63,6 +66,21 @@ pub fn run(args: RobustnessArgs) -> anyhow::Result<()> {
             })
         })
         .collect::<anyhow::Result<_>>()?;
+    let items = match args.limit_messages {
+        Some(n) => {
+            let kept: std::collections::HashSet<usize> = items
+                .iter()
+                .filter(|i| i.part == supportlm_data::robustness::Part::Clean)
+                .filter_map(|i| i.source_id)
+                .take(n)
+                .collect();
+            items
+                .into_iter()
+                .filter(|i| i.source_id.is_none_or(|s| kept.contains(&s)))
+                .collect()
+        }
+        None => items,
+    };
     let method = method_of(args.method, args.adapter.as_deref(), &args.model)?;
     let examples = if method == Method::FewShot {
         let splits = load_splits(None, Task::Category)?;

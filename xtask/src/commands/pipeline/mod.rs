@@ -4,7 +4,8 @@
 //! t1-sft (QLoRA training) → t1-sft-eval → t2-baselines (0-shot and 10-shot responses) → t2-sft →
 //! t2-sft-eval → efficiency (one training step per mode) → learning-curve (SFT macro-F1 against the
 //! number of training examples) → hparams (learning rates on the quick training budget) → t1-ood (every
-//! Task 1 method on the hand-written out-of-distribution messages of `data/ood/`) → report.
+//! Task 1 method on the hand-written out-of-distribution messages of `data/ood/`) → robustness (prompt
+//! injection, abusive, off-topic and noisy messages, with and without the guard) → report.
 //!
 //! Every step records a hash of its inputs and settings in `runs/<name>/steps/<step>.json` when it
 //! finishes; a later run skips a step whose record matches. A step that was interrupted continues
@@ -14,6 +15,7 @@
 mod data;
 mod ood;
 mod report;
+mod robustness;
 mod sweeps;
 mod tables;
 
@@ -66,11 +68,12 @@ pub enum Step {
     LearningCurve,
     Hparams,
     T1Ood,
+    Robustness,
     Report,
 }
 
 impl Step {
-    pub const ALL: [Step; 13] = [
+    pub const ALL: [Step; 14] = [
         Step::Setup,
         Step::Data,
         Step::T1Baselines,
@@ -83,6 +86,7 @@ impl Step {
         Step::LearningCurve,
         Step::Hparams,
         Step::T1Ood,
+        Step::Robustness,
         Step::Report,
     ];
 
@@ -100,6 +104,7 @@ impl Step {
             Step::LearningCurve => "learning-curve",
             Step::Hparams => "hparams",
             Step::T1Ood => "t1-ood",
+            Step::Robustness => "robustness",
             Step::Report => "report",
         }
     }
@@ -128,6 +133,8 @@ pub struct Budget {
     pub sweep_items: usize,
     /// Messages of the out-of-distribution set each method is scored on (`None`: all of them).
     pub ood_items: Option<usize>,
+    /// Clean messages of the robustness set whose variants are scored (`None`: all of them).
+    pub robustness_messages: Option<usize>,
     pub seed: u64,
 }
 
@@ -148,6 +155,7 @@ impl Budget {
                 hp_examples: 55,
                 sweep_items: 60,
                 ood_items: Some(66),
+                robustness_messages: Some(22),
                 seed,
             }
         } else {
@@ -166,6 +174,7 @@ impl Budget {
                 hp_examples: 110,
                 sweep_items: 500,
                 ood_items: None,
+                robustness_messages: None,
                 seed,
             }
         }
@@ -228,6 +237,11 @@ impl Run {
                 "curve": b.curve_sizes,
                 "items": b.ood_items,
             }),
+            Step::Robustness => serde_json::json!({
+                "set": sha256_hex(&std::fs::read(self.root.join(robustness::ROBUSTNESS_FILE))
+                    .with_context(|| format!("reading {}", robustness::ROBUSTNESS_FILE))?),
+                "messages": b.robustness_messages,
+            }),
             Step::Report => serde_json::to_value(b)?,
         };
         let mut text = format!("{}\nseed {}\n{settings}\n", step.name(), b.seed);
@@ -247,6 +261,7 @@ impl Run {
             Step::T1SftEval => &[Step::Data, Step::T1Sft],
             Step::T2SftEval => &[Step::Data, Step::T2Sft],
             Step::T1Ood => &[Step::Data, Step::T1Sft, Step::LearningCurve],
+            Step::Robustness => &[Step::Data, Step::T1Sft],
             Step::Report => &[
                 Step::Data,
                 Step::T1Baselines,
@@ -257,6 +272,7 @@ impl Run {
                 Step::LearningCurve,
                 Step::Hparams,
                 Step::T1Ood,
+                Step::Robustness,
             ],
             _ => &[Step::Data],
         };
@@ -386,6 +402,7 @@ fn step_outputs(run: &Run, step: Step) -> anyhow::Result<Vec<PathBuf>> {
         Step::Efficiency => vec![d("efficiency")],
         Step::LearningCurve | Step::Hparams => sweeps::outputs(run, step)?,
         Step::T1Ood => ood::outputs(run),
+        Step::Robustness => robustness::outputs(run),
         Step::Report => vec![],
     })
 }
@@ -543,6 +560,7 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
         }
         Step::LearningCurve | Step::Hparams => sweeps::run_points(run, step),
         Step::T1Ood => ood::run_step(run),
+        Step::Robustness => robustness::run_step(run),
         Step::Report => report::write(run),
     }
 }

@@ -368,6 +368,7 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
 
     sweeps(&mut md, run)?;
     super::ood::report(&mut md, run)?;
+    super::robustness::report(&mut md, run)?;
 
     writeln!(md, "## Reproducibility\n")?;
     writeln!(
