@@ -47,6 +47,27 @@ fn the_ood_set_is_balanced_labelled_and_not_from_bitext() {
 }
 
 #[test]
+fn the_development_slice_is_balanced_and_apart_from_the_set_and_bitext() {
+    let dev = load_csv(&ood_dir().join("dev.csv")).unwrap();
+    assert_eq!(dev.records.len(), 55);
+    for c in Category::ALL {
+        assert_eq!(dev.records.iter().filter(|r| r.category == c).count(), 5, "{c}");
+    }
+    let ood = load_csv(&ood_dir().join("ood.csv")).unwrap();
+    let bitext = load_csv(&shipped::default_input()).unwrap();
+    let taken: HashSet<String> = ood
+        .records
+        .iter()
+        .chain(&bitext.records)
+        .map(|r| dedupe_key(&r.instruction))
+        .collect();
+    for r in &dev.records {
+        assert!(!taken.contains(&dedupe_key(&r.instruction)), "{:?}", r.instruction);
+        assert!(!r.instruction.contains("{{"));
+    }
+}
+
+#[test]
 fn the_annotation_passes_match_the_set() {
     let ood = load_csv(&ood_dir().join("ood.csv")).unwrap();
     let text = std::fs::read_to_string(ood_dir().join("annotations.csv")).unwrap();

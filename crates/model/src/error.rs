@@ -9,13 +9,14 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// Reading a file failed.
-    #[error("{path}: {source}")]
+    /// (The OS's words are part of the message, not a separate `source`: printed once, also by
+    /// `{:#}` error chains.)
+    #[error("{path}: {reason}")]
     Io {
         /// The file.
         path: PathBuf,
         /// What the OS said.
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// A GGUF file or a quantized format could not be read.
     #[error(transparent)]
@@ -78,7 +79,7 @@ impl ModelError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         ModelError::Io {
             path: path.into(),
-            source,
+            reason: source,
         }
     }
 }
