@@ -79,8 +79,7 @@ pub(crate) fn sample(records: &[Record], limit: Option<usize>, seed: u64) -> Vec
 
 /// A model, with an adapter applied when given.
 pub(crate) fn load_model(path: &Path, adapter: Option<&Path>) -> anyhow::Result<Model> {
-    let mut model = Model::load(path, &default_device())
-        .context("loading the model")?;
+    let mut model = Model::load(path, &default_device()).context("loading the model")?;
     if let Some(dir) = adapter {
         model = model
             .load_adapter(dir)

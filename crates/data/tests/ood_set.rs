@@ -51,7 +51,11 @@ fn the_development_slice_is_balanced_and_apart_from_the_set_and_bitext() {
     let dev = load_csv(&ood_dir().join("dev.csv")).unwrap();
     assert_eq!(dev.records.len(), 55);
     for c in Category::ALL {
-        assert_eq!(dev.records.iter().filter(|r| r.category == c).count(), 5, "{c}");
+        assert_eq!(
+            dev.records.iter().filter(|r| r.category == *c).count(),
+            5,
+            "{c}"
+        );
     }
     let ood = load_csv(&ood_dir().join("ood.csv")).unwrap();
     let bitext = load_csv(&shipped::default_input()).unwrap();
@@ -62,7 +66,11 @@ fn the_development_slice_is_balanced_and_apart_from_the_set_and_bitext() {
         .map(|r| dedupe_key(&r.instruction))
         .collect();
     for r in &dev.records {
-        assert!(!taken.contains(&dedupe_key(&r.instruction)), "{:?}", r.instruction);
+        assert!(
+            !taken.contains(&dedupe_key(&r.instruction)),
+            "{:?}",
+            r.instruction
+        );
         assert!(!r.instruction.contains("{{"));
     }
 }
