@@ -135,10 +135,25 @@ pub fn run(args: RobustnessArgs) -> anyhow::Result<()> {
         &args.out.join("metrics.json"),
         serde_json::to_string_pretty(&m)?.as_bytes(),
     )?;
-    println!(
-        "robustness, {name}{}:",
-        if args.guard { ", guard on" } else { "" }
+    if let Some(before) = &m.unflagged {
+        print_summary(
+            before,
+            &format!("robustness, {name}, guard: neutralising only"),
+        );
+    }
+    print_summary(
+        &m,
+        &format!(
+            "robustness, {name}{}",
+            if args.guard { ", guard on" } else { "" }
+        ),
     );
+    println!("written to {}", args.out.display());
+    Ok(())
+}
+
+fn print_summary(m: &supportlm_prompting::robustness::RobustnessMetrics, title: &str) {
+    println!("{title}:");
     for p in &m.parts {
         println!(
             "  {:<10} {:>4} items  accuracy {:.3} [{:.3}, {:.3}]{}",
@@ -173,6 +188,4 @@ pub fn run(args: RobustnessArgs) -> anyhow::Result<()> {
         m.neutralised,
         m.items_per_s
     );
-    println!("written to {}", args.out.display());
-    Ok(())
 }

@@ -33,6 +33,8 @@ pub struct RobustPrediction {
     pub label: String,
     /// The answer (a category, or `OUT_OF_SCOPE` when the guard flagged it).
     pub prediction: String,
+    /// The category the classifier chose (what `prediction` was before any flag).
+    pub category: String,
     /// The best category's probability (the off-topic score is `1 − best`).
     pub best: f64,
     /// An injection's target.
@@ -88,6 +90,7 @@ pub fn score(
                 family: item.family.clone(),
                 label: item.label().to_string(),
                 prediction: label.to_string(),
+                category: label.to_string(),
                 best,
                 target: item.target.map(|t| t.as_str().to_string()),
                 source_id: item.source_id,
@@ -173,6 +176,9 @@ pub struct RobustnessMetrics {
     pub off_topic: OffTopicScores,
     /// Messages the guard neutralised.
     pub neutralised: usize,
+    /// With the guard on: the same figures before off-topic flagging (the neutralising alone), so
+    /// what each half of the guard buys and costs can be told apart.
+    pub unflagged: Option<Box<RobustnessMetrics>>,
     /// Wall time of the scoring pass.
     pub seconds: f64,
     /// Items per second.
@@ -286,6 +292,17 @@ pub fn summarize(
         false_flags: share(of(Part::Clean).map(flags)),
     };
     let seconds = started.elapsed().as_secs_f64();
+    let unflagged = predictions.iter().any(|p| p.flagged).then(|| {
+        let before: Vec<RobustPrediction> = predictions
+            .iter()
+            .map(|p| RobustPrediction {
+                prediction: p.category.clone(),
+                flagged: false,
+                ..p.clone()
+            })
+            .collect();
+        Box::new(summarize(&before, method, None, threshold, started))
+    });
     RobustnessMetrics {
         method: method.to_string(),
         guard: guard.is_some(),
@@ -293,6 +310,7 @@ pub fn summarize(
         injection,
         off_topic,
         neutralised: predictions.iter().filter(|p| p.neutralised).count(),
+        unflagged,
         seconds,
         items_per_s: predictions.len() as f64 / seconds.max(1e-9),
     }
@@ -316,6 +334,7 @@ mod tests {
             family: "f".into(),
             label: label.into(),
             prediction: prediction.into(),
+            category: prediction.into(),
             best,
             target: None,
             source_id: source,
@@ -400,6 +419,11 @@ mod tests {
         assert_eq!(acc_of(&m, Part::OffTopic), 0.5);
         assert_eq!(m.off_topic.false_flags.estimate, 1.0 / 3.0);
         assert!(m.guard);
+        // Before flagging: the classifier's own answers (o2 answered ORDER, so off-topic accuracy 0).
+        let before = m.unflagged.as_deref().unwrap();
+        assert_eq!(acc_of(before, Part::OffTopic), 0.0);
+        assert_eq!(acc_of(before, Part::Clean), 2.0 / 3.0);
+        assert!(before.unflagged.is_none());
     }
 
     fn acc_of(m: &RobustnessMetrics, part: Part) -> f64 {

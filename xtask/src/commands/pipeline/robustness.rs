@@ -67,6 +67,28 @@ pub fn run_step(run: &Run) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One row of the section's table.
+fn row(label: &str, m: &RobustnessMetrics) -> Vec<String> {
+    let acc = |part: Part| interval(m.parts.iter().find(|p| p.part == part).map(|p| &p.accuracy));
+    vec![
+        label.to_string(),
+        acc(Part::Clean),
+        acc(Part::Injection),
+        acc(Part::Abusive),
+        acc(Part::Noisy),
+        acc(Part::OffTopic),
+        interval(Some(&m.injection.flip_rate)),
+        interval(Some(&m.injection.attack_success)),
+        format!("{:.3}", m.off_topic.auroc),
+        format!(
+            "{} / {}",
+            interval(Some(&m.off_topic.recall)),
+            interval(Some(&m.off_topic.false_flags))
+        ),
+        format!("{:.2}", m.items_per_s),
+    ]
+}
+
 /// The report's section.
 pub fn report(md: &mut String, run: &Run) -> anyhow::Result<()> {
     let d = &run.dir;
@@ -94,26 +116,11 @@ pub fn report(md: &mut String, run: &Run) -> anyhow::Result<()> {
             ) else {
                 continue;
             };
-            let acc =
-                |part: Part| interval(m.parts.iter().find(|p| p.part == part).map(|p| &p.accuracy));
             let label = format!("{name}{}", if guard == "guard" { " + guard" } else { "" });
-            rows.push(vec![
-                label.clone(),
-                acc(Part::Clean),
-                acc(Part::Injection),
-                acc(Part::Abusive),
-                acc(Part::Noisy),
-                acc(Part::OffTopic),
-                interval(Some(&m.injection.flip_rate)),
-                interval(Some(&m.injection.attack_success)),
-                format!("{:.3}", m.off_topic.auroc),
-                format!(
-                    "{} / {}",
-                    interval(Some(&m.off_topic.recall)),
-                    interval(Some(&m.off_topic.false_flags))
-                ),
-                format!("{:.2}", m.items_per_s),
-            ]);
+            if let Some(before) = &m.unflagged {
+                rows.push(row(&format!("{name} + guard, neutralising only"), before));
+            }
+            rows.push(row(&label, &m));
             for (family, accuracy, success) in &m.injection.by_family {
                 families.push(vec![
                     label.clone(),
