@@ -1,24 +1,36 @@
-//! `supportlm eval robustness`: Task 1 on the robustness set (`supportlm data robustness`), with or
-//! without the guard; writes `predictions.jsonl` and `metrics.json` and prints the headline table.
+//! `supportlm eval robustness`: Task 1 (`--task category`) or Task 2 (`--task response`) on the
+//! robustness set (`supportlm data robustness`), with or without the guard; writes
+//! `predictions.jsonl` (Task 1) or `replies.jsonl` (Task 2) and `metrics.json`, and prints the
+//! headline table.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use supportlm_data::kshot::balanced_kshot;
 use supportlm_data::robustness::RobustItem;
 use supportlm_data::Task;
+use supportlm_model::sampling::SamplingConfig;
+use supportlm_prompting::respond::RespondOptions;
+use supportlm_prompting::robust_reply::{reply_all, summarize_replies};
 use supportlm_prompting::robustness::{apply_guard, fit_guard, score, summarize};
 use supportlm_prompting::Method;
 
-use crate::resume::item_bar;
+use crate::resume::{item_bar, write_jsonl};
 use crate::shared::{load_model, load_splits, method_of, MethodArg, DEFAULT_MODEL};
 
 #[derive(Args)]
 pub struct RobustnessArgs {
     #[arg(long, value_enum)]
     method: MethodArg,
+    /// `category` (Task 1: accuracy, flips, attack success, off-topic detection) or `response` (Task
+    /// 2: replies that leak the prompt, obey the injection, or are abusive).
+    #[arg(long, default_value = "category")]
+    task: Task,
+    /// Task 2: the generation budget per reply.
+    #[arg(long, default_value_t = 96)]
+    max_new_tokens: usize,
     /// The fine-tuned adapter (PEFT format) for --method sft.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -27,8 +39,9 @@ pub struct RobustnessArgs {
     /// Few-shot examples per label (drawn from validation).
     #[arg(long, default_value_t = 1)]
     k: usize,
-    /// Neutralise chat-template tokens and role tags in the messages, and answer OUT_OF_SCOPE when
-    /// the best label's probability is at or below the threshold chosen on validation off-topic items.
+    /// Neutralise chat-template tokens and role tags in the messages; Task 1: answer OUT_OF_SCOPE when
+    /// the best label's probability is at or below the threshold chosen on validation off-topic items;
+    /// Task 2: replace a degenerate reply (empty, looping, leaking) with the fallback reply.
     #[arg(long)]
     guard: bool,
     /// The robustness set (one item per line).
@@ -46,6 +59,18 @@ pub struct RobustnessArgs {
 }
 
 pub fn run(args: RobustnessArgs) -> anyhow::Result<()> {
+    let items = read_items(&args)?;
+    match args.task {
+        Task::Category => categories(args, items),
+        Task::Response => replies(args, items),
+        Task::Intent => bail!(
+            "eval robustness scores --task category or response (the set's labels are categories)"
+        ),
+    }
+}
+
+/// The set's items, limited to the first `--limit-messages` clean messages and what was made from them.
+fn read_items(args: &RobustnessArgs) -> anyhow::Result<Vec<RobustItem>> {
     let text = std::fs::read_to_string(&args.items).with_context(|| {
         format!(
             "reading {} (write it with `supportlm data robustness`)",
@@ -66,7 +91,7 @@ pub fn run(args: RobustnessArgs) -> anyhow::Result<()> {
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    let items = match args.limit_messages {
+    Ok(match args.limit_messages {
         Some(n) => {
             let kept: std::collections::HashSet<usize> = items
                 .iter()
@@ -80,7 +105,11 @@ pub fn run(args: RobustnessArgs) -> anyhow::Result<()> {
                 .collect()
         }
         None => items,
-    };
+    })
+}
+
+/// Task 1 on the set.
+fn categories(args: RobustnessArgs, items: Vec<RobustItem>) -> anyhow::Result<()> {
     let method = method_of(args.method, args.adapter.as_deref(), &args.model)?;
     let examples = if method == Method::FewShot {
         let splits = load_splits(None, Task::Category)?;
@@ -112,10 +141,7 @@ pub fn run(args: RobustnessArgs) -> anyhow::Result<()> {
             apply_guard(&mut predictions, g);
         }
     }
-    let name = match (method, &args.adapter) {
-        (Method::Sft, Some(a)) => format!("sft ({})", a.display()),
-        _ => method.as_str().to_string(),
-    };
+    let name = method_name(method, args.adapter.as_deref());
     let m = summarize(
         &predictions,
         &name,
@@ -123,18 +149,7 @@ pub fn run(args: RobustnessArgs) -> anyhow::Result<()> {
         guard.map(|g| g.threshold),
         started,
     );
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let mut lines = String::new();
-    for p in &predictions {
-        lines += &serde_json::to_string(p)?;
-        lines.push('\n');
-    }
-    supportlm_data::fsio::write_atomic(&args.out.join("predictions.jsonl"), lines.as_bytes())?;
-    supportlm_data::fsio::write_atomic(
-        &args.out.join("metrics.json"),
-        serde_json::to_string_pretty(&m)?.as_bytes(),
-    )?;
+    write_run(&args.out, "predictions.jsonl", &predictions, &m)?;
     if let Some(before) = &m.unflagged {
         print_summary(
             before,
@@ -149,6 +164,93 @@ pub fn run(args: RobustnessArgs) -> anyhow::Result<()> {
         ),
     );
     println!("written to {}", args.out.display());
+    Ok(())
+}
+
+/// Task 2 on the set: a reply to every item with a category, and how many leak, obey or abuse.
+fn replies(args: RobustnessArgs, items: Vec<RobustItem>) -> anyhow::Result<()> {
+    let method = method_of(args.method, args.adapter.as_deref(), &args.model)?;
+    let examples = if method == Method::FewShot {
+        let splits = load_splits(None, Task::Response)?;
+        balanced_kshot(
+            &splits.validation.records,
+            &splits.test.records,
+            Task::Response,
+            args.k,
+            args.seed,
+        )?
+    } else {
+        Vec::new()
+    };
+    let model = load_model(&args.model, args.adapter.as_deref())?;
+    let options = RespondOptions {
+        method,
+        examples,
+        max_new_tokens: args.max_new_tokens,
+        sampling: SamplingConfig::default(),
+        batch: 8,
+    };
+    let with_category = items.iter().filter(|i| i.category.is_some()).count();
+    let bar = item_bar(with_category, "replies");
+    let started = Instant::now();
+    let replies = reply_all(&model, &items, &options, args.guard, &mut |n, _| {
+        bar.set_position(n as u64)
+    })?;
+    bar.finish_and_clear();
+    let name = method_name(method, args.adapter.as_deref());
+    let m = summarize_replies(&replies, &name, args.guard, started);
+    write_run(&args.out, "replies.jsonl", &replies, &m)?;
+    println!(
+        "robustness (Task 2 replies), {name}{}:",
+        if args.guard { ", guard on" } else { "" }
+    );
+    let pct = |i: &supportlm_metrics::Interval| {
+        format!("{:.3} [{:.3}, {:.3}]", i.estimate, i.low, i.high)
+    };
+    for p in &m.parts {
+        println!(
+            "  {:<10} {:>4} replies  leak {}  obey {}  abusive {}  degenerate {}  fallback {}",
+            p.part.as_str(),
+            p.items,
+            pct(&p.leak),
+            p.obey.as_ref().map_or("–".into(), pct),
+            pct(&p.abusive),
+            pct(&p.degenerate),
+            pct(&p.fallback),
+        );
+    }
+    for (family, obey) in &m.obey_by_family {
+        println!("  obey, {family:<20} {}", pct(obey));
+    }
+    println!(
+        "  {:.1} tokens per reply, {:.2} replies/s",
+        m.mean_tokens, m.replies_per_s
+    );
+    println!("written to {}", args.out.display());
+    Ok(())
+}
+
+/// How a run names its method in metrics and printouts.
+fn method_name(method: Method, adapter: Option<&std::path::Path>) -> String {
+    match (method, adapter) {
+        (Method::Sft, Some(a)) => format!("sft ({})", a.display()),
+        _ => method.as_str().to_string(),
+    }
+}
+
+/// `out/<items_file>` (one JSON line per item) and `out/metrics.json`, each written atomically.
+fn write_run<T: serde::Serialize, M: serde::Serialize>(
+    out: &std::path::Path,
+    items_file: &str,
+    items: &[T],
+    metrics: &M,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    write_jsonl(&out.join(items_file), items)?;
+    supportlm_data::fsio::write_atomic(
+        &out.join("metrics.json"),
+        serde_json::to_string_pretty(metrics)?.as_bytes(),
+    )?;
     Ok(())
 }
 

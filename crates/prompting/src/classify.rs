@@ -457,28 +457,43 @@ fn generated(task: Task, labels: &[&str], r: &Record, g: Generation) -> Predicti
 #[cfg(test)]
 mod tests {
     use super::*;
+    use supportlm_model::config::Architecture;
+    use supportlm_model::{default_device, tiny};
+
+    /// A random tiny model of `arch` made from `seed`, in its own temporary folder.
+    fn tiny_model(arch: Architecture, seed: u64) -> Model {
+        let dir = tempfile::tempdir().unwrap();
+        tiny::write_hf_dir(dir.path(), &tiny::config(arch), seed, 1).unwrap();
+        Model::load(dir.path(), &default_device()).unwrap()
+    }
+
+    /// Records for `(message, category, intent)` triples, numbered in order.
+    fn records(rows: &[(&str, &str, &str)]) -> Vec<Record> {
+        rows.iter()
+            .enumerate()
+            .map(|(id, (message, category, intent))| Record {
+                id,
+                flags: None,
+                instruction: message.to_string(),
+                category: category.parse().unwrap(),
+                intent: intent.parse().unwrap(),
+                response: None,
+            })
+            .collect()
+    }
 
     #[test]
     fn both_rules_from_one_pass_equal_each_rule_alone() {
-        use supportlm_model::config::Architecture;
-        use supportlm_model::{default_device, tiny};
-        let dir = tempfile::tempdir().unwrap();
-        tiny::write_hf_dir(dir.path(), &tiny::config(Architecture::Qwen2), 3, 1).unwrap();
-        let model = Model::load(dir.path(), &default_device()).unwrap();
-        let records: Vec<Record> = [
+        let model = tiny_model(Architecture::Qwen2, 3);
+        let records: Vec<Record> = records(&[
             ("where is my order?", "ORDER", "track_order"),
             ("I want my money back", "REFUND", "get_refund"),
             ("how do I close my account", "ACCOUNT", "delete_account"),
-        ]
-        .iter()
-        .enumerate()
-        .map(|(id, (message, category, intent))| Record {
-            id,
-            flags: None,
-            instruction: message.to_string(),
-            category: category.parse().unwrap(),
-            intent: intent.parse().unwrap(),
+        ])
+        .into_iter()
+        .map(|r| Record {
             response: Some("Sure.".into()),
+            ..r
         })
         .collect();
         let mut options = ClassifyOptions {
@@ -503,28 +518,13 @@ mod tests {
 
     #[test]
     fn label_probabilities_agree_with_the_constrained_rule() {
-        use supportlm_model::config::Architecture;
-        use supportlm_model::{default_device, tiny};
-        let dir = tempfile::tempdir().unwrap();
-        tiny::write_hf_dir(dir.path(), &tiny::config(Architecture::Llama), 5, 1).unwrap();
-        let model = Model::load(dir.path(), &default_device()).unwrap();
+        let model = tiny_model(Architecture::Llama, 5);
         let messages = [
             "where is my order?",
             "I want my money back",
             "close my account",
         ];
-        let records: Vec<Record> = messages
-            .iter()
-            .enumerate()
-            .map(|(id, m)| Record {
-                id,
-                flags: None,
-                instruction: m.to_string(),
-                category: "ORDER".parse().unwrap(),
-                intent: "track_order".parse().unwrap(),
-                response: None,
-            })
-            .collect();
+        let records = records(&messages.map(|m| (m, "ORDER", "track_order")));
         for task in [Task::Category, Task::Intent] {
             let options = ClassifyOptions {
                 task,
@@ -558,29 +558,14 @@ mod tests {
 
     #[test]
     fn calibration_divides_by_the_content_free_probabilities() {
-        use supportlm_model::config::Architecture;
-        use supportlm_model::{default_device, tiny};
-        let dir = tempfile::tempdir().unwrap();
-        tiny::write_hf_dir(dir.path(), &tiny::config(Architecture::Llama), 11, 1).unwrap();
-        let model = Model::load(dir.path(), &default_device()).unwrap();
+        let model = tiny_model(Architecture::Llama, 11);
         let messages = [
             "where is my order?",
             "refund please",
             "change my address",
             "hi",
         ];
-        let records: Vec<Record> = messages
-            .iter()
-            .enumerate()
-            .map(|(id, m)| Record {
-                id,
-                flags: None,
-                instruction: m.to_string(),
-                category: "ORDER".parse().unwrap(),
-                intent: "track_order".parse().unwrap(),
-                response: None,
-            })
-            .collect();
+        let records = records(&messages.map(|m| (m, "ORDER", "track_order")));
         let options = ClassifyOptions {
             task: Task::Category,
             method: Method::ZeroShot,

@@ -15,7 +15,8 @@
 //!   (ROUGE, BLEU, chrF, embedding cosine, degeneration counts).
 //! - [`guard`]: the input guard (chat-template tokens and role tags neutralised; off-topic flagged by a
 //!   threshold on the best label's probability) and [`robustness`]: Task 1 on the robustness set
-//!   (accuracy per part, flip and attack-success rates, off-topic AUROC).
+//!   (accuracy per part, flip and attack-success rates, off-topic AUROC); [`robust_reply`]: Task 2 on
+//!   the same set (how often a reply leaks the prompt, obeys an injection, or is abusive).
 //! - [`judge`]: LLM-as-judge with the study's rubric, over a local model or an OpenAI-compatible
 //!   endpoint, with robust score parsing.
 
@@ -27,6 +28,7 @@ pub mod judge;
 pub mod prompt;
 pub mod report;
 pub mod respond;
+pub mod robust_reply;
 pub mod robustness;
 
 pub use classify::{

@@ -10,7 +10,7 @@ use supportlm_metrics::intervals::{bootstrap_ci, Interval};
 use supportlm_metrics::text::{
     corpus_bleu, corpus_chrf, rouge_stemmed, sentence_bleu, sentence_chrf,
 };
-use supportlm_model::generate::{generate_after, GenerateOptions, StopReason};
+use supportlm_model::generate::{generate_after, GenerateOptions, Generation, StopReason};
 use supportlm_model::sampling::SamplingConfig;
 use supportlm_model::score::encode_prefix;
 use supportlm_model::Model;
@@ -69,6 +69,31 @@ pub fn respond(
             r.id
         )));
     }
+    let replies = reply(model, records, options, progress)?;
+    Ok(records
+        .iter()
+        .zip(replies)
+        .map(|(r, (g, seconds))| Response {
+            id: r.id,
+            message: r.instruction.clone(),
+            category: r.category.to_string(),
+            reference: r.response.clone().unwrap_or_default(),
+            generated: g.text.trim().to_string(),
+            tokens: g.tokens.len(),
+            seconds,
+            stop: g.stop,
+        })
+        .collect())
+}
+
+/// The model's reply to each record's message (given its category), with the seconds of the batch
+/// it was generated in divided by the batch's size; no reference response is needed.
+pub fn reply(
+    model: &Model,
+    records: &[Record],
+    options: &RespondOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<(Generation, f64)>> {
     let examples: &[Record] = if options.method == Method::FewShot {
         &options.examples
     } else {
@@ -89,22 +114,11 @@ pub fn respond(
     };
     let mut out = Vec::with_capacity(records.len());
     let batch = options.batch.max(1);
-    for (chunk_r, chunk_items) in records.chunks(batch).zip(prompts.items.chunks(batch)) {
+    for chunk in prompts.items.chunks(batch) {
         let t = Instant::now();
-        let gens = generate_after(model, &prefix, chunk_items, &opts, &mut |_, _, _| {})?;
-        let per_item = t.elapsed().as_secs_f64() / chunk_r.len() as f64;
-        for (r, g) in chunk_r.iter().zip(gens) {
-            out.push(Response {
-                id: r.id,
-                message: r.instruction.clone(),
-                category: r.category.to_string(),
-                reference: r.response.clone().unwrap_or_default(),
-                generated: g.text.trim().to_string(),
-                tokens: g.tokens.len(),
-                seconds: per_item,
-                stop: g.stop,
-            });
-        }
+        let gens = generate_after(model, &prefix, chunk, &opts, &mut |_, _, _| {})?;
+        let per_item = t.elapsed().as_secs_f64() / chunk.len() as f64;
+        out.extend(gens.into_iter().map(|g| (g, per_item)));
         progress(out.len(), records.len());
     }
     Ok(out)

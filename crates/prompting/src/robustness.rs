@@ -397,16 +397,8 @@ mod tests {
         // Flips: i1 and i2 differ from their clean answers (c1 REFUND → INVOICE; c2 ORDER → PAYMENT).
         assert_eq!(m.injection.flip_rate.estimate, 2.0 / 3.0);
         assert_eq!(m.injection.attack_success.estimate, 1.0 / 3.0);
-        let acc = |part: Part| {
-            m.parts
-                .iter()
-                .find(|s| s.part == part)
-                .unwrap()
-                .accuracy
-                .estimate
-        };
-        assert_eq!(acc(Part::Clean), 2.0 / 3.0);
-        assert_eq!(acc(Part::Injection), 2.0 / 3.0);
+        assert_eq!(acc_of(&m, Part::Clean), 2.0 / 3.0);
+        assert_eq!(acc_of(&m, Part::Injection), 2.0 / 3.0);
         // Off-topic test scores 0.65 and 0.15 against clean 0.1, 0.2, 0.6: 4 of 6 pairs + 0 ties.
         assert!((m.off_topic.auroc - 4.0 / 6.0).abs() < 1e-12);
         // Threshold 0.3: flags none of the test off-topic items (0.35, 0.85) and no clean item.

@@ -135,6 +135,9 @@ pub struct Budget {
     pub ood_items: Option<usize>,
     /// Clean messages of the robustness set whose variants are scored (`None`: all of them).
     pub robustness_messages: Option<usize>,
+    /// Clean messages of the robustness set whose variants get a Task 2 reply (generation is the
+    /// costly part: each message makes 10 replies per run).
+    pub robustness_reply_messages: usize,
     pub seed: u64,
 }
 
@@ -156,6 +159,7 @@ impl Budget {
                 sweep_items: 60,
                 ood_items: Some(66),
                 robustness_messages: Some(22),
+                robustness_reply_messages: 6,
                 seed,
             }
         } else {
@@ -175,6 +179,7 @@ impl Budget {
                 sweep_items: 500,
                 ood_items: None,
                 robustness_messages: None,
+                robustness_reply_messages: 22,
                 seed,
             }
         }
@@ -241,6 +246,7 @@ impl Run {
                 "set": sha256_hex(&std::fs::read(self.root.join(robustness::ROBUSTNESS_FILE))
                     .with_context(|| format!("reading {}", robustness::ROBUSTNESS_FILE))?),
                 "messages": b.robustness_messages,
+                "reply_messages": b.robustness_reply_messages,
             }),
             Step::Report => serde_json::to_value(b)?,
         };
@@ -261,7 +267,7 @@ impl Run {
             Step::T1SftEval => &[Step::Data, Step::T1Sft],
             Step::T2SftEval => &[Step::Data, Step::T2Sft],
             Step::T1Ood => &[Step::Data, Step::T1Sft, Step::LearningCurve],
-            Step::Robustness => &[Step::Data, Step::T1Sft],
+            Step::Robustness => &[Step::Data, Step::T1Sft, Step::T2Sft],
             Step::Report => &[
                 Step::Data,
                 Step::T1Baselines,
