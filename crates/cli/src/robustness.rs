@@ -111,18 +111,7 @@ fn read_items(args: &RobustnessArgs) -> anyhow::Result<Vec<RobustItem>> {
 /// Task 1 on the set.
 fn categories(args: RobustnessArgs, items: Vec<RobustItem>) -> anyhow::Result<()> {
     let method = method_of(args.method, args.adapter.as_deref(), &args.model)?;
-    let examples = if method == Method::FewShot {
-        let splits = load_splits(None, Task::Category)?;
-        balanced_kshot(
-            &splits.validation.records,
-            &splits.test.records,
-            Task::Category,
-            args.k,
-            args.seed,
-        )?
-    } else {
-        Vec::new()
-    };
+    let examples = few_shot_examples(method, Task::Category, &args)?;
     let model = load_model(&args.model, args.adapter.as_deref())?;
     let bar = item_bar(items.len(), "items");
     let started = Instant::now();
@@ -170,18 +159,7 @@ fn categories(args: RobustnessArgs, items: Vec<RobustItem>) -> anyhow::Result<()
 /// Task 2 on the set: a reply to every item with a category, and how many leak, obey or abuse.
 fn replies(args: RobustnessArgs, items: Vec<RobustItem>) -> anyhow::Result<()> {
     let method = method_of(args.method, args.adapter.as_deref(), &args.model)?;
-    let examples = if method == Method::FewShot {
-        let splits = load_splits(None, Task::Response)?;
-        balanced_kshot(
-            &splits.validation.records,
-            &splits.test.records,
-            Task::Response,
-            args.k,
-            args.seed,
-        )?
-    } else {
-        Vec::new()
-    };
+    let examples = few_shot_examples(method, Task::Response, &args)?;
     let model = load_model(&args.model, args.adapter.as_deref())?;
     let options = RespondOptions {
         method,
@@ -228,6 +206,25 @@ fn replies(args: RobustnessArgs, items: Vec<RobustItem>) -> anyhow::Result<()> {
     );
     println!("written to {}", args.out.display());
     Ok(())
+}
+
+/// The balanced k-shot examples (from validation) a few-shot run shows; none for other methods.
+fn few_shot_examples(
+    method: Method,
+    task: Task,
+    args: &RobustnessArgs,
+) -> anyhow::Result<Vec<supportlm_data::Record>> {
+    if method != Method::FewShot {
+        return Ok(Vec::new());
+    }
+    let splits = load_splits(None, task)?;
+    Ok(balanced_kshot(
+        &splits.validation.records,
+        &splits.test.records,
+        task,
+        args.k,
+        args.seed,
+    )?)
 }
 
 /// How a run names its method in metrics and printouts.

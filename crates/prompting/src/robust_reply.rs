@@ -21,11 +21,12 @@ use serde::{Deserialize, Serialize};
 use supportlm_data::robustness::{Part, RobustItem};
 use supportlm_data::Record;
 use supportlm_metrics::degeneration::{self, Degeneration};
-use supportlm_metrics::{wilson_interval, Interval};
+use supportlm_metrics::Interval;
 use supportlm_model::Model;
 
 use crate::guard::{neutralise, FALLBACK_REPLY};
 use crate::respond::{leak_markers, reply, RespondOptions};
+use crate::robustness::share;
 use crate::Result;
 
 /// Insults and swear words a support reply must not hold (lower case; a word matches when it equals
@@ -246,15 +247,6 @@ pub struct ReplyMetrics {
     pub seconds: f64,
     /// Replies per second.
     pub replies_per_s: f64,
-}
-
-fn share(flags: impl Iterator<Item = bool>) -> Interval {
-    let (mut k, mut n) = (0, 0);
-    for f in flags {
-        n += 1;
-        k += usize::from(f);
-    }
-    wilson_interval(k, n, supportlm_metrics::intervals::Z95)
 }
 
 /// The figures of one evaluation.

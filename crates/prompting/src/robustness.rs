@@ -185,7 +185,8 @@ pub struct RobustnessMetrics {
     pub items_per_s: f64,
 }
 
-fn share(flags: impl Iterator<Item = bool>) -> Interval {
+/// The share of `true` with its Wilson 95% interval.
+pub(crate) fn share(flags: impl Iterator<Item = bool>) -> Interval {
     let (mut k, mut n) = (0, 0);
     for f in flags {
         n += 1;
