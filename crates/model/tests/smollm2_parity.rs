@@ -254,6 +254,35 @@ fn logits_greedy_continuations_and_label_scores_match_transformers() {
             }
         }
     }
+
+    // Every case's prompt in one batch: the batched decode kernels (one weight read for all rows) give
+    // each row transformers' greedy continuation too.
+    let cases = f["cases"].as_array().unwrap();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["input_ids"])).collect();
+    let expected: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| {
+            ids(&c["greedy"]["ids"])
+                .into_iter()
+                .take_while(|t| !m.tokenizer.eos_ids.contains(t))
+                .collect()
+        })
+        .collect();
+    assert!(prompts.len() > 1, "the batch needs several rows");
+    let opts = GenerateOptions {
+        max_new_tokens: expected.iter().map(Vec::len).max().unwrap(),
+        ..Default::default()
+    };
+    let out = generate(m, &prompts, &opts, &mut |_, _, _| {}).unwrap();
+    for ((case, want), got) in cases.iter().zip(&expected).zip(&out) {
+        assert_eq!(
+            &got.tokens[..want.len().min(got.tokens.len())],
+            &want[..],
+            "{}: greedy continuation in a batch of {}",
+            case["name"],
+            prompts.len()
+        );
+    }
 }
 
 #[test]

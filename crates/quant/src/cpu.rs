@@ -98,6 +98,59 @@ pub fn simd() -> Simd {
     })
 }
 
+/// Size of the last-level (L3) cache of CPU 0 in bytes, from Linux's sysfs (`None` elsewhere or when
+/// the machine has no L3).
+pub fn l3_bytes() -> Option<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index3/size").ok()?;
+    parse_cache_size(&text)
+}
+
+/// `"49152K"`, `"32M"` or a plain byte count.
+fn parse_cache_size(text: &str) -> Option<usize> {
+    let t = text.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let n: usize = digits.parse().ok()?;
+    let scale = match unit.trim() {
+        "" => 1,
+        "K" | "KB" | "KiB" => 1 << 10,
+        "M" | "MB" | "MiB" => 1 << 20,
+        _ => return None,
+    };
+    Some(n * scale)
+}
+
+/// Bytes per second read from memory by every rayon thread at once, streaming through a buffer of `bytes`
+/// (the fastest of `reps` passes). With `bytes` several times the L3 size this is the DRAM read
+/// bandwidth a decode step, which reads every weight once, is bounded by.
+pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
+    use rayon::prelude::*;
+    let words = vec![1u64; bytes.div_ceil(8).max(8)];
+    let chunk = words.len().div_ceil(rayon::current_num_threads().max(1));
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t = std::time::Instant::now();
+        let x = words
+            .par_chunks(chunk)
+            .map(|c| {
+                // Eight independent lanes: the loop vectorizes and keeps several loads in flight.
+                let mut lanes = [0u64; 8];
+                for w in c.chunks_exact(8) {
+                    for i in 0..8 {
+                        lanes[i] ^= w[i];
+                    }
+                }
+                lanes.iter().fold(0, |a, b| a ^ b)
+            })
+            .reduce(|| 0, |a, b| a ^ b);
+        std::hint::black_box(x);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (words.len() * 8) as f64 / best
+}
+
 /// Whether the AVX2 + FMA paths run ([`simd`] at least [`Simd::Avx2`]).
 #[inline]
 pub fn avx2_fma() -> bool {
@@ -153,6 +206,14 @@ mod tests {
         );
         assert_eq!(CpuFeatures { fma: false, ..all }.level(), Simd::Portable);
         assert_eq!(CpuFeatures::default().level(), Simd::Portable);
+    }
+
+    #[test]
+    fn cache_sizes_parse_as_sysfs_writes_them() {
+        assert_eq!(parse_cache_size("49152K\n"), Some(49152 << 10));
+        assert_eq!(parse_cache_size("32M"), Some(32 << 20));
+        assert_eq!(parse_cache_size("1024"), Some(1024));
+        assert_eq!(parse_cache_size("lots"), None);
     }
 
     #[test]

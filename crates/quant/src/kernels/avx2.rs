@@ -38,99 +38,106 @@ pub(super) unsafe fn f16_ptr(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-/// The 32 weights of block `k` of a row as 4 × 8 lanes, and the block's scale.
+/// The 32 weights of block `k` of a row as 4 × 8 lanes, with the block's scale (and Q4_1's offset)
+/// already applied: `d·q + m`, exactly the dequantized values. Computed once per block and used for
+/// every vector of the batch, so each vector costs four FMAs per block and nothing else.
 // Always inlined into `row_dot`, whose target features then apply to the intrinsics.
 #[inline(always)]
-unsafe fn block(format: QFormat, row: *const u8, k: usize) -> ([__m256; 4], f32) {
+unsafe fn scaled_block(format: QFormat, row: *const u8, k: usize) -> [__m256; 4] {
     match format {
         QFormat::F32 => {
             let w = (row as *const f32).add(k * 32);
-            let ws = [
+            [
                 _mm256_loadu_ps(w),
                 _mm256_loadu_ps(w.add(8)),
                 _mm256_loadu_ps(w.add(16)),
                 _mm256_loadu_ps(w.add(24)),
-            ];
-            (ws, 1.0)
+            ]
         }
         QFormat::Q8_0 => {
             let blk = row.add(k * 34);
+            let d = _mm256_set1_ps(f16_ptr(blk));
             let a = _mm_loadu_si128(blk.add(2) as *const __m128i);
             let c = _mm_loadu_si128(blk.add(18) as *const __m128i);
-            let ws = [
-                i8x8(a),
-                i8x8(_mm_srli_si128(a, 8)),
-                i8x8(c),
-                i8x8(_mm_srli_si128(c, 8)),
-            ];
-            (ws, f16_ptr(blk))
+            [
+                _mm256_mul_ps(d, i8x8(a)),
+                _mm256_mul_ps(d, i8x8(_mm_unpackhi_epi64(a, a))),
+                _mm256_mul_ps(d, i8x8(c)),
+                _mm256_mul_ps(d, i8x8(_mm_unpackhi_epi64(c, c))),
+            ]
         }
         QFormat::Q4_0 | QFormat::Q4_1 => {
-            let (size, qs, minus) = if format == QFormat::Q4_0 {
-                (18, 2, 8.0)
-            } else {
-                (20, 4, 0.0)
-            };
-            let blk = row.add(k * size);
-            let q = _mm_loadu_si128(blk.add(qs) as *const __m128i);
+            let q4_1 = format == QFormat::Q4_1;
+            let blk = row.add(k * if q4_1 { 20 } else { 18 });
+            let d = f16_ptr(blk);
+            // Q4_1: d·q + m; Q4_0: d·(q − 8) = d·q − 8d.
+            let m = _mm256_set1_ps(if q4_1 { f16_ptr(blk.add(2)) } else { -8.0 * d });
+            let d = _mm256_set1_ps(d);
+            let q = _mm_loadu_si128(blk.add(if q4_1 { 4 } else { 2 }) as *const __m128i);
             let mask = _mm_set1_epi8(0x0f);
             let lo = _mm_and_si128(q, mask);
             let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-            let m = _mm256_set1_ps(minus);
-            let ws = [
-                _mm256_sub_ps(u8x8(lo), m),
-                _mm256_sub_ps(u8x8(_mm_srli_si128(lo, 8)), m),
-                _mm256_sub_ps(u8x8(hi), m),
-                _mm256_sub_ps(u8x8(_mm_srli_si128(hi, 8)), m),
-            ];
-            (ws, f16_ptr(blk))
+            [
+                _mm256_fmadd_ps(u8x8(lo), d, m),
+                _mm256_fmadd_ps(u8x8(_mm_unpackhi_epi64(lo, lo)), d, m),
+                _mm256_fmadd_ps(u8x8(hi), d, m),
+                _mm256_fmadd_ps(u8x8(_mm_unpackhi_epi64(hi, hi)), d, m),
+            ]
         }
         QFormat::Nf4 | QFormat::Int8 => unreachable!("read by rows_dot_nf4 / rows_dot_int8"),
     }
 }
 
-/// `y[b] = Σ_k scale_k · Σ w·x_b` for one row and `B` vectors, accumulators in registers.
+/// `y[b] = Σ_k w_k·x_b[k]` for one row and `B` vectors (2 ≤ B ≤ 8), accumulators in registers: per
+/// block the weights are dequantized once, then each vector adds four FMAs. Small batches keep two
+/// accumulators per vector so that at least eight FMA chains are in flight.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_dot<const B: usize>(job: &Job<'_>, i: usize, y: &mut [f32]) {
-    let row = job.row(i);
-    let p = row.as_ptr();
+unsafe fn row_dot<const B: usize, const F: u8>(job: &Job<'_>, i: usize, y: &mut [f32]) {
+    let format = format_of(F);
+    let p = job.row(i).as_ptr();
     let n_blocks = job.n_blocks;
+    let two = B <= 4;
     let mut acc = [_mm256_setzero_ps(); B];
-    let mut extra = [0f32; B];
+    let mut acc2 = [_mm256_setzero_ps(); B];
     let xp: [*const f32; B] = std::array::from_fn(|b| job.xs[b].as_ptr());
     let block_bytes = job.row_bytes / n_blocks.max(1);
     for k in 0..n_blocks {
-        _mm_prefetch::<_MM_HINT_T0>(p.add(k * block_bytes + PREFETCH) as *const i8);
-        let (w, scale) = block(job.format, p, k);
-        let d = _mm256_set1_ps(scale);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(k * block_bytes + PREFETCH) as *const i8);
+        let w = scaled_block(format, p, k);
         for b in 0..B {
             let x = xp[b].add(k * 32);
-            let mut s = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
-            s = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), s);
-            s = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), s);
-            s = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), s);
-            acc[b] = _mm256_fmadd_ps(d, s, acc[b]);
-        }
-        if job.format == QFormat::Q4_1 {
-            let m = f16_ptr(p.add(k * 20 + 2));
-            for (b, e) in extra.iter_mut().enumerate() {
-                *e += m * job.block_sums[b * n_blocks + k];
+            if two {
+                acc[b] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), acc[b]);
+                acc2[b] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), acc2[b]);
+                acc[b] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), acc[b]);
+                acc2[b] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), acc2[b]);
+            } else {
+                acc[b] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), acc[b]);
+                acc[b] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), acc[b]);
+                acc[b] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), acc[b]);
+                acc[b] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), acc[b]);
             }
         }
     }
-    if job.format == QFormat::F32 {
+    let mut tail = [0f32; B];
+    if format == QFormat::F32 {
         // f32 rows need not be whole 32-wide blocks: the tail.
         let w = p as *const f32;
         let cols = job.row_bytes / 4;
-        for (b, e) in extra.iter_mut().enumerate() {
+        for (b, t) in tail.iter_mut().enumerate() {
             for k in n_blocks * 32..cols {
-                *e += *w.add(k) * *xp[b].add(k);
+                *t += *w.add(k) * *xp[b].add(k);
             }
         }
     }
     for b in 0..B {
-        y[b] = hsum(acc[b]) + extra[b];
+        let a = if two {
+            _mm256_add_ps(acc[b], acc2[b])
+        } else {
+            acc[b]
+        };
+        y[b] = hsum(a) + tail[b];
     }
 }
 
@@ -153,6 +160,43 @@ unsafe fn fma_i8(v: __m128i, x: *const f32, s: __m256) -> __m256 {
     )
 }
 
+/// Batch-1 Q4_1 (`Q4_1 = true`) or Q4_0 rows: `d·Σ q·x` per block into a vector accumulator, the
+/// offset term (`m·Σx`, or `−8d·Σx` for Q4_0's `q + 8` codes) into a scalar one. The block's leading f16
+/// pair (Q4_1's d and m) is widened by one instruction; one loop per format, no branch inside.
+#[inline(always)]
+unsafe fn dot1_q4<const Q4_1: bool>(job: &Job<'_>, i: usize) -> f32 {
+    let (size, qs) = if Q4_1 { (20, 4) } else { (18, 2) };
+    let row = job.row(i).as_ptr();
+    let x = job.xs[0].as_ptr();
+    let sums = job.block_sums.as_ptr();
+    let zero = _mm256_setzero_ps();
+    let mask = _mm_set1_epi8(0x0f);
+    let mut acc = _mm256_setzero_ps();
+    let mut extra = _mm_setzero_ps();
+    for k in 0..job.n_blocks {
+        let blk = row.add(k * size);
+        _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
+        let xk = x.add(k * 32);
+        let q = _mm_loadu_si128(blk.add(qs) as *const __m128i);
+        let lo = _mm_and_si128(q, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+        let mut s = fma_u8(lo, xk, zero);
+        s = fma_u8(_mm_unpackhi_epi64(lo, lo), xk.add(8), s);
+        s = fma_u8(hi, xk.add(16), s);
+        s = fma_u8(_mm_unpackhi_epi64(hi, hi), xk.add(24), s);
+        // Lane 0: d; lane 1: Q4_1's m (for Q4_0, the first two code bytes, unused).
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dm), s, acc);
+        let offset = if Q4_1 {
+            _mm_movehdup_ps(dm)
+        } else {
+            _mm_mul_ss(dm, _mm_set_ss(-8.0))
+        };
+        extra = _mm_fmadd_ss(offset, _mm_load_ss(sums.add(k)), extra);
+    }
+    hsum(acc) + _mm_cvtss_f32(extra)
+}
+
 /// One row times one vector: the batch-1 decode case. Straight-line loops per format, everything in
 /// registers (no arrays of vectors, which the compiler spills and reloads at a different width).
 #[inline(always)]
@@ -163,35 +207,9 @@ unsafe fn dot1(job: &Job<'_>, i: usize) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut extra = 0f32;
     let zero = _mm256_setzero_ps();
-    let mask = _mm_set1_epi8(0x0f);
     match job.format {
-        QFormat::Q4_1 | QFormat::Q4_0 => {
-            let (size, qs) = if job.format == QFormat::Q4_1 {
-                (20, 4)
-            } else {
-                (18, 2)
-            };
-            for k in 0..n {
-                let blk = row.add(k * size);
-                _mm_prefetch::<_MM_HINT_T0>(blk.add(PREFETCH) as *const i8);
-                let xk = x.add(k * 32);
-                let q = _mm_loadu_si128(blk.add(qs) as *const __m128i);
-                let lo = _mm_and_si128(q, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-                let mut s = fma_u8(lo, xk, zero);
-                s = fma_u8(_mm_unpackhi_epi64(lo, lo), xk.add(8), s);
-                s = fma_u8(hi, xk.add(16), s);
-                s = fma_u8(_mm_unpackhi_epi64(hi, hi), xk.add(24), s);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_ptr(blk)), s, acc);
-                if job.format == QFormat::Q4_1 {
-                    extra += f16_ptr(blk.add(2)) * *job.block_sums.get_unchecked(k);
-                } else {
-                    // Q4_0 stores q + 8: subtract 8·Σx of the block.
-                    let sum = *job.block_sums.get_unchecked(k);
-                    extra -= 8.0 * f16_ptr(blk) * sum;
-                }
-            }
-        }
+        QFormat::Q4_1 => return dot1_q4::<true>(job, i),
+        QFormat::Q4_0 => return dot1_q4::<false>(job, i),
         QFormat::Q8_0 => {
             for k in 0..n {
                 let blk = row.add(k * 34);
@@ -222,26 +240,54 @@ unsafe fn dot1(job: &Job<'_>, i: usize) -> f32 {
     hsum(acc) + extra
 }
 
+// The formats [`row_dot`] is compiled for, as const parameters (one loop per format, no branch inside).
+const F32: u8 = 0;
+const Q4_0: u8 = 1;
+const Q4_1: u8 = 2;
+const Q8_0: u8 = 3;
+
+#[inline(always)]
+const fn format_of(f: u8) -> QFormat {
+    match f {
+        F32 => QFormat::F32,
+        Q4_0 => QFormat::Q4_0,
+        Q4_1 => QFormat::Q4_1,
+        _ => QFormat::Q8_0,
+    }
+}
+
 /// Every row of a job, for every vector.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn rows_dot(job: &Job<'_>, out: &mut [f32]) {
-    let b = job.xs.len();
-    if b == 1 {
+    if job.xs.len() == 1 {
         for (i, y) in out.iter_mut().enumerate() {
             *y = dot1(job, i);
         }
         return;
     }
+    match job.format {
+        QFormat::F32 => rows_dot_batch::<F32>(job, out),
+        QFormat::Q4_0 => rows_dot_batch::<Q4_0>(job, out),
+        QFormat::Q4_1 => rows_dot_batch::<Q4_1>(job, out),
+        QFormat::Q8_0 => rows_dot_batch::<Q8_0>(job, out),
+        QFormat::Nf4 | QFormat::Int8 => unreachable!("read by rows_dot_nf4 / rows_dot_int8"),
+    }
+}
+
+/// [`rows_dot`] for 2 to [`MAX_BATCH`] vectors, rows of format `F`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_dot_batch<const F: u8>(job: &Job<'_>, out: &mut [f32]) {
+    let b = job.xs.len();
     for (i, y) in out.chunks_exact_mut(b).enumerate() {
         match b {
-            1 => row_dot::<1>(job, i, y),
-            2 => row_dot::<2>(job, i, y),
-            3 => row_dot::<3>(job, i, y),
-            4 => row_dot::<4>(job, i, y),
-            5 => row_dot::<5>(job, i, y),
-            6 => row_dot::<6>(job, i, y),
-            7 => row_dot::<7>(job, i, y),
-            _ => row_dot::<8>(job, i, y),
+            2 => row_dot::<2, F>(job, i, y),
+            3 => row_dot::<3, F>(job, i, y),
+            4 => row_dot::<4, F>(job, i, y),
+            5 => row_dot::<5, F>(job, i, y),
+            6 => row_dot::<6, F>(job, i, y),
+            7 => row_dot::<7, F>(job, i, y),
+            _ => row_dot::<MAX_BATCH, F>(job, i, y),
         }
     }
 }

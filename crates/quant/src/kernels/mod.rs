@@ -3,8 +3,9 @@
 //! Decoding one token reads every weight once, so its speed is set by how many bytes are read: these
 //! kernels multiply straight from the GGUF blocks (Q4_0, Q4_1, Q8_0; other types are widened to f32 rows at
 //! load) without materialising f32 weights. Activations stay f32: per block,
-//! `Σ (d·q + m)·x = d·Σ q·x + m·Σ x`, so the only rounding differences from a dequantize-then-matmul are in
-//! summation order. AVX2+FMA (and AVX-512 for batch 1) code paths are chosen at run time, with a portable
+//! `Σ (d·q + m)·x = d·Σ q·x + m·Σ x` for one vector (the batched kernels dequantize each block once into
+//! registers and reuse it for every vector instead), so the only rounding differences from a
+//! dequantize-then-matmul are in summation order. AVX2+FMA (and AVX-512 for batch 1) code paths are chosen at run time, with a portable
 //! fallback; rows are split across threads with rayon.
 
 use rayon::prelude::*;
@@ -299,7 +300,8 @@ struct Job<'a> {
     rows: &'a [u8],
     row_bytes: usize,
     xs: &'a [&'a [f32]],
-    /// `[batch][block]` sums of x (4-bit formats only).
+    /// `[batch][block]` sums of x (4-bit formats only; the batch-1 and portable kernels add the
+    /// blocks' offsets through them, the batched AVX2 one dequantizes instead).
     block_sums: &'a [f32],
     n_blocks: usize,
 }
@@ -361,8 +363,8 @@ mod tests {
             let m = QMatrix::from_ggml(ty, &bytes, rows, cols);
             let mut dense = vec![0f32; rows * cols];
             dequantize(ty, &bytes, &mut dense);
-            // Batch 1 has its own kernel; batch 3 goes through the generic one.
-            for batch in [1, 3] {
+            // Batch 1 has its own kernel; 2-4 keep two accumulators per vector, 5-8 one.
+            for batch in [1, 2, 3, 5, MAX_BATCH] {
                 let xs: Vec<Vec<f32>> = (0..batch).map(|i| random(cols, 100 + i as u32)).collect();
                 let refs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
                 let mut ys = vec![0f32; rows * batch];
