@@ -82,7 +82,9 @@ impl<'a> Op<'a> {
 }
 
 /// `dst[m, n] (+)= beta · a[m, k] · b[k, n]`, `dst` row-major with row stride `dst_rs`; accumulates
-/// into `dst` when `add`. `threads`: let gemm split large products over rayon's pool.
+/// into `dst` when `add`. `threads`: split large products over as many threads as rayon's pool has.
+/// On x86-64 with AVX2 or AVX-512 the products run on faer's kernels (`private-gemm-x86`: 1.2-1.6x the
+/// `gemm` crate's rate on this step's shapes, README: training speed), elsewhere on `gemm`.
 #[allow(clippy::too_many_arguments)]
 fn mm(
     dst: &mut [f32],
@@ -111,7 +113,48 @@ fn mm(
         }
         return;
     }
-    let parallelism = if threads && m * n * k >= PARALLEL_WORK {
+    let parallel = threads && m * n * k >= PARALLEL_WORK;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(instr) = x86_instr() {
+        use private_gemm_x86::{Accum, DType, DstKind, IType};
+        let n_threads = if parallel {
+            rayon::current_num_threads().max(1)
+        } else {
+            1
+        };
+        // SAFETY: as below; the kernels' instruction set was detected at run time (`cpu::simd`).
+        unsafe {
+            private_gemm_x86::gemm(
+                DType::F32,
+                IType::U64,
+                instr,
+                m,
+                n,
+                k,
+                dst.as_mut_ptr() as *mut (),
+                dst_rs as isize,
+                1,
+                std::ptr::null(),
+                std::ptr::null(),
+                DstKind::Full,
+                if add { Accum::Add } else { Accum::Replace },
+                a.data.as_ptr() as *const (),
+                a.rs as isize,
+                a.cs as isize,
+                false,
+                std::ptr::null(),
+                0,
+                b.data.as_ptr() as *const (),
+                b.rs as isize,
+                b.cs as isize,
+                false,
+                &beta as *const f32 as *const (),
+                n_threads,
+            );
+        }
+        return;
+    }
+    let parallelism = if parallel {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None
@@ -140,6 +183,47 @@ fn mm(
             false,
             parallelism,
         );
+    }
+}
+
+/// The GEMM the step's products run on, as the benchmarks name it.
+pub fn gemm_library() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    match x86_instr() {
+        Some(private_gemm_x86::InstrSet::Avx512) => return "private-gemm-x86 (faer) avx512",
+        Some(private_gemm_x86::InstrSet::Avx256) => return "private-gemm-x86 (faer) avx2",
+        None => {}
+    }
+    "gemm (portable)"
+}
+
+/// `c[m, n] = a[m, k] · b[k, n]`, all row-major, through the step's own GEMM on every thread: what the
+/// benchmarks time the step against.
+pub fn product(c: &mut [f32], a: &[f32], b: &[f32], (m, n, k): (usize, usize, usize)) {
+    assert_eq!(c.len(), m * n, "product destination size");
+    assert_eq!(a.len(), m * k, "product left operand size");
+    assert_eq!(b.len(), k * n, "product right operand size");
+    mm(
+        c,
+        n,
+        (m, n, k),
+        Op::rows(a, k),
+        Op::rows(b, n),
+        1.0,
+        false,
+        true,
+    );
+}
+
+/// The instruction set of faer's x86-64 GEMM for the products (`None`: the `gemm` crate's portable
+/// path), from the one CPU check every kernel goes through, so `SUPPORTLM_SIMD` caps it too.
+#[cfg(target_arch = "x86_64")]
+fn x86_instr() -> Option<private_gemm_x86::InstrSet> {
+    use supportlm_quant::cpu::{simd, Simd};
+    match simd() {
+        Simd::Avx512 => Some(private_gemm_x86::InstrSet::Avx512),
+        Simd::Avx2 => Some(private_gemm_x86::InstrSet::Avx256),
+        Simd::Portable => None,
     }
 }
 

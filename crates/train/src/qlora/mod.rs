@@ -8,9 +8,10 @@
 //! gradients reach the input and the LoRA factors but never the frozen weights, and at most one
 //! layer's dequantized weights are alive at a time.
 //!
-//! On the CPU backend that step runs on host buffers (`host`: `gemm` products, fused row loops, LoRA's
-//! thin products in single passes in `low_rank`); `backprop` is the same step in Burn tensor ops, for
-//! other devices and as the reference the tests hold the host path to.
+//! On the CPU backend that step runs on host buffers (`host`: GEMM products — faer's x86-64 kernels, or
+//! the `gemm` crate off x86-64 — fused row loops, LoRA's thin products in single passes in `low_rank`);
+//! `backprop` is the same step in Burn tensor ops, for other devices and as the reference the tests hold
+//! the host path to.
 //!
 //! Three step paths plug into one driver (`driver.rs`, [`StepPath`]): host buffers, Burn tensor ops
 //! with stored activations, or layers recomputed under autodiff (for one layer's activations in memory
@@ -52,6 +53,7 @@ use layout::Layout;
 pub use driver::StepPath;
 pub use dropout::{splitmix, Dropout};
 pub use full::{FullStep, ParamInfo};
+pub use host::{gemm_library, product};
 pub use supportlm_model::weight::BaseWeight;
 
 /// One training sequence: token ids and which of them are predicted (`loss_mask[t]`: the loss includes

@@ -97,20 +97,67 @@ fn matmul_once() -> impl FnMut() -> f64 {
     }
 }
 
-/// The backend's f32 matmul rate (1024³), the fastest of 30 runs (about a second): on a shared machine
-/// a handful of runs can all land in a slow moment.
-pub fn matmul_gflops() -> f64 {
-    let (t, flops) = best(30, matmul_once());
+/// The fp32 GEMMs the project runs: Burn's CPU backend (the `gemm` crate: prefill, scoring) and the
+/// training step's own products (faer's kernels on x86-64, `supportlm_train::qlora::product`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gemm {
+    Burn,
+    Step,
+}
+
+impl Gemm {
+    pub fn name(self) -> String {
+        match self {
+            Gemm::Burn => "burn-flex (gemm crate)".into(),
+            Gemm::Step => supportlm_train::qlora::gemm_library().into(),
+        }
+    }
+}
+
+/// One timed unit of `gemm`'s rate: a `MATMUL_N`³ product. Returns its FLOPs.
+fn product_once(gemm: Gemm) -> Box<dyn FnMut() -> f64> {
+    match gemm {
+        Gemm::Burn => Box::new(matmul_once()),
+        Gemm::Step => {
+            let n = MATMUL_N;
+            let mut state = 0x9e37_79b9u32;
+            let mut random = move |len: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|_| {
+                        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                        (state >> 8) as f32 / (1 << 24) as f32 - 0.5
+                    })
+                    .collect()
+            };
+            let (a, b, mut c) = (random(n * n), random(n * n), vec![0f32; n * n]);
+            Box::new(move || {
+                supportlm_train::qlora::product(&mut c, &a, &b, (n, n, n));
+                std::hint::black_box(&c);
+                2.0 * (n * n * n) as f64
+            })
+        }
+    }
+}
+
+/// `gemm`'s f32 rate (1024³), the fastest of 30 runs (about a second): on a shared machine a handful of
+/// runs can all land in a slow moment.
+pub fn gemm_gflops(gemm: Gemm) -> f64 {
+    let (t, flops) = best(30, product_once(gemm));
     flops / t.as_secs_f64() / 1e9
 }
 
-/// The backend's sustained f32 matmul rate: 1024³ products back to back for at least `window` seconds
-/// (at least one product), over the whole window. Single products on a shared VM vary widely from one
-/// to the next, so the fastest of 30 single runs ([`matmul_gflops`], the burst rate) sits above what
-/// any computation lasting a second or more sustains; beside a timed training step, a window of the
-/// step's length compares like with like.
-pub fn matmul_gflops_sustained(window: f64) -> f64 {
-    let mut product = matmul_once();
+/// The backend's (Burn's) f32 matmul rate, [`gemm_gflops`] of [`Gemm::Burn`].
+pub fn matmul_gflops() -> f64 {
+    gemm_gflops(Gemm::Burn)
+}
+
+/// `gemm`'s sustained f32 rate: 1024³ products back to back for at least `window` seconds (at least
+/// one product), over the whole window. Single products on a shared VM vary widely from one to the next,
+/// so the fastest of 30 single runs ([`gemm_gflops`], the burst rate) sits above what any computation
+/// lasting a second or more sustains; beside a timed training step, a window of the step's length
+/// compares like with like.
+pub fn gemm_gflops_sustained(gemm: Gemm, window: f64) -> f64 {
+    let mut product = product_once(gemm);
     let (mut flops, t) = (0.0, Instant::now());
     while flops == 0.0 || t.elapsed().as_secs_f64() < window {
         flops += product();

@@ -14,6 +14,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+
+use super::Gemm;
 use serde::{Deserialize, Serialize};
 use supportlm_model::config::ModelConfig;
 use supportlm_model::default_device;
@@ -133,10 +135,10 @@ struct Timed {
     gflops: f64,
 }
 
-/// The back-to-back matmul rate over a window as long as a step of `step_s` (at most
+/// The back-to-back rate of `gemm` over a window as long as a step of `step_s` (at most
 /// [`MAX_WINDOW_S`]).
-fn window(step_s: f64) -> f64 {
-    super::matmul_gflops_sustained(step_s.min(MAX_WINDOW_S))
+fn window(gemm: Gemm, step_s: f64) -> f64 {
+    super::gemm_gflops_sustained(gemm, step_s.min(MAX_WINDOW_S))
 }
 
 /// The child: load the base for `mode`, run a warm-up step and [`TIMED_STEPS`] timed ones (each with
@@ -173,16 +175,24 @@ pub fn step(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<()> {
         weights.update(model, coefficients, &mut adam, &grads)?;
         Ok(loss.sum / loss.tokens.max(1) as f64)
     };
-    // The first step pays for fresh pages. Then each step is timed between two matmul windows.
+    // The reference: the faster of the project's two fp32 GEMMs on this machine (burst rates).
+    let burn_burst = super::gemm_gflops(Gemm::Burn);
+    let step_burst = super::gemm_gflops(Gemm::Step);
+    let (gemm, burst) = if step_burst >= burn_burst {
+        (Gemm::Step, step_burst)
+    } else {
+        (Gemm::Burn, burn_burst)
+    };
+    // The first step pays for fresh pages. Then each step is timed between two windows of that GEMM.
     let warm_up = Instant::now();
     run_step(&mut model)?;
-    let mut before = window(warm_up.elapsed().as_secs_f64());
+    let mut before = window(gemm, warm_up.elapsed().as_secs_f64());
     let (mut timed, mut loss) = (Vec::with_capacity(TIMED_STEPS), 0.0);
     for _ in 0..TIMED_STEPS {
         let t = Instant::now();
         loss = run_step(&mut model)?;
         let step_s = t.elapsed().as_secs_f64();
-        let after = window(step_s);
+        let after = window(gemm, step_s);
         timed.push(Timed {
             step_s,
             gflops: (before + after) / 2.0,
@@ -221,8 +231,10 @@ pub fn step(mode: Mode, batch: usize, seq: usize) -> anyhow::Result<()> {
         tokens: data.iter().map(|q| q.ids.len()).sum(),
         flops,
         loss,
-        matmul_gflops: super::matmul_gflops(),
+        matmul_gflops: burst,
         matmul_sustained_gflops: Some(median.gflops),
+        gemm: Some(gemm.name()),
+        gemm_burst: Some([burn_burst, step_burst]),
     };
     println!("{}", serde_json::to_string(&row)?);
     Ok(())
@@ -267,11 +279,18 @@ pub struct StepRow {
     pub flops: f64,
     /// The last step's loss.
     pub loss: f64,
-    /// Burst rate: the fastest single 1024³ product of 30.
+    /// Burst rate: the fastest single 1024³ product of 30, of the reference GEMM ([`StepRow::gemm`]).
     pub matmul_gflops: f64,
     /// The sustained rate around the median step (absent in runs written before it was measured).
     #[serde(default)]
     pub matmul_sustained_gflops: Option<f64>,
+    /// The reference GEMM: the faster of Burn's and the step's own at 1024³ (absent in runs written
+    /// before both were measured: Burn's then).
+    #[serde(default)]
+    pub gemm: Option<String>,
+    /// Burst rates of Burn's GEMM and of the step's own, GFLOP/s.
+    #[serde(default)]
+    pub gemm_burst: Option<[f64; 2]>,
 }
 
 impl StepRow {
@@ -315,11 +334,21 @@ pub fn run() -> anyhow::Result<()> {
     println!("{}", super::cpu_line());
     println!(
         "training step of the default model (LoRA r 8 on all projections; full: every parameter), \
-         incl. AdamW, {TIMED_STEPS} timed steps after a warm-up; matmul: the backend's 1024³ f32 rate in \
-         the same process, sustained = back to back in windows as long as the step (at most \
-         {MAX_WINDOW_S} s) before and after it, burst = the fastest single product of 30; each row: the \
-         step with the median share of the sustained rate around it"
+         incl. AdamW, {TIMED_STEPS} timed steps after a warm-up; matmul: the best fp32 GEMM found in the \
+         same process (the faster at 1024³ of Burn's backend and the step's own), sustained = back to \
+         back in windows as long as the step (at most {MAX_WINDOW_S} s) before and after it, burst = the \
+         fastest single product of 30; each row: the step with the median share of the sustained rate \
+         around it"
     );
+    for (mode, batch, seq, v) in &results {
+        if let (Some(gemm), Some([burn, step])) = (&v.gemm, v.gemm_burst) {
+            println!(
+                "  {} {batch}x{seq}: reference {gemm}; burst 1024³: burn-flex (gemm crate) {burn:.1}, {} {step:.1} GFLOP/s",
+                mode.name(),
+                supportlm_train::qlora::gemm_library()
+            );
+        }
+    }
     println!(
         "{:<14} {:>7} {:>12} {:>9} {:>10} {:>9} {:>10} {:>9} {:>11} {:>9} {:>9} {:>8}",
         "mode",

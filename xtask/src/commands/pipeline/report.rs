@@ -337,15 +337,20 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
         writeln!(
             md,
             "Steps (loss, gradients, AdamW update) on a synthetic batch, each mode in its own process: of \
-             {timed} timed steps after a warm-up, the one with the median share of the backend's sustained \
-             1024³ matmul rate around it ({slowest:.1}–{fastest:.1} GFLOP/s), measured in the same process \
-             in windows of back-to-back products as long as the step, before and after it (`cargo xtask \
-             bench train` prints the burst rate beside it). Useful \
+             {timed} timed steps after a warm-up, the one with the median share of the sustained 1024³ rate \
+             of the best fp32 GEMM found ({gemm}) around it ({slowest:.1}–{fastest:.1} GFLOP/s), measured in \
+             the same process in windows of back-to-back products as long as the step, before and after it \
+             (`cargo xtask bench train` prints the burst rates of both GEMMs beside it). Useful \
              FLOPs count the forward pass and the input gradients (and the weight gradients for full \
              fine-tuning, LoRA's own products for LoRA), not the per-layer recomputation. The QLoRA-NF4 mode is the one trained on the \
              tasks above (its losses and test scores are in the fine-tuning and Task 1 sections); the \
              others are measured on the step alone.\n",
             timed = crate::commands::bench::train::TIMED_STEPS,
+            gemm = lines
+                .iter()
+                .filter_map(|v| v.gemm.clone())
+                .next()
+                .unwrap_or_else(|| "Burn's backend".into()),
         )?;
     }
     table(
