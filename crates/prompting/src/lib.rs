@@ -11,6 +11,9 @@
 //! - [`report`]: the run files: Task 1's `predictions.jsonl`, `metrics.json`,
 //!   `classification_report.csv`, most-confused pairs and hardest errors; Task 2's `metrics.json`
 //!   ([`report::RespondRunMetrics`]).
+//! - [`errors`]: error analysis of a run (most-confused pairs and their share of the errors, recall per
+//!   label, collapse onto one label, confidence of mistakes, extraction kinds) and the failure-mode
+//!   sentences the report prints.
 //! - [`respond`]: Task 2: generating support responses and scoring them against the references
 //!   (ROUGE, BLEU, chrF, embedding cosine, degeneration counts).
 //! - [`guard`]: the input guard (chat-template tokens and role tags neutralised; off-topic flagged by a
@@ -22,6 +25,7 @@
 
 pub mod classify;
 pub mod error;
+pub mod errors;
 pub mod extract;
 pub mod guard;
 pub mod judge;

@@ -12,6 +12,7 @@
 //! where it stopped (evaluations and training are resumable); one whose inputs changed starts over.
 //! Work is done by the `supportlm` binary, each step logging to `runs/<name>/logs/<step>.log`.
 
+mod analysis;
 mod data;
 mod ood;
 mod report;

@@ -199,6 +199,7 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
             writeln!(md, "![Confusion, {name}](t1/{folder}/confusion.svg)\n")?;
         }
     }
+    super::analysis::task1(&mut md, &d.join("t1"), &T1_RUNS, &["sft-constrained"]);
 
     // Training.
     writeln!(md, "## Fine-tuning (QLoRA, NF4 base)\n")?;

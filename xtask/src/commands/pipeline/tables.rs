@@ -77,12 +77,21 @@ pub(super) fn mcnemar_table(md: &mut String, correct: &[(&str, HashMap<u64, bool
     );
 }
 
-/// Which items each Task 1 run got right.
-pub(super) fn correctness(dir: &Path) -> Option<HashMap<u64, bool>> {
+/// A Task 1 run's predictions (`predictions.jsonl`); `None` when the run has none.
+pub(super) fn predictions(dir: &Path) -> Option<Vec<Prediction>> {
     let text = std::fs::read_to_string(dir.join("predictions.jsonl")).ok()?;
     Some(
         text.lines()
             .filter_map(|l| serde_json::from_str::<Prediction>(l).ok())
+            .collect(),
+    )
+}
+
+/// Which items each Task 1 run got right.
+pub(super) fn correctness(dir: &Path) -> Option<HashMap<u64, bool>> {
+    Some(
+        predictions(dir)?
+            .iter()
             .map(|p| (p.id as u64, p.truth == p.prediction))
             .collect(),
     )
