@@ -430,6 +430,19 @@ impl DecodeWeights {
         state: &mut DecodeState,
         lora: Option<&Adapter>,
     ) -> Result<Vec<Vec<f32>>> {
+        // On a worker of rayon's pool, as the training step: the token's ~120 parallel kernel calls
+        // then split their rows there, where the caller's thread would hand each one over and sleep
+        // until it is done (two context switches per call).
+        rayon::scope(|_| self.step_on_worker(tokens, active, state, lora))
+    }
+
+    fn step_on_worker(
+        &self,
+        tokens: &[u32],
+        active: &[bool],
+        state: &mut DecodeState,
+        lora: Option<&Adapter>,
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let b = tokens.len();
         if b != state.batch() || active.len() != b {

@@ -431,6 +431,22 @@ impl Llama {
         positions: &[Vec<usize>],
         mask: Vec<f32>,
         cache: &mut KvCache,
+        collect: Option<&mut Vec<Tensor<3>>>,
+    ) -> Result<Tensor<3>> {
+        // On a worker of rayon's pool, where the backend's parallel ops split their work without
+        // handing each one over from the caller's thread (see `decode::DecodeWeights::step_with`).
+        rayon::scope(|_| self.run_on_worker(tokens, b, s, positions, mask, cache, collect))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_on_worker(
+        &self,
+        tokens: &[u32],
+        b: usize,
+        s: usize,
+        positions: &[Vec<usize>],
+        mask: Vec<f32>,
+        cache: &mut KvCache,
         mut collect: Option<&mut Vec<Tensor<3>>>,
     ) -> Result<Tensor<3>> {
         let total = cache

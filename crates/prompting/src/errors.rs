@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::extract::Extraction;
+use crate::extract::{Extraction, EXTRACTION_FAILED};
 use crate::Prediction;
 
 /// One off-diagonal cell of the confusion matrix.
@@ -69,6 +69,14 @@ impl ErrorAnalysis {
     pub fn top_share(&self, k: usize) -> f64 {
         let top: usize = self.confused.iter().take(k).map(|c| c.count).sum();
         top as f64 / self.errors.max(1) as f64
+    }
+
+    /// Whether the labels were chosen by scoring (confidences are label probabilities), not read
+    /// from generated text (confidence 1 or 0).
+    pub fn scored(&self) -> bool {
+        self.extraction
+            .iter()
+            .any(|(k, n, _)| *k == Extraction::Scored && *n > 0)
     }
 
     /// Outputs no label could be read from.
@@ -222,7 +230,13 @@ pub fn failure_modes(name: &str, a: &ErrorAnalysis) -> Vec<String> {
         pct(a.errors as f64 / a.items as f64)
     );
     if let Some((label, share, truth_share)) = &a.dominant {
-        if *share >= 0.4 && *share >= 2.0 * truth_share {
+        if label == EXTRACTION_FAILED && *share >= 0.4 {
+            first += &format!(
+                " Most of its outputs ({}) name no label at all: the model answers the message \
+                 instead of classifying it.",
+                pct(*share)
+            );
+        } else if *share >= 0.4 && *share >= 2.0 * truth_share {
             first += &format!(
                 " It collapses onto one label: {label} takes {} of all predictions against {} of the \
                  truths, so most errors are that label's false positives rather than confusions \
@@ -276,11 +290,7 @@ pub fn failure_modes(name: &str, a: &ErrorAnalysis) -> Vec<String> {
     if !weak.is_empty() {
         out.push(format!("Lowest recall: {}.", weak.join("; ")));
     }
-    let scored = a
-        .extraction
-        .iter()
-        .any(|(k, n, _)| *k == Extraction::Scored && *n > 0);
-    if let (true, (Some(right), Some(wrong))) = (scored, a.median_confidence) {
+    if let (true, (Some(right), Some(wrong))) = (a.scored(), a.median_confidence) {
         out.push(if wrong >= 0.8 {
             format!(
                 "Its mistakes are confident (median probability of the wrong label {wrong:.2}, \
@@ -439,6 +449,19 @@ mod tests {
         assert!(s
             .iter()
             .any(|l| l.starts_with("Its mistakes are confident")));
+
+        // Generated outputs that mostly name no label.
+        let unread: Vec<Prediction> = (0..4)
+            .map(|i| match i {
+                0 => p(i, "A", "A", 1.0, Extraction::Exact),
+                _ => p(i, "A", EXTRACTION_FAILED, 0.0, Extraction::Failed),
+            })
+            .collect();
+        let a = analyse(&unread, 0);
+        assert!(!a.scored());
+        let s = failure_modes("G", &a);
+        assert!(s[0].ends_with("Most of its outputs (75.0%) name no label at all: the model answers the message instead of classifying it."));
+        assert!(!s.iter().any(|l| l.contains("confiden")));
 
         let perfect = vec![p(0, "A", "A", 1.0, Extraction::Exact)];
         assert_eq!(

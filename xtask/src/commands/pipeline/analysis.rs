@@ -71,11 +71,15 @@ pub(super) fn task1(md: &mut String, t1: &Path, runs: &[(&str, &str)], detailed:
                 top,
                 pct(a.top_share(3)),
                 dominant,
-                format!(
-                    "{} / {}",
-                    conf(a.median_confidence.0),
-                    conf(a.median_confidence.1)
-                ),
+                if a.scored() {
+                    format!(
+                        "{} / {}",
+                        conf(a.median_confidence.0),
+                        conf(a.median_confidence.1)
+                    )
+                } else {
+                    "– (generated)".into()
+                },
                 a.extraction_failures().to_string(),
             ]
         })
