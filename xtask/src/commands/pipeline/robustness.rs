@@ -140,6 +140,7 @@ pub fn report(md: &mut String, run: &Run) -> anyhow::Result<()> {
     )?;
     let mut rows = Vec::new();
     let mut families = Vec::new();
+    let mut paired = Vec::new();
     for (folder, name, _) in methods(run) {
         for (guard, _) in GUARDS {
             let Some(m) = read_json::<RobustnessMetrics>(
@@ -152,6 +153,18 @@ pub fn report(md: &mut String, run: &Run) -> anyhow::Result<()> {
                 rows.push(row(&format!("{name} + guard, neutralising only"), before));
             }
             rows.push(row(&label, &m));
+            for p in &m.parts {
+                if let Some(t) = &p.vs_clean {
+                    paired.push(vec![
+                        label.clone(),
+                        p.part.as_str().to_string(),
+                        (t.both_correct + t.a_only + t.b_only + t.both_wrong).to_string(),
+                        t.b_only.to_string(),
+                        t.a_only.to_string(),
+                        format!("{:.3e}", t.exact_p),
+                    ]);
+                }
+            }
             for (family, accuracy, success) in &m.injection.by_family {
                 families.push(vec![
                     label.clone(),
@@ -179,6 +192,19 @@ pub fn report(md: &mut String, run: &Run) -> anyhow::Result<()> {
         ],
         &rows,
     );
+    if !paired.is_empty() {
+        writeln!(
+            md,
+            "Each variant against the clean message it was made from (McNemar on the pairs, exact \
+             two-sided p): *lost*: right on the clean message, wrong on the variant; *gained*: the \
+             reverse.\n"
+        )?;
+        table(
+            md,
+            &["method", "part", "pairs", "lost", "gained", "exact p"],
+            &paired,
+        );
+    }
     if !families.is_empty() {
         writeln!(md, "Injections by family:\n")?;
         table(
