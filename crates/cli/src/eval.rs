@@ -24,6 +24,12 @@ pub enum EvalCommand {
     Tfidf(TfidfArgs),
     /// Task 1 on the robustness set (injection, abusive, off-topic, noisy), with or without the guard.
     Robustness(Box<crate::robustness::RobustnessArgs>),
+    /// Task 2: a blinded sheet for human raters (responses of several runs, shuffled per item) and
+    /// its key.
+    ExportHuman(crate::human::ExportHumanArgs),
+    /// Task 2: filled sheets read back: each method's mean per criterion with intervals, and the
+    /// raters' agreement (Cohen's kappa for two, Fleiss' for more).
+    ImportHuman(crate::human::ImportHumanArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -116,6 +122,8 @@ pub fn run(cmd: EvalCommand) -> anyhow::Result<()> {
         EvalCommand::Respond(args) => crate::respond::run(*args),
         EvalCommand::Tfidf(args) => tfidf_cmd(args),
         EvalCommand::Robustness(args) => crate::robustness::run(*args),
+        EvalCommand::ExportHuman(args) => crate::human::export_cmd(args),
+        EvalCommand::ImportHuman(args) => crate::human::import_cmd(args),
     }
 }
 

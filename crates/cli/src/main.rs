@@ -5,6 +5,7 @@ mod classify;
 mod data;
 mod eval;
 mod generate;
+mod human;
 mod respond;
 mod resume;
 mod robustness;

@@ -210,6 +210,11 @@ impl ClassificationReport {
     }
 }
 
+/// Cohen's kappa over every value seen in either list (sklearn's `cohen_kappa_score`).
+pub(crate) fn cohen_kappa_of<S: AsRef<str>>(a: &[S], b: &[S]) -> f64 {
+    agreement(a, b).0
+}
+
 /// Cohen's kappa and the multi-class Matthews correlation over every value seen in either list.
 fn agreement<S: AsRef<str>>(y_true: &[S], y_pred: &[S]) -> (f64, f64) {
     let mut values: Vec<&str> = y_true.iter().chain(y_pred).map(AsRef::as_ref).collect();

@@ -29,6 +29,10 @@ pub enum PromptError {
     #[error("prompt: {0}")]
     /// A prompt cannot be built (a few-shot example without an answer, …) or a run file not read.
     Prompt(String),
+    #[error("human evaluation: {0}")]
+    /// A human-evaluation sheet or its key is malformed (unknown item or slot, a score out of range,
+    /// a missing column): the user's input, named with its row.
+    Human(String),
     #[error("judge: {0}")]
     /// The judge failed (unreachable endpoint, bad reply).
     Judge(String),

@@ -20,6 +20,8 @@
 //!   threshold on the best label's probability) and [`robustness`]: Task 1 on the robustness set
 //!   (accuracy per part, flip and attack-success rates, off-topic AUROC); [`robust_reply`]: Task 2 on
 //!   the same set (how often a reply leaks the prompt, obeys an injection, or is abusive).
+//! - [`human`]: the blinded human-evaluation sheet of Task 2 (export with a key; import: means per
+//!   method with intervals, Cohen's or Fleiss' kappa between raters).
 //! - [`judge`]: LLM-as-judge with the study's rubric, over a local model or an OpenAI-compatible
 //!   endpoint, with robust score parsing.
 
@@ -28,6 +30,7 @@ pub mod error;
 pub mod errors;
 pub mod extract;
 pub mod guard;
+pub mod human;
 pub mod judge;
 pub mod prompt;
 pub mod report;

@@ -14,6 +14,7 @@
 
 mod analysis;
 mod data;
+mod human;
 mod ood;
 mod report;
 mod robustness;

@@ -296,6 +296,8 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     }
 
     // Efficiency.
+    super::human::section(&mut md, d, &T2_RUNS, b.seed)?;
+
     writeln!(md, "## Efficiency: one training step per mode\n")?;
     let text = std::fs::read_to_string(d.join("efficiency/steps.jsonl")).unwrap_or_default();
     let lines: Vec<StepRow> = text
