@@ -3,7 +3,8 @@
 //!
 //! - [`line_chart`]: loss curves and learning curves.
 //! - [`heatmap`]: confusion matrices.
-//! - [`bar_chart`]: per-class scores of several methods.
+//! - [`bar_chart`]: per-class scores of several methods; [`bar_chart_with_intervals`] with a whisker per
+//!   bar (a metric with its 95% interval per method).
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -260,20 +261,31 @@ pub fn heatmap(base: &Path, title: &str, labels: &[String], counts: &[Vec<usize>
     )
 }
 
+/// A bar's interval `(low, high)`, drawn as a whisker; `None` draws none.
+type Whiskers<'a> = Option<&'a [Vec<Option<(f64, f64)>>]>;
+
 fn draw_bars<DB: DrawingBackend>(
     area: DrawingArea<DB, Shift>,
     title: &str,
     y_label: &str,
     categories: &[String],
     series: &[(String, Vec<f64>)],
+    whiskers: Whiskers,
 ) -> DrawResult<DB> {
     area.fill(&WHITE)?;
     let n = categories.len().max(1);
     let k = series.len().max(1);
+    let highs = whiskers
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flatten()
+        .map(|&(_, h)| h);
     let max = series
         .iter()
         .flat_map(|s| s.1.iter())
         .copied()
+        .chain(highs)
         .fold(0.0f64, f64::max)
         .max(1e-9)
         * 1.05;
@@ -286,20 +298,23 @@ fn draw_bars<DB: DrawingBackend>(
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(n)
-        .x_label_formatter(&|x: &f64| {
-            categories
-                .get(x.floor() as usize)
-                .cloned()
-                .unwrap_or_default()
-        })
-        .x_label_style(
-            ("sans-serif", 12)
-                .into_font()
-                .transform(FontTransform::Rotate90),
-        )
+        .x_labels(0)
         .y_desc(y_label)
         .draw()?;
+    // One label under each group's centre (the mesh's own x labels fall on round numbers, which
+    // skipped every other category).
+    let label_style = ("sans-serif", 12)
+        .into_font()
+        .transform(FontTransform::Rotate90)
+        .color(&BLACK);
+    for (i, category) in categories.iter().enumerate() {
+        let (x, y) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+        area.draw(&Text::new(
+            category.clone(),
+            (x + 6, y + 8),
+            label_style.clone(),
+        ))?;
+    }
     let width = 0.8 / k as f64;
     for (si, (name, values)) in series.iter().enumerate() {
         let color = PALETTE[si % PALETTE.len()];
@@ -310,6 +325,24 @@ fn draw_bars<DB: DrawingBackend>(
             }))?
             .label(name.as_str())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        if let Some(bars) = whiskers.and_then(|w| w.get(si)) {
+            chart.draw_series(bars.iter().enumerate().filter_map(|(i, w)| {
+                let (low, high) = (*w)?;
+                let x = i as f64 + 0.1 + (si as f64 + 0.5) * width;
+                let cap = width / 4.0;
+                Some(PathElement::new(
+                    vec![
+                        (x - cap, low),
+                        (x + cap, low),
+                        (x, low),
+                        (x, high),
+                        (x - cap, high),
+                        (x + cap, high),
+                    ],
+                    BLACK.stroke_width(2),
+                ))
+            }))?;
+        }
     }
     chart
         .configure_series_labels()
@@ -330,8 +363,26 @@ pub fn bar_chart(
     render(
         base,
         (1000, 560),
-        |a| draw_bars(a, title, y_label, categories, series),
-        |a| draw_bars(a, title, y_label, categories, series),
+        |a| draw_bars(a, title, y_label, categories, series, None),
+        |a| draw_bars(a, title, y_label, categories, series, None),
+    )
+}
+
+/// [`bar_chart`] with an interval per bar (`whiskers[series][category]`, `None` for none), drawn as
+/// a whisker with caps (e.g. a metric with its 95% interval per method).
+pub fn bar_chart_with_intervals(
+    base: &Path,
+    title: &str,
+    y_label: &str,
+    categories: &[String],
+    series: &[(String, Vec<f64>)],
+    whiskers: &[Vec<Option<(f64, f64)>>],
+) -> Result<()> {
+    render(
+        base,
+        (1000, 560),
+        |a| draw_bars(a, title, y_label, categories, series, Some(whiskers)),
+        |a| draw_bars(a, title, y_label, categories, series, Some(whiskers)),
     )
 }
 
@@ -369,7 +420,16 @@ mod tests {
             &[("a".into(), vec![0.5, 0.7, 0.9])],
         )
         .unwrap();
-        for name in ["loss", "cm", "f1"] {
+        bar_chart_with_intervals(
+            &dir.path().join("ci"),
+            "Macro-F1",
+            "score",
+            &labels,
+            &[("a".into(), vec![0.5, 0.7, 0.9])],
+            &[vec![Some((0.4, 0.6)), None, Some((0.85, 1.2))]],
+        )
+        .unwrap();
+        for name in ["loss", "cm", "f1", "ci"] {
             let svg = std::fs::read_to_string(dir.path().join(format!("{name}.svg"))).unwrap();
             assert!(svg.starts_with("<svg") && svg.contains("</svg>"));
             let png = std::fs::read(dir.path().join(format!("{name}.png"))).unwrap();

@@ -18,6 +18,7 @@ mod human;
 mod ood;
 mod report;
 mod robustness;
+mod summary;
 mod sweeps;
 mod tables;
 

@@ -85,6 +85,8 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
         }
     )?;
 
+    super::summary::section(&mut md, d)?;
+
     // Steps and their wall time.
     let mut rows = Vec::new();
     for step in Step::ALL {
