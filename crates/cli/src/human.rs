@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use supportlm_data::fsio::write_atomic;
-use supportlm_prompting::human::{export, read_sheet, summarise, Candidate, HumanSummary, Key};
+use supportlm_prompting::human::{
+    read_sheet, summarise, write_sheet, Candidate, HumanSummary, Key,
+};
 
 #[derive(Args)]
 pub struct ExportHumanArgs {
@@ -73,16 +75,6 @@ pub fn candidates(runs: &[String], with_reference: bool) -> anyhow::Result<Vec<C
     Ok(out)
 }
 
-const README: &str =
-    "Rate each response to the customer's message; the responses of one item come from \
-different systems in a shuffled order (slot A, B, ...), and nothing on the sheet says which.\n\n\
-relevance (0-5): does the reply address the customer's actual request?\n\
-politeness (0-3): is it courteous and professional?\n\
-actionable (0-2): does it give concrete next steps?\n\n\
-Fill the three columns with whole numbers (leave a cell empty if you cannot judge), keep the other \
-columns as they are, save as CSV, and return your copy. Read them back with\n\
-supportlm eval import-human RATER1.csv RATER2.csv ... --key key.json\n";
-
 pub fn export_cmd(args: ExportHumanArgs) -> anyhow::Result<()> {
     let sheet_path = args.out.join("sheet.csv");
     if sheet_path.exists() && !args.force {
@@ -92,15 +84,7 @@ pub fn export_cmd(args: ExportHumanArgs) -> anyhow::Result<()> {
         );
     }
     let candidates = candidates(&args.runs, args.with_reference)?;
-    let (sheet, key) = export(&candidates, args.items, args.seed)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    write_atomic(
-        &args.out.join("key.json"),
-        serde_json::to_string_pretty(&key)?.as_bytes(),
-    )?;
-    write_atomic(&sheet_path, sheet.as_bytes())?;
-    write_atomic(&args.out.join("README.txt"), README.as_bytes())?;
+    let key = write_sheet(&args.out, &candidates, args.items, args.seed)?;
     println!(
         "{} items x {} responses -> {} (key: {})",
         key.items.len(),

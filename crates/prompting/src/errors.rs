@@ -183,19 +183,23 @@ pub fn analyse(predictions: &[Prediction], hardest: usize) -> ErrorAnalysis {
         })
         .filter(|&(_, n, _)| n > 0)
         .collect();
-    let mut wrong: Vec<&Prediction> = predictions.iter().filter(|p| !p.correct()).collect();
-    wrong.sort_by(|a, b| b.confidence.total_cmp(&a.confidence).then(a.id.cmp(&b.id)));
-
     ErrorAnalysis {
         items: n,
-        errors: wrong.len(),
+        errors: predictions.iter().filter(|p| !p.correct()).count(),
         confused,
         labels,
         dominant,
         median_confidence: (conf(true), conf(false)),
         extraction,
-        hardest: wrong.into_iter().take(hardest).cloned().collect(),
+        hardest: most_confident_errors(predictions, hardest),
     }
+}
+
+/// The `n` wrong predictions with the highest confidence (ties by id).
+pub fn most_confident_errors(predictions: &[Prediction], n: usize) -> Vec<Prediction> {
+    let mut wrong: Vec<&Prediction> = predictions.iter().filter(|p| !p.correct()).collect();
+    wrong.sort_by(|a, b| b.confidence.total_cmp(&a.confidence).then(a.id.cmp(&b.id)));
+    wrong.into_iter().take(n).cloned().collect()
 }
 
 fn pct(x: f64) -> String {

@@ -170,6 +170,42 @@ pub fn export(candidates: &[Candidate], items: usize, seed: u64) -> Result<(Stri
     Ok((String::from_utf8_lossy(&sheet).into_owned(), key))
 }
 
+/// What the raters read beside the sheet (`README.txt`).
+const README: &str =
+    "Rate each response to the customer's message; the responses of one item come from \
+different systems in a shuffled order (slot A, B, ...), and nothing on the sheet says which.\n\n\
+relevance (0-5): does the reply address the customer's actual request?\n\
+politeness (0-3): is it courteous and professional?\n\
+actionable (0-2): does it give concrete next steps?\n\n\
+Fill the three columns with whole numbers (leave a cell empty if you cannot judge), keep the other \
+columns as they are, save as CSV, and return your copy. Read them back with\n\
+supportlm eval import-human RATER1.csv RATER2.csv ... --key key.json\n";
+
+/// [`export`] written to `dir`: `sheet.csv` (for the raters), `key.json` (kept from them) and
+/// `README.txt` (their instructions), each atomically. Whether an existing sheet may be replaced is
+/// the caller's decision (raters may be filling it).
+pub fn write_sheet(
+    dir: &std::path::Path,
+    candidates: &[Candidate],
+    items: usize,
+    seed: u64,
+) -> Result<Key> {
+    let (sheet, key) = export(candidates, items, seed)?;
+    std::fs::create_dir_all(dir).map_err(|e| PromptError::io(dir, e))?;
+    let key_text =
+        serde_json::to_string_pretty(&key).map_err(|e| human(format!("writing the key: {e}")))?;
+    for (name, text) in [
+        ("key.json", key_text.as_str()),
+        ("sheet.csv", sheet.as_str()),
+        ("README.txt", README),
+    ] {
+        let path = dir.join(name);
+        supportlm_fsio::write_atomic(&path, text.as_bytes())
+            .map_err(|e| PromptError::io(&path, e))?;
+    }
+    Ok(key)
+}
+
 /// One filled row: an item's slot and the rater's scores (`None`: left empty).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rating {
@@ -298,13 +334,16 @@ pub struct HumanSummary {
 
 /// Summarises the raters' sheets (each read by [`read_sheet`] against `key`).
 pub fn summarise(key: &Key, sheets: &[Vec<Rating>], resamples: usize, seed: u64) -> HumanSummary {
-    let slot_method = |item: usize, slot: usize| -> Option<&str> {
-        key.items
-            .iter()
-            .find(|i| i.item == item)
-            .and_then(|i| i.slots.get(slot))
-            .map(String::as_str)
-    };
+    let method_of: BTreeMap<(usize, usize), &str> = key
+        .items
+        .iter()
+        .flat_map(|i| {
+            i.slots
+                .iter()
+                .enumerate()
+                .map(move |(slot, m)| ((i.item, slot), m.as_str()))
+        })
+        .collect();
     // scores[(item, slot)][criterion] = one value per rater who gave it.
     let mut by_unit: BTreeMap<(usize, usize), Vec<Vec<Option<u32>>>> = BTreeMap::new();
     let (mut ratings, mut missing) = (0, 0);
@@ -320,32 +359,36 @@ pub fn summarise(key: &Key, sheets: &[Vec<Rating>], resamples: usize, seed: u64)
                 .for_each(|(v, s)| v.push(*s));
         }
     }
-    let items: Vec<usize> = key.items.iter().map(|i| i.item).collect();
     let methods = key
         .methods
         .iter()
         .map(|method| {
+            // This method's responses, in item order (by_unit is ordered by item, then slot).
+            let units: Vec<(usize, &Vec<Vec<Option<u32>>>)> = by_unit
+                .iter()
+                .filter(|(unit, _)| method_of.get(unit) == Some(&method.as_str()))
+                .map(|(&(item, _), v)| (item, v))
+                .collect();
             let criteria = key
                 .criteria
                 .iter()
                 .enumerate()
                 .map(|(c, (name, _))| {
-                    // Per item: the mean over raters of this method's response.
-                    let per_item: Vec<f64> = items
+                    // Per item: the mean over raters of this method's (first) response.
+                    let mut per_item: Vec<f64> = Vec::new();
+                    let mut last_item = None;
+                    for &(item, v) in &units {
+                        if last_item == Some(item) {
+                            continue;
+                        }
+                        last_item = Some(item);
+                        let given: Vec<f64> = v[c].iter().flatten().map(|&x| x as f64).collect();
+                        if !given.is_empty() {
+                            per_item.push(given.iter().sum::<f64>() / given.len() as f64);
+                        }
+                    }
+                    let n: usize = units
                         .iter()
-                        .filter_map(|&item| {
-                            let (&(_, _), v) = by_unit.iter().find(|((i, s), _)| {
-                                *i == item && slot_method(*i, *s) == Some(method)
-                            })?;
-                            let given: Vec<f64> =
-                                v[c].iter().flatten().map(|&x| x as f64).collect();
-                            (!given.is_empty())
-                                .then(|| given.iter().sum::<f64>() / given.len() as f64)
-                        })
-                        .collect();
-                    let n: usize = by_unit
-                        .iter()
-                        .filter(|((i, s), _)| slot_method(*i, *s) == Some(method))
                         .map(|(_, v)| v[c].iter().flatten().count())
                         .sum();
                     let interval = bootstrap_ci(per_item.len(), resamples, 0.95, seed, |idx| {

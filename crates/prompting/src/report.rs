@@ -104,8 +104,6 @@ pub fn metrics(
         .iter()
         .filter(|p| p.extraction == Extraction::Failed)
         .count();
-    let mut wrong: Vec<&Prediction> = predictions.iter().filter(|p| !p.correct()).collect();
-    wrong.sort_by(|a, b| b.confidence.total_cmp(&a.confidence).then(a.id.cmp(&b.id)));
     ClassifyMetrics {
         items_per_s: info.items_timed as f64 / info.seconds.max(1e-9),
         info,
@@ -121,7 +119,7 @@ pub fn metrics(
         extraction_failed_rate: failed as f64 / n.max(1) as f64,
         bootstrap_resamples: resamples,
         most_confused: report.most_confused(10),
-        hardest_errors: wrong.into_iter().take(10).cloned().collect(),
+        hardest_errors: crate::errors::most_confident_errors(predictions, 10),
         report,
     }
 }

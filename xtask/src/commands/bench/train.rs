@@ -14,8 +14,6 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-
-use super::Gemm;
 use serde::{Deserialize, Serialize};
 use supportlm_model::config::ModelConfig;
 use supportlm_model::default_device;
@@ -25,6 +23,8 @@ use supportlm_train::optim::{AdamState, AdamW};
 use supportlm_train::qlora::{Dropout, QloraModel, Sequence, StepPath};
 use supportlm_train::trainer::{current_rss, peak_rss, Weights};
 use supportlm_train::BaseQuant;
+
+use super::Gemm;
 
 /// A deterministic batch: `batch` rows of `seq` tokens, the second half of each row as targets.
 pub fn synthetic_batch(batch: usize, seq: usize, vocab: usize) -> Vec<Sequence> {
@@ -343,9 +343,10 @@ pub fn run() -> anyhow::Result<()> {
     for (mode, batch, seq, v) in &results {
         if let (Some(gemm), Some([burn, step])) = (&v.gemm, v.gemm_burst) {
             println!(
-                "  {} {batch}x{seq}: reference {gemm}; burst 1024³: burn-flex (gemm crate) {burn:.1}, {} {step:.1} GFLOP/s",
+                "  {} {batch}x{seq}: reference {gemm}; burst 1024³: {} {burn:.1}, {} {step:.1} GFLOP/s",
                 mode.name(),
-                supportlm_train::qlora::gemm_library()
+                Gemm::Burn.name(),
+                Gemm::Step.name()
             );
         }
     }

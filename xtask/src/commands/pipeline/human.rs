@@ -4,48 +4,37 @@
 //! shows each method's means with intervals and the raters' agreement.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use supportlm_data::fsio::write_atomic;
-use supportlm_prompting::human::{export, Candidate, HumanSummary, Key};
+use supportlm_prompting::human::{self, Candidate, HumanSummary, Key};
 
 use super::tables::{interval, read_json, table};
 
 /// Items on the pipeline's sheet.
 const ITEMS: usize = 30;
 
-/// Writes `human/` for the Task 2 runs of `runs` (folder under `t2/`, name) when it is not there.
-fn write_sheet(run_dir: &Path, runs: &[(&str, &str)], seed: u64) -> anyhow::Result<bool> {
+/// Writes `human/` for the Task 2 runs of `runs` (folder under `t2/`, name) and the reference
+/// replies when there is no sheet yet and at least two runs have finished.
+fn write_sheet(run_dir: &Path, runs: &[(&str, &str)], seed: u64) -> anyhow::Result<()> {
     let dir = run_dir.join("human");
     if dir.join("sheet.csv").exists() {
-        return Ok(false);
+        return Ok(());
     }
-    let mut candidates = Vec::new();
-    for (folder, name) in runs {
-        let run = run_dir.join("t2").join(folder);
-        if run.join("predictions.jsonl").exists() {
-            candidates.push(Candidate::from_run(name, &run, false)?);
-        }
-    }
-    let Some(first) = runs
+    let finished: Vec<(&str, PathBuf)> = runs
         .iter()
-        .map(|(f, _)| run_dir.join("t2").join(f))
-        .find(|r| r.join("predictions.jsonl").exists())
-    else {
-        return Ok(false);
-    };
-    candidates.push(Candidate::from_run("reference", &first, true)?);
-    if candidates.len() < 3 {
-        return Ok(false);
+        .map(|&(folder, name)| (name, run_dir.join("t2").join(folder)))
+        .filter(|(_, run)| run.join("predictions.jsonl").exists())
+        .collect();
+    if finished.len() < 2 {
+        return Ok(());
     }
-    let (sheet, key) = export(&candidates, ITEMS, seed)?;
-    std::fs::create_dir_all(&dir)?;
-    write_atomic(
-        &dir.join("key.json"),
-        serde_json::to_string_pretty(&key)?.as_bytes(),
-    )?;
-    write_atomic(&dir.join("sheet.csv"), sheet.as_bytes())?;
-    Ok(true)
+    let mut candidates = finished
+        .iter()
+        .map(|(name, run)| Candidate::from_run(name, run, false))
+        .collect::<Result<Vec<_>, _>>()?;
+    candidates.push(Candidate::from_run("reference", &finished[0].1, true)?);
+    human::write_sheet(&dir, &candidates, ITEMS, seed)?;
+    Ok(())
 }
 
 /// The section.

@@ -6,10 +6,10 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use supportlm_metrics::{mcnemar, Interval};
+use supportlm_metrics::Interval;
 use supportlm_prompting::report::{ClassifyMetrics, RespondRunMetrics};
 
-use super::tables::{correctness, interval, read_json, table};
+use super::tables::{correctness, interval, paired_mcnemar, read_json, table};
 
 /// A method of the study: its name, its Task 1 runs (folders under `t1/` and `t1-ood/`, by rule),
 /// and its Task 2 run (folder under `t2/`).
@@ -123,18 +123,10 @@ fn sentences(d: &Path, h: &[Headline]) -> Vec<String> {
                 correctness(&d.join("t1").join(sf)),
                 correctness(&d.join("t1").join(pf)),
             ) {
-                let mut ids: Vec<u64> = a.keys().filter(|k| b.contains_key(k)).copied().collect();
-                ids.sort_unstable();
-                let xa: Vec<bool> = ids.iter().map(|k| a[k]).collect();
-                let xb: Vec<bool> = ids.iter().map(|k| b[k]).collect();
-                let t = mcnemar(&xa, &xb);
+                let (items, t) = paired_mcnemar(&a, &b);
                 line += &format!(
                     " (McNemar on {} items: {} right only for SFT, {} only for {}, p = {:.1e})",
-                    ids.len(),
-                    t.a_only,
-                    t.b_only,
-                    p.name,
-                    t.exact_p
+                    items, t.a_only, t.b_only, p.name, t.exact_p
                 );
             }
             if let Some(t) = by("TF-IDF + LR").and_then(f1) {

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
-use supportlm_metrics::{mcnemar, Interval};
+use supportlm_metrics::{mcnemar, Interval, McNemar};
 use supportlm_prompting::Prediction;
 
 /// A run file read through the type its writer serializes; `None` when absent or unreadable (that
@@ -41,6 +41,15 @@ pub(super) fn table(md: &mut String, header: &[&str], rows: &[Vec<String>]) {
     md.push('\n');
 }
 
+/// McNemar's test of two runs on the items both scored, with how many those are.
+pub(super) fn paired_mcnemar(a: &HashMap<u64, bool>, b: &HashMap<u64, bool>) -> (usize, McNemar) {
+    let mut ids: Vec<u64> = a.keys().filter(|k| b.contains_key(k)).copied().collect();
+    ids.sort_unstable();
+    let xa: Vec<bool> = ids.iter().map(|k| a[k]).collect();
+    let xb: Vec<bool> = ids.iter().map(|k| b[k]).collect();
+    (ids.len(), mcnemar(&xa, &xb))
+}
+
 /// McNemar's test for every pair of runs, on the items both scored.
 pub(super) fn mcnemar_table(md: &mut String, correct: &[(&str, HashMap<u64, bool>)]) {
     let mut rows = Vec::new();
@@ -48,14 +57,10 @@ pub(super) fn mcnemar_table(md: &mut String, correct: &[(&str, HashMap<u64, bool
         for j in i + 1..correct.len() {
             let (a, ca) = &correct[i];
             let (bn, cb) = &correct[j];
-            let mut ids: Vec<u64> = ca.keys().filter(|k| cb.contains_key(k)).copied().collect();
-            ids.sort_unstable();
-            let xa: Vec<bool> = ids.iter().map(|k| ca[k]).collect();
-            let xb: Vec<bool> = ids.iter().map(|k| cb[k]).collect();
-            let t = mcnemar(&xa, &xb);
+            let (items, t) = paired_mcnemar(ca, cb);
             rows.push(vec![
                 format!("{a} vs {bn}"),
-                ids.len().to_string(),
+                items.to_string(),
                 t.a_only.to_string(),
                 t.b_only.to_string(),
                 format!("{:.3e}", t.exact_p),
