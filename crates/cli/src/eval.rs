@@ -234,6 +234,7 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
             seconds,
             items_timed: todo_items,
             shared_pass: outputs.len() == 2,
+            prompts: supportlm_data::prompts::sha256().to_string(),
         };
         let m = metrics(
             &task.labels(),
@@ -324,6 +325,7 @@ fn tfidf_cmd(args: TfidfArgs) -> anyhow::Result<()> {
         seconds: t.elapsed().as_secs_f64(),
         items_timed: records.len(),
         shared_pass: false,
+        prompts: supportlm_data::prompts::sha256().to_string(),
     };
     let m = metrics(&labels, &predictions, info, args.bootstrap, args.items.seed);
     write_run(&args.out, &predictions, &m)?;

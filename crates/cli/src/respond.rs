@@ -7,17 +7,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use serde::{Deserialize, Serialize};
 use supportlm_data::kshot::balanced_kshot;
-use supportlm_data::{SplitName, Task};
+use supportlm_data::{Category, Record, SplitName, Task};
 use supportlm_metrics::degeneration::Degeneration;
+use supportlm_metrics::intervals::Z95;
+use supportlm_metrics::wilson_interval;
 use supportlm_model::bert::{cosine, SentenceEncoder};
 use supportlm_model::sampling::SamplingConfig;
 use supportlm_model::{default_device, Model};
+use supportlm_prompting::classify::label_probabilities;
 use supportlm_prompting::judge::{summarize, HttpJudge, Judge, Verdict};
-use supportlm_prompting::report::{GenerationSpeed, RespondRunMetrics, RespondSettings};
+use supportlm_prompting::report::{
+    CategoryChain, GenerationSpeed, RespondRunMetrics, RespondSettings, ScoredResponse,
+};
 use supportlm_prompting::respond::{
-    aggregate, degeneration_of, item_scores, respond, ItemScores, RespondOptions, Response,
+    aggregate, degeneration_of, item_scores, respond, RespondOptions, Response,
 };
 use supportlm_prompting::Method;
 
@@ -81,25 +85,72 @@ pub struct RespondArgs {
     judge_items: usize,
     #[arg(long, default_value_t = 1000)]
     bootstrap: usize,
+    /// The chain the demo runs: classify each message with this Task 1 (category) adapter and write
+    /// the reply for the predicted category instead of the dataset's (the accuracy of those
+    /// categories is reported beside the reply scores).
+    #[arg(long)]
+    category_adapter: Option<PathBuf>,
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
 }
 
-/// One line of `predictions.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct ScoredResponse {
-    #[serde(flatten)]
-    response: Response,
-    #[serde(flatten)]
-    scores: ItemScores,
-    degeneration: Degeneration,
+/// The category `adapter` gives each record's message (its most probable label under constrained
+/// scoring, as `eval classify --method sft` and the server's `/api/process` decide).
+fn predict_categories(
+    model: &Path,
+    adapter: &Path,
+    records: &[Record],
+) -> anyhow::Result<Vec<Category>> {
+    let classifier = load_model(model, Some(adapter))?;
+    let messages: Vec<String> = records.iter().map(|r| r.instruction.clone()).collect();
+    let bar = item_bar(messages.len(), "categories");
+    let mut out = Vec::with_capacity(messages.len());
+    for chunk in messages.chunks(16) {
+        let dists = label_probabilities(&classifier, chunk, Task::Category, Method::Sft, &[])?;
+        for d in dists {
+            let best = d
+                .iter()
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(label, _)| *label)
+                .context("no category scored")?;
+            out.push(
+                best.parse::<Category>()
+                    .map_err(|all| anyhow::anyhow!("{best} is not one of {all}"))?,
+            );
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(out)
 }
 
 pub fn run(args: RespondArgs) -> anyhow::Result<()> {
     let method = method_of(args.method, args.adapter.as_deref(), &args.model)?;
     let splits = load_splits(args.data.as_deref(), Task::Response)?;
     let records = sample(&splits.get(args.split).records, Some(args.limit), args.seed);
+    let (records, chain) = match &args.category_adapter {
+        Some(dir) => {
+            let predicted = predict_categories(&args.model, dir, &records)?;
+            let right = records
+                .iter()
+                .zip(&predicted)
+                .filter(|(r, p)| r.category == **p)
+                .count();
+            let chain = CategoryChain {
+                adapter: dir.display().to_string(),
+                items: records.len(),
+                accuracy: wilson_interval(right, records.len(), Z95),
+            };
+            let records = records
+                .into_iter()
+                .zip(predicted)
+                .map(|(r, category)| Record { category, ..r })
+                .collect();
+            (records, Some(chain))
+        }
+        None => (records, None),
+    };
     let model = load_model(&args.model, args.adapter.as_deref())?;
     let examples = if method == Method::FewShot {
         balanced_kshot(
@@ -134,6 +185,11 @@ pub fn run(args: RespondArgs) -> anyhow::Result<()> {
         seed: args.seed,
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
+        prompts: supportlm_data::prompts::sha256().to_string(),
+        category_adapter: args
+            .category_adapter
+            .as_ref()
+            .map(|a| a.display().to_string()),
     };
     claim_folder(&args.out, &serde_json::to_value(&settings)?)?;
 
@@ -280,6 +336,7 @@ pub fn run(args: RespondArgs) -> anyhow::Result<()> {
         scores: summary,
         judge: judged.as_ref().map(|(s, _)| s.clone()),
         judge_note: judged.as_ref().map(|(_, n)| n.clone()),
+        chain,
     };
     let summary = &out.scores;
     supportlm_data::fsio::write_atomic(

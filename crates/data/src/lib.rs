@@ -11,6 +11,8 @@
 //! - [`kshot`]: the balanced k-shot sampler (few-shot examples come from validation, never from test).
 //! - [`robustness`]: the robustness set (prompt injection, abusive, off-topic and noisy messages) made
 //!   reproducibly from the test split.
+//! - [`prompts`]: every prompt's text, from `configs/prompts.toml` (compiled in; its sha256 goes with
+//!   each run).
 //! - [`task`]: the task views (category, intent, response) and their chat conversations, shared by
 //!   prompting and fine-tuning so both see exactly the same task text.
 //! - [`stats`]: label counts and length distributions.
@@ -25,6 +27,7 @@ pub mod error;
 pub mod kshot;
 pub mod labels;
 pub mod load;
+pub mod prompts;
 pub mod robustness;
 pub mod shipped;
 pub mod split;

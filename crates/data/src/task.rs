@@ -60,30 +60,36 @@ impl Task {
 
     /// The system prompt: the role, and for classification the allowed labels and the answer format.
     pub fn system_prompt(self) -> String {
+        let p = crate::prompts::get();
         match self {
             Task::Category | Task::Intent => {
-                let what = if self == Task::Category { "category" } else { "intent" };
-                format!(
-                    "You are a customer-support classifier. Classify the customer's message into exactly one {what}.\n\
-                     Allowed {what} labels: {}.\n\
-                     Answer with the label only, exactly as written above, and nothing else.",
-                    self.labels().join(", ")
+                let what = if self == Task::Category {
+                    "category"
+                } else {
+                    "intent"
+                };
+                crate::prompts::fill(
+                    &p.classify.system,
+                    &[("what", what), ("labels", &self.labels().join(", "))],
                 )
             }
-            Task::Response => "You are a friendly and professional customer-support assistant. \
-                 Reply to the customer's message: be polite, address the request directly, and give clear, \
-                 actionable next steps. Keep placeholders such as {{Order Number}} as they are."
-                .to_string(),
+            Task::Response => p.respond.system.clone(),
         }
     }
 
     /// The user turn for a record.
     pub fn user_message(self, record: &Record) -> String {
+        let p = crate::prompts::get();
         match self {
-            Task::Category | Task::Intent => format!("Customer message: {}", record.instruction),
-            Task::Response => format!(
-                "Category: {}\nCustomer message: {}",
-                record.category, record.instruction
+            Task::Category | Task::Intent => {
+                crate::prompts::fill(&p.classify.user, &[("message", &record.instruction)])
+            }
+            Task::Response => crate::prompts::fill(
+                &p.respond.user,
+                &[
+                    ("category", &record.category.to_string()),
+                    ("message", &record.instruction),
+                ],
             ),
         }
     }

@@ -45,12 +45,15 @@ pub enum Decision {
     Constrained,
     /// The constrained rule after contextual calibration (Zhao et al., 2021, "Calibrate Before Use"):
     /// each label's probability divided by the one the same prompt gives it for content-free messages
-    /// ([`CONTENT_FREE`], averaged), so a prompt's bias toward some labels no longer decides.
+    /// ([`content_free`], averaged), so a prompt's bias toward some labels no longer decides.
     Calibrated,
 }
 
-/// The content-free messages of contextual calibration (the paper's "N/A", "" and "[MASK]").
-pub const CONTENT_FREE: [&str; 3] = ["N/A", "", "[MASK]"];
+/// The content-free messages of contextual calibration (`configs/prompts.toml`: the paper's "N/A", ""
+/// and "[MASK]").
+pub fn content_free() -> &'static [String] {
+    &supportlm_data::prompts::get().classify.content_free
+}
 
 impl Decision {
     /// The name used on the command line and in run files.
@@ -363,13 +366,14 @@ fn content_free_log_probs(
     prefix: &PrefixCache,
     candidates: &[Vec<u32>],
 ) -> Result<Vec<f32>> {
-    let records: Vec<Record> = CONTENT_FREE
+    let free = content_free();
+    let records: Vec<Record> = free
         .iter()
         .enumerate()
         .map(|(id, m)| Record {
             id,
             flags: None,
-            instruction: m.to_string(),
+            instruction: m.clone(),
             category: supportlm_data::Category::ALL[0],
             intent: supportlm_data::Intent::ALL[0],
             response: None,
@@ -393,7 +397,7 @@ fn content_free_log_probs(
             .iter_mut()
             .zip(softmax(&rule_scores(options, candidates, scores)))
         {
-            *m += p / CONTENT_FREE.len() as f64;
+            *m += p / free.len() as f64;
         }
     }
     Ok(mean
@@ -580,7 +584,7 @@ mod tests {
         // content-free messages, renormalised.
         let owned: Vec<String> = messages.iter().map(|m| m.to_string()).collect();
         let p = label_probabilities(&model, &owned, Task::Category, Method::ZeroShot, &[]).unwrap();
-        let free: Vec<String> = CONTENT_FREE.iter().map(|m| m.to_string()).collect();
+        let free = content_free().to_vec();
         let cf = label_probabilities(&model, &free, Task::Category, Method::ZeroShot, &[]).unwrap();
         let labels = Task::Category.labels();
         let mean: Vec<f64> = (0..labels.len())

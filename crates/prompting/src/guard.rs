@@ -5,18 +5,19 @@
 //!   quoted text, so a pasted fake turn reads as what it is: part of the customer's message.
 //! - [`Guard`] flags a message as off-topic when the classifier's best label probability is at or
 //!   below a threshold chosen on validation off-topic messages ([`Guard::fit`]); the server then answers
-//!   with [`SCOPE_REPLY`] instead of a label.
+//!   with [`scope_reply`] instead of a label.
 
 use serde::{Deserialize, Serialize};
 
-/// What the assistant answers to a message it flags as off-topic.
-pub const SCOPE_REPLY: &str = "I can help with questions about orders, deliveries, shipping, payments, \
-refunds, invoices, cancellations, your account, newsletters, feedback and contacting our team. Could you \
-tell me what you need help with?";
+/// What the assistant answers to a message it flags as off-topic (`configs/prompts.toml`).
+pub fn scope_reply() -> &'static str {
+    &supportlm_data::prompts::get().guard.scope_reply
+}
 
 /// What the assistant answers instead of a degenerate reply (empty, looping, or leaking the prompt).
-pub const FALLBACK_REPLY: &str = "Sorry, I couldn't put together a good answer to that. Could you \
-rephrase your question, or ask to speak with a member of our team?";
+pub fn fallback_reply() -> &'static str {
+    &supportlm_data::prompts::get().guard.fallback_reply
+}
 
 /// Control tokens of the chat templates in use (ChatML, Llama 2, generic BOS/EOS).
 const CONTROL_TOKENS: [&str; 10] = [

@@ -51,31 +51,24 @@ pub struct Verdict {
     pub error: Option<String>,
 }
 
-const SYSTEM: &str = "You are a strict, fair evaluator of customer-support replies.";
-
-/// The judge's conversation for one response.
+/// The judge's conversation for one response (`configs/prompts.toml`, `[judge]`).
 pub fn judge_messages(r: &Response) -> Vec<Message> {
-    let user = format!(
-        "Rate the reply to the customer's message.\n\n\
-         Customer message:\n{}\n\n\
-         Reference reply written by a support agent (for comparison):\n{}\n\n\
-         Reply to rate:\n{}\n\n\
-         Criteria:\n\
-         - relevance (0-5): does the reply address the customer's actual request?\n\
-         - politeness (0-3): is it courteous and professional?\n\
-         - actionable (0-2): does it give concrete next steps?\n\n\
-         Answer with JSON only, in this form (R, P and A are your integer scores): \
-         {{\"relevance\": R, \"politeness\": P, \"actionable\": A, \"rationale\": \"why, in one sentence\"}}",
-        r.message,
-        r.reference,
-        if r.generated.trim().is_empty() {
-            "(empty reply)"
-        } else {
-            &r.generated
-        }
+    let p = &supportlm_data::prompts::get().judge;
+    let reply = if r.generated.trim().is_empty() {
+        "(empty reply)"
+    } else {
+        &r.generated
+    };
+    let user = supportlm_data::prompts::fill(
+        &p.user,
+        &[
+            ("message", &r.message),
+            ("reference", &r.reference),
+            ("reply", reply),
+        ],
     );
     vec![
-        Message::new(Role::System, SYSTEM),
+        Message::new(Role::System, p.system.clone()),
         Message::new(Role::User, user),
     ]
 }

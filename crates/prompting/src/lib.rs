@@ -13,7 +13,8 @@
 //!   ([`report::RespondRunMetrics`]).
 //! - [`errors`]: error analysis of a run (most-confused pairs and their share of the errors, recall per
 //!   label, collapse onto one label, confidence of mistakes, extraction kinds) and the failure-mode
-//!   sentences the report prints.
+//!   sentences the report prints; [`reply_errors`]: the same for a Task 2 run (ROUGE-L per category,
+//!   reply length against the reference, replies cut at the budget, the weakest replies).
 //! - [`respond`]: Task 2: generating support responses and scoring them against the references
 //!   (ROUGE, BLEU, chrF, embedding cosine, degeneration counts).
 //! - [`guard`]: the input guard (chat-template tokens and role tags neutralised; off-topic flagged by a
@@ -33,6 +34,7 @@ pub mod guard;
 pub mod human;
 pub mod judge;
 pub mod prompt;
+pub mod reply_errors;
 pub mod report;
 pub mod respond;
 pub mod robust_reply;

@@ -11,7 +11,8 @@ use crate::classify::Prediction;
 use crate::error::{PromptError, Result};
 use crate::extract::Extraction;
 use crate::judge::JudgeSummary;
-use crate::respond::RespondMetrics;
+use crate::respond::{ItemScores, RespondMetrics, Response};
+use supportlm_metrics::degeneration::Degeneration;
 
 /// How a run was made.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -40,6 +41,9 @@ pub struct RunInfo {
     /// Both decision rules came from one pass per item, and `seconds` is that pass's (both rules).
     #[serde(default)]
     pub shared_pass: bool,
+    /// sha256 of the prompts file the run used (`configs/prompts.toml`).
+    #[serde(default)]
+    pub prompts: String,
 }
 
 /// `metrics.json`.
@@ -183,6 +187,20 @@ pub fn read_predictions(path: &Path) -> Result<Vec<Prediction>> {
         })
         .collect()
 }
+/// One line of a response run's `predictions.jsonl`: the reply, its scores and its degeneration
+/// checks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScoredResponse {
+    /// The reply and what it answered.
+    #[serde(flatten)]
+    pub response: Response,
+    /// Its overlap and embedding scores.
+    #[serde(flatten)]
+    pub scores: ItemScores,
+    /// What is wrong with it, if anything.
+    pub degeneration: Degeneration,
+}
+
 /// The settings of a response run (`run.json`, and `settings` in `metrics.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RespondSettings {
@@ -206,6 +224,24 @@ pub struct RespondSettings {
     pub max_new_tokens: usize,
     /// Sampling temperature (0: greedy).
     pub temperature: f32,
+    /// sha256 of the prompts file the run used (`configs/prompts.toml`).
+    #[serde(default)]
+    pub prompts: String,
+    /// The Task 1 adapter whose predicted categories the prompts carried (the classify-then-respond
+    /// chain); `None`: the dataset's categories.
+    #[serde(default)]
+    pub category_adapter: Option<String>,
+}
+
+/// The classify-then-respond chain: how often the predicted category was the dataset's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CategoryChain {
+    /// The Task 1 adapter.
+    pub adapter: String,
+    /// Items classified.
+    pub items: usize,
+    /// Share of predicted categories equal to the dataset's (Wilson 95%).
+    pub accuracy: Interval,
 }
 
 /// How fast responses were generated.
@@ -232,4 +268,7 @@ pub struct RespondRunMetrics {
     pub judge: Option<JudgeSummary>,
     /// What the report should say about the judge (e.g. that a 135M judge is weak evidence).
     pub judge_note: Option<String>,
+    /// The classify-then-respond chain's Task 1 accuracy, when the categories were predicted.
+    #[serde(default)]
+    pub chain: Option<CategoryChain>,
 }

@@ -10,9 +10,9 @@
 //!   or its own.
 //!
 //! Off-topic items have no category to condition the reply on and are left to Task 1's figures (the
-//! guard answers them with [`crate::guard::SCOPE_REPLY`] before any reply is written). With the
+//! guard answers them with [`crate::guard::scope_reply`] before any reply is written). With the
 //! guard, messages are neutralised first, and a degenerate reply (empty, looping, leaking) is
-//! replaced by [`FALLBACK_REPLY`].
+//! replaced by [`fallback_reply`].
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -24,7 +24,7 @@ use supportlm_metrics::degeneration::{self, Degeneration};
 use supportlm_metrics::Interval;
 use supportlm_model::Model;
 
-use crate::guard::{neutralise, FALLBACK_REPLY};
+use crate::guard::{fallback_reply, neutralise};
 use crate::respond::{leak_markers, reply, RespondOptions};
 use crate::robustness::share;
 use crate::Result;
@@ -164,7 +164,7 @@ pub fn reply_all(
             let degeneration = degeneration::check(&generated, &markers);
             let fell_back = guard && degeneration.any();
             let reply = if fell_back {
-                FALLBACK_REPLY.to_string()
+                fallback_reply().to_string()
             } else {
                 generated.clone()
             };
@@ -477,7 +477,7 @@ mod tests {
             assert!(!r.message.contains("<|im_start|>"), "{}", r.message);
             assert_eq!(r.fell_back, r.degeneration.any());
             if r.fell_back {
-                assert_eq!(r.reply, FALLBACK_REPLY);
+                assert_eq!(r.reply, fallback_reply());
                 assert!(!r.leak);
             }
         }

@@ -22,7 +22,7 @@ use supportlm_data::robustness::OUT_OF_SCOPE;
 use supportlm_data::{Category, Task};
 use supportlm_model::sampling::SamplingConfig;
 use supportlm_model::BaseQuant;
-use supportlm_prompting::guard::{neutralise, Guard, FALLBACK_REPLY, SCOPE_REPLY};
+use supportlm_prompting::guard::{fallback_reply, neutralise, scope_reply, Guard};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{ChatMessage, ClassifyJob, Engine, Finish, GenEvent, GenerateJob, Job, Prompt};
@@ -222,7 +222,7 @@ fn checked_reply(state: &AppState, text: String) -> (String, bool) {
     }
     let markers: Vec<&str> = state.leak_markers.iter().map(String::as_str).collect();
     if supportlm_metrics::degeneration::check(&text, &markers).any() {
-        (FALLBACK_REPLY.to_string(), true)
+        (fallback_reply().to_string(), true)
     } else {
         (text, false)
     }
@@ -258,7 +258,7 @@ async fn classify(
     if task == Task::Category && off_topic(&state, &req.adapter, confidence) {
         return Ok(Json(json!({
             "label": OUT_OF_SCOPE, "confidence": confidence, "scores": map,
-            "guard": "off-topic", "reply": SCOPE_REPLY,
+            "guard": "off-topic", "reply": scope_reply(),
             "latency_ms": started.elapsed().as_secs_f64() * 1e3,
         })));
     }
@@ -495,7 +495,7 @@ async fn process(
     let (label, confidence) = best(&scores);
     if off_topic(&state, &state.classify_adapter, confidence) {
         return Ok(Json(json!({
-            "label": OUT_OF_SCOPE, "confidence": confidence, "response": SCOPE_REPLY, "tokens": 0,
+            "label": OUT_OF_SCOPE, "confidence": confidence, "response": scope_reply(), "tokens": 0,
             "guard": "off-topic", "latency_ms": started.elapsed().as_secs_f64() * 1e3,
         })));
     }

@@ -240,7 +240,7 @@ fn an_nf4_base_serves_what_the_library_computes_on_that_base() {
 
 #[test]
 fn the_guard_neutralises_fake_turns_and_answers_off_topic_messages_with_the_scope_reply() {
-    use supportlm_prompting::guard::{neutralise, SCOPE_REPLY};
+    use supportlm_prompting::guard::{neutralise, scope_reply};
     let f = fixture();
     let s = start(ServeConfig {
         guard: true,
@@ -293,7 +293,7 @@ fn the_guard_neutralises_fake_turns_and_answers_off_topic_messages_with_the_scop
     let (st, v) = post(&url, json!({"message": least.0}));
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["label"], "OUT_OF_SCOPE", "{v}");
-    assert_eq!(v["reply"], SCOPE_REPLY);
+    assert_eq!(v["reply"], scope_reply());
     assert_eq!(v["guard"], "off-topic");
     let (st, v) = post(
         &format!("{}/api/process", s.url),
@@ -302,7 +302,7 @@ fn the_guard_neutralises_fake_turns_and_answers_off_topic_messages_with_the_scop
     assert_eq!(st, 200, "{v}");
     assert_eq!(
         (v["label"].as_str(), v["response"].as_str()),
-        (Some("OUT_OF_SCOPE"), Some(SCOPE_REPLY))
+        (Some("OUT_OF_SCOPE"), Some(scope_reply()))
     );
 }
 

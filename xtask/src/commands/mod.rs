@@ -10,4 +10,5 @@ pub mod loadtest;
 pub mod pipeline;
 pub mod repro;
 pub mod setup;
+pub mod sweep;
 pub mod test;

@@ -109,6 +109,7 @@ fn pass(
         seconds: 0.0,
         items_timed: records.len(),
         shared_pass: false,
+        prompts: supportlm_data::prompts::sha256().to_string(),
     };
     let m = metrics(&Task::Category.labels(), &predictions, info, 200, seed);
     let eval_dir = dir.join("eval");

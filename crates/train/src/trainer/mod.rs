@@ -100,6 +100,10 @@ pub struct TrainOutcome {
     pub tokens_per_s: f64,
     /// Peak resident memory, bytes.
     pub peak_rss: u64,
+    /// sha256 of the prompts file the training conversations were written with
+    /// (`configs/prompts.toml`).
+    #[serde(default)]
+    pub prompts: String,
 }
 
 /// Runs (or resumes) a training job. `on_line` sees every metrics line as it is written, with the
@@ -248,5 +252,6 @@ pub fn train(job: TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Res
         seconds,
         tokens_per_s: tokens_seen as f64 / seconds.max(1e-9),
         peak_rss: peak_rss(),
+        prompts: supportlm_data::prompts::sha256().to_string(),
     })
 }

@@ -1,11 +1,15 @@
 //! `cargo xtask pipeline`: the study end to end. Steps, in order:
 //! setup → data (check, splits, statistics) → t1-baselines (TF-IDF + logistic regression; 0-shot and
 //! 10-shot, both decision rules and the calibrated constrained rule) →
-//! t1-sft (QLoRA training) → t1-sft-eval → t2-baselines (0-shot and 10-shot responses) → t2-sft →
-//! t2-sft-eval → efficiency (one training step per mode) → learning-curve (SFT macro-F1 against the
+//! t1-sft (QLoRA training) → t1-sft-eval → t1-intent-baselines, t1-intent-sft, t1-intent-sft-eval (the
+//! same on the 27 intents, in `t1-intent/`) → t2-baselines (0-shot and 10-shot responses) → t2-sft →
+//! t2-sft-eval (gold categories, and the chain: categories predicted by the Task 1 adapter) →
+//! efficiency (one training step per mode) → learning-curve (SFT macro-F1 against the
 //! number of training examples) → hparams (learning rates on the quick training budget) → t1-ood (every
-//! Task 1 method on the hand-written out-of-distribution messages of `data/ood/`) → robustness (prompt
-//! injection, abusive, off-topic and noisy messages, with and without the guard) → report.
+//! Task 1 method on the hand-written out-of-distribution messages of `data/ood/`) → t1-recipes (Task 1
+//! training recipes for generalising beyond Bitext's templates, chosen on `data/ood/dev.csv`) →
+//! robustness (prompt injection, abusive, off-topic and noisy messages, with and without the guard) →
+//! report.
 //!
 //! Every step records a hash of its inputs and settings in `runs/<name>/steps/<step>.json` when it
 //! finishes; a later run skips a step whose record matches. A step that was interrupted continues
@@ -16,6 +20,7 @@ mod analysis;
 mod data;
 mod human;
 mod ood;
+mod recipes;
 mod report;
 mod robustness;
 mod summary;
@@ -64,6 +69,9 @@ pub enum Step {
     T1Baselines,
     T1Sft,
     T1SftEval,
+    T1IntentBaselines,
+    T1IntentSft,
+    T1IntentSftEval,
     T2Baselines,
     T2Sft,
     T2SftEval,
@@ -71,17 +79,21 @@ pub enum Step {
     LearningCurve,
     Hparams,
     T1Ood,
+    T1Recipes,
     Robustness,
     Report,
 }
 
 impl Step {
-    pub const ALL: [Step; 14] = [
+    pub const ALL: [Step; 18] = [
         Step::Setup,
         Step::Data,
         Step::T1Baselines,
         Step::T1Sft,
         Step::T1SftEval,
+        Step::T1IntentBaselines,
+        Step::T1IntentSft,
+        Step::T1IntentSftEval,
         Step::T2Baselines,
         Step::T2Sft,
         Step::T2SftEval,
@@ -89,6 +101,7 @@ impl Step {
         Step::LearningCurve,
         Step::Hparams,
         Step::T1Ood,
+        Step::T1Recipes,
         Step::Robustness,
         Step::Report,
     ];
@@ -100,6 +113,9 @@ impl Step {
             Step::T1Baselines => "t1-baselines",
             Step::T1Sft => "t1-sft",
             Step::T1SftEval => "t1-sft-eval",
+            Step::T1IntentBaselines => "t1-intent-baselines",
+            Step::T1IntentSft => "t1-intent-sft",
+            Step::T1IntentSftEval => "t1-intent-sft-eval",
             Step::T2Baselines => "t2-baselines",
             Step::T2Sft => "t2-sft",
             Step::T2SftEval => "t2-sft-eval",
@@ -107,6 +123,7 @@ impl Step {
             Step::LearningCurve => "learning-curve",
             Step::Hparams => "hparams",
             Step::T1Ood => "t1-ood",
+            Step::T1Recipes => "t1-recipes",
             Step::Robustness => "robustness",
             Step::Report => "report",
         }
@@ -120,6 +137,9 @@ pub struct Budget {
     /// Task 1 test items (`None`: the whole test split).
     pub t1_items: Option<usize>,
     pub t1_config: &'static str,
+    /// Task 1 on the 27 intents: test items (`None`: the whole test split) and the SFT config.
+    pub t1_intent_items: Option<usize>,
+    pub t1_intent_config: &'static str,
     pub t2_items: usize,
     pub judge_items: usize,
     pub t2_config: &'static str,
@@ -134,6 +154,8 @@ pub struct Budget {
     pub hp_examples: usize,
     /// Test items each learning-curve and learning-rate point is evaluated on.
     pub sweep_items: usize,
+    /// Training examples of each recipe of `configs/task1-recipes.toml` (unless it sets its own).
+    pub recipe_examples: usize,
     /// Messages of the out-of-distribution set each method is scored on (`None`: all of them).
     pub ood_items: Option<usize>,
     /// Clean messages of the robustness set whose variants are scored (`None`: all of them).
@@ -152,6 +174,8 @@ impl Budget {
                 quick,
                 t1_items: Some(100),
                 t1_config: "configs/task1-category-quick.toml",
+                t1_intent_items: Some(60),
+                t1_intent_config: "configs/task1-intent-quick.toml",
                 t2_items: 20,
                 judge_items: 10,
                 t2_config: "configs/task2-response-quick.toml",
@@ -161,6 +185,7 @@ impl Budget {
                 hp_lrs: vec![2e-4, 3e-3],
                 hp_examples: 55,
                 sweep_items: 60,
+                recipe_examples: 110,
                 ood_items: Some(66),
                 robustness_messages: Some(22),
                 robustness_reply_messages: 3,
@@ -171,6 +196,8 @@ impl Budget {
                 quick,
                 t1_items: None,
                 t1_config: "configs/task1-category.toml",
+                t1_intent_items: None,
+                t1_intent_config: "configs/task1-intent.toml",
                 t2_items: 200,
                 judge_items: 50,
                 t2_config: "configs/task2-response.toml",
@@ -181,6 +208,7 @@ impl Budget {
                 hp_lrs: vec![2e-4, 3e-3],
                 hp_examples: 110,
                 sweep_items: 500,
+                recipe_examples: 1100,
                 ood_items: None,
                 robustness_messages: None,
                 robustness_reply_messages: 11,
@@ -223,13 +251,23 @@ impl Run {
     }
 
     /// The hash of a step's inputs: its name, the parts of the budget it uses, the config files it
-    /// reads, and the hashes of the steps it depends on (so a change to one step's settings reruns
-    /// that step and what depends on it, nothing else).
+    /// reads (the prompts of `configs/prompts.toml` included), and the hashes of the steps it depends
+    /// on (so a change to one step's settings reruns that step and what depends on it, nothing else).
     fn hash(&self, step: Step) -> anyhow::Result<String> {
         let b = &self.budget;
+        let file_hash = |rel: &str| -> anyhow::Result<String> {
+            Ok(sha256_hex(
+                &std::fs::read(self.root.join(rel)).with_context(|| format!("reading {rel}"))?,
+            ))
+        };
         let settings = match step {
-            Step::Setup | Step::Data | Step::T1Sft | Step::T2Sft => serde_json::json!({}),
+            Step::Setup | Step::Data | Step::T1Sft | Step::T1IntentSft | Step::T2Sft => {
+                serde_json::json!({})
+            }
             Step::T1Baselines | Step::T1SftEval => serde_json::json!({ "items": b.t1_items }),
+            Step::T1IntentBaselines | Step::T1IntentSftEval => {
+                serde_json::json!({ "items": b.t1_intent_items })
+            }
             Step::T2Baselines | Step::T2SftEval => {
                 serde_json::json!({ "items": b.t2_items, "judge": b.judge_items })
             }
@@ -241,24 +279,35 @@ impl Run {
                 "lrs": b.hp_lrs, "examples": b.hp_examples, "items": b.sweep_items
             }),
             Step::T1Ood => serde_json::json!({
-                "set": sha256_hex(&std::fs::read(self.root.join(ood::OOD_FILE))
-                    .with_context(|| format!("reading {}", ood::OOD_FILE))?),
+                "set": file_hash(ood::OOD_FILE)?,
                 "curve": b.curve_sizes,
                 "items": b.ood_items,
             }),
+            Step::T1Recipes => serde_json::json!({
+                "dev": file_hash(recipes::DEV_FILE)?,
+                "ood": file_hash(ood::OOD_FILE)?,
+                "recipes": file_hash(recipes::RECIPES_FILE)?,
+                "examples": b.recipe_examples,
+                "items": b.sweep_items,
+                "ood_items": b.ood_items,
+            }),
             Step::Robustness => serde_json::json!({
-                "set": sha256_hex(&std::fs::read(self.root.join(robustness::ROBUSTNESS_FILE))
-                    .with_context(|| format!("reading {}", robustness::ROBUSTNESS_FILE))?),
+                "set": file_hash(robustness::ROBUSTNESS_FILE)?,
                 "messages": b.robustness_messages,
                 "reply_messages": b.robustness_reply_messages,
             }),
             Step::Report => serde_json::to_value(b)?,
         };
         let mut text = format!("{}\nseed {}\n{settings}\n", step.name(), b.seed);
+        if !matches!(step, Step::Setup | Step::Data | Step::Efficiency) {
+            // Every step that prompts a model or trains on conversations depends on the prompts.
+            text += &format!("prompts {}\n", supportlm_data::prompts::sha256());
+        }
         let config = match step {
             Step::T1Sft => Some(self.budget.t1_config),
+            Step::T1IntentSft => Some(self.budget.t1_intent_config),
             Step::T2Sft => Some(self.budget.t2_config),
-            Step::LearningCurve | Step::Hparams => Some(self.budget.t1_config),
+            Step::LearningCurve | Step::Hparams | Step::T1Recipes => Some(self.budget.t1_config),
             _ => None,
         };
         if let Some(c) = config {
@@ -269,19 +318,24 @@ impl Run {
         let deps: &[Step] = match step {
             Step::Setup | Step::Data | Step::Efficiency => &[],
             Step::T1SftEval => &[Step::Data, Step::T1Sft],
-            Step::T2SftEval => &[Step::Data, Step::T2Sft],
+            Step::T1IntentSftEval => &[Step::Data, Step::T1IntentSft],
+            Step::T2SftEval => &[Step::Data, Step::T1Sft, Step::T2Sft],
             Step::T1Ood => &[Step::Data, Step::T1Sft, Step::LearningCurve],
+            Step::T1Recipes => &[Step::Data, Step::T1Sft],
             Step::Robustness => &[Step::Data, Step::T1Sft, Step::T2Sft],
             Step::Report => &[
                 Step::Data,
                 Step::T1Baselines,
                 Step::T1SftEval,
+                Step::T1IntentBaselines,
+                Step::T1IntentSftEval,
                 Step::T2Baselines,
                 Step::T2SftEval,
                 Step::Efficiency,
                 Step::LearningCurve,
                 Step::Hparams,
                 Step::T1Ood,
+                Step::T1Recipes,
                 Step::Robustness,
             ],
             _ => &[Step::Data],
@@ -404,17 +458,127 @@ fn step_outputs(run: &Run, step: Step) -> anyhow::Result<Vec<PathBuf>> {
             d("t1/zero-shot-calibrated"),
             d("t1/few-shot-calibrated"),
         ],
+        Step::T1IntentBaselines => [
+            "zero-shot-constrained",
+            "zero-shot-generate",
+            "few-shot-constrained",
+            "few-shot-generate",
+            "zero-shot-calibrated",
+            "few-shot-calibrated",
+            "tfidf",
+        ]
+        .iter()
+        .map(|f| d(&format!("t1-intent/{f}")))
+        .collect(),
         Step::T1Sft => vec![d("t1/sft-train")],
+        Step::T1IntentSft => vec![d("t1-intent/sft-train")],
         Step::T1SftEval => vec![d("t1/sft-constrained"), d("t1/sft-generate")],
+        Step::T1IntentSftEval => vec![d("t1-intent/sft-constrained"), d("t1-intent/sft-generate")],
         Step::T2Baselines => vec![d("t2/zero-shot"), d("t2/few-shot")],
         Step::T2Sft => vec![d("t2/sft-train")],
-        Step::T2SftEval => vec![d("t2/sft")],
+        Step::T2SftEval => vec![d("t2/sft"), d("t2/sft-chain")],
         Step::Efficiency => vec![d("efficiency")],
         Step::LearningCurve | Step::Hparams => sweeps::outputs(run, step)?,
         Step::T1Ood => ood::outputs(run),
+        Step::T1Recipes => recipes::outputs(run)?,
         Step::Robustness => robustness::outputs(run),
         Step::Report => vec![],
     })
+}
+
+/// Task 1's evaluations for `task` (category or intent): the prompting baselines (both decision
+/// rules from one pass, the calibrated rule, TF-IDF) or the SFT adapter's, in `t1/` or `t1-intent/`.
+fn task1_evaluations(run: &Run, step: Step, task: &str) -> anyhow::Result<()> {
+    let b = &run.budget;
+    let seed = b.seed.to_string();
+    let s = |x: &str| x.to_string();
+    let baselines = matches!(step, Step::T1Baselines | Step::T1IntentBaselines);
+    let (folder, items) = if task == "intent" {
+        ("t1-intent", b.t1_intent_items)
+    } else {
+        ("t1", b.t1_items)
+    };
+    let methods: &[&str] = if baselines {
+        &["zero-shot", "few-shot"]
+    } else {
+        &["sft"]
+    };
+    for method in methods {
+        let out = |decision: &str| run.path(&format!("{folder}/{method}-{decision}"));
+        let mut common = vec![
+            s("eval"),
+            s("classify"),
+            s("--method"),
+            s(method),
+            s("--task"),
+            s(task),
+            s("--data"),
+            run.path(&format!("data/{task}")),
+            s("--seed"),
+            seed.clone(),
+        ];
+        if let Some(n) = items {
+            common.extend([s("--limit"), n.to_string()]);
+        }
+        if *method == "sft" {
+            common.extend([
+                s("--adapter"),
+                run.path(&format!("{folder}/sft-train/best-adapter")),
+            ]);
+        }
+        let alone = |decision: &str| {
+            let mut args = common.clone();
+            args.extend([s("--decision"), s(decision), s("--out"), out(decision)]);
+            args
+        };
+        // Both rules from one pass per item, unless one of them was run alone before (a
+        // finished result is kept, a partial one continued).
+        let started_alone = ["constrained", "generate"].iter().any(|d| {
+            let dir = PathBuf::from(out(d));
+            std::fs::metadata(dir.join("predictions.partial.jsonl")).is_ok_and(|m| m.len() > 0)
+                || finished_evaluation(&dir)
+        });
+        if started_alone {
+            for decision in ["constrained", "generate"] {
+                run.evaluation(step, &alone(decision))?;
+            }
+        } else {
+            let mut args = common.clone();
+            args.extend([
+                s("--decision"),
+                s("both"),
+                s("--out"),
+                out("constrained"),
+                s("--generate-out"),
+                out("generate"),
+            ]);
+            run.supportlm(step, &args)?;
+        }
+        if *method != "sft" {
+            // Contextual calibration: the constrained rule's scores over those of
+            // content-free messages (a scoring pass, no generation).
+            run.evaluation(step, &alone("calibrated"))?;
+        }
+    }
+    if baselines {
+        let mut args = vec![
+            s("eval"),
+            s("tfidf"),
+            s("--task"),
+            s(task),
+            s("--data"),
+            run.path(&format!("data/{task}")),
+            s("--seed"),
+            seed.clone(),
+            s("--out"),
+            run.path(&format!("{folder}/tfidf")),
+        ];
+        if let Some(n) = items {
+            args.extend([s("--limit"), n.to_string()]);
+        }
+        run.supportlm(step, &args)?;
+    }
+    Ok(())
 }
 
 fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
@@ -424,88 +588,13 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
     match step {
         Step::Setup => crate::commands::setup::run(&run.root),
         Step::Data => data::run(run),
-        Step::T1Baselines | Step::T1SftEval => {
-            let methods: &[&str] = if step == Step::T1Baselines {
-                &["zero-shot", "few-shot"]
-            } else {
-                &["sft"]
-            };
-            for method in methods {
-                let out = |decision: &str| run.path(&format!("t1/{method}-{decision}"));
-                let mut common = vec![
-                    s("eval"),
-                    s("classify"),
-                    s("--method"),
-                    s(method),
-                    s("--data"),
-                    run.path("data/category"),
-                    s("--seed"),
-                    seed.clone(),
-                ];
-                if let Some(n) = b.t1_items {
-                    common.extend([s("--limit"), n.to_string()]);
-                }
-                if *method == "sft" {
-                    common.extend([s("--adapter"), run.path("t1/sft-train/best-adapter")]);
-                }
-                let alone = |decision: &str| {
-                    let mut args = common.clone();
-                    args.extend([s("--decision"), s(decision), s("--out"), out(decision)]);
-                    args
-                };
-                // Both rules from one pass per item, unless one of them was run alone before (a
-                // finished result is kept, a partial one continued).
-                let started_alone = ["constrained", "generate"].iter().any(|d| {
-                    let dir = PathBuf::from(out(d));
-                    std::fs::metadata(dir.join("predictions.partial.jsonl"))
-                        .is_ok_and(|m| m.len() > 0)
-                        || finished_evaluation(&dir)
-                });
-                if started_alone {
-                    for decision in ["constrained", "generate"] {
-                        run.evaluation(step, &alone(decision))?;
-                    }
-                } else {
-                    let mut args = common.clone();
-                    args.extend([
-                        s("--decision"),
-                        s("both"),
-                        s("--out"),
-                        out("constrained"),
-                        s("--generate-out"),
-                        out("generate"),
-                    ]);
-                    run.supportlm(step, &args)?;
-                }
-                if *method != "sft" {
-                    // Contextual calibration: the constrained rule's scores over those of
-                    // content-free messages (a scoring pass, no generation).
-                    run.evaluation(step, &alone("calibrated"))?;
-                }
-            }
-            if step == Step::T1Baselines {
-                let mut args = vec![
-                    s("eval"),
-                    s("tfidf"),
-                    s("--data"),
-                    run.path("data/category"),
-                    s("--seed"),
-                    seed.clone(),
-                    s("--out"),
-                    run.path("t1/tfidf"),
-                ];
-                if let Some(n) = b.t1_items {
-                    args.extend([s("--limit"), n.to_string()]);
-                }
-                run.supportlm(step, &args)?;
-            }
-            Ok(())
-        }
-        Step::T1Sft | Step::T2Sft => {
-            let (config, data, out) = if step == Step::T1Sft {
-                (b.t1_config, "data/category", "t1/sft-train")
-            } else {
-                (b.t2_config, "data/response", "t2/sft-train")
+        Step::T1Baselines | Step::T1SftEval => task1_evaluations(run, step, "category"),
+        Step::T1IntentBaselines | Step::T1IntentSftEval => task1_evaluations(run, step, "intent"),
+        Step::T1Sft | Step::T1IntentSft | Step::T2Sft => {
+            let (config, data, out) = match step {
+                Step::T1Sft => (b.t1_config, "data/category", "t1/sft-train"),
+                Step::T1IntentSft => (b.t1_intent_config, "data/intent", "t1-intent/sft-train"),
+                _ => (b.t2_config, "data/response", "t2/sft-train"),
             };
             let mut args = vec![
                 s("train"),
@@ -524,12 +613,15 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
             run.supportlm(step, &args)
         }
         Step::T2Baselines | Step::T2SftEval => {
-            let methods: &[&str] = if step == Step::T2Baselines {
+            // `sft-chain`: the demo's chain, the Task 2 adapter writing for the category the Task 1
+            // adapter predicts.
+            let runs: &[&str] = if step == Step::T2Baselines {
                 &["zero-shot", "few-shot"]
             } else {
-                &["sft"]
+                &["sft", "sft-chain"]
             };
-            for method in methods {
+            for folder in runs {
+                let method = folder.trim_end_matches("-chain");
                 let mut args = vec![
                     s("eval"),
                     s("respond"),
@@ -544,10 +636,16 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
                     s("--seed"),
                     seed.clone(),
                     s("--out"),
-                    run.path(&format!("t2/{method}")),
+                    run.path(&format!("t2/{folder}")),
                 ];
-                if *method == "sft" {
+                if method == "sft" {
                     args.extend([s("--adapter"), run.path("t2/sft-train/best-adapter")]);
+                }
+                if folder.ends_with("-chain") {
+                    args.extend([
+                        s("--category-adapter"),
+                        run.path("t1/sft-train/best-adapter"),
+                    ]);
                 }
                 run.evaluation(step, &args)?;
             }
@@ -570,6 +668,7 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
         }
         Step::LearningCurve | Step::Hparams => sweeps::run_points(run, step),
         Step::T1Ood => ood::run_step(run),
+        Step::T1Recipes => recipes::run_step(run),
         Step::Robustness => robustness::run_step(run),
         Step::Report => report::write(run),
     }
@@ -743,7 +842,10 @@ mod tests {
             .filter(|((x, y), _)| x != y)
             .map(|(_, s)| s.name())
             .collect();
-        assert_eq!(changed, ["learning-curve", "hparams", "report"]);
+        assert_eq!(
+            changed,
+            ["learning-curve", "hparams", "t1-recipes", "report"]
+        );
         // Another seed changes every step that draws from it.
         let other = hashes(Budget::new(true, 7));
         assert!(other.iter().zip(&base).skip(1).all(|(x, y)| x != y));

@@ -30,10 +30,11 @@ const T1_RUNS: [(&str, &str); 9] = [
     ("sft-generate", "SFT (QLoRA), generate + extract"),
 ];
 
-const T2_RUNS: [(&str, &str); 3] = [
+const T2_RUNS: [(&str, &str); 4] = [
     ("zero-shot", "0-shot"),
     ("few-shot", "10-shot"),
     ("sft", "SFT (QLoRA)"),
+    ("sft-chain", "SFT (QLoRA), category predicted by Task 1 SFT"),
 ];
 
 /// Whether Task 1 run `folder` took both decision rules from one pass: recorded in its metrics, or (for
@@ -54,6 +55,139 @@ fn shared_pass(t1: &Path, folder: &str, info: &RunInfo) -> bool {
     }
     read_json::<InfoOf>(&t1.join(sibling).join("metrics.json"))
         .is_some_and(|s| s.info.seconds == info.seconds)
+}
+
+/// The Task 1 section of one label set: the runs of `t1` (`t1` for categories, `t1-intent` for
+/// intents) with intervals, McNemar between them, per-label F1, confusions and the error analysis.
+/// `shots` names the few-shot prompt (one example per label). Nothing when no run has finished.
+fn task1(md: &mut String, d: &Path, t1: &str, task: &str, shots: &str) -> anyhow::Result<()> {
+    let runs: Vec<(&str, String)> = T1_RUNS
+        .iter()
+        .map(|(f, n)| (*f, n.replace("10-shot", shots)))
+        .collect();
+    if !runs
+        .iter()
+        .any(|(f, _)| d.join(t1).join(f).join("metrics.json").exists())
+    {
+        return Ok(());
+    }
+    writeln!(md, "## Task 1: {task} classification\n")?;
+    let mut rows = Vec::new();
+    let mut per_class: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut labels: Vec<String> = Vec::new();
+    let mut correct: Vec<(&str, HashMap<u64, bool>)> = Vec::new();
+    let mut shared_pass_mark = false;
+    for (folder, name) in &runs {
+        let dir = d.join(t1).join(folder);
+        let Some(m) = read_json::<ClassifyMetrics>(&dir.join("metrics.json")) else {
+            continue;
+        };
+        rows.push(vec![
+            name.clone(),
+            m.items.to_string(),
+            interval(Some(&m.accuracy)),
+            interval(Some(&m.macro_f1)),
+            format!("{:.4}", m.weighted_f1),
+            format!("{:.2}%", 100.0 * m.extraction_failed_rate),
+            format!(
+                "{:.2}{}",
+                m.items_per_s,
+                if shared_pass(&d.join(t1), folder, &m.info) {
+                    shared_pass_mark = true;
+                    " †"
+                } else {
+                    ""
+                }
+            ),
+        ]);
+        if folder.ends_with("constrained") || *folder == "tfidf" {
+            labels = m.report.labels.clone();
+            let f1s = m.report.per_class.iter().map(|c| c.f1).collect();
+            per_class.push((name.clone(), f1s));
+        }
+        if let Some(c) = correctness(&dir) {
+            correct.push((name.as_str(), c));
+        }
+    }
+    table(
+        md,
+        &[
+            "method",
+            "items",
+            "accuracy (Wilson 95%)",
+            "macro-F1 (bootstrap 95%)",
+            "weighted F1",
+            "failed extraction",
+            "items/s",
+        ],
+        &rows,
+    );
+    if shared_pass_mark {
+        writeln!(
+            md,
+            "† Both decision rules from one pass per item (the scoring pass's keys and values continue \
+             into generation); the rate is that pass's, for both rules together.\n"
+        )?;
+    }
+    if correct.len() >= 2 {
+        writeln!(
+            md,
+            "McNemar's test between methods on the same items (exact two-sided p; continuity-corrected \
+             chi-square p):\n"
+        )?;
+        mcnemar_table(md, &correct);
+    }
+    if !per_class.is_empty() {
+        let fig = d.join("figures");
+        std::fs::create_dir_all(&fig)?;
+        supportlm_plots::bar_chart(
+            &fig.join(format!("{t1}_per_class_f1")),
+            &format!("Task 1 ({task}): per-class F1 (constrained rule; TF-IDF baseline)"),
+            "F1",
+            &labels,
+            &per_class,
+        )?;
+        writeln!(md, "![Per-class F1](figures/{t1}_per_class_f1.svg)\n")?;
+    }
+    for (folder, name) in [
+        ("few-shot-constrained", format!("{shots}, constrained")),
+        ("sft-constrained", "SFT, constrained".to_string()),
+    ] {
+        if d.join(t1).join(folder).join("confusion.svg").exists() {
+            writeln!(md, "Confusion matrix, {name}:\n")?;
+            writeln!(md, "![Confusion, {name}]({t1}/{folder}/confusion.svg)\n")?;
+        }
+    }
+    let named: Vec<(&str, &str)> = runs.iter().map(|(f, n)| (*f, n.as_str())).collect();
+    super::analysis::task1(md, &d.join(t1), &named, &["sft-constrained"]);
+    Ok(())
+}
+
+/// What the classify-then-respond chain costs Task 2: how often the Task 1 adapter's category was the
+/// dataset's, and ROUGE-L with predicted against gold categories.
+fn chain_sentence(md: &mut String, d: &Path) -> anyhow::Result<()> {
+    let read = |f: &str| read_json::<RespondRunMetrics>(&d.join("t2").join(f).join("metrics.json"));
+    let (Some(gold), Some(chain)) = (read("sft"), read("sft-chain")) else {
+        return Ok(());
+    };
+    let Some(c) = &chain.chain else {
+        return Ok(());
+    };
+    writeln!(
+        md,
+        "**Classify, then respond.** As the demo does it (`/api/process`), the Task 1 adapter chose the \
+         category in the prompt: it matched the dataset's on {:.1}% [{:.1}%, {:.1}%] of the {} messages, \
+         and ROUGE-L went from {:.4} with the dataset's categories to {:.4} with the predicted ones \
+         ({:+.4}).\n",
+        100.0 * c.accuracy.estimate,
+        100.0 * c.accuracy.low,
+        100.0 * c.accuracy.high,
+        c.items,
+        gold.scores.rouge_l.estimate,
+        chain.scores.rouge_l.estimate,
+        chain.scores.rouge_l.estimate - gold.scores.rouge_l.estimate,
+    )?;
+    Ok(())
 }
 
 pub fn write(run: &Run) -> anyhow::Result<()> {
@@ -114,99 +248,17 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     md += &std::fs::read_to_string(d.join("data/summary.md")).unwrap_or_default();
     md.push('\n');
 
-    // Task 1.
-    writeln!(md, "## Task 1: category classification\n")?;
-    let mut rows = Vec::new();
-    let mut per_class: Vec<(String, Vec<f64>)> = Vec::new();
-    let mut labels: Vec<String> = Vec::new();
-    let mut correct: Vec<(&str, HashMap<u64, bool>)> = Vec::new();
-    let mut shared_pass_mark = false;
-    for (folder, name) in T1_RUNS {
-        let dir = d.join("t1").join(folder);
-        let Some(m) = read_json::<ClassifyMetrics>(&dir.join("metrics.json")) else {
-            continue;
-        };
-        rows.push(vec![
-            name.to_string(),
-            m.items.to_string(),
-            interval(Some(&m.accuracy)),
-            interval(Some(&m.macro_f1)),
-            format!("{:.4}", m.weighted_f1),
-            format!("{:.2}%", 100.0 * m.extraction_failed_rate),
-            format!(
-                "{:.2}{}",
-                m.items_per_s,
-                if shared_pass(&d.join("t1"), folder, &m.info) {
-                    shared_pass_mark = true;
-                    " †"
-                } else {
-                    ""
-                }
-            ),
-        ]);
-        if folder.ends_with("constrained") || folder == "tfidf" {
-            labels = m.report.labels.clone();
-            let f1s = m.report.per_class.iter().map(|c| c.f1).collect();
-            per_class.push((name.to_string(), f1s));
-        }
-        if let Some(c) = correctness(&dir) {
-            correct.push((name, c));
-        }
-    }
-    table(
-        &mut md,
-        &[
-            "method",
-            "items",
-            "accuracy (Wilson 95%)",
-            "macro-F1 (bootstrap 95%)",
-            "weighted F1",
-            "failed extraction",
-            "items/s",
-        ],
-        &rows,
-    );
-    if shared_pass_mark {
-        writeln!(
-            md,
-            "† Both decision rules from one pass per item (the scoring pass's keys and values continue              into generation); the rate is that pass's, for both rules together.\n"
-        )?;
-    }
-    if correct.len() >= 2 {
-        writeln!(
-            md,
-            "McNemar's test between methods on the same items (exact two-sided p; continuity-corrected \
-             chi-square p):\n"
-        )?;
-        mcnemar_table(&mut md, &correct);
-    }
-    if !per_class.is_empty() {
-        let fig = d.join("figures");
-        std::fs::create_dir_all(&fig)?;
-        supportlm_plots::bar_chart(
-            &fig.join("t1_per_class_f1"),
-            "Task 1: per-class F1 (constrained rule; TF-IDF baseline)",
-            "F1",
-            &labels,
-            &per_class,
-        )?;
-        writeln!(md, "![Per-class F1](figures/t1_per_class_f1.svg)\n")?;
-    }
-    for (folder, name) in [
-        ("few-shot-constrained", "10-shot, constrained"),
-        ("sft-constrained", "SFT, constrained"),
-    ] {
-        if d.join("t1").join(folder).join("confusion.svg").exists() {
-            writeln!(md, "Confusion matrix, {name}:\n")?;
-            writeln!(md, "![Confusion, {name}](t1/{folder}/confusion.svg)\n")?;
-        }
-    }
-    super::analysis::task1(&mut md, &d.join("t1"), &T1_RUNS, &["sft-constrained"]);
+    task1(&mut md, d, "t1", "category", "10-shot")?;
+    task1(&mut md, d, "t1-intent", "intent", "27-shot")?;
 
     // Training.
     writeln!(md, "## Fine-tuning (QLoRA, NF4 base)\n")?;
     let mut rows = Vec::new();
-    for (folder, name) in [("t1/sft-train", "Task 1"), ("t2/sft-train", "Task 2")] {
+    for (folder, name) in [
+        ("t1/sft-train", "Task 1 (categories)"),
+        ("t1-intent/sft-train", "Task 1 (intents)"),
+        ("t2/sft-train", "Task 2"),
+    ] {
         let Some(o) = read_json::<TrainOutcome>(&d.join(folder).join("outcome.json")) else {
             continue;
         };
@@ -235,7 +287,11 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
         ],
         &rows,
     );
-    for (folder, name) in [("t1/sft-train", "Task 1"), ("t2/sft-train", "Task 2")] {
+    for (folder, name) in [
+        ("t1/sft-train", "Task 1 (categories)"),
+        ("t1-intent/sft-train", "Task 1 (intents)"),
+        ("t2/sft-train", "Task 2"),
+    ] {
         if d.join(folder).join("loss.svg").exists() {
             writeln!(md, "![Loss curves, {name}]({folder}/loss.svg)\n")?;
         }
@@ -296,9 +352,11 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     for n in notes {
         writeln!(md, "**Judge.** {n}\n")?;
     }
+    chain_sentence(&mut md, d)?;
+    super::analysis::task2(&mut md, &d.join("t2"), &T2_RUNS, &["sft"]);
 
     // Efficiency.
-    super::human::section(&mut md, d, &T2_RUNS, b.seed)?;
+    super::human::section(&mut md, d, &T2_RUNS[..3], b.seed)?;
 
     writeln!(md, "## Efficiency: one training step per mode\n")?;
     let text = std::fs::read_to_string(d.join("efficiency/steps.jsonl")).unwrap_or_default();
@@ -377,7 +435,18 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
     );
 
     sweeps(&mut md, run)?;
+    if let Ok(text) = std::fs::read_to_string(crate::commands::sweep::summary_of(d)) {
+        writeln!(md, "## Sweep (Task 1, `cargo xtask sweep`)\n")?;
+        writeln!(
+            md,
+            "Settings varied one axis at a time around the Task 1 config (`configs/sweep-task1.toml`), \
+             each point scored with the constrained rule on the same seeded test items; the `seeds` \
+             axis shows how much training alone varies.\n"
+        )?;
+        md += &text;
+    }
     super::ood::report(&mut md, run)?;
+    super::recipes::report(&mut md, run)?;
     super::robustness::report(&mut md, run)?;
 
     writeln!(md, "## Reproducibility\n")?;
@@ -776,6 +845,7 @@ mod tests {
                 seconds,
                 items_timed: 10,
                 shared_pass,
+                prompts: supportlm_data::prompts::sha256().to_string(),
             };
             std::fs::create_dir_all(t1.path().join(folder)).unwrap();
             let m = serde_json::json!({ "info": info });

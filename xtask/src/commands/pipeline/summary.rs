@@ -166,6 +166,9 @@ fn sentences(d: &Path, h: &[Headline]) -> Vec<String> {
             cal.join(", ")
         ));
     }
+    if let Some(line) = intents(d) {
+        out.push(line);
+    }
     let rouge = |name: &str| by(name).and_then(|x| x.rouge_l);
     if let (Some(s), Some(z)) = (rouge("SFT (QLoRA)"), rouge("0-shot")) {
         if z.estimate > 0.0 {
@@ -204,6 +207,40 @@ fn sentences(d: &Path, h: &[Headline]) -> Vec<String> {
         }
     }
     out
+}
+
+/// The 27-intent variant of Task 1 in one sentence: SFT against the best prompting run and TF-IDF.
+fn intents(d: &Path) -> Option<String> {
+    let read =
+        |f: &str| read_json::<ClassifyMetrics>(&d.join("t1-intent").join(f).join("metrics.json"));
+    let sft = read("sft-constrained")?;
+    let best = [
+        ("0-shot, constrained", "zero-shot-constrained"),
+        ("0-shot, calibrated", "zero-shot-calibrated"),
+        ("27-shot, constrained", "few-shot-constrained"),
+        ("27-shot, calibrated", "few-shot-calibrated"),
+    ]
+    .iter()
+    .filter_map(|(name, f)| Some((*name, read(f)?)))
+    .max_by(|a, b| a.1.macro_f1.estimate.total_cmp(&b.1.macro_f1.estimate));
+    let f = |m: &ClassifyMetrics| {
+        format!(
+            "{:.3} [{:.3}, {:.3}]",
+            m.macro_f1.estimate, m.macro_f1.low, m.macro_f1.high
+        )
+    };
+    let mut line = format!(
+        "On the harder 27-intent variant of Task 1, SFT reaches macro-F1 {} on {} items",
+        f(&sft),
+        sft.items
+    );
+    if let Some((name, m)) = best {
+        line += &format!(" against {} for the best prompting run ({name})", f(&m));
+    }
+    if let Some(t) = read("tfidf") {
+        line += &format!(" and {} for TF-IDF + logistic regression", f(&t));
+    }
+    Some(line + ".")
 }
 
 /// Writes the summary section (nothing when no Task 1 or Task 2 run has finished).

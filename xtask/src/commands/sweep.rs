@@ -1,0 +1,440 @@
+//! `cargo xtask sweep`: Task 1 settings varied one axis at a time around a config (the plan:
+//! `configs/sweep-task1.toml`), with seeds. Each point is trained by `supportlm train` and scored by
+//! `supportlm eval classify` (SFT, constrained rule) on the plan's seeded test items. A point's folder
+//! is named by the hash of its effective training config, so points that are the same run (the
+//! config's own setting on several axes) are trained once; finished trainings and evaluations are
+//! kept, interrupted ones continue. Writes `runs/<name>/sweep/summary.md` and `summary.json`, which
+//! the pipeline's report of the same run includes.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use supportlm_data::fsio::{sha256_hex, write_atomic};
+use supportlm_prompting::report::ClassifyMetrics;
+use supportlm_train::{TrainConfig, TrainOutcome};
+
+#[derive(Args)]
+pub struct SweepArgs {
+    /// The plan.
+    #[arg(long, default_value = "configs/sweep-task1.toml")]
+    plan: PathBuf,
+    /// Outputs go to runs/<name>/sweep/ (the full pipeline's run by default, whose report shows them).
+    #[arg(long, default_value = "full")]
+    name: String,
+    /// Only these axes (repeatable).
+    #[arg(long)]
+    axis: Vec<String>,
+    /// Train each point on this many examples instead of the plan's (a smaller, separate run: use
+    /// another --name).
+    #[arg(long)]
+    examples: Option<usize>,
+    /// Score each point on this many test items instead of the plan's.
+    #[arg(long)]
+    items: Option<usize>,
+    /// List the points and which are done, run nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// `configs/sweep-task1.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// The training config every point starts from.
+    pub config: String,
+    /// Balanced training examples of every point (a point's `set` may override it).
+    pub train_examples: usize,
+    /// Seeded test items every point is scored on.
+    pub test_items: usize,
+    /// Seeds of every axis that names none.
+    pub seeds: Vec<u64>,
+    #[serde(rename = "axis")]
+    pub axes: Vec<Axis>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Axis {
+    pub name: String,
+    pub what: String,
+    #[serde(default)]
+    pub seeds: Option<Vec<u64>>,
+    pub points: Vec<PointSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointSpec {
+    pub label: String,
+    pub set: Vec<String>,
+}
+
+/// One training run of the sweep.
+#[derive(Debug, Clone, Serialize)]
+struct Point {
+    /// `points/<hash>` under the sweep folder.
+    folder: String,
+    /// `supportlm train --set` overrides, in order.
+    overrides: Vec<String>,
+    task: String,
+}
+
+/// A cell of an axis: its label and seed, and the point that runs it.
+#[derive(Debug, Clone)]
+struct Cell {
+    axis: usize,
+    label: String,
+    seed: u64,
+    point: Point,
+}
+
+/// A point's measured figures (`summary.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CellResult {
+    pub axis: String,
+    pub label: String,
+    pub seed: u64,
+    pub folder: String,
+    pub macro_f1: supportlm_metrics::Interval,
+    pub accuracy: supportlm_metrics::Interval,
+    pub best_val_loss: f64,
+    pub train_seconds: f64,
+    pub train_examples: usize,
+}
+
+impl Plan {
+    pub fn load(path: &Path) -> anyhow::Result<Plan> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let plan: Plan =
+            toml::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+        let mut names = std::collections::HashSet::new();
+        for a in &plan.axes {
+            anyhow::ensure!(
+                names.insert(&a.name),
+                "{}: axis {:?} is named twice",
+                path.display(),
+                a.name
+            );
+            anyhow::ensure!(
+                !a.points.is_empty() && !a.seeds.as_ref().unwrap_or(&plan.seeds).is_empty(),
+                "{}: axis {:?} needs points and seeds",
+                path.display(),
+                a.name
+            );
+        }
+        Ok(plan)
+    }
+
+    /// Every cell of the chosen axes (all when `only` is empty), each with the point that runs it.
+    fn cells(&self, root: &Path, only: &[String], examples: usize) -> anyhow::Result<Vec<Cell>> {
+        for o in only {
+            if !self.axes.iter().any(|a| &a.name == o) {
+                bail!(
+                    "no axis {o:?} in the plan (it has {})",
+                    self.axes
+                        .iter()
+                        .map(|a| a.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        let config = root.join(&self.config);
+        let mut out = Vec::new();
+        for (i, axis) in self.axes.iter().enumerate() {
+            if !only.is_empty() && !only.contains(&axis.name) {
+                continue;
+            }
+            for seed in axis.seeds.as_ref().unwrap_or(&self.seeds) {
+                for p in &axis.points {
+                    let mut overrides =
+                        vec![format!("seed={seed}"), format!("train_examples={examples}")];
+                    overrides.extend(p.set.iter().cloned());
+                    let effective = TrainConfig::load(Some(&config), &overrides)
+                        .with_context(|| format!("axis {}, point {}", axis.name, p.label))?;
+                    let hash = sha256_hex(effective.to_toml().as_bytes());
+                    out.push(Cell {
+                        axis: i,
+                        label: p.label.clone(),
+                        seed: *seed,
+                        point: Point {
+                            folder: format!("points/{}", &hash[..12]),
+                            overrides,
+                            task: effective.task.to_string(),
+                        },
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Runs `supportlm` with `args`, appending its output to `log`.
+fn supportlm(exe: &Path, root: &Path, log: &Path, args: &[String]) -> anyhow::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    eprintln!("[sweep] supportlm {}", args.join(" "));
+    let status = crate::utils::die_with_parent(&mut Command::new(exe))
+        .args(args)
+        .current_dir(root)
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !status.success() {
+        bail!(
+            "supportlm failed ({status}); its log is {}. Fix the cause and run the sweep again \
+             (finished points are kept)",
+            log.display()
+        );
+    }
+    Ok(())
+}
+
+pub fn run(args: SweepArgs) -> anyhow::Result<()> {
+    let root = crate::utils::workspace_root();
+    let plan = Plan::load(&root.join(&args.plan))?;
+    let examples = args.examples.unwrap_or(plan.train_examples);
+    let items = args.items.unwrap_or(plan.test_items);
+    let cells = plan.cells(&root, &args.axis, examples)?;
+    let dir = root.join("runs").join(&args.name).join("sweep");
+    let mut points: Vec<&Point> = Vec::new();
+    for c in &cells {
+        // Same folder, same effective config: trained once, with the first cell's overrides.
+        if !points.iter().any(|p| p.folder == c.point.folder) {
+            points.push(&c.point);
+        }
+    }
+    let done = |p: &Point| dir.join(&p.folder).join("eval/metrics.json").exists();
+    eprintln!(
+        "[sweep] {} cells, {} distinct trainings ({} done) on {examples} examples, scored on {items} \
+         test items, in {}",
+        cells.len(),
+        points.len(),
+        points.iter().filter(|p| done(p)).count(),
+        dir.display()
+    );
+    if args.dry_run {
+        for c in &cells {
+            eprintln!(
+                "  {:<14} {:<8} seed {:<5} {} {}",
+                plan.axes[c.axis].name,
+                c.label,
+                c.seed,
+                c.point.folder,
+                if done(&c.point) { "done" } else { "to do" }
+            );
+        }
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir)?;
+    let _lock = crate::utils::lock_folder(&dir, "sweep")?;
+    let exe = crate::utils::build_cli(&root)?;
+    let s = |x: &str| x.to_string();
+    for (n, p) in points.iter().enumerate() {
+        let pdir = dir.join(&p.folder);
+        std::fs::create_dir_all(&pdir)?;
+        write_atomic(
+            &pdir.join("point.json"),
+            serde_json::to_string_pretty(p)?.as_bytes(),
+        )?;
+        let log = pdir.join("log.txt");
+        eprintln!("[sweep] point {}/{}: {}", n + 1, points.len(), p.folder);
+        let train = pdir.join("train");
+        if !train.join("outcome.json").exists() {
+            let mut a = vec![s("train"), s("--config"), plan.config.clone()];
+            for o in &p.overrides {
+                a.extend([s("--set"), o.clone()]);
+            }
+            a.extend([s("--out"), train.display().to_string()]);
+            if train.exists() {
+                a.push(s("--resume"));
+            }
+            supportlm(&exe, &root, &log, &a)?;
+        }
+        if !done(p) {
+            let a = vec![
+                s("eval"),
+                s("classify"),
+                s("--task"),
+                p.task.clone(),
+                s("--method"),
+                s("sft"),
+                s("--decision"),
+                s("constrained"),
+                // The same test items for every point, whatever its training seed.
+                s("--seed"),
+                s("42"),
+                s("--limit"),
+                items.to_string(),
+                s("--adapter"),
+                train.join("best-adapter").display().to_string(),
+                s("--out"),
+                pdir.join("eval").display().to_string(),
+            ];
+            supportlm(&exe, &root, &log, &a)?;
+        }
+    }
+    summarise(&plan, &cells, &dir)
+}
+
+/// Writes `summary.json` (one result per cell) and `summary.md` (a table per axis: each label's
+/// macro-F1 per seed and, with several seeds, their mean and standard deviation).
+fn summarise(plan: &Plan, cells: &[Cell], dir: &Path) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    for c in cells {
+        let p = dir.join(&c.point.folder);
+        let (Some(m), Some(o)) = (
+            read::<ClassifyMetrics>(&p.join("eval/metrics.json")),
+            read::<TrainOutcome>(&p.join("train/outcome.json")),
+        ) else {
+            continue;
+        };
+        results.push(CellResult {
+            axis: plan.axes[c.axis].name.clone(),
+            label: c.label.clone(),
+            seed: c.seed,
+            folder: c.point.folder.clone(),
+            macro_f1: m.macro_f1,
+            accuracy: m.accuracy,
+            best_val_loss: o.best_val_loss,
+            train_seconds: o.seconds,
+            train_examples: o.train_examples,
+        });
+    }
+    write_atomic(
+        &dir.join("summary.json"),
+        serde_json::to_string_pretty(&results)?.as_bytes(),
+    )?;
+    write_atomic(&dir.join("summary.md"), markdown(plan, &results).as_bytes())?;
+    eprintln!("[sweep] {}", dir.join("summary.md").display());
+    Ok(())
+}
+
+fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// Mean and sample standard deviation (`None` for one value).
+fn mean_sd(v: &[f64]) -> (f64, Option<f64>) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n.max(1.0);
+    let sd = (v.len() > 1)
+        .then(|| (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt());
+    (mean, sd)
+}
+
+/// The summary's Markdown: per axis, per label, macro-F1 of each seed (with its bootstrap interval
+/// when there is one seed), mean ± sd over seeds, accuracy, best validation loss and training time.
+pub fn markdown(plan: &Plan, results: &[CellResult]) -> String {
+    let mut md = String::new();
+    for axis in &plan.axes {
+        let rows: Vec<&CellResult> = results.iter().filter(|r| r.axis == axis.name).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(md, "**{}**: {}\n", axis.name, axis.what);
+        let mut by: BTreeMap<usize, (String, Vec<&CellResult>)> = BTreeMap::new();
+        for r in rows {
+            let i = axis
+                .points
+                .iter()
+                .position(|p| p.label == r.label)
+                .unwrap_or(usize::MAX);
+            by.entry(i)
+                .or_insert_with(|| (r.label.clone(), Vec::new()))
+                .1
+                .push(r);
+        }
+        let _ = writeln!(
+            md,
+            "| setting | examples | seeds | macro-F1 per seed | macro-F1 mean ± sd | accuracy mean | best val loss mean | train s mean |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+        for (_, (label, rs)) in by {
+            let f1: Vec<f64> = rs.iter().map(|r| r.macro_f1.estimate).collect();
+            let per_seed = if rs.len() == 1 {
+                let i = &rs[0].macro_f1;
+                format!("{:.4} [{:.4}, {:.4}]", i.estimate, i.low, i.high)
+            } else {
+                rs.iter()
+                    .map(|r| format!("{:.4} (s{})", r.macro_f1.estimate, r.seed))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let (m, sd) = mean_sd(&f1);
+            let avg =
+                |f: fn(&CellResult) -> f64| mean_sd(&rs.iter().map(|r| f(r)).collect::<Vec<_>>()).0;
+            let _ = writeln!(
+                md,
+                "| {label} | {} | {} | {per_seed} | {m:.4}{} | {:.4} | {:.4} | {:.0} |",
+                rs[0].train_examples,
+                rs.len(),
+                sd.map_or(String::new(), |s| format!(" ± {s:.4}")),
+                avg(|r| r.accuracy.estimate),
+                avg(|r| r.best_val_loss),
+                avg(|r| r.train_seconds),
+            );
+        }
+        md.push('\n');
+    }
+    md
+}
+
+/// Where the sweep of run `run_dir` is (for the report).
+pub fn summary_of(run_dir: &Path) -> PathBuf {
+    run_dir.join("sweep/summary.md")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_plan_parses_and_shared_points_are_trained_once() {
+        let root = crate::utils::workspace_root();
+        let plan = Plan::load(&root.join("configs/sweep-task1.toml")).unwrap();
+        let cells = plan.cells(&root, &[], plan.train_examples).unwrap();
+        let mut folders: Vec<&str> = cells.iter().map(|c| c.point.folder.as_str()).collect();
+        let n = folders.len();
+        folders.sort();
+        folders.dedup();
+        assert!(
+            folders.len() < n,
+            "the config's own setting recurs on several axes"
+        );
+        // The config's seed-42 point, the rank-8 point and the lr=1e-3 point are one training.
+        let of = |axis: &str, label: &str| {
+            cells
+                .iter()
+                .find(|c| plan.axes[c.axis].name == axis && c.label == label && c.seed == 42)
+                .unwrap()
+                .point
+                .folder
+                .clone()
+        };
+        assert_eq!(of("seeds", "config"), of("rank", "8"));
+        assert_eq!(of("seeds", "config"), of("lr", "1e-3"));
+        assert_ne!(of("seeds", "config"), of("lr", "3e-3"));
+        let err = plan.cells(&root, &["nope".into()], 10).unwrap_err();
+        assert!(err.to_string().contains("no axis \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn mean_and_sample_sd_by_hand() {
+        assert_eq!(mean_sd(&[1.0]), (1.0, None));
+        let (m, sd) = mean_sd(&[1.0, 2.0, 3.0]);
+        assert_eq!(m, 2.0);
+        assert!((sd.unwrap() - 1.0).abs() < 1e-12);
+    }
+}
