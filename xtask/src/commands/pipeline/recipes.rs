@@ -371,11 +371,19 @@ mod tests {
         let r: Recipes = toml::from_str(&text).unwrap();
         assert!(r.recipes.iter().any(|x| x.quick));
         for x in &r.recipes {
-            supportlm_train::TrainConfig::load(
+            let c = supportlm_train::TrainConfig::load(
                 Some(&root.join("configs/task1-category.toml")),
                 &x.set,
             )
             .unwrap_or_else(|e| panic!("{}: {e}", x.name));
+            // The baseline stays the messages as Bitext has them, whatever the default config does.
+            if x.name == "plain" {
+                assert!(
+                    c.augment.is_off(),
+                    "plain rewrites messages: {:?}",
+                    c.augment
+                );
+            }
         }
     }
 }
