@@ -89,7 +89,8 @@ impl ErrorAnalysis {
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+/// The median (mean of the two middle values for an even count); `None` when empty.
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }

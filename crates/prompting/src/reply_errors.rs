@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::errors::median;
+
 /// What the analysis reads of one scored reply.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplyItem {
@@ -53,10 +55,14 @@ pub struct ReplyAnalysis {
     pub worst: Vec<usize>,
 }
 
+/// The mean of `v` (0 when empty).
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
 /// Analyses `items`; `worst` is how many of the weakest replies to name.
 pub fn analyse_replies(items: &[ReplyItem], worst: usize) -> ReplyAnalysis {
     let n = items.len();
-    let mean = |v: &mut dyn Iterator<Item = f64>, k: usize| v.sum::<f64>() / k.max(1) as f64;
     let mut by: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for it in items {
         by.entry(&it.category).or_default().push(it.rouge_l);
@@ -66,7 +72,7 @@ pub fn analyse_replies(items: &[ReplyItem], worst: usize) -> ReplyAnalysis {
         .map(|(c, v)| CategoryScore {
             category: c.to_string(),
             items: v.len(),
-            rouge_l: mean(&mut v.iter().copied(), v.len()),
+            rouge_l: mean(&v),
         })
         .collect();
     categories.sort_by(|a, b| {
@@ -74,17 +80,13 @@ pub fn analyse_replies(items: &[ReplyItem], worst: usize) -> ReplyAnalysis {
             .total_cmp(&b.rouge_l)
             .then(a.category.cmp(&b.category))
     });
-    let mut ratios: Vec<f64> = items
-        .iter()
-        .filter(|i| i.reference_words > 0)
-        .map(|i| i.generated_words as f64 / i.reference_words as f64)
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    let median_length_ratio = match ratios.len() {
-        0 => None,
-        k if k % 2 == 1 => Some(ratios[k / 2]),
-        k => Some((ratios[k / 2 - 1] + ratios[k / 2]) / 2.0),
-    };
+    let median_length_ratio = median(
+        items
+            .iter()
+            .filter(|i| i.reference_words > 0)
+            .map(|i| i.generated_words as f64 / i.reference_words as f64)
+            .collect(),
+    );
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| {
         items[a]
@@ -95,7 +97,7 @@ pub fn analyse_replies(items: &[ReplyItem], worst: usize) -> ReplyAnalysis {
     order.truncate(worst);
     ReplyAnalysis {
         items: n,
-        rouge_l: mean(&mut items.iter().map(|i| i.rouge_l), n),
+        rouge_l: mean(&items.iter().map(|i| i.rouge_l).collect::<Vec<_>>()),
         categories,
         median_length_ratio,
         cut_share: items.iter().filter(|i| i.cut).count() as f64 / n.max(1) as f64,

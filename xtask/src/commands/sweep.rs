@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -178,19 +177,7 @@ impl Plan {
 
 /// Runs `supportlm` with `args`, appending its output to `log`.
 fn supportlm(exe: &Path, root: &Path, log: &Path, args: &[String]) -> anyhow::Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    eprintln!("[sweep] supportlm {}", args.join(" "));
-    let status = crate::utils::die_with_parent(&mut Command::new(exe))
-        .args(args)
-        .current_dir(root)
-        .stdout(file.try_clone()?)
-        .stderr(file)
-        .stdin(Stdio::null())
-        .status()
-        .with_context(|| format!("running {}", exe.display()))?;
+    let status = crate::utils::run_logged(exe, root, log, "sweep", args)?;
     if !status.success() {
         bail!(
             "supportlm failed ({status}); its log is {}. Fix the cause and run the sweep again \

@@ -145,6 +145,34 @@ pub fn build_cli(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(target_dir(root).join("debug").join("supportlm"))
 }
 
+/// Runs `exe args` in `root`, its stdout and stderr appended to `log`, after announcing it as
+/// `[tag] supportlm …` on stderr; the child dies with this process (see [`die_with_parent`]).
+pub fn run_logged(
+    exe: &Path,
+    root: &Path,
+    log: &Path,
+    tag: &str,
+    args: &[String],
+) -> anyhow::Result<std::process::ExitStatus> {
+    use anyhow::Context;
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    eprintln!("[{tag}] supportlm {}", args.join(" "));
+    die_with_parent(&mut Command::new(exe))
+        .args(args)
+        .current_dir(root)
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", exe.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

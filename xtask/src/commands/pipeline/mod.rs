@@ -28,7 +28,6 @@ mod sweeps;
 mod tables;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -353,20 +352,7 @@ impl Run {
     /// Runs `supportlm` with `args`, its output going to the step's log.
     pub fn supportlm(&self, step: Step, args: &[String]) -> anyhow::Result<()> {
         let log_path = self.log_path(step);
-        std::fs::create_dir_all(self.dir.join("logs"))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
-        eprintln!("[{}] supportlm {}", step.name(), args.join(" "));
-        let status = crate::utils::die_with_parent(&mut Command::new(&self.exe))
-            .args(args)
-            .current_dir(&self.root)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .stdin(Stdio::null())
-            .status()
-            .with_context(|| format!("running {}", self.exe.display()))?;
+        let status = crate::utils::run_logged(&self.exe, &self.root, &log_path, step.name(), args)?;
         if !status.success() {
             bail!(
                 "step {} failed ({status}); its log is {}. Fix the cause, then re-run it alone with \
@@ -503,13 +489,11 @@ fn task1_evaluations(run: &Run, step: Step, task: &str) -> anyhow::Result<()> {
     } else {
         &["sft"]
     };
-    for method in methods {
-        let out = |decision: &str| run.path(&format!("{folder}/{method}-{decision}"));
-        let mut common = vec![
+    // `eval <command>` on the task's seeded test items.
+    let on_items = |command: &str| {
+        let mut args = vec![
             s("eval"),
-            s("classify"),
-            s("--method"),
-            s(method),
+            s(command),
             s("--task"),
             s(task),
             s("--data"),
@@ -518,8 +502,14 @@ fn task1_evaluations(run: &Run, step: Step, task: &str) -> anyhow::Result<()> {
             seed.clone(),
         ];
         if let Some(n) = items {
-            common.extend([s("--limit"), n.to_string()]);
+            args.extend([s("--limit"), n.to_string()]);
         }
+        args
+    };
+    for method in methods {
+        let out = |decision: &str| run.path(&format!("{folder}/{method}-{decision}"));
+        let mut common = on_items("classify");
+        common.extend([s("--method"), s(method)]);
         if *method == "sft" {
             common.extend([
                 s("--adapter"),
@@ -561,21 +551,8 @@ fn task1_evaluations(run: &Run, step: Step, task: &str) -> anyhow::Result<()> {
         }
     }
     if baselines {
-        let mut args = vec![
-            s("eval"),
-            s("tfidf"),
-            s("--task"),
-            s(task),
-            s("--data"),
-            run.path(&format!("data/{task}")),
-            s("--seed"),
-            seed.clone(),
-            s("--out"),
-            run.path(&format!("{folder}/tfidf")),
-        ];
-        if let Some(n) = items {
-            args.extend([s("--limit"), n.to_string()]);
-        }
+        let mut args = on_items("tfidf");
+        args.extend([s("--out"), run.path(&format!("{folder}/tfidf"))]);
         run.supportlm(step, &args)?;
     }
     Ok(())

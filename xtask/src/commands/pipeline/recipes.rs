@@ -13,6 +13,7 @@ use serde::Deserialize;
 use supportlm_prompting::report::ClassifyMetrics;
 
 use super::ood::OOD_FILE;
+use super::sweeps::{score_sft, train_task1};
 use super::tables::{correctness, interval, paired_mcnemar, read_json, table};
 use super::{Run, Step};
 
@@ -97,28 +98,6 @@ pub fn outputs(run: &Run) -> anyhow::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// `eval classify` of an SFT adapter, constrained rule, on the run's Task 1 data.
-fn sft_eval(run: &Run, adapter: &Path, extra: Vec<String>, out: &Path) -> anyhow::Result<()> {
-    let s = |x: &str| x.to_string();
-    let mut args = vec![
-        s("eval"),
-        s("classify"),
-        s("--method"),
-        s("sft"),
-        s("--decision"),
-        s("constrained"),
-        s("--data"),
-        run.path("data/category"),
-        s("--seed"),
-        run.budget.seed.to_string(),
-        s("--adapter"),
-        adapter.display().to_string(),
-    ];
-    args.extend(extra);
-    args.extend([s("--out"), out.display().to_string()]);
-    run.evaluation(Step::T1Recipes, &args)
-}
-
 /// Trains and scores every recipe that has not finished.
 pub fn run_step(run: &Run) -> anyhow::Result<()> {
     let b = &run.budget;
@@ -126,30 +105,12 @@ pub fn run_step(run: &Run) -> anyhow::Result<()> {
     for r in Recipes::load(run)?.for_run(run) {
         let dir = run.dir.join(folder(&r));
         let train = dir.join("train");
-        if !train.join("outcome.json").exists() {
-            let mut args = vec![
-                s("train"),
-                s("--config"),
-                s(b.t1_config),
-                s("--set"),
-                format!("seed={}", b.seed),
-                s("--set"),
-                format!("train_examples={}", b.recipe_examples),
-            ];
-            for o in &r.set {
-                args.extend([s("--set"), o.clone()]);
-            }
-            args.extend([
-                s("--data"),
-                run.path("data/category"),
-                s("--out"),
-                train.display().to_string(),
-            ]);
-            if train.exists() {
-                args.push(s("--resume"));
-            }
-            run.supportlm(Step::T1Recipes, &args)?;
-        }
+        let mut overrides = vec![
+            format!("seed={}", b.seed),
+            format!("train_examples={}", b.recipe_examples),
+        ];
+        overrides.extend(r.set.iter().cloned());
+        train_task1(run, Step::T1Recipes, &overrides, &train)?;
         let parts: [(&str, Vec<String>); 3] = [
             (
                 "dev",
@@ -171,12 +132,19 @@ pub fn run_step(run: &Run) -> anyhow::Result<()> {
             }),
         ];
         for (part, extra) in parts {
-            sft_eval(run, &train.join("best-adapter"), extra, &dir.join(part))?;
+            score_sft(
+                run,
+                Step::T1Recipes,
+                &train.join("best-adapter"),
+                extra,
+                &dir.join(part),
+            )?;
         }
     }
     // The default config's adapter on the development slice, for the table's last row.
-    sft_eval(
+    score_sft(
         run,
+        Step::T1Recipes,
         &run.dir.join("t1/sft-train/best-adapter"),
         vec![
             s("--items-file"),
@@ -211,6 +179,12 @@ pub fn choose(scores: &[(f64, f64)], tolerance: f64) -> Option<usize> {
     chosen
 }
 
+/// The examples a finished training run in `train` used.
+fn examples_of(train: &Path) -> Option<usize> {
+    read_json::<supportlm_train::TrainOutcome>(&train.join("outcome.json"))
+        .map(|o| o.train_examples)
+}
+
 /// The report's recipe table: what each change buys on the development slice, in distribution and
 /// out of distribution, against the first recipe (McNemar on the OOD messages), and which is chosen.
 pub fn report(md: &mut String, run: &Run) -> anyhow::Result<()> {
@@ -237,8 +211,7 @@ pub fn report(md: &mut String, run: &Run) -> anyhow::Result<()> {
         else {
             continue;
         };
-        let examples = read_json::<supportlm_train::TrainOutcome>(&dir.join("train/outcome.json"))
-            .map(|o| o.train_examples);
+        let examples = examples_of(&dir.join("train"));
         rows.push(Row {
             ood_correct: correctness(&dir.join("ood")),
             recipe: r,
@@ -269,34 +242,50 @@ pub fn report(md: &mut String, run: &Run) -> anyhow::Result<()> {
             .collect::<Vec<_>>(),
         tolerance,
     );
-    let first = rows[0].ood_correct.clone();
-    let mut out = Vec::new();
-    for (i, r) in rows.iter().enumerate() {
-        let versus = match (&first, &r.ood_correct) {
-            (Some(a), Some(b)) if i > 0 => {
+    let first = rows[0].ood_correct.as_ref();
+    let first_ood = rows[0].ood.accuracy.estimate;
+    // One table row; `correct`: which OOD messages it got right, compared with the first recipe's
+    // (`None` for the first itself).
+    let row = |name: String,
+               what: String,
+               examples: Option<usize>,
+               (dev, test, ood): (&ClassifyMetrics, &ClassifyMetrics, &ClassifyMetrics),
+               correct: Option<&HashMap<u64, bool>>| {
+        let versus = match (first, correct) {
+            (Some(a), Some(b)) => {
                 let (_, t) = paired_mcnemar(b, a);
                 format!("{} / {} · p = {:.2e}", t.a_only, t.b_only, t.exact_p)
             }
             _ => "–".into(),
         };
-        out.push(vec![
-            format!(
-                "{}{}",
-                r.recipe.name,
-                if chosen == Some(i) { " (chosen)" } else { "" }
-            ),
-            r.recipe.what.clone(),
-            r.examples.map_or("–".into(), |n| n.to_string()),
-            interval(Some(&r.dev.accuracy)),
-            interval(Some(&r.test.macro_f1)),
-            interval(Some(&r.ood.accuracy)),
-            format!(
-                "{:+.4}",
-                r.ood.accuracy.estimate - rows[0].ood.accuracy.estimate
-            ),
+        vec![
+            name,
+            what,
+            examples.map_or("–".into(), |n| n.to_string()),
+            interval(Some(&dev.accuracy)),
+            interval(Some(&test.macro_f1)),
+            interval(Some(&ood.accuracy)),
+            format!("{:+.4}", ood.accuracy.estimate - first_ood),
             versus,
-        ]);
-    }
+        ]
+    };
+    let mut out: Vec<Vec<String>> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            row(
+                format!(
+                    "{}{}",
+                    r.recipe.name,
+                    if chosen == Some(i) { " (chosen)" } else { "" }
+                ),
+                r.recipe.what.clone(),
+                r.examples,
+                (&r.dev, &r.test, &r.ood),
+                r.ood_correct.as_ref().filter(|_| i > 0),
+            )
+        })
+        .collect();
     // The default config, as the t1-sft step trained it and the other steps scored it.
     let default = (
         read_json::<ClassifyMetrics>(&d.join(DEFAULT_DEV).join("metrics.json")),
@@ -304,32 +293,16 @@ pub fn report(md: &mut String, run: &Run) -> anyhow::Result<()> {
         read_json::<ClassifyMetrics>(&d.join("t1-ood/sft-constrained/metrics.json")),
     );
     if let (Some(dev), Some(test), Some(ood)) = default {
-        let versus = match (&first, correctness(&d.join("t1-ood/sft-constrained"))) {
-            (Some(a), Some(b)) => {
-                let (_, t) = paired_mcnemar(&b, a);
-                format!("{} / {} · p = {:.2e}", t.a_only, t.b_only, t.exact_p)
-            }
-            _ => "–".into(),
-        };
-        let examples =
-            read_json::<supportlm_train::TrainOutcome>(&d.join("t1/sft-train/outcome.json"))
-                .map_or("–".into(), |o| o.train_examples.to_string());
-        out.push(vec![
+        out.push(row(
             "default config (t1-sft)".into(),
             format!(
                 "`{}` as the Task 1 SFT step trains it (test: {} items)",
                 run.budget.t1_config, test.items
             ),
-            examples,
-            interval(Some(&dev.accuracy)),
-            interval(Some(&test.macro_f1)),
-            interval(Some(&ood.accuracy)),
-            format!(
-                "{:+.4}",
-                ood.accuracy.estimate - rows[0].ood.accuracy.estimate
-            ),
-            versus,
-        ]);
+            examples_of(&d.join("t1/sft-train")),
+            (&dev, &test, &ood),
+            correctness(&d.join("t1-ood/sft-constrained")).as_ref(),
+        ));
     }
     table(
         md,

@@ -4,7 +4,7 @@
 //! `curve/n<N>/{train,eval}` or `hparams/lr<LR>/{train,eval}` (each step owns its folders); an
 //! interrupted point continues (training with `--resume`, evaluation from its partial file).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Serialize;
@@ -72,58 +72,84 @@ pub fn outputs(run: &Run, step: Step) -> anyhow::Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// Trains the Task 1 config with `overrides` (`supportlm train --set`, in order) on the run's Task 1
+/// data into `train`, unless that run finished; an interrupted one continues with `--resume`.
+pub fn train_task1(
+    run: &Run,
+    step: Step,
+    overrides: &[String],
+    train: &Path,
+) -> anyhow::Result<()> {
+    if train.join("outcome.json").exists() {
+        return Ok(());
+    }
+    let s = |x: &str| x.to_string();
+    let mut args = vec![s("train"), s("--config"), s(run.budget.t1_config)];
+    for o in overrides {
+        args.extend([s("--set"), o.clone()]);
+    }
+    args.extend([
+        s("--data"),
+        run.path("data/category"),
+        s("--out"),
+        train.display().to_string(),
+    ]);
+    if train.exists() {
+        args.push(s("--resume"));
+    }
+    run.supportlm(step, &args)
+}
+
+/// Scores an SFT adapter with the constrained rule on the run's Task 1 data (`extra`: which items,
+/// e.g. `--limit N` or `--items-file F`) into `out`, unless that evaluation finished.
+pub fn score_sft(
+    run: &Run,
+    step: Step,
+    adapter: &Path,
+    extra: Vec<String>,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let s = |x: &str| x.to_string();
+    let mut args = vec![
+        s("eval"),
+        s("classify"),
+        s("--method"),
+        s("sft"),
+        s("--decision"),
+        s("constrained"),
+        s("--data"),
+        run.path("data/category"),
+        s("--seed"),
+        run.budget.seed.to_string(),
+        s("--adapter"),
+        adapter.display().to_string(),
+    ];
+    args.extend(extra);
+    args.extend([s("--out"), out.display().to_string()]);
+    run.evaluation(step, &args)
+}
+
 /// Trains and evaluates every point of `step` that has not finished.
 pub fn run_points(run: &Run, step: Step) -> anyhow::Result<()> {
     let b = &run.budget;
-    let s = |x: &str| x.to_string();
     for p in points(run, step)? {
-        let folder = p.folder(step);
-        let train = run.dir.join(&folder).join("train");
-        if !train.join("outcome.json").exists() {
-            let mut args = vec![
-                s("train"),
-                s("--config"),
-                s(b.t1_config),
-                s("--set"),
-                format!("seed={}", b.seed),
-                s("--set"),
-                format!("train_examples={}", p.examples),
-                s("--set"),
-                format!("epochs={}", p.epochs),
-                s("--set"),
-                format!("lr={:e}", p.lr),
-                s("--data"),
-                run.path("data/category"),
-                s("--out"),
-                train.display().to_string(),
-            ];
-            if train.exists() {
-                args.push(s("--resume"));
-            }
-            run.supportlm(step, &args)?;
-        }
-        let eval = run.dir.join(&folder).join("eval");
-        if !eval.join("metrics.json").exists() {
-            let args = vec![
-                s("eval"),
-                s("classify"),
-                s("--method"),
-                s("sft"),
-                s("--decision"),
-                s("constrained"),
-                s("--data"),
-                run.path("data/category"),
-                s("--seed"),
-                b.seed.to_string(),
-                s("--limit"),
-                b.sweep_items.to_string(),
-                s("--adapter"),
-                train.join("best-adapter").display().to_string(),
-                s("--out"),
-                eval.display().to_string(),
-            ];
-            run.supportlm(step, &args)?;
-        }
+        let dir = run.dir.join(p.folder(step));
+        let train = dir.join("train");
+        let overrides = [
+            format!("seed={}", b.seed),
+            format!("train_examples={}", p.examples),
+            format!("epochs={}", p.epochs),
+            format!("lr={:e}", p.lr),
+        ];
+        train_task1(run, step, &overrides, &train)?;
+        let items = vec!["--limit".to_string(), b.sweep_items.to_string()];
+        score_sft(
+            run,
+            step,
+            &train.join("best-adapter"),
+            items,
+            &dir.join("eval"),
+        )?;
     }
     Ok(())
 }
