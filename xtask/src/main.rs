@@ -35,6 +35,10 @@ enum Command {
         tiny: bool,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+        /// cpu (default), wgpu[:N] or cuda[:N] (xtask built with `--features wgpu` / `cuda`): both runs
+        /// there, byte-identical, and a CPU run compared within docs/GPU.md's tolerances.
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Copy a finished run's report into docs/ (RESULTS.md, its figures, report.html).
     Publish {
@@ -61,7 +65,8 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,wgpu_hal=off".into()),
         )
         .init();
     let cli = Cli::parse();
@@ -70,7 +75,7 @@ fn main() -> std::process::ExitCode {
         Command::Sweep(args) => sweep::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Setup => setup::run(&utils::workspace_root()),
-        Command::Repro { tiny, seed } => repro::run(tiny, seed),
+        Command::Repro { tiny, seed, device } => repro::run(tiny, seed, device.as_deref()),
         Command::Publish { name } => {
             let root = utils::workspace_root();
             pipeline::publish(&root.join("runs").join(name), &root.join("docs"))

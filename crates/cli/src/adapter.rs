@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use supportlm_model::export::export_hf_dir;
 use supportlm_model::lora::Adapter;
 use supportlm_model::model::Checkpoint;
-use supportlm_model::{default_device, Model};
+use supportlm_model::Model;
 
 use crate::shared::DEFAULT_MODEL;
 
@@ -44,7 +44,7 @@ pub struct InfoArgs {
 pub fn run(cmd: AdapterCommand) -> anyhow::Result<()> {
     match cmd {
         AdapterCommand::Merge(args) => {
-            let model = Model::load(&args.model, &default_device())
+            let model = Model::load(&args.model, &crate::shared::device()?)
                 .with_context(|| format!("loading the base model from {}", args.model.display()))?
                 .load_adapter(&args.adapter)
                 .with_context(|| format!("applying the adapter in {}", args.adapter.display()))?;

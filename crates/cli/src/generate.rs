@@ -8,7 +8,7 @@ use clap::Args;
 use serde_json::json;
 use supportlm_model::generate::{generate, GenerateOptions};
 use supportlm_model::sampling::SamplingConfig;
-use supportlm_model::{default_device, Model};
+use supportlm_model::Model;
 
 use crate::shared::DEFAULT_MODEL;
 
@@ -51,7 +51,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let model = Model::load(&args.model, &default_device())
+    let model = Model::load(&args.model, &crate::shared::device()?)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
     tracing::info!(model = %args.model.display(), config = ?model.llama.config.model_type, "loaded");
     let model = match &args.adapter {

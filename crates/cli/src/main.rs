@@ -15,6 +15,10 @@ mod train;
 
 use clap::{Parser, Subcommand};
 
+/// Logging when RUST_LOG is not set: our progress lines; not wgpu's report of the graphics APIs it
+/// probed and did not find (harmless: e.g. no OpenGL driver beside Vulkan).
+const DEFAULT_LOG: &str = "info,wgpu_hal=off,wgpu_core=warn";
+
 /// Exit status after Ctrl-C (128 + SIGINT, as shells report a process the signal ended).
 pub const EXIT_INTERRUPTED: u8 = 130;
 
@@ -29,6 +33,10 @@ pub const EXIT_INTERRUPTED: u8 = 130;
                   130 interrupted by Ctrl-C (`train` checkpoints first; rerun with --resume)."
 )]
 struct Cli {
+    /// Where models run: cpu, wgpu, wgpu:N, cuda or cuda:N (GPU backends need a binary built with
+    /// `--features wgpu` or `cuda`; docs/GPU.md). Default: $SUPPORTLM_DEVICE, else cpu.
+    #[arg(long, global = true, value_name = "DEVICE")]
+    device: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,10 +68,12 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| DEFAULT_LOG.into()),
         )
         .init();
     let cli = Cli::parse();
+    shared::choose_device(cli.device.as_deref());
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),
         Command::Classify(args) => classify::run(args),

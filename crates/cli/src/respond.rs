@@ -14,7 +14,7 @@ use supportlm_metrics::intervals::Z95;
 use supportlm_metrics::wilson_interval;
 use supportlm_model::bert::{cosine, SentenceEncoder};
 use supportlm_model::sampling::SamplingConfig;
-use supportlm_model::{default_device, Model};
+use supportlm_model::Model;
 use supportlm_prompting::classify::label_probabilities;
 use supportlm_prompting::judge::{summarize, HttpJudge, Judge, Verdict};
 use supportlm_prompting::report::{
@@ -211,7 +211,7 @@ pub fn run(args: RespondArgs) -> anyhow::Result<()> {
     let cosines = if args.embedder.as_os_str() == "none" {
         None
     } else {
-        let encoder = SentenceEncoder::load(&args.embedder, &default_device()).with_context(|| {
+        let encoder = SentenceEncoder::load(&args.embedder, &crate::shared::device()?).with_context(|| {
             format!(
                 "loading the sentence encoder from {} (run `cargo xtask setup`, or pass --embedder none)",
                 args.embedder.display()
@@ -257,7 +257,7 @@ pub fn run(args: RespondArgs) -> anyhow::Result<()> {
     let judge_model = match (&args.judge_url, args.judge.as_str()) {
         (None, "none") | (Some(_), _) => None,
         (None, path) => Some(
-            Model::load(Path::new(path), &default_device())
+            Model::load(Path::new(path), &crate::shared::device()?)
                 .with_context(|| format!("loading the judge {path}"))?,
         ),
     };

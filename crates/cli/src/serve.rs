@@ -73,6 +73,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig {
         model: args.model,
         base_quant: args.base_quant,
+        device: crate::shared::device()?,
         adapters,
         classify_adapter: args.classify_adapter,
         respond_adapter: args.respond_adapter,

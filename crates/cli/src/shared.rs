@@ -3,11 +3,13 @@
 //! module and never each other.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context};
 use clap::ValueEnum;
 use supportlm_data::{load_csv, shipped, split, Record, SplitConfig, SplitSet, Task};
-use supportlm_model::{default_device, Model};
+use supportlm_model::device::DeviceSpec;
+use supportlm_model::{Device, Model};
 use supportlm_prompting::Method;
 
 /// The default model, put in place by `cargo xtask setup`.
@@ -77,9 +79,33 @@ pub(crate) fn sample(records: &[Record], limit: Option<usize>, seed: u64) -> Vec
     records
 }
 
+/// The device `--device` (or `SUPPORTLM_DEVICE`) names; opened when a command first needs it.
+static DEVICE_FLAG: OnceLock<Option<String>> = OnceLock::new();
+static DEVICE: OnceLock<Device> = OnceLock::new();
+
+/// Records `--device` for [`device`].
+pub(crate) fn choose_device(flag: Option<&str>) {
+    let _ = DEVICE_FLAG.set(flag.map(str::to_string));
+}
+
+/// The device models run on: `--device`, else `SUPPORTLM_DEVICE`, else the CPU; a name that does not
+/// parse, a backend this binary lacks or a GPU that does not open is an error naming it.
+pub(crate) fn device() -> anyhow::Result<Device> {
+    if let Some(d) = DEVICE.get() {
+        return Ok(d.clone());
+    }
+    let flag = DEVICE_FLAG.get().cloned().flatten();
+    let spec = DeviceSpec::choose(flag.as_deref())?;
+    let device = spec.open()?;
+    if !spec.is_cpu() {
+        tracing::info!("running on {spec}");
+    }
+    Ok(DEVICE.get_or_init(|| device).clone())
+}
+
 /// A model, with an adapter applied when given.
 pub(crate) fn load_model(path: &Path, adapter: Option<&Path>) -> anyhow::Result<Model> {
-    let mut model = Model::load(path, &default_device()).context("loading the model")?;
+    let mut model = Model::load(path, &device()?).context("loading the model")?;
     if let Some(dir) = adapter {
         model = model
             .load_adapter(dir)

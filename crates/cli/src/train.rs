@@ -10,7 +10,6 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use supportlm_data::{load_csv, shipped, split, SplitConfig, SplitSet};
 use supportlm_model::chat::ChatTemplate;
-use supportlm_model::default_device;
 use supportlm_model::model::Checkpoint;
 use supportlm_train::qlora::{QloraModel, StepPath};
 use supportlm_train::trainer::{train, TrainJob};
@@ -80,9 +79,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let ck = Checkpoint::open(&args.model)
         .with_context(|| format!("opening {}", args.model.display()))?;
     let template = ChatTemplate::for_tokenizer(&ck.tokenizer)?;
-    let mut model = ck.with_source(|src| {
-        QloraModel::load(src, &ck.config, config.base_quant, &default_device())
-    })?;
+    let device = crate::shared::device()?;
+    let mut model =
+        ck.with_source(|src| QloraModel::load(src, &ck.config, config.base_quant, &device))?;
     model.step_path = StepPath::choose(config.store_activations, model.device());
     let fp = model.footprint();
     tracing::info!(

@@ -108,4 +108,56 @@ impl KvCache {
             next_pos: rows.iter().map(|&r| self.next_pos[r]).collect(),
         }
     }
+
+    /// Several sequences from one batch-1 cache, on its device: sequence `r` gets the cached positions
+    /// `positions[r]` in that order (e.g. a shared prefix and that sequence's own tokens of a
+    /// tree-masked pass), left-padded with masked positions to the longest, and continues at RoPE
+    /// position `next_pos[r]`.
+    pub fn gather(&self, positions: &[Vec<usize>], next_pos: Vec<usize>) -> KvCache {
+        assert_eq!(self.batch(), 1, "only a batch-1 cache can be gathered from");
+        assert_eq!(
+            positions.len(),
+            next_pos.len(),
+            "one next position per sequence"
+        );
+        let longest = positions.iter().map(Vec::len).max().unwrap_or(0);
+        let indices: Vec<i64> = positions
+            .iter()
+            .flat_map(|p| {
+                std::iter::repeat_n(0, longest - p.len()).chain(p.iter().map(|&i| i as i64))
+            })
+            .collect();
+        let rows = positions.len();
+        let pick = |t: &Tensor<4>| {
+            let [_, heads, _, dim] = t.dims();
+            let idx = Tensor::<1, burn::tensor::Int>::from_data(
+                burn::tensor::TensorData::new(indices.clone(), [indices.len()]),
+                &t.device(),
+            );
+            // [1, heads, rows · longest, dim] → [heads, rows, longest, dim] → [rows, heads, longest, dim]
+            t.clone()
+                .select(2, idx)
+                .reshape([heads, rows, longest, dim])
+                .swap_dims(0, 1)
+        };
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerCache {
+                    k: l.k.as_ref().map(pick),
+                    v: l.v.as_ref().map(pick),
+                })
+                .collect(),
+            valid: positions
+                .iter()
+                .map(|p| {
+                    std::iter::repeat_n(false, longest - p.len())
+                        .chain(std::iter::repeat_n(true, p.len()))
+                        .collect()
+                })
+                .collect(),
+            next_pos,
+        }
+    }
 }

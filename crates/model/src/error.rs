@@ -67,6 +67,10 @@ pub enum ModelError {
     /// An adapter does not fit the base (names, shapes, config).
     #[error("adapter: {0}")]
     Adapter(String),
+    /// The device asked for cannot be used: an unknown name, a backend this binary was built without,
+    /// or a GPU or driver that is not there.
+    #[error("device: {0}")]
+    Device(String),
     /// The caller's input is not valid (a prompt longer than the context, an unknown label, …).
     #[error("invalid input: {0}")]
     Input(String),

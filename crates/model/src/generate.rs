@@ -1,6 +1,7 @@
 //! Text generation: batched prompts (left-padded, masked) prefilled by the Burn model, then token by token
-//! on the quantized decode path ([`crate::decode`]) with its KV cache; stop conditions (EOS / end of turn,
-//! stop strings, max new tokens) and a per-token streaming callback.
+//! (on the CPU, the quantized decode path of [`crate::decode`] with its own KV cache; on a GPU device, the
+//! Burn model with its KV cache on the device, greedy choices made there); stop conditions (EOS / end of
+//! turn, stop strings, max new tokens) and a per-token streaming callback.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +12,8 @@ use crate::llama::{to_vec, StepInput};
 use crate::model::Model;
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::score::PrefixCache;
+
+use burn::tensor::Tensor;
 
 /// How to generate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,20 +140,19 @@ pub fn score_and_generate(
     }
     let pass = crate::score::tree_pass(model, prefix, items, candidates)?;
     let next_pos = items.iter().map(|i| prefix.len + i.len()).collect();
-    let state = DecodeState::from_positions(
-        &pass.cache,
-        &model.llama.config,
-        &pass.item_positions,
-        next_pos,
-    )?;
-    drop(pass.cache);
-    let generations = decode(
-        model,
-        pass.next_logprobs,
-        state,
-        options,
-        &mut always(on_token),
-    )?;
+    let steps = if crate::device::is_cpu(&model.llama.device) {
+        let state = DecodeState::from_positions(
+            &pass.cache,
+            &model.llama.config,
+            &pass.item_positions,
+            next_pos,
+        )?;
+        Steps::Host(state)
+    } else {
+        Steps::Device(pass.cache.gather(&pass.item_positions, next_pos))
+    };
+    let first = Logits::Host(pass.next_logprobs);
+    let generations = decode(model, first, steps, options, &mut always(on_token))?;
     Ok(pass.scores.into_iter().zip(generations).collect())
 }
 
@@ -185,7 +187,58 @@ fn pad_id(model: &Model) -> u32 {
         .unwrap_or(0)
 }
 
-/// Runs `input` after `cache` (prefill), then decodes token by token on the quantized path.
+/// Where the decode steps run: on the CPU, the quantized host kernels ([`crate::decode`]) over a host
+/// copy of the KV cache; on another device, the Burn model with its KV cache kept there.
+enum Steps {
+    Host(DecodeState),
+    Device(KvCache),
+}
+
+/// The next-token distributions of a step, one row per sequence: on the host, or a `[b, vocab]` tensor
+/// on the device (from which greedy decoding reads back only the chosen ids).
+enum Logits {
+    Host(Vec<Vec<f32>>),
+    // Boxed: a GPU backend's tensor handle is hundreds of bytes.
+    Device(Box<Tensor<2>>),
+}
+
+impl Logits {
+    /// The next token of every row that is not `done` (`None` for the others), each row drawn by its
+    /// own sampler.
+    fn pick(self, samplers: &mut [Sampler], done: &[bool]) -> Result<Vec<Option<u32>>> {
+        let rows = match self {
+            Logits::Device(t) if samplers.iter().all(Sampler::is_greedy) => {
+                let t = *t;
+                crate::device::note_read(&t.device(), t.dims()[0]);
+                let ids = t.argmax(1).into_data();
+                let ids = ids.convert::<i64>().try_into_vec::<i64>().map_err(|e| {
+                    ModelError::Internal(format!("reading token ids back from the device: {e:?}"))
+                })?;
+                return Ok(ids
+                    .into_iter()
+                    .zip(done)
+                    .map(|(id, &d)| (!d).then_some(id as u32))
+                    .collect());
+            }
+            Logits::Device(t) => {
+                let [_, vocab] = t.dims();
+                to_vec(*t)?
+                    .chunks_exact(vocab)
+                    .map(<[f32]>::to_vec)
+                    .collect()
+            }
+            Logits::Host(rows) => rows,
+        };
+        Ok(rows
+            .iter()
+            .zip(samplers.iter_mut())
+            .zip(done)
+            .map(|((logits, sampler), &d)| (!d).then(|| sampler.sample(logits)))
+            .collect())
+    }
+}
+
+/// Runs `input` after `cache` (prefill), then decodes token by token (see [`Steps`]).
 fn continue_generation(
     model: &Model,
     mut cache: KvCache,
@@ -194,24 +247,43 @@ fn continue_generation(
     on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
 ) -> Result<Vec<Generation>> {
     let llama = &model.llama;
+    let logits = llama.forward_last(input, &mut cache)?;
+    if !crate::device::is_cpu(&llama.device) {
+        return decode(
+            model,
+            Logits::Device(Box::new(logits)),
+            Steps::Device(cache),
+            options,
+            on_token,
+        );
+    }
     let vocab = llama.config.vocab_size;
-    let prefill = to_vec(llama.forward_last(input, &mut cache)?)?;
+    let prefill = to_vec(logits)?;
     let logits: Vec<Vec<f32>> = prefill.chunks_exact(vocab).map(<[f32]>::to_vec).collect();
     let state = DecodeState::from_cache(&cache, &llama.config)?;
     drop(cache);
-    decode(model, logits, state, options, on_token)
+    decode(
+        model,
+        Logits::Host(logits),
+        Steps::Host(state),
+        options,
+        on_token,
+    )
 }
 
-/// Draws tokens from `logits` (one row per sequence: the distribution of its next token), then steps
-/// `state` on the quantized path until every row stops.
+/// Draws tokens from `logits` (the distribution of each sequence's next token), then steps the model
+/// until every row stops.
 fn decode(
     model: &Model,
-    mut logits: Vec<Vec<f32>>,
-    mut state: DecodeState,
+    mut logits: Logits,
+    mut steps: Steps,
     options: &GenerateOptions,
     on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
 ) -> Result<Vec<Generation>> {
-    let b = logits.len();
+    let b = match &logits {
+        Logits::Host(rows) => rows.len(),
+        Logits::Device(t) => t.dims()[0],
+    };
     let pad = pad_id(model);
     let mut samplers: Vec<Sampler> = (0..b)
         .map(|row| {
@@ -228,14 +300,13 @@ fn decode(
         })
         .collect();
     let mut done = vec![false; b];
-    let weights = model.decode_weights()?;
     for step in 0..options.max_new_tokens {
+        let picked = logits.pick(&mut samplers, &done)?;
         let mut next = vec![pad; b];
-        for row in 0..b {
-            if done[row] {
+        for (row, id) in picked.into_iter().enumerate() {
+            let Some(id) = id else {
                 continue;
-            }
-            let id = samplers[row].sample(&logits[row]);
+            };
             if model.tokenizer.eos_ids.contains(&id) {
                 done[row] = true;
                 out[row].stop = StopReason::Eos;
@@ -269,7 +340,21 @@ fn decode(
             break;
         }
         let active: Vec<bool> = done.iter().map(|d| !d).collect();
-        logits = weights.step_with(&next, &active, &mut state, model.attached.as_deref())?;
+        logits = match &mut steps {
+            Steps::Host(state) => Logits::Host(model.decode_weights()?.step_with(
+                &next,
+                &active,
+                state,
+                model.attached.as_deref(),
+            )?),
+            Steps::Device(cache) => {
+                let input = StepInput {
+                    tokens: next.iter().map(|&id| vec![id]).collect(),
+                    valid: active.iter().map(|&a| vec![a]).collect(),
+                };
+                Logits::Device(Box::new(model.llama.forward_last(&input, cache)?))
+            }
+        };
     }
     for g in &mut out {
         if g.stop != StopReason::StopString {

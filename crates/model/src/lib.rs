@@ -15,6 +15,8 @@
 //!   Hugging Face folder.
 //! - [`bert`]: the sentence encoder (all-MiniLM-L6-v2) for response similarity.
 //! - [`tiny`]: tiny random checkpoints (HF folder and GGUF) for tests and CI.
+//! - [`device`]: `--device cpu|wgpu[:N]|cuda[:N]` (Burn's GPU backends behind the `wgpu` and `cuda`
+//!   features); on the CPU the host paths run, elsewhere everything stays in Burn tensor ops.
 //! - [`alloc`]: allocator settings the binaries apply for long tensor workloads.
 //!
 //! Not here: GGUF parsing and quantized kernels (`supportlm-quant`), datasets, prompts for the study's
@@ -26,6 +28,7 @@ pub mod cache;
 pub mod chat;
 pub mod config;
 pub mod decode;
+pub mod device;
 pub mod error;
 pub mod export;
 pub mod generate;
@@ -45,7 +48,7 @@ pub use error::{ModelError, Result};
 pub use model::Model;
 pub use supportlm_quant::BaseQuant;
 
-/// The CPU device (burn-flex) everything runs on by default.
+/// The CPU device (burn-flex) everything runs on by default (see [`device::DeviceSpec`] for the others).
 pub fn default_device() -> Device {
     Device::flex()
 }

@@ -18,8 +18,9 @@ use crate::names::Target;
 use crate::weight::BaseWeight;
 use supportlm_quant::BaseQuant;
 
-/// Copies a tensor's values to the host.
+/// Copies a tensor's values to the host (counted by [`crate::device::note_read`]).
 pub fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
+    crate::device::note_read(&t.device(), t.shape().num_elements());
     t.try_into_vec_as::<f32>()
         .map_err(|e| ModelError::Internal(format!("reading a tensor back from the backend: {e:?}")))
 }

@@ -61,6 +61,11 @@ impl Sampler {
         }
     }
 
+    /// Whether this sampler always takes the most likely token.
+    pub fn is_greedy(&self) -> bool {
+        matches!(self, Sampler::Greedy)
+    }
+
     /// Picks a token id from one row of logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         match self {

@@ -1,14 +1,16 @@
 //! A base model's weight matrices, held in f32, int8 or NF4 (the formats are `supportlm_quant`'s;
 //! QLoRA trains against the quantized ones, `supportlm serve --base-quant` serves from them) and
-//! dequantized one matrix at a time when a layer runs.
+//! dequantized one matrix at a time when a layer runs: on the CPU by the host kernels, on a GPU device
+//! by tensor ops over codes packed into 32-bit words there ([`PackedWeight`]).
 
 use std::sync::Arc;
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::{ModelError, Result};
+use supportlm_quant::nf4::{nf4_code, NF4_BLOCK};
 use supportlm_quant::{BaseQuant, Int8Matrix, Nf4Tensor};
 
 /// One `[rows, cols]` weight matrix (a linear layer's, `[out, in]`). Clones share the quantized
@@ -23,10 +25,13 @@ pub enum BaseWeight {
     Int8(Arc<Int8Matrix>),
     /// NF4 with double-quantized scales, dequantized when the layer runs.
     Nf4(Arc<Nf4Tensor>),
+    /// Int8 or NF4 codes resident on a device other than the CPU, dequantized there.
+    Packed(Arc<PackedWeight>),
 }
 
 impl BaseWeight {
-    /// Stores `values` (row-major `[rows, cols]`) in the format `quant` names.
+    /// Stores `values` (row-major `[rows, cols]`) in the format `quant` names: quantized formats in host
+    /// memory on the CPU, packed on the device elsewhere.
     pub fn new(
         values: Vec<f32>,
         rows: usize,
@@ -34,6 +39,10 @@ impl BaseWeight {
         quant: BaseQuant,
         device: &Device,
     ) -> Self {
+        if quant != BaseQuant::None && !crate::device::is_cpu(device) {
+            let host = BaseWeight::new(values, rows, cols, quant, &Device::flex());
+            return BaseWeight::Packed(Arc::new(PackedWeight::upload(&host, device)));
+        }
         match quant {
             BaseQuant::None => BaseWeight::F32(Tensor::from_data(
                 TensorData::new(values, [rows, cols]),
@@ -54,6 +63,7 @@ impl BaseWeight {
             BaseWeight::F32(t) => t.dims(),
             BaseWeight::Int8(m) => [m.rows, m.cols],
             BaseWeight::Nf4(t) => [t.shape[0], t.shape[1]],
+            BaseWeight::Packed(p) => p.dims,
         }
     }
 
@@ -62,6 +72,7 @@ impl BaseWeight {
     pub fn tensor(&self, device: &Device) -> Tensor<2> {
         let values = match self {
             BaseWeight::F32(t) => return t.clone(),
+            BaseWeight::Packed(p) => return p.dequantize(),
             BaseWeight::Int8(m) => m.dequantize(),
             BaseWeight::Nf4(t) => t.dequantize(),
         };
@@ -94,10 +105,15 @@ impl BaseWeight {
             )));
         }
         match self {
-            BaseWeight::F32(t) => {
-                let values = t.clone().try_into_vec_as::<f32>().map_err(|e| {
-                    ModelError::Internal(format!("reading a weight back from the backend: {e:?}"))
-                })?;
+            BaseWeight::F32(_) | BaseWeight::Packed(_) => {
+                let values = self
+                    .tensor(&Device::flex())
+                    .try_into_vec_as::<f32>()
+                    .map_err(|e| {
+                        ModelError::Internal(format!(
+                            "reading a weight back from the backend: {e:?}"
+                        ))
+                    })?;
                 out.copy_from_slice(&values)
             }
             BaseWeight::Int8(m) => m.dequantize_into(out),
@@ -112,8 +128,137 @@ impl BaseWeight {
             BaseWeight::F32(t) => 4 * t.dims().iter().product::<usize>(),
             BaseWeight::Int8(m) => m.resident_bytes(),
             BaseWeight::Nf4(t) => t.resident_bytes(),
+            BaseWeight::Packed(p) => p.resident_bytes(),
         }
     }
+}
+
+/// Int8 or NF4 codes on a device, packed into 32-bit words (four int8 or eight NF4 codes each, the
+/// first value in the highest bits), with their scales, dequantized there by tensor ops when the layer
+/// runs, so a GPU neither holds f32 copies nor fetches weights from the host per step. The values are
+/// the host formats' exactly: the same code times the same scale, one f32 rounding.
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    format: BaseQuant,
+    dims: [usize; 2],
+    words: Tensor<1, Int>,
+    /// int8: each row's `absmax / 127`; NF4: each 64-value block's absmax (double quantization undone
+    /// when uploaded: 32 bits per block instead of 8 + 32/256).
+    scales: Tensor<1>,
+    /// NF4's 16 code values (`None` for int8).
+    code: Option<Tensor<1>>,
+}
+
+impl PackedWeight {
+    /// Packs a host int8 or NF4 weight onto `device`.
+    fn upload(host: &BaseWeight, device: &Device) -> Self {
+        let dims = host.dims();
+        let words = |w: Vec<i32>| {
+            let n = w.len();
+            Tensor::<1, Int>::from_data(TensorData::new(w, [n]), device)
+        };
+        let floats = |v: Vec<f32>| {
+            let n = v.len();
+            Tensor::<1>::from_data(TensorData::new(v, [n]), device)
+        };
+        match host {
+            BaseWeight::Int8(m) => PackedWeight {
+                format: BaseQuant::Int8,
+                dims,
+                words: words(pack(m.codes.iter().map(|&q| q as u8 as u32), 8)),
+                scales: floats(m.absmax.iter().map(|&a| a / 127.0).collect()),
+                code: None,
+            },
+            BaseWeight::Nf4(t) => {
+                // Codes of the last, partial block padded to a whole block.
+                let blocks = t.len().div_ceil(NF4_BLOCK);
+                let nibbles = t
+                    .packed
+                    .iter()
+                    .flat_map(|&b| [u32::from(b >> 4), u32::from(b & 15)])
+                    .chain(std::iter::repeat(0))
+                    .take(blocks * NF4_BLOCK);
+                PackedWeight {
+                    format: BaseQuant::Nf4,
+                    dims,
+                    words: words(pack(nibbles, 4)),
+                    scales: floats(t.absmax.values()),
+                    code: Some(floats(nf4_code().to_vec())),
+                }
+            }
+            BaseWeight::F32(_) | BaseWeight::Packed(_) => {
+                unreachable!("only host int8 and NF4 weights are packed")
+            }
+        }
+    }
+
+    /// The weight as an f32 tensor on its device.
+    fn dequantize(&self) -> Tensor<2> {
+        let [rows, cols] = self.dims;
+        let bits = if self.format == BaseQuant::Nf4 { 4 } else { 8 };
+        let per_word = 32 / bits;
+        let mask = (1i64 << bits) - 1;
+        // Value k of each word: shifted down, masked (arithmetic shifts of negative words are undone
+        // by the mask, whatever the backend's integer width).
+        let parts: Vec<Tensor<1, Int>> = (0..per_word)
+            .map(|k| {
+                self.words
+                    .clone()
+                    .bitwise_right_shift_scalar((32 - bits * (k + 1)) as i64)
+                    .bitwise_and_scalar(mask)
+            })
+            .collect();
+        let n_words = self.words.dims()[0];
+        let codes = Tensor::stack::<2>(parts, 1).reshape([n_words * per_word]);
+        let values = match &self.code {
+            Some(code) => {
+                let blocks = self.scales.dims()[0];
+                let values = code.clone().select(0, codes).reshape([blocks, NF4_BLOCK])
+                    * self.scales.clone().reshape([blocks, 1]);
+                values
+                    .reshape([blocks * NF4_BLOCK])
+                    .narrow(0, 0, rows * cols)
+            }
+            None => {
+                // Bytes back to signed values: b - 256 when b >= 128.
+                let signed = codes.clone() - codes.bitwise_right_shift_scalar(7).mul_scalar(256);
+                let values = signed
+                    .narrow(0, 0, rows * cols)
+                    .float()
+                    .reshape([rows, cols])
+                    * self.scales.clone().reshape([rows, 1]);
+                values.reshape([rows * cols])
+            }
+        };
+        values.reshape([rows, cols])
+    }
+
+    /// Bytes resident on the device.
+    fn resident_bytes(&self) -> usize {
+        4 * (self.words.dims()[0]
+            + self.scales.dims()[0]
+            + self.code.as_ref().map_or(0, |c| c.dims()[0]))
+    }
+}
+
+/// `values` of `bits` bits each (8 or 4), packed into 32-bit words first value highest, the last word
+/// padded with zeros.
+fn pack(values: impl Iterator<Item = u32>, bits: usize) -> Vec<i32> {
+    let per_word = 32 / bits;
+    let mut words = Vec::new();
+    let (mut word, mut filled) = (0u32, 0);
+    for v in values {
+        word |= v << (32 - bits * (filled + 1));
+        filled += 1;
+        if filled == per_word {
+            words.push(word as i32);
+            (word, filled) = (0, 0);
+        }
+    }
+    if filled > 0 {
+        words.push(word as i32);
+    }
+    words
 }
 
 /// An f32 weight's values in the CPU backend's own storage (shared with the weight's tensor: holding
@@ -138,7 +283,7 @@ mod tests {
 
     #[test]
     fn f32_weights_are_read_in_place_and_quantized_ones_are_not() {
-        let device = Device::default();
+        let device = Device::flex();
         let values: Vec<f32> = (0..6 * 64).map(|i| (i as f32 - 100.0) / 37.0).collect();
         let f32_weight = BaseWeight::new(values.clone(), 6, 64, BaseQuant::None, &device);
         let view = f32_weight
@@ -157,6 +302,25 @@ mod tests {
         for quant in [BaseQuant::Int8, BaseQuant::Nf4] {
             let weight = BaseWeight::new(values.clone(), 6, 64, quant, &device);
             assert!(weight.host_f32().is_none(), "{quant}");
+        }
+    }
+
+    /// The packed form dequantizes to the host formats' values exactly; checked here on the CPU backend
+    /// (whose integers are 64-bit: the masks must undo sign extension there too).
+    #[test]
+    fn packed_codes_dequantize_to_the_host_values() {
+        let device = Device::flex();
+        // 5 × 70: NF4 ends in a partial block, int8 in a partial word.
+        let values: Vec<f32> = (0..5 * 70)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0)
+            .collect();
+        for quant in [BaseQuant::Int8, BaseQuant::Nf4] {
+            let host = BaseWeight::new(values.clone(), 5, 70, quant, &device);
+            let packed = PackedWeight::upload(&host, &device);
+            let mut expected = vec![0f32; 5 * 70];
+            host.dequantize_into(&mut expected).unwrap();
+            let got = packed.dequantize().try_into_vec_as::<f32>().unwrap();
+            assert_eq!(got, expected, "{quant}");
         }
     }
 }

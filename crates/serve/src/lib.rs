@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 use supportlm_data::Task;
 use supportlm_model::lora::Adapter;
-use supportlm_model::{default_device, BaseQuant, Model};
+use supportlm_model::{BaseQuant, Device, Model};
 use supportlm_prompting::guard::{neutralise, Guard};
 use supportlm_prompting::robustness::GUARD_RECALL;
 use supportlm_prompting::{label_probabilities, Method};
@@ -38,6 +38,8 @@ pub struct ServeConfig {
     /// training uses (less memory; adapters trained on such a base then see the weights they were
     /// trained against).
     pub base_quant: BaseQuant,
+    /// Where the model runs (`--device`; the CPU by default).
+    pub device: Device,
     /// Adapters to attach, by the name requests use.
     pub adapters: Vec<(String, PathBuf)>,
     /// The adapter `/api/process` (and `/api/generate` without a category) classifies with; default:
@@ -79,7 +81,7 @@ pub enum StartError {
 /// Loads the base once and attaches every adapter to it (their factors are the only per-adapter
 /// memory).
 pub fn load_models(config: &ServeConfig) -> Result<Models, StartError> {
-    let base = Model::load_as(&config.model, config.base_quant, &default_device())?;
+    let base = Model::load_as(&config.model, config.base_quant, &config.device)?;
     let base_id = config
         .model
         .file_name()

@@ -66,6 +66,7 @@ fn config(f: &Fixture) -> ServeConfig {
     ServeConfig {
         model: f.model.clone(),
         base_quant: BaseQuant::None,
+        device: supportlm_model::default_device(),
         adapters: vec![("classify".into(), f.adapter.clone())],
         classify_adapter: None,
         respond_adapter: None,

@@ -3,6 +3,11 @@
 //! they write: the split files, the adapter, the predictions and the metrics (with the wall-clock fields
 //! taken out). `--tiny` does it on a tiny random model in seconds (CI runs it); the default uses the
 //! shipped default model.
+//!
+//! `--device D` runs both passes on D. On the CPU they must be byte-identical; on a GPU too (same device,
+//! same kernels: what wgpu and cuda give run to run), and a third pass on the CPU is compared with the
+//! device's within docs/GPU.md's tolerances (losses 1e-3 relative, the same predicted labels,
+//! confidences within 1e-3), not by hash: the two backends round differently.
 
 use std::path::{Path, PathBuf};
 
@@ -11,8 +16,9 @@ use supportlm_data::fsio::{sha256_file, sha256_hex};
 use supportlm_data::{load_csv, shipped, split, SplitConfig, SplitSet, Task};
 use supportlm_model::chat::ChatTemplate;
 use supportlm_model::config::Architecture;
+use supportlm_model::device::DeviceSpec;
 use supportlm_model::model::Checkpoint;
-use supportlm_model::{default_device, tiny, Model};
+use supportlm_model::{default_device, tiny, Device, Model};
 use supportlm_prompting::report::{metrics, write_run, RunInfo};
 use supportlm_prompting::{classify, ClassifyOptions, Decision, Method};
 use supportlm_train::qlora::{QloraModel, StepPath};
@@ -25,6 +31,7 @@ fn pass(
     model_path: &Path,
     tiny: bool,
     seed: u64,
+    device: &Device,
 ) -> anyhow::Result<Vec<(String, String)>> {
     let dataset = load_csv(&shipped::default_input())?;
     let split_dir = dir.join("split");
@@ -55,9 +62,8 @@ fn pass(
             format!("max_len={}", if tiny { 1024 } else { 256 }),
         ],
     )?;
-    let mut qlora = ck.with_source(|src| {
-        QloraModel::load(src, &ck.config, config.base_quant, &default_device())
-    })?;
+    let mut qlora =
+        ck.with_source(|src| QloraModel::load(src, &ck.config, config.base_quant, device))?;
     qlora.step_path = StepPath::choose(config.store_activations, qlora.device());
     let train_dir = dir.join("train");
     train(
@@ -77,8 +83,7 @@ fn pass(
     )?;
     drop(qlora);
 
-    let model =
-        Model::load(model_path, &default_device())?.load_adapter(&train_dir.join("adapter"))?;
+    let model = Model::load(model_path, device)?.load_adapter(&train_dir.join("adapter"))?;
     let records: Vec<_> = splits
         .test
         .records
@@ -166,8 +171,10 @@ fn pass(
     Ok(files)
 }
 
-pub fn run(tiny_model: bool, seed: u64) -> anyhow::Result<()> {
+pub fn run(tiny_model: bool, seed: u64, device: Option<&str>) -> anyhow::Result<()> {
     let root = crate::utils::workspace_root();
+    let spec = DeviceSpec::choose(device)?;
+    let device = spec.open()?;
     let work = tempfile::tempdir()?;
     let model_path: PathBuf = if tiny_model {
         let p = work.path().join("tiny-model");
@@ -177,10 +184,22 @@ pub fn run(tiny_model: bool, seed: u64) -> anyhow::Result<()> {
         crate::commands::setup::run(&root)?;
         root.join(crate::commands::setup::DEFAULT_MODEL_PATH)
     };
-    let a = pass(&work.path().join("a"), &model_path, tiny_model, seed)?;
-    let b = pass(&work.path().join("b"), &model_path, tiny_model, seed)?;
+    let a = pass(
+        &work.path().join("a"),
+        &model_path,
+        tiny_model,
+        seed,
+        &device,
+    )?;
+    let b = pass(
+        &work.path().join("b"),
+        &model_path,
+        tiny_model,
+        seed,
+        &device,
+    )?;
     println!(
-        "reproducibility ({}, seed {seed}): two runs in separate folders",
+        "reproducibility ({}, seed {seed}, device {spec}): two runs in separate folders",
         if tiny_model {
             "tiny random model"
         } else {
@@ -201,5 +220,66 @@ pub fn run(tiny_model: bool, seed: u64) -> anyhow::Result<()> {
         bail!("{differ} of {} files differ between the two runs", a.len());
     }
     println!("all {} hashes identical", a.len());
+    if !spec.is_cpu() {
+        let cpu = work.path().join("cpu");
+        pass(&cpu, &model_path, tiny_model, seed, &default_device())?;
+        across_devices(&cpu, &work.path().join("a"), spec)?;
+    }
+    Ok(())
+}
+
+/// Docs/GPU.md's tolerances between a CPU pass and a device pass.
+const LOSS_RELATIVE: f64 = 1e-3;
+const CONFIDENCE_ABSOLUTE: f64 = 1e-3;
+
+/// Compares a CPU pass with a device pass: per-step losses, predicted labels and confidences.
+fn across_devices(cpu: &Path, gpu: &Path, spec: DeviceSpec) -> anyhow::Result<()> {
+    let lines = |dir: &Path, file: &str| -> anyhow::Result<Vec<serde_json::Value>> {
+        let path = dir.join(file);
+        std::fs::read_to_string(&path)
+            .with_context(|| path.display().to_string())?
+            .lines()
+            .map(|l| Ok(serde_json::from_str(l)?))
+            .collect()
+    };
+    let mut worst_loss = 0f64;
+    let (a, b) = (
+        lines(cpu, "train/metrics.jsonl")?,
+        lines(gpu, "train/metrics.jsonl")?,
+    );
+    anyhow::ensure!(a.len() == b.len(), "the training logs differ in length");
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["train_loss", "val_loss"] {
+            if let (Some(x), Some(y)) = (x[key].as_f64(), y[key].as_f64()) {
+                worst_loss = worst_loss.max((x - y).abs() / x.abs().max(1e-12));
+            }
+        }
+    }
+    let (a, b) = (
+        lines(cpu, "eval/predictions.jsonl")?,
+        lines(gpu, "eval/predictions.jsonl")?,
+    );
+    let same_labels = a
+        .iter()
+        .zip(&b)
+        .filter(|(x, y)| x["prediction"] == y["prediction"])
+        .count();
+    let worst_confidence = a
+        .iter()
+        .zip(&b)
+        .filter_map(|(x, y)| Some((x["confidence"].as_f64()? - y["confidence"].as_f64()?).abs()))
+        .fold(0f64, f64::max);
+    println!(
+        "cpu vs {spec}: losses within {worst_loss:.2e} relative (tolerance {LOSS_RELATIVE:.0e}), \
+         {same_labels}/{} predictions identical, confidences within {worst_confidence:.2e} \
+         (tolerance {CONFIDENCE_ABSOLUTE:.0e})",
+        a.len()
+    );
+    if worst_loss >= LOSS_RELATIVE
+        || same_labels != a.len()
+        || worst_confidence >= CONFIDENCE_ABSOLUTE
+    {
+        bail!("the {spec} pass is outside the CPU pass's tolerances");
+    }
     Ok(())
 }

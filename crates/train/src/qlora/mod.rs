@@ -581,7 +581,12 @@ impl QloraModel {
             path @ StepPath::Host => {
                 rayon::scope(|_| drive(&mut host::HostPass::new(step), layers, path))
             }
-            path @ StepPath::Saved => drive(&mut saved::SavedPass::new(step), layers, path),
+            path @ StepPath::Saved => {
+                let mut pass = saved::SavedPass::new(step);
+                let mut out = drive(&mut pass, layers, path)?;
+                out.grads = pass.finish()?;
+                Ok(out)
+            }
             path @ StepPath::Recompute => {
                 drive(&mut recompute::RecomputePass::new(step), layers, path)
             }
@@ -737,19 +742,32 @@ impl QloraModel {
         let mut sum = 0f64;
         let mut dh_chunks = Vec::new();
         let mut dhead: Option<Tensor<2>> = None;
+        // On the CPU the cross-entropy runs in the host's row loops; on another device in tensor ops
+        // there, its sum read back once per call.
+        let on_host = supportlm_model::device::is_cpu(&self.device);
+        let mut device_sum: Option<Tensor<1>> = None;
         for start in (0..m).step_by(self.loss_chunk.max(1)) {
             let len = self.loss_chunk.max(1).min(m - start);
             let hc = h_plain.clone().narrow(0, start, len);
-            let mut logits = to_vec(table.logits(&hc))?;
-            let tgt: Vec<usize> = targets[start..start + len]
-                .iter()
-                .map(|&t| t as usize)
-                .collect();
-            sum += pointwise::cross_entropy(&mut logits, vocab, &tgt, want_grad);
-            if want_grad {
+            let chunk_targets = &targets[start..start + len];
+            let dlogits = if on_host {
+                let mut logits = to_vec(table.logits(&hc))?;
+                let tgt: Vec<usize> = chunk_targets.iter().map(|&t| t as usize).collect();
+                sum += pointwise::cross_entropy(&mut logits, vocab, &tgt, want_grad);
                 // softmax − one-hot of the target.
-                let dlogits =
-                    Tensor::<2>::from_data(TensorData::new(logits, [len, vocab]), &self.device);
+                want_grad.then(|| {
+                    Tensor::<2>::from_data(TensorData::new(logits, [len, vocab]), &self.device)
+                })
+            } else {
+                let (chunk_sum, dlogits) =
+                    device_cross_entropy(table.logits(&hc), chunk_targets, want_grad);
+                device_sum = Some(match device_sum.take() {
+                    Some(acc) => acc + chunk_sum,
+                    None => chunk_sum,
+                });
+                dlogits
+            };
+            if let Some(dlogits) = dlogits {
                 dh_chunks.push(table.back(&dlogits));
                 if full {
                     let d = dlogits.transpose().matmul(hc);
@@ -759,6 +777,10 @@ impl QloraModel {
                     });
                 }
             }
+        }
+        if let Some(total) = device_sum {
+            supportlm_model::device::note_read(&self.device, 1);
+            sum += f64::from(total.into_scalar::<f32>());
         }
         let loss = LossSum { sum, tokens: m };
         if !want_grad {
@@ -788,6 +810,28 @@ impl QloraModel {
             dhead,
         })
     }
+}
+
+/// Cross-entropy of each row of `logits` (`[rows, vocab]`) against its target, on the logits' device:
+/// the summed loss as a one-value tensor there and, with `want_grad`, its gradient
+/// `softmax(row) − one_hot(target)` ([`pointwise::cross_entropy`] on the host).
+fn device_cross_entropy(
+    logits: Tensor<2>,
+    targets: &[i64],
+    want_grad: bool,
+) -> (Tensor<1>, Option<Tensor<2>>) {
+    let [rows, vocab] = logits.dims();
+    let device = logits.device();
+    let idx = Tensor::<2, Int>::from_data(TensorData::new(targets.to_vec(), [rows, 1]), &device);
+    let logp = burn::tensor::activation::log_softmax(logits, 1);
+    let sum = logp.clone().gather(1, idx.clone()).sum().neg();
+    let grad = want_grad.then(|| {
+        let ones = Tensor::<2>::ones([rows, 1], &device);
+        let one_hot =
+            Tensor::<2>::zeros([rows, vocab], &device).scatter(1, idx, ones, IndexingUpdateOp::Add);
+        logp.exp() - one_hot
+    });
+    (sum, grad)
 }
 
 /// What [`QloraModel::head`] returns.

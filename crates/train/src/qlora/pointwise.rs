@@ -5,12 +5,14 @@
 //! use [`exp`], a branch-free Cody–Waite range reduction with Cephes' degree-6 polynomial (within 2
 //! ulp of the exact value on the range that matters), which the compiler vectorizes. Rows are split
 //! across threads with rayon; each element's value depends only on its own row, so results do not
-//! depend on the thread count.
+//! depend on the thread count. On other devices the same steps are Burn's tensor ops there (a host
+//! loop would read every activation back).
 
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 use supportlm_quant::simd_fn;
 
+use supportlm_model::device::is_cpu;
 use supportlm_model::error::Result;
 use supportlm_model::llama::to_vec;
 
@@ -96,6 +98,9 @@ pub fn exp(x: f32) -> f32 {
 pub fn sigmoid(x: Tensor<2>) -> Result<Tensor<2>> {
     let dims = x.dims();
     let device = x.device();
+    if !is_cpu(&device) {
+        return Ok(burn::tensor::activation::sigmoid(x));
+    }
     let mut v = to_vec(x)?;
     v.par_chunks_mut(CHUNK).for_each(|c| {
         for e in c {
@@ -110,6 +115,9 @@ pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Result<Tensor<D>> {
     let dims = x.dims();
     let cols = dims[D - 1];
     let device = x.device();
+    if !is_cpu(&device) {
+        return Ok(burn::tensor::activation::softmax(x, D - 1));
+    }
     let mut v = to_vec(x)?;
     let rows_per_task = (CHUNK / cols.max(1)).max(1);
     v.par_chunks_mut(rows_per_task * cols.max(1))

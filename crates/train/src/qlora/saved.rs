@@ -1,11 +1,15 @@
 //! [`StepPath::Saved`](super::StepPath::Saved): every layer's activations kept in forward and the
 //! hand-written backward of `backprop.rs`, in Burn tensor ops (any device; no recomputation, no
-//! autodiff in the layers).
+//! autodiff in the layers). The adapter gradients stay on the device until the step ends, then come
+//! back in one read ([`SavedPass::finish`]), not one per layer.
+
+use std::collections::BTreeMap;
 
 use burn::tensor::Tensor;
-use supportlm_model::error::Result;
+use supportlm_model::error::{ModelError, Result};
 use supportlm_model::llama::to_vec;
 use supportlm_model::lora::LoraPair;
+use supportlm_model::lora::Target;
 
 use super::backprop::{self, Saved};
 use super::driver::{LayerGrads, Pass, StepClock, StepInputs};
@@ -21,6 +25,8 @@ pub(super) struct SavedPass<'a> {
     sin_neg: Tensor<4>,
     /// The additive mask repeated for the grouped query rows.
     grouped_mask: Tensor<4>,
+    /// Each adapted projection's `(dA, dB)`, flattened, on the device until [`SavedPass::finish`].
+    pending: Vec<((usize, Target), Tensor<1>, Tensor<1>)>,
 }
 
 impl<'a> SavedPass<'a> {
@@ -36,7 +42,47 @@ impl<'a> SavedPass<'a> {
             sin,
             sin_neg,
             grouped_mask,
+            pending: Vec::new(),
         }
+    }
+
+    /// The adapter gradients of the step, read back from the device at once.
+    pub fn finish(self) -> Result<BTreeMap<(usize, Target), LoraPair>> {
+        if self.pending.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let sizes: Vec<(usize, usize)> = self
+            .pending
+            .iter()
+            .map(|(_, a, b)| (a.dims()[0], b.dims()[0]))
+            .collect();
+        let mut parts = Vec::with_capacity(2 * self.pending.len());
+        let mut keys = Vec::with_capacity(self.pending.len());
+        for (key, a, b) in self.pending {
+            keys.push(key);
+            parts.extend([a, b]);
+        }
+        let values = to_vec(Tensor::cat(parts, 0))?;
+        let mut rest = values.as_slice();
+        let mut grads = BTreeMap::new();
+        for (key, (na, nb)) in keys.into_iter().zip(sizes) {
+            if rest.len() < na + nb {
+                return Err(ModelError::Internal(
+                    "the adapter gradients read back are short".into(),
+                ));
+            }
+            let (a, tail) = rest.split_at(na);
+            let (b, tail) = tail.split_at(nb);
+            rest = tail;
+            grads.insert(
+                key,
+                LoraPair {
+                    a: a.to_vec(),
+                    b: b.to_vec(),
+                },
+            );
+        }
+        Ok(grads)
     }
 
     fn geometry(&self) -> backprop::Geometry<'_> {
@@ -106,18 +152,11 @@ impl Pass for SavedPass<'_> {
             grad,
             &self.geometry(),
         )?;
-        let pairs = pairs
-            .into_iter()
-            .map(|(t, (da, db))| {
-                Ok((
-                    t,
-                    LoraPair {
-                        a: to_vec(da)?,
-                        b: to_vec(db)?,
-                    },
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((dx, pairs))
+        for (t, (da, db)) in pairs {
+            let (na, nb): (usize, usize) = (da.dims().iter().product(), db.dims().iter().product());
+            self.pending
+                .push(((l, t), da.reshape([na]), db.reshape([nb])));
+        }
+        Ok((dx, Vec::new()))
     }
 }
