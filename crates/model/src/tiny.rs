@@ -1,6 +1,7 @@
 //! Tiny random llama/qwen2 checkpoints for tests and CI: the same weights written as a Hugging Face folder
 //! (`config.json`, `model.safetensors`, `tokenizer.json`, `tokenizer_config.json`) and as an F32 GGUF file
-//! (with llama.cpp's Q/K row permutation for llama), with a small byte-level BPE tokenizer.
+//! (with llama.cpp's Q/K row permutation for llama), with a small byte-level BPE tokenizer; and random
+//! weights of any size drawn on demand ([`RandomSource`], e.g. in Qwen2.5-1.5B's shapes) for benchmarks.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -16,6 +17,7 @@ use crate::config::{Architecture, ModelConfig, TokenIds};
 use supportlm_quant::gguf::{self, GgufValue};
 
 use crate::error::{ModelError, Result};
+use crate::loader::TensorSource;
 use crate::names::{self, Target};
 use crate::tokenizer::bpe_tokenizer_json;
 
@@ -87,13 +89,44 @@ pub fn vocabulary() -> (Vec<String>, Vec<String>, Vec<u64>) {
 /// Random weights by Hugging Face name, shapes in PyTorch order.
 pub fn weights(config: &ModelConfig, seed: u64) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut w = BTreeMap::new();
+    // The order of the specs is the order of the random stream: keep it.
+    specs(config)
+        .into_iter()
+        .map(|s| {
+            let data = s.draw(&mut rng);
+            (s.name, (s.shape, data))
+        })
+        .collect()
+}
+
+/// One random tensor: its name, shape and the range its values are drawn from.
+struct Spec {
+    name: String,
+    shape: Vec<usize>,
+    scale: f32,
+    offset: f32,
+}
+
+impl Spec {
+    /// `offset ± scale`, uniform.
+    fn draw(&self, rng: &mut ChaCha8Rng) -> Vec<f32> {
+        let n: usize = self.shape.iter().product();
+        (0..n)
+            .map(|_| self.offset + self.scale * (rng.random::<f32>() * 2.0 - 1.0))
+            .collect()
+    }
+}
+
+/// Every tensor of a `config` model, in checkpoint order.
+fn specs(config: &ModelConfig) -> Vec<Spec> {
+    let mut out = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
-        let n = shape.iter().product();
-        let data = (0..n)
-            .map(|_| offset + scale * (rng.random::<f32>() * 2.0 - 1.0))
-            .collect();
-        w.insert(name, (shape, data));
+        out.push(Spec {
+            name,
+            shape,
+            scale,
+            offset,
+        })
     };
     let h = config.hidden_size;
     add(
@@ -102,7 +135,6 @@ pub fn weights(config: &ModelConfig, seed: u64) -> BTreeMap<String, (Vec<usize>,
         0.5,
         0.0,
     );
-    // The order of `add` calls is the order of the random stream: keep it.
     let attention = [Target::QProj, Target::KProj, Target::VProj, Target::OProj];
     let mlp = [Target::GateProj, Target::UpProj, Target::DownProj];
     for l in 0..config.num_hidden_layers {
@@ -128,7 +160,71 @@ pub fn weights(config: &ModelConfig, seed: u64) -> BTreeMap<String, (Vec<usize>,
     if !config.tie_word_embeddings {
         add(names::LM_HEAD.into(), vec![config.vocab_size, h], 0.5, 0.0);
     }
-    w
+    out
+}
+
+/// Random weights for any configuration, drawn one tensor at a time when the loader asks (each from
+/// its own seeded stream), so a model of real size (e.g. [`qwen2_5_1_5b`] for GPU benchmarks) is built
+/// without a file or a second copy in memory. Weight values are the tiny models' ranges scaled by
+/// `1/√fan-in` so activations stay finite over many layers.
+pub struct RandomSource {
+    specs: BTreeMap<String, Spec>,
+    seed: u64,
+}
+
+impl RandomSource {
+    /// The source of a `config` model's random weights.
+    pub fn new(config: &ModelConfig, seed: u64) -> Self {
+        let specs = specs(config)
+            .into_iter()
+            .map(|mut s| {
+                if s.shape.len() == 2 && s.name != names::EMBED_TOKENS {
+                    s.scale /= (s.shape[1] as f32).sqrt();
+                }
+                (s.name.clone(), s)
+            })
+            .collect();
+        RandomSource { specs, seed }
+    }
+}
+
+impl TensorSource for RandomSource {
+    fn tensor(&self, hf_name: &str) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
+        let Some(spec) = self.specs.get(hf_name) else {
+            return Ok(None);
+        };
+        let stream = hf_name
+            .bytes()
+            .fold(self.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+        let mut rng = ChaCha8Rng::seed_from_u64(stream);
+        Ok(Some((spec.draw(&mut rng), spec.shape.clone())))
+    }
+}
+
+/// Qwen2.5-1.5B-Instruct's shapes (the original study's model, `config.json` of the Hugging Face
+/// release): for benchmarks with [`RandomSource`], nothing to download.
+pub fn qwen2_5_1_5b() -> ModelConfig {
+    ModelConfig {
+        model_type: Architecture::Qwen2,
+        vocab_size: 151_936,
+        hidden_size: 1536,
+        intermediate_size: 8960,
+        num_hidden_layers: 28,
+        num_attention_heads: 12,
+        num_key_value_heads: Some(2),
+        head_dim: None,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        max_position_embeddings: 32_768,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        bos_token_id: None,
+        eos_token_id: Some(TokenIds::One(151_645)),
+        rope_scaling: None,
+        torch_dtype: Some("bfloat16".into()),
+    }
 }
 
 /// Writes a Hugging Face folder for `config` with random weights from `seed`: one `model.safetensors`, or

@@ -303,3 +303,36 @@ fn scoring_and_generating_in_one_pass_equals_doing_each_alone() {
         }
     }
 }
+
+#[test]
+fn random_sources_build_any_shape_deterministically() {
+    use supportlm_model::loader::{load_llama, TensorSource};
+    let config = tiny::config(Architecture::Qwen2);
+    let run = |seed: u64| {
+        let llama = load_llama(
+            &tiny::RandomSource::new(&config, seed),
+            &config,
+            &default_device(),
+        )
+        .unwrap();
+        let mut cache = llama.new_cache(1);
+        to_vec(
+            llama
+                .forward_last(&StepInput::dense(vec![vec![1, 5, 9, 30]]), &mut cache)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let (a, b, c) = (run(3), run(3), run(4));
+    assert!(a.iter().all(|v| v.is_finite()));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+    // Qwen2.5-1.5B-Instruct's published size, and no tensor is drawn before it is asked for.
+    let qwen = tiny::qwen2_5_1_5b();
+    let params = qwen.num_params();
+    assert!((1_500_000_000..1_600_000_000).contains(&params), "{params}");
+    let src = tiny::RandomSource::new(&qwen, 1);
+    let (norm, shape) = src.tensor("model.norm.weight").unwrap().unwrap();
+    assert_eq!((norm.len(), shape), (1536, vec![1536]));
+    assert!(src.tensor("no.such.tensor").unwrap().is_none());
+}

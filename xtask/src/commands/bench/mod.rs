@@ -3,6 +3,7 @@
 //! decode tokens/s (timed in turns) with the weight bytes read per step against the DRAM read bandwidth
 //! measured on a buffer of at least 4x the L3.
 
+pub mod device;
 pub mod eval;
 pub mod qlora;
 pub mod train;
@@ -32,6 +33,9 @@ pub enum Suite {
     /// Training step per mode (LoRA on f32 / int8 / nf4 bases, full fine-tuning) at 8x128 and 4x64:
     /// tokens/s, peak RSS, share of the matmul rate.
     Train,
+    /// One device's workloads in Burn tensor ops (`--device`, `--shape`): prefill, scoring batch, decode
+    /// batch 1 and 16, a QLoRA NF4 step, each against that device's matmul rate.
+    Device,
     /// (internal) one training step in this process, for `qlora` and `train`.
     #[value(hide = true)]
     TrainStep,
@@ -55,6 +59,13 @@ pub struct BenchArgs {
     /// Mode for `train-step`: none, int8, nf4 (LoRA base formats) or full.
     #[arg(long, default_value = "nf4")]
     mode: String,
+    /// Device for `device`: cpu, wgpu[:N], cuda[:N] (xtask built with `--features wgpu` / `cuda`).
+    #[arg(long)]
+    device: Option<String>,
+    /// Model for `device`: `default` (the shipped SmolLM2) or `qwen2.5-1.5b` (random weights in its
+    /// shapes).
+    #[arg(long, default_value = "default")]
+    shape: String,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -64,6 +75,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Suite::Qlora => qlora::run(args.batch, args.seq),
         Suite::Eval => eval::run(args.items),
         Suite::Train => train::run(),
+        Suite::Device => device::run(device::DeviceBench {
+            device: args.device.as_deref(),
+            shape: &args.shape,
+            batch: args.batch,
+            seq: args.seq,
+            steps: args.steps,
+        }),
         Suite::TrainStep => train::step(train::Mode::parse(&args.mode)?, args.batch, args.seq),
     }
 }
