@@ -169,9 +169,19 @@ fn probe(spec: DeviceSpec, device: &Device) -> Result<()> {
                 .map(String::as_str)
                 .or_else(|| panic.downcast_ref::<&str>().copied())
                 .unwrap_or("no reason given");
+            let hint = match spec {
+                DeviceSpec::Wgpu(Some(_)) => {
+                    "`wgpu:N` is the N-th discrete GPU, counted from 0; `wgpu` alone takes the \
+                     adapter wgpu prefers (lavapipe on a machine without a GPU)"
+                }
+                DeviceSpec::Cuda(_) => "is the NVIDIA driver installed, and is there such a GPU?",
+                _ => {
+                    "is a driver installed? on a machine without a GPU, `wgpu` runs on Mesa's \
+                     lavapipe: apt-get install mesa-vulkan-drivers"
+                }
+            };
             Err(ModelError::Device(format!(
-                "`{spec}` could not be opened: {why} (is a driver installed? on a machine \
-                 without a GPU, `wgpu` runs on Mesa's lavapipe: apt-get install mesa-vulkan-drivers)"
+                "`{spec}` could not be opened ({why}): {hint}"
             )))
         }
     }

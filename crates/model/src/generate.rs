@@ -13,7 +13,7 @@ use crate::model::Model;
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::score::PrefixCache;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 
 /// How to generate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,27 +205,28 @@ enum Logits {
 impl Logits {
     /// The next token of every row that is not `done` (`None` for the others), each row drawn by its
     /// own sampler.
-    fn pick(self, samplers: &mut [Sampler], done: &[bool]) -> Result<Vec<Option<u32>>> {
+    fn pick(
+        self,
+        samplers: &mut [Sampler],
+        config: &SamplingConfig,
+        done: &[bool],
+    ) -> Result<Vec<Option<u32>>> {
         let rows = match self {
             Logits::Device(t) if samplers.iter().all(Sampler::is_greedy) => {
-                let t = *t;
-                crate::device::note_read(&t.device(), t.dims()[0]);
-                let ids = t.argmax(1).into_data();
-                let ids = ids.convert::<i64>().try_into_vec::<i64>().map_err(|e| {
-                    ModelError::Internal(format!("reading token ids back from the device: {e:?}"))
-                })?;
-                return Ok(ids
-                    .into_iter()
-                    .zip(done)
-                    .map(|(id, &d)| (!d).then_some(id as u32))
-                    .collect());
+                let rows = t.dims()[0];
+                return read_ids(t.argmax(1).reshape([rows]), rows, done);
             }
             Logits::Device(t) => {
-                let [_, vocab] = t.dims();
-                to_vec(*t)?
-                    .chunks_exact(vocab)
-                    .map(<[f32]>::to_vec)
-                    .collect()
+                // Sampled there with the rows' own draws (done rows draw nothing, as on the host).
+                let uniform: Vec<f64> = samplers
+                    .iter_mut()
+                    .zip(done)
+                    .map(|(s, &d)| if d { None } else { s.next_uniform() })
+                    .map(|u| u.unwrap_or(0.0))
+                    .collect();
+                let rows = uniform.len();
+                let ids = crate::sampling::sample_on_device(*t, config, &uniform);
+                return read_ids(ids, rows, done);
             }
             Logits::Host(rows) => rows,
         };
@@ -236,6 +237,23 @@ impl Logits {
             .map(|((logits, sampler), &d)| (!d).then(|| sampler.sample(logits)))
             .collect())
     }
+}
+
+/// Token ids chosen on the device, read back (the only values a GPU decoding step returns).
+fn read_ids(ids: Tensor<1, Int>, rows: usize, done: &[bool]) -> Result<Vec<Option<u32>>> {
+    crate::device::note_read(&ids.device(), rows);
+    let ids = ids
+        .into_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .map_err(|e| {
+            ModelError::Internal(format!("reading token ids back from the device: {e:?}"))
+        })?;
+    Ok(ids
+        .into_iter()
+        .zip(done)
+        .map(|(id, &d)| (!d).then_some(id as u32))
+        .collect())
 }
 
 /// Runs `input` after `cache` (prefill), then decodes token by token (see [`Steps`]).
@@ -301,7 +319,7 @@ fn decode(
         .collect();
     let mut done = vec![false; b];
     for step in 0..options.max_new_tokens {
-        let picked = logits.pick(&mut samplers, &done)?;
+        let picked = logits.pick(&mut samplers, &options.sampling, &done)?;
         let mut next = vec![pad; b];
         for (row, id) in picked.into_iter().enumerate() {
             let Some(id) = id else {

@@ -1,5 +1,8 @@
-//! Choosing the next token: greedy, or seeded sampling with temperature, top-k and top-p.
+//! Choosing the next token: greedy, or seeded sampling with temperature, top-k and top-p; on the host
+//! ([`Sampler::sample`]) or, for logits on a GPU, on their device ([`sample_on_device`]) with the same
+//! rule and the same random draws, so only the chosen ids come back.
 
+use burn::tensor::{Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -61,6 +64,15 @@ impl Sampler {
         }
     }
 
+    /// The next uniform draw in `[0, 1)` of a random sampler (the one [`Sampler::sample`] would use for
+    /// this token), `None` for greedy.
+    pub fn next_uniform(&mut self) -> Option<f64> {
+        match self {
+            Sampler::Greedy => None,
+            Sampler::Random { rng, .. } => Some(rng.random::<f64>()),
+        }
+    }
+
     /// Whether this sampler always takes the most likely token.
     pub fn is_greedy(&self) -> bool {
         matches!(self, Sampler::Greedy)
@@ -112,6 +124,46 @@ impl Sampler {
             }
         }
     }
+}
+
+/// One token per row of `logits` (`[rows, vocab]`) drawn on their device by [`Sampler::sample`]'s rule:
+/// logits divided by `config.temperature`, the `top_k` most likely kept, then the smallest prefix of
+/// them whose probability reaches `top_p`, then the first token whose cumulative probability reaches
+/// `uniform[row] · total`. `uniform[row]` is that row's draw ([`Sampler::next_uniform`]), so a seed
+/// gives the CPU's tokens up to f32 rounding (the host sums in f64). Returns the ids, `[rows]`.
+pub fn sample_on_device(
+    logits: Tensor<2>,
+    config: &SamplingConfig,
+    uniform: &[f64],
+) -> Tensor<1, Int> {
+    let [rows, vocab] = logits.dims();
+    let device = logits.device();
+    let k = config.top_k.unwrap_or(vocab).clamp(1, vocab);
+    let (sorted, order) = logits.sort_descending_with_indices(1);
+    let (sorted, order) = (sorted.narrow(1, 0, k), order.narrow(1, 0, k));
+    let max = sorted.clone().narrow(1, 0, 1);
+    let mut probs = ((sorted - max) / f64::from(config.temperature)).exp();
+    probs = probs.clone() / probs.sum_dim(1);
+    // Kept: the tokens before which less than top_p has accumulated (the first one always).
+    let kept = match config.top_p {
+        Some(p) => {
+            let before = probs.clone().cumsum(1) - probs.clone();
+            before.lower_elem(f64::from(p)).float()
+        }
+        None => Tensor::ones([rows, k], &device),
+    };
+    probs = probs * kept.clone();
+    let cumulative = probs.clone().cumsum(1);
+    let u = Tensor::<2>::from_data(
+        TensorData::new(uniform.iter().map(|&u| u as f32).collect(), [rows, 1]),
+        &device,
+    );
+    let target = (u * cumulative.clone().narrow(1, k - 1, 1)).repeat_dim(1, k);
+    // The first position reaching the target: how many fall short of it, at most the last kept one.
+    let short = cumulative.lower(target).int().sum_dim(1);
+    let last_kept = kept.int().sum_dim(1) - 1;
+    let pick = short.min_pair(last_kept);
+    order.gather(1, pick).reshape([rows])
 }
 
 /// Index of the largest value (the first one on ties).

@@ -156,3 +156,43 @@ fn minilm_embeddings_match_the_cpu() {
     let d = max_diff(&embed(&default_device()), &embed(&gpu()));
     assert!(d < TOLERANCE, "max |Δ embedding| {d}");
 }
+
+/// Temperature, top-k and top-p sampling drawn on the device from the rows' seeded streams: the CPU's
+/// tokens (the draws are the same; only f32 vs f64 sums differ), and only ids read back.
+#[test]
+fn seeded_sampling_on_the_device_draws_the_cpus_tokens() {
+    use supportlm_model::sampling::SamplingConfig;
+    for (top_k, top_p) in [(None, None), (Some(20), None), (Some(50), Some(0.9))] {
+        let opts = GenerateOptions {
+            max_new_tokens: 12,
+            sampling: SamplingConfig {
+                temperature: 0.8,
+                top_k,
+                top_p,
+                seed: 5,
+            },
+            ..Default::default()
+        };
+        let p = pair(Architecture::Llama, BaseQuant::None);
+        let prompts = vec![vec![1, 40, 41, 42, 43], vec![1, 50, 51]];
+        let run = |m: &Model| generate(m, &prompts, &opts, &mut |_, _, _| {}).unwrap();
+        let a = run(&p.cpu);
+        let before = host_reads();
+        let b = run(&p.gpu);
+        let after = host_reads();
+        assert_eq!(
+            after.values - before.values,
+            2 * (after.reads - before.reads)
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.tokens, y.tokens, "top_k {top_k:?} top_p {top_p:?}");
+        }
+        // It did sample: greedy decoding takes another path.
+        let greedy = GenerateOptions {
+            max_new_tokens: 12,
+            ..Default::default()
+        };
+        let g = generate(&p.gpu, &prompts, &greedy, &mut |_, _, _| {}).unwrap();
+        assert!(g.iter().zip(&b).any(|(g, s)| g.tokens != s.tokens));
+    }
+}
