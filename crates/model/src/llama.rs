@@ -20,9 +20,19 @@ use supportlm_quant::BaseQuant;
 
 /// Copies a tensor's values to the host (counted by [`crate::device::note_read`]).
 pub fn to_vec<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>> {
-    crate::device::note_read(&t.device(), t.shape().num_elements());
-    t.try_into_vec_as::<f32>()
-        .map_err(|e| ModelError::Internal(format!("reading a tensor back from the backend: {e:?}")))
+    let device = t.device();
+    crate::device::note_read(&device, t.shape().num_elements());
+    t.try_into_vec_as::<f32>().map_err(|e| {
+        if crate::device::is_cpu(&device) {
+            ModelError::Internal(format!("reading a tensor back from the backend: {e:?}"))
+        } else {
+            // GPU runtimes report failed allocations and kernels when results are read.
+            ModelError::Device(format!(
+                "the device failed a computation (out of memory, or a buffer larger than it \
+                 allows?): {e:?}"
+            ))
+        }
+    })
 }
 
 /// A low-rank update added to a linear layer's output without merging it into `W` (LoRA, attached).

@@ -28,17 +28,17 @@ pub struct DeviceBench<'a> {
 }
 
 /// `n`³ f32 products on `device`, read back, the best of `reps`: GFLOP/s.
-fn matmul_gflops(device: &Device, n: usize, reps: usize) -> f64 {
+fn matmul_gflops(device: &Device, n: usize, reps: usize) -> anyhow::Result<f64> {
     let a = Tensor::<2>::random([n, n], Distribution::Default, device);
     let b = Tensor::<2>::random([n, n], Distribution::Default, device);
-    let _ = to_vec(a.clone().matmul(b.clone()).sum()); // compile the kernels
+    to_vec(a.clone().matmul(b.clone()).sum())?; // compile the kernels
     let mut best = f64::INFINITY;
     for _ in 0..reps {
         let t = Instant::now();
-        let _ = to_vec(a.clone().matmul(b.clone()).sum());
+        to_vec(a.clone().matmul(b.clone()).sum())?;
         best = best.min(t.elapsed().as_secs_f64());
     }
-    2.0 * (n * n * n) as f64 / best / 1e9
+    Ok(2.0 * (n * n * n) as f64 / best / 1e9)
 }
 
 /// Where the benchmarked model's weights come from.
@@ -107,7 +107,11 @@ fn decode_tps(llama: &Llama, batch: usize, steps: usize) -> anyhow::Result<f64> 
     let mut logits = llama.forward_last(&StepInput::dense(prompt), &mut cache)?;
     let t = Instant::now();
     for _ in 0..steps {
-        let ids = logits.argmax(1).into_data().convert::<i64>();
+        let ids = logits
+            .argmax(1)
+            .try_into_data()
+            .map_err(|e| anyhow::anyhow!("reading token ids back: {e:?}"))?
+            .convert::<i64>();
         let ids: Vec<u32> = ids
             .try_into_vec::<i64>()
             .map_err(|e| anyhow::anyhow!("{e:?}"))?
@@ -117,7 +121,7 @@ fn decode_tps(llama: &Llama, batch: usize, steps: usize) -> anyhow::Result<f64> 
         let step = StepInput::dense(ids.into_iter().map(|i| vec![i]).collect());
         logits = llama.forward_last(&step, &mut cache)?;
     }
-    let _ = to_vec(logits.sum());
+    to_vec(logits.sum())?;
     Ok((batch * steps) as f64 / t.elapsed().as_secs_f64())
 }
 
@@ -125,7 +129,7 @@ pub fn run(args: DeviceBench) -> anyhow::Result<()> {
     let spec = DeviceSpec::choose(args.device)?;
     let device = spec.open()?;
     let n = 1024;
-    let gflops = matmul_gflops(&device, n, 5);
+    let gflops = matmul_gflops(&device, n, 5)?;
     println!("device {spec}: matmul {n}^3 f32 {gflops:.1} GFLOP/s (the reference below)");
     let (config, source, what) = model_source(args.shape)?;
     println!(
@@ -150,17 +154,17 @@ pub fn run(args: DeviceBench) -> anyhow::Result<()> {
         .collect();
     let timed = |label: &str, rows: &[Vec<u32>]| -> anyhow::Result<()> {
         let input = StepInput::dense(rows.to_vec());
-        let _ = to_vec(
+        to_vec(
             llama
                 .forward_last(&input, &mut llama.new_cache(rows.len()))?
                 .sum(),
-        );
+        )?;
         let t = Instant::now();
-        let _ = to_vec(
+        to_vec(
             llama
                 .forward_last(&input, &mut llama.new_cache(rows.len()))?
                 .sum(),
-        );
+        )?;
         let tps = (rows.len() * rows[0].len()) as f64 / t.elapsed().as_secs_f64();
         println!("{label}: {tps:.0} tokens/s = {:.0}% of matmul", share(tps));
         Ok(())
