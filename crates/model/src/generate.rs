@@ -195,7 +195,7 @@ enum Steps {
 }
 
 /// The next-token distributions of a step, one row per sequence: on the host, or a `[b, vocab]` tensor
-/// on the device (from which greedy decoding reads back only the chosen ids).
+/// on the device (tokens are then chosen there and only their ids read back).
 enum Logits {
     Host(Vec<Vec<f32>>),
     // Boxed: a GPU backend's tensor handle is hundreds of bytes.
@@ -211,44 +211,46 @@ impl Logits {
         config: &SamplingConfig,
         done: &[bool],
     ) -> Result<Vec<Option<u32>>> {
-        let rows = match self {
+        match self {
+            Logits::Host(rows) => Ok(rows
+                .iter()
+                .zip(samplers.iter_mut())
+                .zip(done)
+                .map(|((logits, sampler), &d)| (!d).then(|| sampler.sample(logits)))
+                .collect()),
             Logits::Device(t) if samplers.iter().all(Sampler::is_greedy) => {
                 let rows = t.dims()[0];
-                return read_ids(t.argmax(1).reshape([rows]), rows, done);
+                read_ids(t.argmax(1).reshape([rows]), done)
             }
             Logits::Device(t) => {
-                // Sampled there with the rows' own draws (done rows draw nothing, as on the host).
+                // Each row's own draw (a done row draws nothing, as on the host).
                 let uniform: Vec<f64> = samplers
                     .iter_mut()
                     .zip(done)
                     .map(|(s, &d)| if d { None } else { s.next_uniform() })
                     .map(|u| u.unwrap_or(0.0))
                     .collect();
-                let rows = uniform.len();
-                let ids = crate::sampling::sample_on_device(*t, config, &uniform);
-                return read_ids(ids, rows, done);
+                read_ids(
+                    crate::sampling::sample_on_device(*t, config, &uniform),
+                    done,
+                )
             }
-            Logits::Host(rows) => rows,
-        };
-        Ok(rows
-            .iter()
-            .zip(samplers.iter_mut())
-            .zip(done)
-            .map(|((logits, sampler), &d)| (!d).then(|| sampler.sample(logits)))
-            .collect())
+        }
     }
 }
 
-/// Token ids chosen on the device, read back (the only values a GPU decoding step returns).
-fn read_ids(ids: Tensor<1, Int>, rows: usize, done: &[bool]) -> Result<Vec<Option<u32>>> {
-    crate::device::note_read(&ids.device(), rows);
+/// Token ids chosen on the device, read back: the only values a decoding step on a GPU returns.
+fn read_ids(ids: Tensor<1, Int>, done: &[bool]) -> Result<Vec<Option<u32>>> {
+    crate::device::note_read(&ids.device(), ids.dims()[0]);
+    let failed = |e: &dyn std::fmt::Debug| {
+        ModelError::Device(format!("reading token ids back from the device: {e:?}"))
+    };
     let ids = ids
-        .into_data()
+        .try_into_data()
+        .map_err(|e| failed(&e))?
         .convert::<i64>()
         .try_into_vec::<i64>()
-        .map_err(|e| {
-            ModelError::Internal(format!("reading token ids back from the device: {e:?}"))
-        })?;
+        .map_err(|e| failed(&e))?;
     Ok(ids
         .into_iter()
         .zip(done)
