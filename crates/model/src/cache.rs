@@ -65,19 +65,23 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Every layer's keys and values passed through `f`.
+    fn map_layers(&self, f: impl Fn(&Tensor<4>) -> Tensor<4>) -> Vec<LayerCache> {
+        self.layers
+            .iter()
+            .map(|l| LayerCache {
+                k: l.k.as_ref().map(&f),
+                v: l.v.as_ref().map(&f),
+            })
+            .collect()
+    }
+
     /// A batch-1 cache repeated `n` times along the batch axis: a shared prefix reused by `n` sequences.
     /// Tensors are shared until written (Burn clones are cheap handles).
     pub fn repeat(&self, n: usize) -> KvCache {
         assert_eq!(self.batch(), 1, "only a batch-1 cache can be repeated");
         KvCache {
-            layers: self
-                .layers
-                .iter()
-                .map(|l| LayerCache {
-                    k: l.k.clone().map(|k| k.repeat_dim(0, n)),
-                    v: l.v.clone().map(|v| v.repeat_dim(0, n)),
-                })
-                .collect(),
+            layers: self.map_layers(|t| t.clone().repeat_dim(0, n)),
             valid: vec![self.valid[0].clone(); n],
             next_pos: vec![self.next_pos[0]; n],
         }
@@ -96,14 +100,7 @@ impl KvCache {
             t.clone().select(0, idx)
         };
         KvCache {
-            layers: self
-                .layers
-                .iter()
-                .map(|l| LayerCache {
-                    k: l.k.as_ref().map(pick),
-                    v: l.v.as_ref().map(pick),
-                })
-                .collect(),
+            layers: self.map_layers(pick),
             valid: rows.iter().map(|&r| self.valid[r].clone()).collect(),
             next_pos: rows.iter().map(|&r| self.next_pos[r]).collect(),
         }
@@ -141,23 +138,19 @@ impl KvCache {
                 .swap_dims(0, 1)
         };
         KvCache {
-            layers: self
-                .layers
-                .iter()
-                .map(|l| LayerCache {
-                    k: l.k.as_ref().map(pick),
-                    v: l.v.as_ref().map(pick),
-                })
-                .collect(),
+            layers: self.map_layers(pick),
             valid: positions
                 .iter()
-                .map(|p| {
-                    std::iter::repeat_n(false, longest - p.len())
-                        .chain(std::iter::repeat_n(true, p.len()))
-                        .collect()
-                })
+                .map(|p| left_padding_mask(p.len(), longest))
                 .collect(),
             next_pos,
         }
     }
+}
+
+/// Which of `width` positions are real when `len` real ones are left-padded to `width`.
+pub fn left_padding_mask(len: usize, width: usize) -> Vec<bool> {
+    std::iter::repeat_n(false, width - len)
+        .chain(std::iter::repeat_n(true, len))
+        .collect()
 }

@@ -87,6 +87,24 @@ impl DeviceSpec {
         }
     }
 
+    /// The GPU to test or benchmark on: `SUPPORTLM_DEVICE` when it names a GPU, else the first GPU
+    /// backend this build has (`wgpu`, then `cuda`); `None` in a CPU-only build.
+    pub fn gpu_from_env() -> Option<DeviceSpec> {
+        let built_in = if cfg!(feature = "wgpu") {
+            DeviceSpec::Wgpu(None)
+        } else if cfg!(feature = "cuda") {
+            DeviceSpec::Cuda(None)
+        } else {
+            return None;
+        };
+        Some(
+            DeviceSpec::choose(None)
+                .ok()
+                .filter(|s| !s.is_cpu())
+                .unwrap_or(built_in),
+        )
+    }
+
     /// Whether this is the CPU (the host paths run).
     pub fn is_cpu(self) -> bool {
         self == DeviceSpec::Cpu

@@ -170,11 +170,7 @@ fn left_padded(rows: &[Vec<u32>], pad: u32) -> StepInput {
             .collect(),
         valid: rows
             .iter()
-            .map(|r| {
-                std::iter::repeat_n(false, max_len - r.len())
-                    .chain(std::iter::repeat_n(true, r.len()))
-                    .collect()
-            })
+            .map(|r| crate::cache::left_padding_mask(r.len(), max_len))
             .collect(),
     }
 }

@@ -16,15 +16,7 @@ use supportlm_model::{default_device, tiny, BaseQuant, Device, Model};
 const TOLERANCE: f32 = 1e-3;
 
 fn gpu() -> Device {
-    let fallback = if cfg!(feature = "wgpu") {
-        "wgpu"
-    } else {
-        "cuda"
-    };
-    let spec = DeviceSpec::choose(None)
-        .ok()
-        .filter(|s| !s.is_cpu())
-        .unwrap_or_else(|| fallback.parse().unwrap());
+    let spec = DeviceSpec::gpu_from_env().expect("a GPU backend is built in");
     spec.open().expect("the GPU device opens")
 }
 

@@ -4,9 +4,11 @@
 //! `SUPPORTLM_DEVICE` picks the device (default `wgpu`, else `cuda`).
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
 
+mod common;
+use common::records;
+
 use std::path::Path;
 
-use supportlm_data::{Category, Intent, Record};
 use supportlm_model::chat::ChatTemplate;
 use supportlm_model::config::Architecture;
 use supportlm_model::device::DeviceSpec;
@@ -21,37 +23,8 @@ use supportlm_train::TrainConfig;
 const TOLERANCE: f64 = 1e-3;
 
 fn gpu() -> Device {
-    let fallback = if cfg!(feature = "wgpu") {
-        "wgpu"
-    } else {
-        "cuda"
-    };
-    let spec = DeviceSpec::choose(None)
-        .ok()
-        .filter(|s| !s.is_cpu())
-        .unwrap_or_else(|| fallback.parse().unwrap());
+    let spec = DeviceSpec::gpu_from_env().expect("a GPU backend is built in");
     spec.open().expect("the GPU device opens")
-}
-
-fn records(n: usize, offset: usize) -> Vec<Record> {
-    let pairs = [
-        (Category::Refund, Intent::GetRefund, "refund"),
-        (Category::Order, Intent::CancelOrder, "cancel"),
-        (Category::Payment, Intent::CheckPaymentMethods, "pay"),
-    ];
-    (0..n)
-        .map(|i| {
-            let (category, intent, word) = pairs[i % 3];
-            Record {
-                id: offset + i,
-                flags: None,
-                instruction: format!("{word} {word} please {}", i % 5),
-                category,
-                intent,
-                response: Some(format!("ok {word}")),
-            }
-        })
-        .collect()
 }
 
 fn run(base: &Path, out: &Path, config: &TrainConfig, device: &Device) -> Vec<MetricsLine> {

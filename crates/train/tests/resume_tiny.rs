@@ -1,10 +1,13 @@
 //! Training on a tiny random model: the loss mask covers the answer only, an interrupted and resumed
 //! run ends byte-identical to an uninterrupted one, and the validation loss falls.
 
+mod common;
+use common::records;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use supportlm_data::{Category, Intent, Record, Task};
+use supportlm_data::Task;
 use supportlm_model::chat::ChatTemplate;
 use supportlm_model::config::Architecture;
 use supportlm_model::llama::to_vec;
@@ -14,27 +17,6 @@ use supportlm_train::examples::encode;
 use supportlm_train::qlora::QloraModel;
 use supportlm_train::trainer::{train, MetricsLine, TrainJob};
 use supportlm_train::{TrainConfig, TrainError};
-
-fn records(n: usize, offset: usize) -> Vec<Record> {
-    let pairs = [
-        (Category::Refund, Intent::GetRefund, "refund"),
-        (Category::Order, Intent::CancelOrder, "cancel"),
-        (Category::Payment, Intent::CheckPaymentMethods, "pay"),
-    ];
-    (0..n)
-        .map(|i| {
-            let (category, intent, word) = pairs[i % 3];
-            Record {
-                id: offset + i,
-                flags: None,
-                instruction: format!("{word} {word} please {}", i % 5),
-                category,
-                intent,
-                response: Some(format!("ok {word}")),
-            }
-        })
-        .collect()
-}
 
 struct Setup {
     _dir: tempfile::TempDir,

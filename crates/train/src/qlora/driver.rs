@@ -61,7 +61,7 @@ pub enum StepPath {
 impl StepPath {
     /// The path for a run that keeps activations (`store_activations`) or not, on `device`.
     pub fn choose(store_activations: bool, device: &Device) -> StepPath {
-        match (store_activations, *device == Device::flex()) {
+        match (store_activations, supportlm_model::device::is_cpu(device)) {
             (false, _) => StepPath::Recompute,
             (true, true) => StepPath::Host,
             (true, false) => StepPath::Saved,

@@ -596,7 +596,7 @@ impl QloraModel {
     /// The path a step takes: [`QloraModel::step_path`], with the host path only on the CPU backend.
     pub fn effective_step_path(&self) -> StepPath {
         match self.step_path {
-            StepPath::Host if self.device != Device::flex() => StepPath::Saved,
+            StepPath::Host if !supportlm_model::device::is_cpu(&self.device) => StepPath::Saved,
             path => path,
         }
     }
