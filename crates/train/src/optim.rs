@@ -1,7 +1,10 @@
 //! AdamW (PyTorch's formulation, decoupled weight decay), the warmup + cosine learning-rate schedule and
 //! clipping by the global gradient norm over all trainable values.
 
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+
+use crate::error::TrainError;
 
 /// AdamW hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -114,6 +117,72 @@ impl AdamStep {
     }
 }
 
+/// A parameter tensor and its two moments, flat, on the training device.
+#[derive(Debug, Clone)]
+pub struct OnDevice {
+    /// The values trained.
+    pub param: Tensor<1>,
+    /// First moments.
+    pub m: Tensor<1>,
+    /// Second moments.
+    pub v: Tensor<1>,
+}
+
+impl AdamStep {
+    /// [`AdamStep::apply`] on a device, in element-wise tensor ops (the host's order of operations).
+    pub fn apply_on_device(&self, state: OnDevice, g: Tensor<1>) -> OnDevice {
+        let AdamStep {
+            b1,
+            b2,
+            step_size,
+            bc2_sqrt,
+            eps,
+            decay,
+        } = *self;
+        let m = state.m.mul_scalar(b1) + g.clone().mul_scalar(1.0 - b1);
+        let v = state.v.mul_scalar(b2) + g.clone().mul_scalar(1.0 - b2) * g;
+        let denom = v.clone().sqrt().div_scalar(bc2_sqrt).add_scalar(eps);
+        let param = state.param.mul_scalar(decay) - m.clone().mul_scalar(step_size) / denom;
+        OnDevice { param, m, v }
+    }
+}
+
+/// [`clip_global_norm`] on a device: the gradients scaled to a global norm of at most `max_norm`, and
+/// the norm before clipping as a one-value tensor (read back only when logged).
+pub fn clip_global_norm_on_device(
+    grads: Vec<Tensor<1>>,
+    max_norm: f64,
+) -> Result<(Vec<Tensor<1>>, Tensor<1>), TrainError> {
+    let squares: Vec<Tensor<1>> = grads
+        .iter()
+        .map(|g| row_sum(g.clone() * g.clone()))
+        .collect();
+    if squares.is_empty() {
+        return Err(TrainError::Internal("no gradients to clip".into()));
+    }
+    let norm = row_sum(Tensor::cat(squares, 0)).sqrt();
+    if max_norm <= 0.0 {
+        return Ok((grads, norm));
+    }
+    // `max / (norm + 1e-6)` where the norm exceeds `max`, 1 elsewhere.
+    let scale = norm
+        .clone()
+        .add_scalar(1e-6)
+        .recip()
+        .mul_scalar(max_norm)
+        .mask_fill(norm.clone().lower_equal_elem(max_norm), 1.0);
+    let clipped = grads.into_iter().map(|g| g * scale.clone()).collect();
+    Ok((clipped, norm))
+}
+
+/// The sum of `x`'s values as a one-value tensor, reduced along a dimension: a GPU backend's
+/// whole-tensor `sum` may add with atomics (the order, and so the last bits, changing from run to run);
+/// a dimension's reduction has a fixed order.
+fn row_sum(x: Tensor<1>) -> Tensor<1> {
+    let n = x.dims()[0];
+    x.reshape([1, n]).sum_dim(1).reshape([1])
+}
+
 /// Linear warmup from 0 to `peak` over `warmup` steps, then cosine decay to 0 at `total`.
 /// `step` counts from 0 (the lr used for the first update is `lr_at(0, …)`).
 pub fn lr_at(step: usize, total: usize, warmup: usize, peak: f64) -> f64 {
@@ -175,6 +244,54 @@ mod tests {
         let v_hat = 0.000_259_75f64 / (1.0 - 0.999f64.powi(2));
         let want0 = 0.899 * (1.0 - 0.001) - 0.1 * m_hat / (v_hat.sqrt() + 1e-8);
         assert!((p[0] as f64 - want0).abs() < 1e-5, "{} vs {want0}", p[0]);
+    }
+
+    #[test]
+    fn device_adamw_and_clipping_match_the_host() {
+        let device = burn::tensor::Device::default();
+        let t = |v: &[f32]| {
+            Tensor::<1>::from_data(
+                burn::tensor::TensorData::new(v.to_vec(), [v.len()]),
+                &device,
+            )
+        };
+        let read = |x: Tensor<1>| supportlm_model::llama::to_vec(x).unwrap();
+        let opt = AdamW {
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let mut host = AdamState::new(&[4]);
+        let mut p = vec![0.5f32, -1.0, 2.0, 0.0];
+        let mut dev = OnDevice {
+            param: t(&p),
+            m: t(&[0.0; 4]),
+            v: t(&[0.0; 4]),
+        };
+        let mut dev_state = AdamState::new(&[]);
+        for (i, g) in [[3.0f32, -4.0, 0.5, 0.0], [0.1, 0.2, -0.3, 1e-3]]
+            .iter()
+            .enumerate()
+        {
+            let mut gh = g.to_vec();
+            let norm = clip_global_norm(&mut [&mut gh], 1.0);
+            let (gd, norm_d) = clip_global_norm_on_device(vec![t(g)], 1.0).unwrap();
+            let gd = gd.into_iter().next().unwrap();
+            assert!((read(norm_d)[0] as f64 - norm).abs() < 1e-5 * norm.max(1.0));
+            let gd_host = read(gd.clone());
+            for (a, b) in gh.iter().zip(&gd_host) {
+                assert!((a - b).abs() < 1e-6, "step {i}: clipped {a} vs {b}");
+            }
+            opt.update(&mut host, &mut [&mut p], &[&gh], 1e-2);
+            dev = opt
+                .begin_step(&mut dev_state, 1e-2)
+                .apply_on_device(dev, gd);
+            for (a, b) in p.iter().zip(read(dev.param.clone())) {
+                assert!((a - b).abs() < 1e-6, "step {i}: {a} vs {b}");
+            }
+        }
+        // Below the limit nothing is scaled.
+        let (g, _) = clip_global_norm_on_device(vec![t(&[0.3]), t(&[0.4])], 1.0).unwrap();
+        assert_eq!(read(Tensor::cat(g, 0)), vec![0.3, 0.4]);
     }
 
     #[test]

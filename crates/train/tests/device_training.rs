@@ -121,7 +121,7 @@ fn qlora_and_full_fine_tuning_on_the_device_follow_the_cpu() {
 }
 
 /// Reads from the device during one QLoRA step: the loss and the adapter gradients, once each, however
-/// many layers the model has.
+/// many layers the model has; with the adapter on the device (as the trainer keeps it), the loss only.
 #[test]
 fn a_training_step_reads_from_the_device_once_per_step_not_per_layer() {
     use supportlm_model::device::host_reads;
@@ -154,8 +154,132 @@ fn a_training_step_reads_from_the_device_once_per_step_not_per_layer() {
         let step = model.loss_and_grads(&adapter, &batch, None).unwrap();
         let reads = host_reads().reads - before.reads;
         assert_eq!(step.grads.len(), adapter.weights.len());
-        per_depth.push(reads);
+        let factors = supportlm_train::qlora::DeviceFactors::upload(&adapter, &gpu);
+        let before = host_reads();
+        let dropout = Some(supportlm_train::qlora::Dropout { p: 0.1, seed: 1 });
+        let (_, grads) = model
+            .device_loss_and_grads(&factors, &batch, dropout)
+            .unwrap();
+        let resident = host_reads().reads - before.reads;
+        assert_eq!(grads.dims(), [factors.len()]);
+        per_depth.push((reads, resident));
+
+        // The device draws the CPU's dropout masks: with B non-zero the gradients depend on them.
+        let mut adapter = adapter;
+        for (i, p) in adapter.weights.values_mut().enumerate() {
+            p.b.iter_mut()
+                .enumerate()
+                .for_each(|(j, x)| *x = ((i * 31 + j * 7) % 13) as f32 * 0.01 - 0.06);
+        }
+        let cpu = checkpoint
+            .with_source(|src| {
+                QloraModel::load(src, &checkpoint.config, BaseQuant::Nf4, &default_device())
+            })
+            .unwrap();
+        let on_cpu = cpu.loss_and_grads(&adapter, &batch, dropout).unwrap();
+        let factors = supportlm_train::qlora::DeviceFactors::upload(&adapter, &gpu);
+        let (_, grads) = model
+            .device_loss_and_grads(&factors, &batch, dropout)
+            .unwrap();
+        let on_gpu = factors
+            .split(&supportlm_model::llama::to_vec(grads).unwrap())
+            .unwrap();
+        // Relative to the largest gradient: a different mask would move most values by about it.
+        let scale = on_cpu
+            .grads
+            .values()
+            .flat_map(|p| p.a.iter().chain(&p.b))
+            .fold(0f32, |m, x| m.max(x.abs()));
+        for (key, p) in &on_cpu.grads {
+            let q = &on_gpu[key];
+            for (u, v) in p.a.iter().chain(&p.b).zip(q.a.iter().chain(&q.b)) {
+                assert!((u - v).abs() < 1e-5 * scale, "{key:?}: gradient {u} vs {v}");
+            }
+        }
     }
     assert_eq!(per_depth[0], per_depth[1], "reads grow with depth");
-    assert!(per_depth[0] <= 2, "{} reads in one step", per_depth[0]);
+    assert!(per_depth[0].0 <= 2, "{} reads in one step", per_depth[0].0);
+    assert_eq!(
+        per_depth[0].1, 1,
+        "the loss is the one read of a resident step"
+    );
+}
+
+/// A whole run on the device: each optimizer step reads back its loss and its gradient norm (the
+/// metrics line) and nothing else, LoRA and full fine-tuning alike: the factors, parameters, gradients
+/// and AdamW's moments stay there.
+#[test]
+fn an_optimizer_step_reads_only_its_loss_and_gradient_norm() {
+    use supportlm_model::device::host_reads;
+
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let model_config = tiny::config(Architecture::Llama);
+    tiny::write_hf_dir(&base, &model_config, 5, 1).unwrap();
+    let gpu = gpu();
+    for tuning in [&["base_quant=nf4"][..], &["tuning=full", "base_quant=none"]] {
+        let mut reads = Vec::new();
+        for steps in [4, 8] {
+            let mut extra = vec![format!("max_steps={steps}"), "eval_every=1000".into()];
+            extra.extend(tuning.iter().map(|s| s.to_string()));
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            let out = dir.path().join(format!("{}-{steps}", tuning.len()));
+            let before = host_reads();
+            run(&base, &out, &config(&extra), &gpu);
+            reads.push(host_reads().reads - before.reads);
+        }
+        // Validation and the checkpoint at the end are the same in both runs.
+        assert_eq!(reads[1] - reads[0], 4 * 2, "{tuning:?}: reads {reads:?}");
+    }
+}
+
+/// A run on the device interrupted after step 10 and resumed from its checkpoint (factors and moments
+/// read back, then uploaded again) ends with the adapter of the uninterrupted run.
+#[test]
+fn a_run_on_the_device_resumes_to_the_same_adapter() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let model_config = tiny::config(Architecture::Llama);
+    tiny::write_hf_dir(&base, &model_config, 5, 1).unwrap();
+    let gpu = gpu();
+    let config = config(&["base_quant=nf4", "save_every=5"]);
+    let whole = dir.path().join("whole");
+    run(&base, &whole, &config, &gpu);
+
+    let split = dir.path().join("split");
+    let checkpoint = Checkpoint::open(&base).unwrap();
+    let template = ChatTemplate::for_tokenizer(&checkpoint.tokenizer).unwrap();
+    let (train_set, val_set) = (records(24, 0), records(6, 100));
+    let stop = AtomicBool::new(false);
+    for resume in [false, true] {
+        let mut model = checkpoint
+            .with_source(|src| QloraModel::load(src, &checkpoint.config, config.base_quant, &gpu))
+            .unwrap();
+        let job = TrainJob {
+            model: &mut model,
+            tokenizer: &checkpoint.tokenizer,
+            template: &template,
+            train: &train_set,
+            validation: &val_set,
+            config: &config,
+            out_dir: &split,
+            base_model: "tiny",
+            resume,
+            stop: Some(&stop),
+        };
+        let result = train(job, &mut |line, _| {
+            if line.step == 10 {
+                stop.store(true, Ordering::SeqCst);
+            }
+        });
+        assert_eq!(result.is_ok(), resume, "{result:?}");
+        stop.store(false, Ordering::SeqCst);
+    }
+    let (x, y) = (
+        Adapter::load(&whole.join("adapter"), &model_config).unwrap(),
+        Adapter::load(&split.join("adapter"), &model_config).unwrap(),
+    );
+    assert_eq!(x.weights, y.weights, "resumed on the device, same adapter");
 }

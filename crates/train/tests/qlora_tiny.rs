@@ -364,3 +364,35 @@ fn the_hand_written_backwards_give_the_recomputed_autodiff_gradients() {
         }
     }
 }
+
+#[test]
+fn factors_on_the_device_give_the_host_step_and_round_trip() {
+    use supportlm_train::qlora::DeviceFactors;
+    let f = tiny_model(Architecture::Llama);
+    let mut model = qlora(&f, BaseQuant::Nf4);
+    let adapter = adapter(&model, 5);
+    let factors = DeviceFactors::upload(&adapter, model.device());
+    let mut back = adapter.clone();
+    back.weights.values_mut().for_each(|p| p.a.fill(0.0));
+    factors.download_into(&mut back).unwrap();
+    assert_eq!(
+        back.weights, adapter.weights,
+        "upload and download are exact"
+    );
+
+    let dropout = Some(Dropout { p: 0.1, seed: 4 });
+    model.step_path = StepPath::Saved;
+    let host = model.loss_and_grads(&adapter, &batch(), dropout).unwrap();
+    let (loss, flat) = model
+        .device_loss_and_grads(&factors, &batch(), dropout)
+        .unwrap();
+    assert_eq!(loss, host.loss);
+    let flat = supportlm_model::llama::to_vec(flat).unwrap();
+    assert_eq!(factors.split(&flat).unwrap(), host.grads, "same layout");
+    let want: usize = adapter
+        .weights
+        .values()
+        .map(|p| p.a.len() + p.b.len())
+        .sum();
+    assert_eq!(flat.len(), want);
+}

@@ -15,34 +15,35 @@ use std::collections::BTreeMap;
 
 use burn::tensor::{Device, Tensor};
 use supportlm_model::error::{ModelError, Result};
-use supportlm_model::lora::{Adapter, LoraPair, Target};
+use supportlm_model::lora::Target;
 
 use super::dropout::{Dropout, TrainLayer};
+use super::factors::DeviceFactors;
 use super::layout::Layout;
-use super::{LossSum, QloraModel, StepGrads};
+use super::{LossSum, QloraModel};
 
-/// What every pass of one step reads: the base, the adapter, the laid-out batch and the step's dropout.
+/// What every pass of one step reads: the base, the laid-out batch and the step's dropout.
 #[derive(Clone, Copy)]
 pub(super) struct StepInputs<'a> {
     pub model: &'a QloraModel,
-    pub adapter: &'a Adapter,
     pub layout: &'a Layout,
     pub dropout: Option<Dropout>,
 }
 
 impl StepInputs<'_> {
-    /// Layer `l` as the step runs it (weights dequantized now, this step's dropout masks), and the
-    /// adapter's factors of that layer (tracked for autodiff when `track`).
+    /// Layer `l` as the step runs it on the device (weights dequantized now, this step's dropout
+    /// masks) with `factors`, and those factors of the layer (tracked for autodiff when `track`).
     pub fn layer(
         &self,
+        factors: &DeviceFactors,
         l: usize,
         track: bool,
     ) -> (BTreeMap<Target, (Tensor<2>, Tensor<2>)>, TrainLayer) {
-        let lora = self.model.lora_tensors(self.adapter, l, track);
+        let lora = factors.layer(l, track);
         let rows = self.layout.b * self.layout.s;
         let layer = self
             .model
-            .layer(l, &lora, self.adapter.config.scale(), self.dropout, rows);
+            .layer(l, &lora, factors.config().scale(), self.dropout, rows);
         (lora, layer)
     }
 }
@@ -79,7 +80,7 @@ impl StepPath {
 }
 
 /// The gradients of one layer's adapter pairs, by projection.
-pub(super) type LayerGrads = Vec<(Target, LoraPair)>;
+pub(super) type LayerGrads<G> = Vec<(Target, G)>;
 
 /// One training step's layer and head computations, for [`drive`].
 pub(super) trait Pass {
@@ -87,6 +88,8 @@ pub(super) trait Pass {
     type Hidden;
     /// What one layer keeps from forward for its backward.
     type Kept;
+    /// The gradient of one adapter pair (host values, or flat tensors left on the device).
+    type PairGrad;
 
     /// The embedded batch.
     fn embed(&mut self) -> Result<Self::Hidden>;
@@ -110,11 +113,18 @@ pub(super) trait Pass {
         kept: Self::Kept,
         grad: Self::Hidden,
         clock: &mut StepClock,
-    ) -> Result<(Self::Hidden, LayerGrads)>;
+    ) -> Result<(Self::Hidden, LayerGrads<Self::PairGrad>)>;
 }
 
+/// The summed loss of a step and each adapter pair's gradient.
+pub(super) type Driven<G> = (LossSum, BTreeMap<(usize, Target), G>);
+
 /// Runs a step through `pass` over `layers` layers: forward, head, backward; logs the phases' times.
-pub(super) fn drive<P: Pass>(pass: &mut P, layers: usize, path: StepPath) -> Result<StepGrads> {
+pub(super) fn drive<P: Pass>(
+    pass: &mut P,
+    layers: usize,
+    path: StepPath,
+) -> Result<Driven<P::PairGrad>> {
     let mut clock = StepClock::start();
     let mut x = pass.embed()?;
     let mut kept = Vec::with_capacity(layers);
@@ -138,7 +148,7 @@ pub(super) fn drive<P: Pass>(pass: &mut P, layers: usize, path: StepPath) -> Res
         grad = dx;
     }
     clock.log(path.as_str());
-    Ok(StepGrads { loss, grads })
+    Ok((loss, grads))
 }
 
 /// Times a training step's phases (forward, head and loss, backward) for one debug log line.

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 
 use super::{LossSum, QloraModel, Sequence, Table};
 use supportlm_model::error::{ModelError, Result};
@@ -58,13 +58,25 @@ enum Tracked {
 }
 
 impl Tracked {
-    fn grad(&self, g: &burn::tensor::Gradients) -> Result<Vec<f32>> {
+    /// The parameter's gradient, flat, on the device.
+    fn grad(&self, g: &burn::tensor::Gradients) -> Result<Tensor<1>> {
         let missing = || ModelError::Internal("a parameter received no gradient".into());
         match self {
-            Tracked::Vector(t) => to_vec(t.grad(g).ok_or_else(missing)?),
-            Tracked::Matrix(t) => to_vec(t.grad(g).ok_or_else(missing)?),
+            Tracked::Vector(t) => t.grad(g).ok_or_else(missing),
+            Tracked::Matrix(t) => t.grad(g).map(super::factors::flat).ok_or_else(missing),
         }
     }
+}
+
+/// A step's full fine-tuning gradients on the device, before the embedding rows are summed.
+struct DeviceGrads {
+    loss: LossSum,
+    /// Per slot (the embedding's left `None`); `None` also for a parameter no target reached.
+    params: Vec<Option<Tensor<1>>>,
+    /// The gradient at every position's embedding, `[b·s, hidden]`, and the positions' token ids.
+    embedded: Option<(Tensor<2>, Vec<i64>)>,
+    /// The LM head table's gradient (tied: added to the embedding's).
+    dhead: Option<Tensor<2>>,
 }
 
 fn track1(t: &Tensor<1>) -> Tensor<1> {
@@ -133,9 +145,14 @@ impl QloraModel {
 
     /// The values of parameter `index` (row-major).
     pub fn full_parameter(&self, index: usize) -> Result<Vec<f32>> {
+        to_vec(self.full_parameter_tensor(index)?)
+    }
+
+    /// Parameter `index`, flat, on the model's device.
+    pub fn full_parameter_tensor(&self, index: usize) -> Result<Tensor<1>> {
         self.require_full()?;
         let table = |t: &Table| match t {
-            Table::F32(t) => to_vec(t.clone()),
+            Table::F32(t) => Ok(super::factors::flat(t.clone())),
             Table::Bf16 { .. } => Err(ModelError::Internal("a bf16 table is frozen".into())),
         };
         match self.slot(index)? {
@@ -144,48 +161,52 @@ impl QloraModel {
                 || Err(ModelError::Internal("the LM head is tied".into())),
                 table,
             ),
-            Slot::Norm => to_vec(self.norm.clone()),
-            Slot::InputNorm(l) => to_vec(self.layers[l].input_layernorm.clone()),
-            Slot::PostNorm(l) => to_vec(self.layers[l].post_attention_layernorm.clone()),
+            Slot::Norm => Ok(self.norm.clone()),
+            Slot::InputNorm(l) => Ok(self.layers[l].input_layernorm.clone()),
+            Slot::PostNorm(l) => Ok(self.layers[l].post_attention_layernorm.clone()),
             Slot::Weight(l, k) => match &self.layers[l].linears[k].weight {
-                BaseWeight::F32(t) => to_vec(t.clone()),
+                BaseWeight::F32(t) => Ok(super::factors::flat(t.clone())),
                 _ => Err(ModelError::Internal("a quantized weight is frozen".into())),
             },
             Slot::Bias(l, k) => self.layers[l].linears[k]
                 .bias
                 .clone()
-                .map_or_else(|| Err(ModelError::Internal("no bias".into())), to_vec),
+                .ok_or_else(|| ModelError::Internal("no bias".into())),
         }
     }
 
     /// Replaces the values of parameter `index` (same length as before).
     pub fn set_full_parameter(&mut self, index: usize, values: Vec<f32>) -> Result<()> {
+        let n = values.len();
+        let t = Tensor::<1>::from_data(TensorData::new(values, [n]), &self.device.clone());
+        self.set_full_parameter_tensor(index, t)
+    }
+
+    /// Replaces parameter `index` with `values`, flat, on the model's device (same length as before).
+    pub fn set_full_parameter_tensor(&mut self, index: usize, values: Tensor<1>) -> Result<()> {
         self.require_full()?;
         let info = self
             .full_parameters()
             .into_iter()
             .nth(index)
             .ok_or_else(|| ModelError::Internal(format!("no parameter number {index}")))?;
-        if values.len() != info.shape.iter().product::<usize>() {
+        let n = values.dims()[0];
+        if n != info.shape.iter().product::<usize>() {
             return Err(ModelError::ShapeMismatch {
                 tensor: info.name,
                 expected: info.shape,
-                found: vec![values.len()],
+                found: vec![n],
             });
         }
-        let device = self.device.clone();
-        let t1 = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [info.shape[0]]), &device);
-        let t2 = |v: Vec<f32>| {
-            Tensor::<2>::from_data(TensorData::new(v, [info.shape[0], info.shape[1]]), &device)
-        };
+        let t2 = |v: Tensor<1>| v.reshape([info.shape[0], info.shape[1]]);
         match self.slot(index)? {
             Slot::Embed => self.embed_tokens = Table::F32(t2(values)),
             Slot::LmHead => self.lm_head = Some(Table::F32(t2(values))),
-            Slot::Norm => self.norm = t1(values),
-            Slot::InputNorm(l) => self.layers[l].input_layernorm = t1(values),
-            Slot::PostNorm(l) => self.layers[l].post_attention_layernorm = t1(values),
+            Slot::Norm => self.norm = values,
+            Slot::InputNorm(l) => self.layers[l].input_layernorm = values,
+            Slot::PostNorm(l) => self.layers[l].post_attention_layernorm = values,
             Slot::Weight(l, k) => self.layers[l].linears[k].weight = BaseWeight::F32(t2(values)),
-            Slot::Bias(l, k) => self.layers[l].linears[k].bias = Some(t1(values)),
+            Slot::Bias(l, k) => self.layers[l].linears[k].bias = Some(values),
         }
         Ok(())
     }
@@ -253,63 +274,30 @@ impl QloraModel {
         Ok((layer, params))
     }
 
-    /// Summed loss of `batch` and the gradient of every parameter (full fine-tuning).
+    /// Summed loss of `batch` and the gradient of every parameter (full fine-tuning), on the host.
     pub fn full_loss_and_grads(&self, batch: &[Sequence]) -> Result<FullStep> {
-        self.require_full()?;
-        let layout = self.check_batch(batch)?;
-        let (b, s) = (layout.b, layout.s);
+        let step = self.full_backward(batch)?;
         let hidden = self.config.hidden_size;
-        let (cos, sin, mask) = layout.tensors(&self.rope, &self.device);
-        let (x, mut xs) = self.forward_layers(&layout, None, (&cos, &sin, &mask), true);
-        let head = self.head(x, &layout, true, true)?;
-        let n_params = self.slots().len();
-        let mut grads: Vec<Vec<f32>> = vec![Vec::new(); n_params];
-        let sizes: Vec<usize> = self
-            .full_parameters()
-            .iter()
-            .map(|p| p.shape.iter().product())
-            .collect();
-        let Some(mut grad) = head.dx else {
-            // No target positions: every gradient is zero.
-            return Ok(FullStep {
-                loss: head.loss,
-                grads: sizes.iter().map(|&n| vec![0.0; n]).collect(),
-            });
-        };
-        // The last slots: final norm, then the untied head.
-        let norm_slot = n_params - 1 - usize::from(self.lm_head.is_some());
-        grads[norm_slot] = head.dnorm.map(to_vec).transpose()?.unwrap_or_default();
-        let dhead = head.dhead.map(to_vec).transpose()?.unwrap_or_default();
-
-        // Layers in reverse; a layer's slots start after the embedding and the earlier layers' slots.
-        let per_layer: Vec<usize> = self
-            .layers
-            .iter()
-            .map(|l| 2 + 7 + l.linears.iter().filter(|f| f.bias.is_some()).count())
-            .collect();
-        for l in (0..self.layers.len()).rev() {
-            let x_in = xs
-                .pop()
-                .unwrap_or_else(|| Tensor::zeros([b, s, hidden], &self.device));
-            let (layer, params) = self.tracked_layer(l)?;
-            let (g, dx) = self.backward_through(&layer, x_in, grad, (&cos, &sin, &mask))?;
-            let first = 1 + per_layer[..l].iter().sum::<usize>();
-            for (k, p) in params.iter().enumerate() {
-                grads[first + k] = p.grad(&g)?;
-            }
-            grad = dx;
-        }
-
+        let sizes = self.full_sizes();
+        let mut grads = step
+            .params
+            .into_iter()
+            .map(|g| g.map(to_vec).transpose().map(Option::unwrap_or_default))
+            .collect::<Result<Vec<_>>>()?;
+        let dhead = step.dhead.map(to_vec).transpose()?.unwrap_or_default();
         // Embedding rows: the gradient at each position's input added to its token's row.
-        let dx0 = to_vec(grad)?;
         let mut dembed = vec![0f32; sizes[0]];
-        for (i, &id) in layout.ids.iter().enumerate() {
-            let src = &dx0[i * hidden..(i + 1) * hidden];
-            let dst = &mut dembed[id as usize * hidden..(id as usize + 1) * hidden];
-            dst.iter_mut().zip(src).for_each(|(d, g)| *d += g);
+        if let Some((dx0, ids)) = step.embedded {
+            let dx0 = to_vec(dx0)?;
+            for (i, &id) in ids.iter().enumerate() {
+                let src = &dx0[i * hidden..(i + 1) * hidden];
+                let dst = &mut dembed[id as usize * hidden..(id as usize + 1) * hidden];
+                dst.iter_mut().zip(src).for_each(|(d, g)| *d += g);
+            }
         }
+        let last = grads.len() - 1;
         match self.lm_head {
-            Some(_) => grads[n_params - 1] = dhead,
+            Some(_) => grads[last] = dhead,
             None if !dhead.is_empty() => dembed.iter_mut().zip(&dhead).for_each(|(d, h)| *d += h),
             None => {}
         }
@@ -329,8 +317,96 @@ impl QloraModel {
             }
         }
         Ok(FullStep {
-            loss: head.loss,
+            loss: step.loss,
             grads,
+        })
+    }
+
+    /// [`Self::full_loss_and_grads`] with every gradient left on the device, flat, in
+    /// [`Self::full_parameters`] order: the step of a full fine-tuning run on a GPU.
+    pub fn device_full_loss_and_grads(
+        &self,
+        batch: &[Sequence],
+    ) -> Result<(LossSum, Vec<Tensor<1>>)> {
+        let step = self.full_backward(batch)?;
+        let [vocab, hidden] = [self.config.vocab_size, self.config.hidden_size];
+        let mut dembed = Tensor::<2>::zeros([vocab, hidden], &self.device);
+        if let Some((dx0, ids)) = step.embedded {
+            let n = ids.len();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
+            dembed = dembed.select_assign(0, idx, dx0, IndexingUpdateOp::Add);
+        }
+        let mut grads = step.params;
+        let last = grads.len() - 1;
+        match (self.lm_head.is_some(), step.dhead) {
+            (true, dhead) => grads[last] = dhead.map(super::factors::flat),
+            (false, Some(dhead)) => dembed = dembed + dhead,
+            (false, None) => {}
+        }
+        grads[0] = Some(super::factors::flat(dembed));
+        let grads = grads
+            .into_iter()
+            .zip(self.full_sizes())
+            .map(|(g, n)| g.unwrap_or_else(|| Tensor::zeros([n], &self.device)))
+            .collect();
+        Ok((step.loss, grads))
+    }
+
+    /// Values in each parameter, in [`Self::full_parameters`] order.
+    fn full_sizes(&self) -> Vec<usize> {
+        self.full_parameters()
+            .iter()
+            .map(|p| p.shape.iter().product())
+            .collect()
+    }
+
+    /// Forward keeping layer inputs, the head, then each layer recomputed with its parameters tracked.
+    fn full_backward(&self, batch: &[Sequence]) -> Result<DeviceGrads> {
+        self.require_full()?;
+        let layout = self.check_batch(batch)?;
+        let (b, s) = (layout.b, layout.s);
+        let hidden = self.config.hidden_size;
+        let (cos, sin, mask) = layout.tensors(&self.rope, &self.device);
+        let (x, mut xs) = self.forward_layers(&layout, None, (&cos, &sin, &mask), true);
+        let head = self.head(x, &layout, true, true)?;
+        let n_params = self.slots().len();
+        let mut params: Vec<Option<Tensor<1>>> = vec![None; n_params];
+        let Some(mut grad) = head.dx else {
+            // No target positions: every gradient is zero.
+            return Ok(DeviceGrads {
+                loss: head.loss,
+                params,
+                embedded: None,
+                dhead: None,
+            });
+        };
+        // The last slots: final norm, then the untied head.
+        let norm_slot = n_params - 1 - usize::from(self.lm_head.is_some());
+        params[norm_slot] = head.dnorm;
+
+        // Layers in reverse; a layer's slots start after the embedding and the earlier layers' slots.
+        let per_layer: Vec<usize> = self
+            .layers
+            .iter()
+            .map(|l| 2 + 7 + l.linears.iter().filter(|f| f.bias.is_some()).count())
+            .collect();
+        for l in (0..self.layers.len()).rev() {
+            let x_in = xs
+                .pop()
+                .unwrap_or_else(|| Tensor::zeros([b, s, hidden], &self.device));
+            let (layer, tracked) = self.tracked_layer(l)?;
+            let (g, dx) = self.backward_through(&layer, x_in, grad, (&cos, &sin, &mask))?;
+            let first = 1 + per_layer[..l].iter().sum::<usize>();
+            for (k, p) in tracked.iter().enumerate() {
+                params[first + k] = Some(p.grad(&g)?);
+            }
+            grad = dx;
+        }
+        Ok(DeviceGrads {
+            loss: head.loss,
+            params,
+            embedded: Some((grad.reshape([b * s, hidden]), layout.ids.clone())),
+            dhead: head.dhead,
         })
     }
 }

@@ -958,13 +958,14 @@ impl QloraModel {
 /// The stored-activation pass over one batch on host buffers.
 pub(super) struct HostPass<'a> {
     step: StepInputs<'a>,
+    adapter: &'a Adapter,
     geometry: Geometry<'a>,
     /// Dequantization buffers reused from layer to layer (forward and backward).
     scratch: LayerWeights,
 }
 
 impl<'a> HostPass<'a> {
-    pub fn new(step: StepInputs<'a>) -> Self {
+    pub fn new(step: StepInputs<'a>, adapter: &'a Adapter) -> Self {
         let (model, layout) = (step.model, step.layout);
         let c = &model.config;
         let d = c.head_dim();
@@ -986,6 +987,7 @@ impl<'a> HostPass<'a> {
         };
         HostPass {
             step,
+            adapter,
             geometry,
             scratch: LayerWeights::default(),
         }
@@ -995,6 +997,7 @@ impl<'a> HostPass<'a> {
 impl Pass for HostPass<'_> {
     type Hidden = Vec<f32>;
     type Kept = Saved;
+    type PairGrad = LoraPair;
 
     fn embed(&mut self) -> Result<Vec<f32>> {
         let m = self.step.model;
@@ -1007,12 +1010,8 @@ impl Pass for HostPass<'_> {
         x: Vec<f32>,
         clock: &mut StepClock,
     ) -> Result<(Vec<f32>, Saved)> {
-        let StepInputs {
-            model,
-            adapter,
-            dropout,
-            ..
-        } = self.step;
+        let StepInputs { model, dropout, .. } = self.step;
+        let adapter = self.adapter;
         let rows = self.geometry.rows();
         let t = std::time::Instant::now();
         let layer = model.host_layer(l, adapter, &mut self.scratch)?;
@@ -1036,12 +1035,12 @@ impl Pass for HostPass<'_> {
         kept: Saved,
         grad: Vec<f32>,
         clock: &mut StepClock,
-    ) -> Result<(Vec<f32>, LayerGrads)> {
+    ) -> Result<(Vec<f32>, LayerGrads<LoraPair>)> {
         let t = std::time::Instant::now();
         let layer = self
             .step
             .model
-            .host_layer(l, self.step.adapter, &mut self.scratch)?;
+            .host_layer(l, self.adapter, &mut self.scratch)?;
         clock.weights_since(t);
         Ok(backward_layer(&layer, kept, grad, &self.geometry))
     }

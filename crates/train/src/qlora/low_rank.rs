@@ -499,7 +499,7 @@ mod tests {
         let d = Dropout { p: 0.3, seed: 7 };
         for cols in [64, 128, 48, 100] {
             let mask = DropMask::new(d, 2, Target::UpProj, 5, cols);
-            let values = mask.values();
+            let values = mask.values(5 * cols);
             let x: Vec<f32> = (0..cols).map(|i| i as f32 - 20.0).collect();
             let mut out = vec![0f32; cols];
             for row in 0..5 {

@@ -39,6 +39,7 @@ use supportlm_model::names;
 mod backprop;
 mod driver;
 mod dropout;
+mod factors;
 mod full;
 mod host;
 mod layout;
@@ -52,6 +53,7 @@ use layout::Layout;
 
 pub use driver::StepPath;
 pub use dropout::{splitmix, Dropout};
+pub use factors::DeviceFactors;
 pub use full::{FullStep, ParamInfo};
 pub use host::{gemm_library, product};
 pub use supportlm_model::weight::BaseWeight;
@@ -150,12 +152,26 @@ fn widen(values: &[half::bf16]) -> impl Iterator<Item = f32> + '_ {
 }
 
 impl Table {
+    /// The table for a `quant` base on `device`. A quantized base's table holds bf16 values; on a GPU
+    /// they are kept there widened to f32 (the same values, twice the bytes), so no step uploads the
+    /// table from the host.
     fn new(values: Vec<f32>, rows: usize, cols: usize, quant: BaseQuant, device: &Device) -> Self {
+        let on_host = supportlm_model::device::is_cpu(device);
         match quant {
             BaseQuant::None => Table::F32(Tensor::from_data(
                 TensorData::new(values, [rows, cols]),
                 device,
             )),
+            _ if !on_host => {
+                let rounded = values
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_f32())
+                    .collect();
+                Table::F32(Tensor::from_data(
+                    TensorData::new(rounded, [rows, cols]),
+                    device,
+                ))
+            }
             _ => Table::Bf16 {
                 rows,
                 cols,
@@ -493,33 +509,6 @@ impl QloraModel {
         TrainLayer::new(base, updates)
     }
 
-    /// The adapter's factors of one layer as tensors (tracked when `track`).
-    fn lora_tensors(
-        &self,
-        adapter: &Adapter,
-        layer: usize,
-        track: bool,
-    ) -> BTreeMap<Target, (Tensor<2>, Tensor<2>)> {
-        let r = adapter.config.r;
-        adapter
-            .weights
-            .range((layer, Target::QProj)..=(layer, Target::DownProj))
-            .map(|(&(_, t), pair)| {
-                let [out, inp] = t.shape(&self.config);
-                let mk = |v: &[f32], shape: [usize; 2]| {
-                    let x =
-                        Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), &self.device);
-                    if track {
-                        x.autodiff().require_grad()
-                    } else {
-                        x
-                    }
-                };
-                (t, (mk(&pair.a, [r, inp]), mk(&pair.b, [out, r])))
-            })
-            .collect()
-    }
-
     /// Checks `batch` and lays it out (packed around a shared prefix, or padded).
     fn check_batch(&self, batch: &[Sequence]) -> Result<Layout> {
         if batch.is_empty() {
@@ -558,7 +547,7 @@ impl QloraModel {
         Ok(layout)
     }
 
-    /// Summed loss and LoRA gradients for `batch`, through [`QloraModel::step_path`].
+    /// Summed loss and LoRA gradients for `batch`, through [`QloraModel::step_path`], on the host.
     pub fn loss_and_grads(
         &self,
         adapter: &Adapter,
@@ -567,10 +556,8 @@ impl QloraModel {
     ) -> Result<StepGrads> {
         adapter.validate_for(&self.config)?;
         let layout = self.check_batch(batch)?;
-        let layers = self.layers.len();
         let step = driver::StepInputs {
             model: self,
-            adapter,
             layout: &layout,
             dropout,
         };
@@ -578,19 +565,64 @@ impl QloraModel {
             // On a worker of rayon's pool: the step's hundreds of parallel sections then split their
             // work there, where the caller's thread would hand each one over and sleep until it is
             // done (two context switches per section).
-            path @ StepPath::Host => {
-                rayon::scope(|_| drive(&mut host::HostPass::new(step), layers, path))
-            }
-            path @ StepPath::Saved => {
-                let mut pass = saved::SavedPass::new(step);
-                let mut out = drive(&mut pass, layers, path)?;
-                out.grads = pass.finish()?;
-                Ok(out)
-            }
-            path @ StepPath::Recompute => {
-                drive(&mut recompute::RecomputePass::new(step), layers, path)
+            path @ StepPath::Host => rayon::scope(|_| {
+                let (loss, grads) = drive(
+                    &mut host::HostPass::new(step, adapter),
+                    self.layers.len(),
+                    path,
+                )?;
+                Ok(StepGrads { loss, grads })
+            }),
+            path => {
+                let factors = DeviceFactors::upload(adapter, &self.device);
+                let (loss, flat) = self.device_step(step, &factors, path)?;
+                let grads = factors.split(&to_vec(flat)?)?;
+                Ok(StepGrads { loss, grads })
             }
         }
+    }
+
+    /// Summed loss of `batch` and the gradient of every factor in `factors`, flat in their layout
+    /// (the optimizer's order), left on the device: the step of a run whose adapter lives there. Runs
+    /// [`StepPath::Saved`] unless the model recomputes layers.
+    pub fn device_loss_and_grads(
+        &self,
+        factors: &DeviceFactors,
+        batch: &[Sequence],
+        dropout: Option<Dropout>,
+    ) -> Result<(LossSum, Tensor<1>)> {
+        let layout = self.check_batch(batch)?;
+        let step = driver::StepInputs {
+            model: self,
+            layout: &layout,
+            dropout,
+        };
+        let path = match self.step_path {
+            StepPath::Recompute => StepPath::Recompute,
+            StepPath::Host | StepPath::Saved => StepPath::Saved,
+        };
+        self.device_step(step, factors, path)
+    }
+
+    /// A step through the tensor-op paths, gradients flattened on the device.
+    fn device_step(
+        &self,
+        step: driver::StepInputs,
+        factors: &DeviceFactors,
+        path: StepPath,
+    ) -> Result<(LossSum, Tensor<1>)> {
+        let layers = self.layers.len();
+        let (loss, grads) = match path {
+            StepPath::Recompute => drive(
+                &mut recompute::RecomputePass::new(step, factors),
+                layers,
+                path,
+            )?,
+            StepPath::Host | StepPath::Saved => {
+                drive(&mut saved::SavedPass::new(step, factors), layers, path)?
+            }
+        };
+        Ok((loss, factors.flatten(grads)?))
     }
 
     /// The path a step takes: [`QloraModel::step_path`], with the host path only on the CPU backend.
@@ -603,29 +635,42 @@ impl QloraModel {
 
     /// Summed loss of `batch` with `adapter` (no dropout, no gradients): validation.
     pub fn loss(&self, adapter: Option<&Adapter>, batch: &[Sequence]) -> Result<LossSum> {
-        if let Some(a) = adapter {
-            a.validate_for(&self.config)?;
-        }
+        let factors = match adapter {
+            Some(a) => {
+                a.validate_for(&self.config)?;
+                Some(DeviceFactors::upload(a, &self.device))
+            }
+            None => None,
+        };
+        self.device_loss(factors.as_ref(), batch)
+    }
+
+    /// [`Self::loss`] with an adapter already on the device.
+    pub fn device_loss(
+        &self,
+        factors: Option<&DeviceFactors>,
+        batch: &[Sequence],
+    ) -> Result<LossSum> {
         let layout = self.check_batch(batch)?;
         let (cos, sin, mask) = layout.tensors(&self.rope, &self.device);
-        let (x, _) = self.forward_layers(&layout, adapter, (&cos, &sin, &mask), false);
+        let (x, _) = self.forward_layers(&layout, factors, (&cos, &sin, &mask), false);
         Ok(self.head_loss(x, &layout, false)?.0)
     }
 
-    /// Runs every layer without autodiff (with `adapter`'s LoRA factors when given) and returns the
-    /// last layer's output and, with `keep`, every layer's input.
+    /// Runs every layer without autodiff (with the LoRA `factors` when given) and returns the last
+    /// layer's output and, with `keep`, every layer's input.
     fn forward_layers(
         &self,
         layout: &Layout,
-        adapter: Option<&Adapter>,
+        factors: Option<&DeviceFactors>,
         tables: (&Tensor<4>, &Tensor<4>, &Tensor<4>),
         keep: bool,
     ) -> (Tensor<3>, Vec<Tensor<3>>) {
         let mut xs = Vec::with_capacity(if keep { self.layers.len() } else { 0 });
         let mut x = self.embed(layout);
         for l in 0..self.layers.len() {
-            let (lora, scale) = match adapter {
-                Some(a) => (self.lora_tensors(a, l, false), a.config.scale()),
+            let (lora, scale) = match factors {
+                Some(f) => (f.layer(l, false), f.config().scale()),
                 None => (BTreeMap::new(), 0.0),
             };
             let layer = self.layer(l, &lora, scale, None, layout.rows());

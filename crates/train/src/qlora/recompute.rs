@@ -3,10 +3,9 @@
 
 use burn::tensor::Tensor;
 use supportlm_model::error::{ModelError, Result};
-use supportlm_model::llama::to_vec;
-use supportlm_model::lora::LoraPair;
 
 use super::driver::{LayerGrads, Pass, StepClock, StepInputs};
+use super::factors::{flat, DeviceFactors};
 use super::LossSum;
 
 /// The recomputing pass over one batch.
@@ -14,18 +13,24 @@ pub(super) struct RecomputePass<'a> {
     step: StepInputs<'a>,
     /// RoPE cos, sin and the additive mask of the batch.
     tables: (Tensor<4>, Tensor<4>, Tensor<4>),
+    factors: &'a DeviceFactors,
 }
 
 impl<'a> RecomputePass<'a> {
-    pub fn new(step: StepInputs<'a>) -> Self {
+    pub fn new(step: StepInputs<'a>, factors: &'a DeviceFactors) -> Self {
         let tables = step.layout.tensors(&step.model.rope, &step.model.device);
-        RecomputePass { step, tables }
+        RecomputePass {
+            step,
+            tables,
+            factors,
+        }
     }
 }
 
 impl Pass for RecomputePass<'_> {
     type Hidden = Tensor<3>;
     type Kept = Tensor<3>;
+    type PairGrad = (Tensor<1>, Tensor<1>);
 
     fn embed(&mut self) -> Result<Tensor<3>> {
         Ok(self.step.model.embed(self.step.layout))
@@ -38,7 +43,7 @@ impl Pass for RecomputePass<'_> {
         _clock: &mut StepClock,
     ) -> Result<(Tensor<3>, Tensor<3>)> {
         let m = self.step.model;
-        let (_, layer) = self.step.layer(l, false);
+        let (_, layer) = self.step.layer(self.factors, l, false);
         let (cos, sin, mask) = &self.tables;
         let next = m.run_layer(&layer.base, x.clone(), (cos, sin, mask));
         Ok((next, x))
@@ -58,21 +63,21 @@ impl Pass for RecomputePass<'_> {
         x_in: Tensor<3>,
         grad: Tensor<3>,
         _clock: &mut StepClock,
-    ) -> Result<(Tensor<3>, LayerGrads)> {
+    ) -> Result<(Tensor<3>, LayerGrads<Self::PairGrad>)> {
         let m = self.step.model;
-        let (lora, layer) = self.step.layer(l, true);
+        let (lora, layer) = self.step.layer(self.factors, l, true);
         let (cos, sin, mask) = &self.tables;
         let (g, dx) = m.backward_through(&layer.base, x_in, grad, (cos, sin, mask))?;
         let mut pairs = Vec::with_capacity(lora.len());
         for (t, (a, bt)) in &lora {
-            let ga = a.grad(&g).map(to_vec).transpose()?.unwrap_or_default();
-            let gb = bt.grad(&g).map(to_vec).transpose()?.unwrap_or_default();
-            if ga.is_empty() || gb.is_empty() {
-                return Err(ModelError::Internal(format!(
-                    "LoRA factors of layer {l} {t} received no gradient"
-                )));
+            match (a.grad(&g), bt.grad(&g)) {
+                (Some(ga), Some(gb)) => pairs.push((*t, (flat(ga), flat(gb)))),
+                _ => {
+                    return Err(ModelError::Internal(format!(
+                        "LoRA factors of layer {l} {t} received no gradient"
+                    )))
+                }
             }
-            pairs.push((*t, LoraPair { a: ga, b: gb }));
         }
         Ok((dx, pairs))
     }

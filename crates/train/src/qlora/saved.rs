@@ -1,19 +1,14 @@
 //! [`StepPath::Saved`](super::StepPath::Saved): every layer's activations kept in forward and the
 //! hand-written backward of `backprop.rs`, in Burn tensor ops (any device; no recomputation, no
-//! autodiff in the layers). The adapter gradients stay on the device until the step ends, then come
-//! back in one read ([`SavedPass::finish`]), not one per layer.
-
-use std::collections::BTreeMap;
+//! autodiff in the layers). The adapter gradients stay on the device.
 
 use burn::tensor::Tensor;
-use supportlm_model::error::{ModelError, Result};
-use supportlm_model::llama::to_vec;
-use supportlm_model::lora::LoraPair;
-use supportlm_model::lora::Target;
+use supportlm_model::error::Result;
 
 use super::backprop::{self, Saved};
 use super::driver::{LayerGrads, Pass, StepClock, StepInputs};
 use super::dropout::TrainLayer;
+use super::factors::{flat, DeviceFactors};
 use super::LossSum;
 
 /// The stored-activation pass over one batch, in tensor ops.
@@ -25,12 +20,11 @@ pub(super) struct SavedPass<'a> {
     sin_neg: Tensor<4>,
     /// The additive mask repeated for the grouped query rows.
     grouped_mask: Tensor<4>,
-    /// Each adapted projection's `(dA, dB)`, flattened, on the device until [`SavedPass::finish`].
-    pending: Vec<((usize, Target), Tensor<1>, Tensor<1>)>,
+    factors: &'a DeviceFactors,
 }
 
 impl<'a> SavedPass<'a> {
-    pub fn new(step: StepInputs<'a>) -> Self {
+    pub fn new(step: StepInputs<'a>, factors: &'a DeviceFactors) -> Self {
         let (model, layout) = (step.model, step.layout);
         let c = &model.config;
         let (cos, sin, mask) = layout.tensors(&model.rope, &model.device);
@@ -42,47 +36,8 @@ impl<'a> SavedPass<'a> {
             sin,
             sin_neg,
             grouped_mask,
-            pending: Vec::new(),
+            factors,
         }
-    }
-
-    /// The adapter gradients of the step, read back from the device at once.
-    pub fn finish(self) -> Result<BTreeMap<(usize, Target), LoraPair>> {
-        if self.pending.is_empty() {
-            return Ok(BTreeMap::new());
-        }
-        let sizes: Vec<(usize, usize)> = self
-            .pending
-            .iter()
-            .map(|(_, a, b)| (a.dims()[0], b.dims()[0]))
-            .collect();
-        let mut parts = Vec::with_capacity(2 * self.pending.len());
-        let mut keys = Vec::with_capacity(self.pending.len());
-        for (key, a, b) in self.pending {
-            keys.push(key);
-            parts.extend([a, b]);
-        }
-        let values = to_vec(Tensor::cat(parts, 0))?;
-        let mut rest = values.as_slice();
-        let mut grads = BTreeMap::new();
-        for (key, (na, nb)) in keys.into_iter().zip(sizes) {
-            if rest.len() < na + nb {
-                return Err(ModelError::Internal(
-                    "the adapter gradients read back are short".into(),
-                ));
-            }
-            let (a, tail) = rest.split_at(na);
-            let (b, tail) = tail.split_at(nb);
-            rest = tail;
-            grads.insert(
-                key,
-                LoraPair {
-                    a: a.to_vec(),
-                    b: b.to_vec(),
-                },
-            );
-        }
-        Ok(grads)
     }
 
     fn geometry(&self) -> backprop::Geometry<'_> {
@@ -99,7 +54,7 @@ impl<'a> SavedPass<'a> {
 
     /// Layer `l` with the adapter's (untracked) factors and this step's dropout masks.
     fn layer(&self, l: usize) -> TrainLayer {
-        self.step.layer(l, false).1
+        self.step.layer(self.factors, l, false).1
     }
 
     fn hidden(&self) -> usize {
@@ -110,6 +65,7 @@ impl<'a> SavedPass<'a> {
 impl Pass for SavedPass<'_> {
     type Hidden = Tensor<2>;
     type Kept = Saved;
+    type PairGrad = (Tensor<1>, Tensor<1>);
 
     fn embed(&mut self) -> Result<Tensor<2>> {
         let (model, layout) = (self.step.model, self.step.layout);
@@ -144,7 +100,7 @@ impl Pass for SavedPass<'_> {
         kept: Saved,
         grad: Tensor<2>,
         _clock: &mut StepClock,
-    ) -> Result<(Tensor<2>, LayerGrads)> {
+    ) -> Result<(Tensor<2>, LayerGrads<Self::PairGrad>)> {
         let (dx, pairs) = backprop::backward(
             &self.step.model.config,
             &self.layer(l),
@@ -152,11 +108,10 @@ impl Pass for SavedPass<'_> {
             grad,
             &self.geometry(),
         )?;
-        for (t, (da, db)) in pairs {
-            let (na, nb): (usize, usize) = (da.dims().iter().product(), db.dims().iter().product());
-            self.pending
-                .push(((l, t), da.reshape([na]), db.reshape([nb])));
-        }
-        Ok((dx, Vec::new()))
+        let pairs = pairs
+            .into_iter()
+            .map(|(t, (da, db))| (t, (flat(da), flat(db))))
+            .collect();
+        Ok((dx, pairs))
     }
 }

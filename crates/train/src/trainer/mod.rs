@@ -117,7 +117,7 @@ pub fn train(job: TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Res
     let schedule = prepared.schedule;
     let total_steps = schedule.total_steps;
     let resume::Start {
-        mut weights,
+        weights,
         mut adam,
         state: mut st,
     } = resume::start(
@@ -128,6 +128,8 @@ pub fn train(job: TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Res
         job.resume,
         total_steps,
     )?;
+    // On a GPU a LoRA run's factors and moments stay there, read back only for checkpoints.
+    let mut weights = weights.resident(model, &adam)?;
 
     let mut log = metrics::MetricsLog::open(&job.out_dir.join(metrics::FILE))?;
     let mut write_line = |line: &MetricsLine| -> Result<()> {
@@ -143,12 +145,7 @@ pub fn train(job: TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Res
     };
     // Validation after `st.step` steps; the best weights are kept.
     let evaluate = |model: &QloraModel, weights: &Weights, st: &mut TrainerState| -> Result<f64> {
-        let loss = validation_loss(
-            model,
-            weights.adapter(),
-            &prepared.val.sequences,
-            c.batch_size,
-        )?;
+        let loss = validation_loss(model, weights, &prepared.val.sequences, c.batch_size)?;
         if stopping.record(st, loss) {
             weights::save_weights_dir(&best_dir, weights, model, job.tokenizer)?;
         }
@@ -215,6 +212,7 @@ pub fn train(job: TrainJob, on_line: &mut dyn FnMut(&MetricsLine, usize)) -> Res
         let interrupted = job.stop.is_some_and(|s| s.load(Ordering::SeqCst));
         if st.step % c.save_every == 0 || interrupted || st.stopped_early || st.step == total_steps
         {
+            weights.sync_optimizer(&mut adam)?;
             let folder = weights.folder();
             let write = |dir: &Path| weights.write(&dir.join(folder), model, job.tokenizer);
             state::save(job.out_dir, &write, &adam, &st, c.keep_checkpoints)?;

@@ -3,14 +3,17 @@
 
 use std::path::Path;
 
+use supportlm_model::llama::to_vec;
 use supportlm_model::loader::{SafetensorsDir, TensorSource};
 use supportlm_model::lora::Adapter;
 use supportlm_model::tokenizer::Tokenizer;
 
+use burn::tensor::{Tensor, TensorData};
+
 use crate::config::Tuning;
 use crate::error::{Result, TrainError};
-use crate::optim::{AdamState, AdamStep};
-use crate::qlora::{Dropout, LossSum, QloraModel, Sequence};
+use crate::optim::{AdamState, AdamStep, OnDevice};
+use crate::qlora::{DeviceFactors, Dropout, LossSum, QloraModel, Sequence};
 
 /// The adapter's tensors in site order (A then B of each site), mutable.
 fn params_mut(adapter: &mut Adapter) -> Vec<&mut [f32]> {
@@ -25,36 +28,233 @@ fn params_mut(adapter: &mut Adapter) -> Vec<&mut [f32]> {
 pub enum Weights {
     /// A LoRA adapter (the base is frozen).
     Lora(Adapter),
+    /// A LoRA adapter trained on a GPU: its factors and AdamW's moments stay on the device between
+    /// checkpoints ([`DeviceLora`]).
+    DeviceLora(Box<DeviceLora>),
     /// Every parameter; the values live in the model's tensors.
     Full,
+    /// Every parameter, trained on a GPU: the values in the model's tensors there, AdamW's moments
+    /// beside them ([`DeviceMoments`]).
+    DeviceFull(DeviceMoments),
+}
+
+/// AdamW's moments of full fine-tuning on the device, one flat tensor per parameter.
+pub struct DeviceMoments {
+    m: Vec<Tensor<1>>,
+    v: Vec<Tensor<1>>,
+}
+
+/// Host moments (one vector per tensor) as device tensors, checked against the trained sizes.
+fn upload_moments(
+    per_tensor: &[Vec<f32>],
+    sizes: &[usize],
+    model: &QloraModel,
+) -> Result<Vec<Tensor<1>>> {
+    if per_tensor.len() != sizes.len() || per_tensor.iter().zip(sizes).any(|(m, &n)| m.len() != n) {
+        return Err(TrainError::Internal(
+            "the optimizer state does not match the trained tensors".into(),
+        ));
+    }
+    Ok(per_tensor
+        .iter()
+        .map(|m| Tensor::from_data(TensorData::new(m.clone(), [m.len()]), model.device()))
+        .collect())
+}
+
+/// A LoRA run's state on the device: the factors, and AdamW's moments flat in the same layout.
+pub struct DeviceLora {
+    /// The adapter as it was uploaded: its configuration and sites (values as of the last upload).
+    template: Adapter,
+    factors: DeviceFactors,
+    m: Tensor<1>,
+    v: Tensor<1>,
+}
+
+impl DeviceLora {
+    /// Uploads `adapter` and its moments in `adam` (one transfer each).
+    fn upload(adapter: Adapter, adam: &AdamState, model: &QloraModel) -> Result<Self> {
+        let factors = DeviceFactors::upload(&adapter, model.device());
+        let sizes = Weights::Lora(adapter.clone()).sizes(model);
+        let flat = |per_tensor: &[Vec<f32>]| -> Result<Tensor<1>> {
+            let parts = upload_moments(per_tensor, &sizes, model)?;
+            Ok(if parts.is_empty() {
+                factors.values().zeros_like()
+            } else {
+                Tensor::cat(parts, 0)
+            })
+        };
+        Ok(DeviceLora {
+            m: flat(&adam.m)?,
+            v: flat(&adam.v)?,
+            template: adapter,
+            factors,
+        })
+    }
+
+    /// The adapter with the device's current factors (one read).
+    fn adapter(&self) -> Result<Adapter> {
+        let mut a = self.template.clone();
+        self.factors.download_into(&mut a)?;
+        Ok(a)
+    }
+
+    /// Copies the device's moments into `adam`, per tensor in optimizer order (one read).
+    fn moments_into(&self, adam: &mut AdamState) -> Result<()> {
+        let n = self.factors.len();
+        let both = to_vec(Tensor::cat(vec![self.m.clone(), self.v.clone()], 0))?;
+        let (m, v) = both.split_at(n);
+        for (flat, out) in [(m, &mut adam.m), (v, &mut adam.v)] {
+            let pairs = self.factors.split(flat)?;
+            *out = pairs.into_values().flat_map(|p| [p.a, p.b]).collect();
+        }
+        Ok(())
+    }
+
+    /// Summed loss of `batch` and the flat gradient, on the device.
+    fn loss_and_grads(
+        &self,
+        model: &QloraModel,
+        batch: &[Sequence],
+        dropout: Option<Dropout>,
+    ) -> Result<(LossSum, Tensor<1>)> {
+        Ok(model.device_loss_and_grads(&self.factors, batch, dropout)?)
+    }
+
+    /// One AdamW update with the flat gradient `g`, on the device.
+    fn update(&mut self, step: AdamStep, g: Tensor<1>) -> Result<()> {
+        let state = OnDevice {
+            param: self.factors.values(),
+            m: self.m.clone(),
+            v: self.v.clone(),
+        };
+        let next = step.apply_on_device(state, g);
+        self.factors.set_values(next.param)?;
+        (self.m, self.v) = (next.m, next.v);
+        Ok(())
+    }
 }
 
 impl Weights {
-    /// The adapter, when LoRA.
-    pub fn adapter(&self) -> Option<&Adapter> {
-        match self {
-            Weights::Lora(a) => Some(a),
-            Weights::Full => None,
+    /// The same weights with their values and AdamW's moments (`adam`) moved to the model's device
+    /// when that is not the CPU (the CPU keeps its host step).
+    pub fn resident(self, model: &QloraModel, adam: &AdamState) -> Result<Self> {
+        if supportlm_model::device::is_cpu(model.device()) {
+            return Ok(self);
         }
+        match self {
+            Weights::Lora(a) => Ok(Weights::DeviceLora(Box::new(DeviceLora::upload(
+                a, adam, model,
+            )?))),
+            Weights::Full => {
+                let sizes = self.sizes(model);
+                Ok(Weights::DeviceFull(DeviceMoments {
+                    m: upload_moments(&adam.m, &sizes, model)?,
+                    v: upload_moments(&adam.v, &sizes, model)?,
+                }))
+            }
+            w => Ok(w),
+        }
+    }
+
+    /// Brings `adam`'s moments up to date from the device, before a checkpoint writes them.
+    pub fn sync_optimizer(&self, adam: &mut AdamState) -> Result<()> {
+        match self {
+            Weights::DeviceLora(d) => d.moments_into(adam),
+            Weights::DeviceFull(d) => {
+                adam.m = d.m.iter().cloned().map(to_vec).collect::<Result<_, _>>()?;
+                adam.v = d.v.iter().cloned().map(to_vec).collect::<Result<_, _>>()?;
+                Ok(())
+            }
+            Weights::Lora(_) | Weights::Full => Ok(()),
+        }
+    }
+
+    /// Summed loss of one micro-batch and its gradients left on the device, in optimizer order (one
+    /// flat tensor for an adapter, one per parameter for full fine-tuning); `None` for host weights.
+    pub fn device_loss_and_grads(
+        &self,
+        model: &QloraModel,
+        batch: &[Sequence],
+        dropout: Option<Dropout>,
+    ) -> Option<Result<(LossSum, Vec<Tensor<1>>)>> {
+        match self {
+            Weights::DeviceLora(d) => Some(
+                d.loss_and_grads(model, batch, dropout)
+                    .map(|(loss, g)| (loss, vec![g])),
+            ),
+            Weights::DeviceFull(_) => {
+                Some(model.device_full_loss_and_grads(batch).map_err(Into::into))
+            }
+            Weights::Lora(_) | Weights::Full => None,
+        }
+    }
+
+    /// One AdamW update on the device with gradients from [`Self::device_loss_and_grads`].
+    pub fn update_on_device(
+        &mut self,
+        model: &mut QloraModel,
+        step: AdamStep,
+        grads: Vec<Tensor<1>>,
+    ) -> Result<()> {
+        match self {
+            Weights::DeviceLora(d) => {
+                let g = grads
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| TrainError::Internal("no gradient for the adapter".into()))?;
+                d.update(step, g)
+            }
+            Weights::DeviceFull(d) => {
+                for (i, g) in grads.into_iter().enumerate() {
+                    let state = OnDevice {
+                        param: model.full_parameter_tensor(i)?,
+                        m: d.m[i].clone(),
+                        v: d.v[i].clone(),
+                    };
+                    let next = step.apply_on_device(state, g);
+                    model.set_full_parameter_tensor(i, next.param)?;
+                    (d.m[i], d.v[i]) = (next.m, next.v);
+                }
+                Ok(())
+            }
+            Weights::Lora(_) | Weights::Full => Err(TrainError::Internal(
+                "a device update asked of weights trained on the host".into(),
+            )),
+        }
+    }
+
+    /// Waits for the device's queued work on these weights (an update) to finish, reading one value
+    /// back: what a benchmark calls before it stops its clock.
+    pub fn wait_for_device(&self, model: &QloraModel) -> Result<()> {
+        let last = match self {
+            Weights::DeviceLora(d) => d.factors.values(),
+            Weights::DeviceFull(_) => model.full_parameter_tensor(self.sizes(model).len() - 1)?,
+            Weights::Lora(_) | Weights::Full => return Ok(()),
+        };
+        to_vec(last.narrow(0, 0, 1))?;
+        Ok(())
     }
 
     /// The folder name of these weights inside a run or checkpoint folder.
     pub(super) fn folder(&self) -> &'static str {
         match self {
-            Weights::Lora(_) => "adapter",
-            Weights::Full => "model",
+            Weights::Lora(_) | Weights::DeviceLora(_) => "adapter",
+            Weights::Full | Weights::DeviceFull(_) => "model",
         }
     }
 
     /// The length of every trained tensor, in optimizer order.
     pub fn sizes(&self, model: &QloraModel) -> Vec<usize> {
-        match self {
-            Weights::Lora(a) => a
-                .weights
+        let adapter_sizes = |a: &Adapter| {
+            a.weights
                 .values()
                 .flat_map(|p| [p.a.len(), p.b.len()])
-                .collect(),
-            Weights::Full => model
+                .collect()
+        };
+        match self {
+            Weights::Lora(a) => adapter_sizes(a),
+            Weights::DeviceLora(d) => adapter_sizes(&d.template),
+            Weights::Full | Weights::DeviceFull(_) => model
                 .full_parameters()
                 .iter()
                 .map(|p| p.shape.iter().product())
@@ -62,7 +262,7 @@ impl Weights {
         }
     }
 
-    /// Summed loss and gradients (in optimizer order) of one micro-batch.
+    /// Summed loss and gradients (in optimizer order) of one micro-batch, on the host.
     pub fn loss_and_grads(
         &self,
         model: &QloraModel,
@@ -78,6 +278,11 @@ impl Weights {
             Weights::Full => {
                 let out = model.full_loss_and_grads(batch)?;
                 (out.loss, out.grads)
+            }
+            Weights::DeviceLora(_) | Weights::DeviceFull(_) => {
+                return Err(TrainError::Internal(
+                    "host gradients asked of weights trained on the device".into(),
+                ))
             }
         })
     }
@@ -103,6 +308,11 @@ impl Weights {
                     model.set_full_parameter(i, p)?;
                 }
             }
+            Weights::DeviceLora(_) | Weights::DeviceFull(_) => {
+                return Err(TrainError::Internal(
+                    "a host update asked of weights trained on the device".into(),
+                ))
+            }
         }
         Ok(())
     }
@@ -116,7 +326,8 @@ impl Weights {
     ) -> Result<()> {
         match self {
             Weights::Lora(a) => a.save(dir, &model.config)?,
-            Weights::Full => model.save_full_hf_dir(dir, tokenizer)?,
+            Weights::DeviceLora(d) => d.adapter()?.save(dir, &model.config)?,
+            Weights::Full | Weights::DeviceFull(_) => model.save_full_hf_dir(dir, tokenizer)?,
         }
         Ok(())
     }
@@ -161,19 +372,29 @@ impl Weights {
     }
 }
 
-/// Mean loss per target token over `seqs`, in batches.
+/// Mean loss per target token over `seqs` with `weights`, in batches.
 pub fn validation_loss(
     model: &QloraModel,
-    adapter: Option<&Adapter>,
+    weights: &Weights,
     seqs: &[Sequence],
     batch: usize,
 ) -> Result<f64> {
+    let uploaded;
+    let factors = match weights {
+        Weights::Lora(a) => {
+            a.validate_for(&model.config)?;
+            uploaded = DeviceFactors::upload(a, model.device());
+            Some(&uploaded)
+        }
+        Weights::DeviceLora(d) => Some(&d.factors),
+        Weights::Full | Weights::DeviceFull(_) => None,
+    };
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| seqs[i].ids.len());
     let (mut sum, mut tokens) = (0f64, 0usize);
     for chunk in order.chunks(batch.max(1)) {
         let b: Vec<Sequence> = chunk.iter().map(|&i| seqs[i].clone()).collect();
-        let l = model.loss(adapter, &b)?;
+        let l = model.device_loss(factors, &b)?;
         supportlm_fsio::chaos::point("validation: a batch's loss computed");
         sum += l.sum;
         tokens += l.tokens;

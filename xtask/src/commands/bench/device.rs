@@ -4,6 +4,9 @@
 //! in the same run: prefill, scoring-sized batches, decoding at batch 1 and 16 with the KV cache on the
 //! device (greedy ids read back), and one QLoRA NF4 training step. `--shape qwen2.5-1.5b` builds random
 //! weights in Qwen2.5-1.5B-Instruct's shapes (nothing to download).
+//!
+//! `bench model --device D` runs the inference half and `bench train --device D` the training table
+//! (every mode at 8 x 128 and 32 x 256, or `--batch` x `--seq`) for a device other than the CPU.
 
 use std::time::Instant;
 
@@ -16,7 +19,11 @@ use supportlm_model::loader::{load_llama_as, TensorSource};
 use supportlm_model::lora::{Adapter, LoraConfig};
 use supportlm_model::model::Checkpoint;
 use supportlm_model::{tiny, BaseQuant, Device};
-use supportlm_train::qlora::{QloraModel, Sequence};
+use supportlm_train::optim::{clip_global_norm_on_device, AdamState, AdamW};
+use supportlm_train::qlora::{Dropout, QloraModel, StepPath};
+use supportlm_train::trainer::Weights as TrainWeights;
+
+use super::train::{step_flops, synthetic_batch, Mode};
 
 /// What `bench device` runs.
 pub struct DeviceBench<'a> {
@@ -125,7 +132,15 @@ fn decode_tps(llama: &Llama, batch: usize, steps: usize) -> anyhow::Result<f64> 
     Ok((batch * steps) as f64 / t.elapsed().as_secs_f64())
 }
 
-pub fn run(args: DeviceBench) -> anyhow::Result<()> {
+/// The device, its matmul rate (printed) and the model to measure.
+struct Setup {
+    device: Device,
+    gflops: f64,
+    config: ModelConfig,
+    source: Weights,
+}
+
+fn setup(args: &DeviceBench) -> anyhow::Result<Setup> {
     let spec = DeviceSpec::choose(args.device)?;
     let device = spec.open()?;
     let n = 1024;
@@ -136,22 +151,57 @@ pub fn run(args: DeviceBench) -> anyhow::Result<()> {
         "model: {what} ({}M parameters)",
         config.num_params() / 1_000_000
     );
+    Ok(Setup {
+        device,
+        gflops,
+        config,
+        source,
+    })
+}
+
+/// `bench device`: inference, then one QLoRA step at `--batch` x `--seq`.
+pub fn run(args: DeviceBench) -> anyhow::Result<()> {
+    let setup = setup(&args)?;
+    inference(&setup, &args)?;
+    training(
+        &setup,
+        &[Mode::Lora(BaseQuant::Nf4)],
+        &[(args.batch, args.seq)],
+        1,
+    )
+}
+
+/// `bench model --device D`: prefill, a scoring-sized batch, decoding at batch 1 and 16.
+pub fn model(args: DeviceBench) -> anyhow::Result<()> {
+    let setup = setup(&args)?;
+    inference(&setup, &args)
+}
+
+/// `bench train --device D`: a training step per mode (LoRA on f32 / int8 / NF4 bases, full
+/// fine-tuning) at each shape, as the trainer runs it there (factors or parameters, gradients and AdamW
+/// state on the device), `steps` timed steps after a warm-up.
+pub fn train(args: DeviceBench, shapes: &[(usize, usize)]) -> anyhow::Result<()> {
+    let setup = setup(&args)?;
+    training(&setup, &Mode::ALL, shapes, args.steps.clamp(1, 5))
+}
+
+fn inference(setup: &Setup, args: &DeviceBench) -> anyhow::Result<()> {
+    let Setup {
+        device,
+        gflops,
+        config,
+        source,
+    } = setup;
     let t = Instant::now();
     let llama = source
-        .with_source(|src| load_llama_as(src, &config, BaseQuant::None, &device))
+        .with_source(|src| load_llama_as(src, config, BaseQuant::None, device))
         .context("loading the model onto the device")?;
     println!("loaded in {:.1} s", t.elapsed().as_secs_f64());
-    let per_token = flops_per_token(&config);
+    let per_token = flops_per_token(config);
     let share = |tps: f64| 100.0 * tps * per_token / 1e9 / gflops;
 
     let (b, s) = (args.batch, args.seq);
-    let rows: Vec<Vec<u32>> = (0..b)
-        .map(|r| {
-            (0..s)
-                .map(|i| 10 + ((r * 17 + i * 13) % 900) as u32)
-                .collect()
-        })
-        .collect();
+    let rows = token_rows(b, s);
     let timed = |label: &str, rows: &[Vec<u32>]| -> anyhow::Result<()> {
         let input = StepInput::dense(rows.to_vec());
         to_vec(
@@ -178,31 +228,103 @@ pub fn run(args: DeviceBench) -> anyhow::Result<()> {
             share(tps)
         );
     }
-    drop(llama);
+    Ok(())
+}
 
-    // One QLoRA step on an NF4 base (r 8 on every projection), forward + backward: 3x the forward FLOPs.
-    let qlora =
-        source.with_source(|src| QloraModel::load(src, &config, BaseQuant::Nf4, &device))?;
-    let lora = LoraConfig {
-        r: 8,
-        alpha: 16.0,
-        ..Default::default()
-    };
-    let adapter = Adapter::init(lora, &config, "bench", 1)?;
-    let batch: Vec<Sequence> = rows
-        .iter()
-        .map(|ids| Sequence {
-            loss_mask: vec![true; ids.len()],
-            ids: ids.clone(),
+/// `b` rows of `s` deterministic token ids.
+fn token_rows(b: usize, s: usize) -> Vec<Vec<u32>> {
+    (0..b)
+        .map(|r| {
+            (0..s)
+                .map(|i| 10 + ((r * 17 + i * 13) % 900) as u32)
+                .collect()
         })
-        .collect();
-    let _ = qlora.loss_and_grads(&adapter, &batch, None)?;
-    let t = Instant::now();
-    let _ = qlora.loss_and_grads(&adapter, &batch, None)?;
-    let tps = (b * s) as f64 / t.elapsed().as_secs_f64();
+        .collect()
+}
+
+/// Training steps on the device per mode and shape: the trainer's resident step (loss and gradients,
+/// global-norm clipping, AdamW), `steps` of them back to back after a warm-up, timed to the end of the
+/// last update.
+fn training(
+    setup: &Setup,
+    modes: &[Mode],
+    shapes: &[(usize, usize)],
+    steps: usize,
+) -> anyhow::Result<()> {
+    let Setup {
+        device,
+        gflops,
+        config,
+        source,
+    } = setup;
     println!(
-        "train QLoRA NF4 {b} x {s}: {tps:.0} tokens/s = {:.0}% of matmul (3x forward FLOPs)",
-        3.0 * share(tps)
+        "training step (LoRA r 8 on every projection, dropout 0.05; full: every parameter), incl. \
+         clipping and AdamW, mean of {steps} after a warm-up:"
     );
+    println!(
+        "{:<8} {:>8} {:>12} {:>9} {:>10} {:>9} {:>10}",
+        "mode", "shape", "trainable", "step s", "tokens/s", "GFLOP/s", "% matmul"
+    );
+    for &mode in modes {
+        let quant = match mode {
+            Mode::Lora(q) | Mode::LoraRecompute(q) => q,
+            Mode::Full => BaseQuant::None,
+        };
+        let mut model = source
+            .with_source(|src| QloraModel::load(src, config, quant, device))
+            .with_context(|| format!("loading the {} base onto the device", mode.name()))?;
+        model.step_path = StepPath::choose(!matches!(mode, Mode::LoraRecompute(_)), device);
+        let lora = (mode != Mode::Full).then(|| LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            ..Default::default()
+        });
+        for &(b, s) in shapes {
+            let data = synthetic_batch(b, s, config.vocab_size);
+            let weights = match &lora {
+                Some(l) => TrainWeights::Lora(Adapter::init(l.clone(), config, "bench", 1)?),
+                None => TrainWeights::Full,
+            };
+            let mut adam = AdamState::new(&weights.sizes(&model));
+            let trainable: usize = weights.sizes(&model).iter().sum();
+            let mut weights = weights.resident(&model, &adam)?;
+            let opt = AdamW::default();
+            let dropout = Some(Dropout { p: 0.05, seed: 1 });
+            let mut step = |model: &mut QloraModel| -> anyhow::Result<()> {
+                let (_, grads) = weights
+                    .device_loss_and_grads(model, &data, dropout)
+                    .context("the weights are not on the device")??;
+                let (grads, _) = clip_global_norm_on_device(grads, 1.0)?;
+                weights.update_on_device(model, opt.begin_step(&mut adam, 1e-5), grads)?;
+                Ok(())
+            };
+            step(&mut model)?;
+            let t = Instant::now();
+            for _ in 0..steps {
+                step(&mut model)?;
+            }
+            weights.wait_for_device(&model)?;
+            let step_s = t.elapsed().as_secs_f64() / steps as f64;
+            let fp = model.footprint();
+            let flops = step_flops(
+                config,
+                fp.linear_params,
+                &data,
+                mode == Mode::Full,
+                lora.as_ref(),
+            );
+            let rate = flops / step_s / 1e9;
+            println!(
+                "{:<8} {:>8} {:>12} {:>9.2} {:>10.1} {:>9.1} {:>9.0}%",
+                mode.name(),
+                format!("{b}x{s}"),
+                trainable,
+                step_s,
+                (b * s) as f64 / step_s,
+                rate,
+                100.0 * rate / gflops
+            );
+        }
+    }
     Ok(())
 }

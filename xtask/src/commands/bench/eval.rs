@@ -1,22 +1,24 @@
 //! `cargo xtask bench eval`: Task 1 (categories) with the constrained rule on the default model: items/s
 //! for 0-shot and balanced 10-shot prompts, with the shared prefix encoded once (reuse) and with every
-//! prompt encoded from scratch, measured in one run on the same items.
+//! prompt encoded from scratch, measured in one run on the same items. `--device` picks the device.
 
 use std::time::Instant;
 
 use anyhow::Context;
 use supportlm_data::kshot::balanced_kshot;
 use supportlm_data::{load_csv, shipped, split, SplitConfig, Task};
+use supportlm_model::device::DeviceSpec;
 use supportlm_model::score::{encode_prefix, score_candidates, score_items};
-use supportlm_model::{default_device, Model};
+use supportlm_model::Model;
 use supportlm_prompting::prompt::{encode_prompts, label_candidates};
 
-pub fn run(items: usize) -> anyhow::Result<()> {
+pub fn run(items: usize, device: Option<&str>) -> anyhow::Result<()> {
     let root = crate::utils::workspace_root();
     crate::commands::setup::run(&root)?;
+    let spec = DeviceSpec::choose(device)?;
     let model = Model::load(
         &root.join(crate::commands::setup::DEFAULT_MODEL_PATH),
-        &default_device(),
+        &spec.open()?,
     )
     .context("loading the default model")?;
     let data = load_csv(&shipped::default_input())?;
@@ -40,7 +42,7 @@ pub fn run(items: usize) -> anyhow::Result<()> {
     let labels = Task::Category.labels();
     let candidates = label_candidates(&labels, &model.tokenizer)?;
     println!(
-        "Task 1 (11 categories), constrained scoring, {} test items, default model:",
+        "Task 1 (11 categories), constrained scoring, {} test items, default model, device {spec}:",
         records.len()
     );
     for (name, examples) in [("0-shot", &[][..]), ("10-shot", &shots[..])] {

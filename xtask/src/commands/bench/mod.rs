@@ -47,19 +47,23 @@ pub struct BenchArgs {
     /// Items for the eval benchmark.
     #[arg(long, default_value_t = 40)]
     items: usize,
-    /// Decode steps per decode measurement.
+    /// Decode steps per decode measurement (`device`, `model --device`); timed training steps
+    /// (`train --device`, at most 5).
     #[arg(long, default_value_t = 32)]
     steps: usize,
-    /// Training batch rows (qlora).
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
-    /// Training sequence length (qlora).
-    #[arg(long, default_value_t = 128)]
-    seq: usize,
+    /// Batch rows (qlora, device, train-step; `train --device`: only this shape, with `--seq`)
+    /// [default: 8].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Sequence length (as `--batch`) [default: 128].
+    #[arg(long)]
+    seq: Option<usize>,
     /// Mode for `train-step`: none, int8, nf4 (LoRA base formats) or full.
     #[arg(long, default_value = "nf4")]
     mode: String,
-    /// Device for `device`: cpu, wgpu[:N], cuda[:N] (xtask built with `--features wgpu` / `cuda`).
+    /// Device for `device`, `model`, `train`, `eval`: cpu, wgpu[:N], cuda[:N] (xtask built with
+    /// `--features wgpu` / `cuda`); for `model` and `train` a device other than the CPU runs the
+    /// tensor-op paths a GPU takes (the CPU default: the host kernels).
     #[arg(long)]
     device: Option<String>,
     /// Model for `device`: `default` (the shipped SmolLM2) or `qwen2.5-1.5b` (random weights in its
@@ -69,20 +73,34 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let (batch, seq) = (args.batch.unwrap_or(8), args.seq.unwrap_or(128));
+    let device_bench = || device::DeviceBench {
+        device: args.device.as_deref(),
+        shape: &args.shape,
+        batch,
+        seq,
+        steps: args.steps,
+    };
+    // `--device` other than the CPU: the tensor-op paths a GPU runs, against that device's matmul.
+    let on_device = supportlm_model::device::DeviceSpec::choose(args.device.as_deref())?;
+    let on_device = !on_device.is_cpu();
     match args.suite {
+        Suite::Model if on_device => device::model(device_bench()),
         Suite::Model => model(&args),
         Suite::Kernels => kernels(),
-        Suite::Qlora => qlora::run(args.batch, args.seq),
-        Suite::Eval => eval::run(args.items),
+        Suite::Qlora => qlora::run(batch, seq),
+        Suite::Eval => eval::run(args.items, args.device.as_deref()),
+        Suite::Train if on_device => {
+            let shapes = if args.batch.is_some() || args.seq.is_some() {
+                vec![(batch, seq)]
+            } else {
+                vec![(8, 128), (32, 256)]
+            };
+            device::train(device_bench(), &shapes)
+        }
         Suite::Train => train::run(),
-        Suite::Device => device::run(device::DeviceBench {
-            device: args.device.as_deref(),
-            shape: &args.shape,
-            batch: args.batch,
-            seq: args.seq,
-            steps: args.steps,
-        }),
-        Suite::TrainStep => train::step(train::Mode::parse(&args.mode)?, args.batch, args.seq),
+        Suite::Device => device::run(device_bench()),
+        Suite::TrainStep => train::step(train::Mode::parse(&args.mode)?, batch, seq),
     }
 }
 
