@@ -6,11 +6,13 @@
 //!   (packed around a shared prompt prefix, `qlora/layout.rs`), dropout (`qlora/dropout.rs`), the
 //!   hand-written layer backward (`qlora/backprop.rs`) and the same step on host buffers for the CPU
 //!   (`qlora/host.rs`, with LoRA's row kernels in `qlora/low_rank.rs` and the exponentials in
-//!   `qlora/pointwise.rs`).
+//!   `qlora/pointwise.rs`); on a GPU the adapter's factors as one flat device tensor
+//!   (`qlora/factors.rs`).
 //! - [`config`]: the run configuration (TOML files under `configs/`, `--set key=value` overrides).
 //! - [`examples`]: a record → chat-templated token ids with the loss on the assistant turn only.
 //! - [`batching`]: seeded, length-bucketed batches.
-//! - [`optim`]: AdamW, warmup + cosine learning rate, global-norm clipping.
+//! - [`optim`]: AdamW, warmup + cosine learning rate, global-norm clipping (host loops, or tensor ops on
+//!   a device).
 //! - [`state`]: checkpoints (adapter, optimizer, scheduler, data position) written atomically.
 //! - [`trainer`]: the loop: gradient accumulation, validation, early stopping, best adapter, resume,
 //!   `metrics.jsonl`.

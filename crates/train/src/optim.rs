@@ -85,6 +85,17 @@ impl AdamW {
     }
 }
 
+/// A parameter tensor and its two moments, flat, on the training device.
+#[derive(Debug, Clone)]
+pub struct OnDevice {
+    /// The values trained.
+    pub param: Tensor<1>,
+    /// First moments.
+    pub m: Tensor<1>,
+    /// Second moments.
+    pub v: Tensor<1>,
+}
+
 /// The coefficients of one AdamW update.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamStep {
@@ -115,20 +126,7 @@ impl AdamStep {
             p[j] = p[j] * decay - step_size * m[j] / denom;
         }
     }
-}
 
-/// A parameter tensor and its two moments, flat, on the training device.
-#[derive(Debug, Clone)]
-pub struct OnDevice {
-    /// The values trained.
-    pub param: Tensor<1>,
-    /// First moments.
-    pub m: Tensor<1>,
-    /// Second moments.
-    pub v: Tensor<1>,
-}
-
-impl AdamStep {
     /// [`AdamStep::apply`] on a device, in element-wise tensor ops (the host's order of operations).
     pub fn apply_on_device(&self, state: OnDevice, g: Tensor<1>) -> OnDevice {
         let AdamStep {

@@ -8,6 +8,7 @@ mod common;
 use common::records;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use supportlm_model::chat::ChatTemplate;
 use supportlm_model::config::Architecture;
@@ -18,6 +19,7 @@ use supportlm_model::{default_device, tiny, Device};
 use supportlm_train::qlora::QloraModel;
 use supportlm_train::trainer::{train, MetricsLine, TrainJob};
 use supportlm_train::TrainConfig;
+use supportlm_train::TrainOutcome;
 
 /// Relative tolerance on losses, absolute on adapter values: the one docs/GPU.md states.
 const TOLERANCE: f64 = 1e-3;
@@ -28,6 +30,23 @@ fn gpu() -> Device {
 }
 
 fn run(base: &Path, out: &Path, config: &TrainConfig, device: &Device) -> Vec<MetricsLine> {
+    let mut lines = Vec::new();
+    job(base, out, config, device, (false, None), &mut |line| {
+        lines.push(line.clone())
+    })
+    .unwrap();
+    lines
+}
+
+/// One training job on the tiny records: `(resume, stop)` as [`TrainJob`] takes them.
+fn job(
+    base: &Path,
+    out: &Path,
+    config: &TrainConfig,
+    device: &Device,
+    (resume, stop): (bool, Option<&AtomicBool>),
+    on_line: &mut dyn FnMut(&MetricsLine),
+) -> supportlm_train::Result<TrainOutcome> {
     let checkpoint = Checkpoint::open(base).unwrap();
     let mut model = checkpoint
         .with_source(|src| QloraModel::load(src, &checkpoint.config, config.base_quant, device))
@@ -43,12 +62,10 @@ fn run(base: &Path, out: &Path, config: &TrainConfig, device: &Device) -> Vec<Me
         config,
         out_dir: out,
         base_model: "tiny",
-        resume: false,
-        stop: None,
+        resume,
+        stop,
     };
-    let mut lines = Vec::new();
-    train(job, &mut |line, _| lines.push(line.clone())).unwrap();
-    lines
+    train(job, &mut |line, _| on_line(line))
 }
 
 fn config(extra: &[&str]) -> TrainConfig {
@@ -237,8 +254,6 @@ fn an_optimizer_step_reads_only_its_loss_and_gradient_norm() {
 /// read back, then uploaded again) ends with the adapter of the uninterrupted run.
 #[test]
 fn a_run_on_the_device_resumes_to_the_same_adapter() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
     let model_config = tiny::config(Architecture::Llama);
@@ -249,31 +264,20 @@ fn a_run_on_the_device_resumes_to_the_same_adapter() {
     run(&base, &whole, &config, &gpu);
 
     let split = dir.path().join("split");
-    let checkpoint = Checkpoint::open(&base).unwrap();
-    let template = ChatTemplate::for_tokenizer(&checkpoint.tokenizer).unwrap();
-    let (train_set, val_set) = (records(24, 0), records(6, 100));
     let stop = AtomicBool::new(false);
     for resume in [false, true] {
-        let mut model = checkpoint
-            .with_source(|src| QloraModel::load(src, &checkpoint.config, config.base_quant, &gpu))
-            .unwrap();
-        let job = TrainJob {
-            model: &mut model,
-            tokenizer: &checkpoint.tokenizer,
-            template: &template,
-            train: &train_set,
-            validation: &val_set,
-            config: &config,
-            out_dir: &split,
-            base_model: "tiny",
-            resume,
-            stop: Some(&stop),
-        };
-        let result = train(job, &mut |line, _| {
-            if line.step == 10 {
-                stop.store(true, Ordering::SeqCst);
-            }
-        });
+        let result = job(
+            &base,
+            &split,
+            &config,
+            &gpu,
+            (resume, Some(&stop)),
+            &mut |line| {
+                if line.step == 10 {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            },
+        );
         assert_eq!(result.is_ok(), resume, "{result:?}");
         stop.store(false, Ordering::SeqCst);
     }
