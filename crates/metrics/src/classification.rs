@@ -167,6 +167,22 @@ impl ClassificationReport {
         }
     }
 
+    /// Macro-F1 over the classes that occur in the truth or the predictions (scikit-learn's
+    /// `f1_score(average="macro")` without `labels=`): a class absent from both has no precision or
+    /// recall to average, and counting it as 0, as [`Self::macro_avg`] does over the fixed label set,
+    /// pulls a small sample's score down (60 items over 27 intents, all right: 0.926 instead of 1).
+    /// On a test set where every class occurs the two are equal.
+    pub fn macro_f1_of_present(&self) -> f64 {
+        let present: Vec<f64> = self
+            .per_class
+            .iter()
+            .enumerate()
+            .filter(|&(i, c)| c.support > 0 || self.confusion.iter().any(|row| row[i] > 0))
+            .map(|(_, c)| c.f1)
+            .collect();
+        ratio(present.iter().sum(), present.len() as f64)
+    }
+
     /// The `top` most frequent off-diagonal (true, predicted) pairs with their counts.
     pub fn most_confused(&self, top: usize) -> Vec<(String, String, usize)> {
         let mut pairs: Vec<(String, String, usize)> = Vec::new();
@@ -242,4 +258,30 @@ fn agreement<S: AsRef<str>>(y_true: &[S], y_pred: &[S]) -> (f64, f64) {
         cov_ytyp / (cov_ytyt * cov_ypyp).sqrt()
     };
     (kappa, mcc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macro_f1_of_present_classes_leaves_out_the_absent_ones() {
+        let labels = ["a", "b", "c", "d"];
+        // a: 2 right; b: 1 right, 1 predicted as c; c: never true, predicted once; d: absent.
+        let truth = ["a", "a", "b", "b"];
+        let pred = ["a", "a", "b", "c"];
+        let r = ClassificationReport::compute(&labels, &truth, &pred);
+        // F1: a 1, b 2/3 (p 1, r 1/2), c 0 (p 0), d 0 (absent).
+        let want_fixed = (1.0 + 2.0 / 3.0) / 4.0;
+        assert!((r.macro_avg.f1 - want_fixed).abs() < 1e-12);
+        let want_present = (1.0 + 2.0 / 3.0 + 0.0) / 3.0;
+        assert!((r.macro_f1_of_present() - want_present).abs() < 1e-12);
+        // All right on a subset of the labels: 1.
+        let all_right = ClassificationReport::compute(&labels, &["a", "b"], &["a", "b"]);
+        assert_eq!(all_right.macro_f1_of_present(), 1.0);
+        assert_eq!(all_right.macro_avg.f1, 0.5);
+        // Nothing at all: 0, not NaN.
+        let empty = ClassificationReport::compute(&labels, &[] as &[&str], &[]);
+        assert_eq!(empty.macro_f1_of_present(), 0.0);
+    }
 }

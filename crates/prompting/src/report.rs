@@ -59,7 +59,8 @@ pub struct ClassifyMetrics {
     pub accuracy: Interval,
     /// Accuracy and macro-F1 with seeded bootstrap 95% intervals.
     pub accuracy_bootstrap: Interval,
-    /// Macro-F1 with a seeded bootstrap 95% interval.
+    /// Macro-F1 over the classes present in the truth or the predictions
+    /// ([`ClassificationReport::macro_f1_of_present`]), with a seeded bootstrap 95% interval.
     pub macro_f1: Interval,
     /// F1 weighted by support.
     pub weighted_f1: f64,
@@ -99,10 +100,12 @@ pub fn metrics(
     let acc_boot = bootstrap_ci(n, resamples, 0.95, seed, |idx| {
         idx.iter().filter(|&&i| correct[i]).count() as f64 / idx.len().max(1) as f64
     });
+    // Over the classes each sample holds: a resample (or a small test set) that misses a class would
+    // otherwise count it as F1 0.
     let macro_f1 = bootstrap_ci(n, resamples, 0.95, seed, |idx| {
         let t: Vec<&str> = idx.iter().map(|&i| truth[i]).collect();
         let p: Vec<&str> = idx.iter().map(|&i| pred[i]).collect();
-        ClassificationReport::compute(labels, &t, &p).macro_avg.f1
+        ClassificationReport::compute(labels, &t, &p).macro_f1_of_present()
     });
     let failed = predictions
         .iter()
