@@ -7,11 +7,11 @@
 mod common;
 use common::records;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use supportlm_model::chat::ChatTemplate;
-use supportlm_model::config::Architecture;
+use supportlm_model::config::{Architecture, ModelConfig};
 use supportlm_model::device::DeviceSpec;
 use supportlm_model::lora::Adapter;
 use supportlm_model::model::Checkpoint;
@@ -27,6 +27,15 @@ const TOLERANCE: f64 = 1e-3;
 fn gpu() -> Device {
     let spec = DeviceSpec::gpu_from_env().expect("a GPU backend is built in");
     spec.open().expect("the GPU device opens")
+}
+
+/// A temporary folder holding the tiny llama checkpoint in `base/`, and its configuration.
+fn tiny_base() -> (tempfile::TempDir, PathBuf, ModelConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let model_config = tiny::config(Architecture::Llama);
+    tiny::write_hf_dir(&base, &model_config, 5, 1).unwrap();
+    (dir, base, model_config)
 }
 
 fn run(base: &Path, out: &Path, config: &TrainConfig, device: &Device) -> Vec<MetricsLine> {
@@ -103,10 +112,7 @@ fn compare(tag: &str, cpu: &[MetricsLine], gpu: &[MetricsLine]) {
 
 #[test]
 fn qlora_and_full_fine_tuning_on_the_device_follow_the_cpu() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    let model_config = tiny::config(Architecture::Llama);
-    tiny::write_hf_dir(&base, &model_config, 5, 1).unwrap();
+    let (dir, base, model_config) = tiny_base();
     let gpu = gpu();
 
     let qlora = config(&["base_quant=nf4"]);
@@ -229,10 +235,7 @@ fn a_training_step_reads_from_the_device_once_per_step_not_per_layer() {
 fn an_optimizer_step_reads_only_its_loss_and_gradient_norm() {
     use supportlm_model::device::host_reads;
 
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    let model_config = tiny::config(Architecture::Llama);
-    tiny::write_hf_dir(&base, &model_config, 5, 1).unwrap();
+    let (dir, base, _) = tiny_base();
     let gpu = gpu();
     for tuning in [&["base_quant=nf4"][..], &["tuning=full", "base_quant=none"]] {
         let mut reads = Vec::new();
@@ -254,10 +257,7 @@ fn an_optimizer_step_reads_only_its_loss_and_gradient_norm() {
 /// read back, then uploaded again) ends with the adapter of the uninterrupted run.
 #[test]
 fn a_run_on_the_device_resumes_to_the_same_adapter() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base");
-    let model_config = tiny::config(Architecture::Llama);
-    tiny::write_hf_dir(&base, &model_config, 5, 1).unwrap();
+    let (dir, base, model_config) = tiny_base();
     let gpu = gpu();
     let config = config(&["base_quant=nf4", "save_every=5"]);
     let whole = dir.path().join("whole");

@@ -50,6 +50,8 @@ struct MaskStream {
     keys: [u32; 2],
     /// Elements with a uniform below this are dropped: `p` at a resolution of 1/65536.
     threshold: u32,
+    /// `1/(1-p)`: the scale of a kept element.
+    keep: f32,
 }
 
 impl MaskStream {
@@ -59,6 +61,7 @@ impl MaskStream {
         MaskStream {
             keys: [stream as u32, (stream >> 32) as u32],
             threshold: (d.p * 65536.0).round() as u32,
+            keep: (1.0 / (1.0 - d.p)) as f32,
         }
     }
 
@@ -98,7 +101,7 @@ impl DropMask {
         // Bits past the end stay unused.
         DropMask {
             bits,
-            keep: (1.0 / (1.0 - d.p)) as f32,
+            keep: stream.keep,
         }
     }
 
@@ -190,11 +193,10 @@ pub(crate) fn dropout_mask(
     let uniforms = Tensor::stack::<2>(vec![low, high], 1)
         .reshape([2 * pairs])
         .narrow(0, 0, n);
-    let keep = (1.0 / (1.0 - d.p)) as f32;
     uniforms
         .greater_equal_elem(i64::from(stream.threshold))
         .float()
-        .mul_scalar(keep)
+        .mul_scalar(stream.keep)
         .reshape([rows, cols])
 }
 

@@ -178,7 +178,7 @@ impl QloraModel {
     /// Replaces the values of parameter `index` (same length as before).
     pub fn set_full_parameter(&mut self, index: usize, values: Vec<f32>) -> Result<()> {
         let n = values.len();
-        let t = Tensor::<1>::from_data(TensorData::new(values, [n]), &self.device.clone());
+        let t = Tensor::<1>::from_data(TensorData::new(values, [n]), &self.device);
         self.set_full_parameter_tensor(index, t)
     }
 
@@ -353,7 +353,7 @@ impl QloraModel {
     }
 
     /// Values in each parameter, in [`Self::full_parameters`] order.
-    fn full_sizes(&self) -> Vec<usize> {
+    pub fn full_sizes(&self) -> Vec<usize> {
         self.full_parameters()
             .iter()
             .map(|p| p.shape.iter().product())

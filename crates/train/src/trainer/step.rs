@@ -120,17 +120,13 @@ pub(super) fn optimizer_step(
     batches: &mut Batches,
 ) -> Result<StepStats> {
     let lr = lr_at(step, schedule.total_steps, schedule.warmup, c.lr);
-    let on_device = !matches!(weights, Weights::Lora(_) | Weights::Full);
     let (loss_sum, loss_tokens, tokens, grad_norm) = match weights {
-        w if on_device => {
+        w if w.is_on_device() => {
             let acc = accumulate(
                 c,
                 step,
                 batches,
-                |batch, dropout| {
-                    w.device_loss_and_grads(model, batch, dropout)
-                        .unwrap_or_else(|| Err(TrainError::Internal("host weights".into())))
-                },
+                |batch, dropout| w.device_loss_and_grads(model, batch, dropout),
                 |a, b| a.into_iter().zip(b).map(|(x, y)| x + y).collect(),
             )?;
             let Some(grads) = acc.grads else {

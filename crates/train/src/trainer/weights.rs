@@ -15,6 +15,15 @@ use crate::error::{Result, TrainError};
 use crate::optim::{AdamState, AdamStep, OnDevice};
 use crate::qlora::{DeviceFactors, Dropout, LossSum, QloraModel, Sequence};
 
+/// The length of each of the adapter's tensors in site order (A then B of each site).
+fn adapter_sizes(adapter: &Adapter) -> Vec<usize> {
+    adapter
+        .weights
+        .values()
+        .flat_map(|p| [p.a.len(), p.b.len()])
+        .collect()
+}
+
 /// The adapter's tensors in site order (A then B of each site), mutable.
 fn params_mut(adapter: &mut Adapter) -> Vec<&mut [f32]> {
     adapter
@@ -74,7 +83,7 @@ impl DeviceLora {
     /// Uploads `adapter` and its moments in `adam` (one transfer each).
     fn upload(adapter: Adapter, adam: &AdamState, model: &QloraModel) -> Result<Self> {
         let factors = DeviceFactors::upload(&adapter, model.device());
-        let sizes = Weights::Lora(adapter.clone()).sizes(model);
+        let sizes = adapter_sizes(&adapter);
         let flat = |per_tensor: &[Vec<f32>]| -> Result<Tensor<1>> {
             let parts = upload_moments(per_tensor, &sizes, model)?;
             Ok(if parts.is_empty() {
@@ -169,23 +178,28 @@ impl Weights {
         }
     }
 
+    /// Whether the values and AdamW's moments live on the device ([`Self::resident`] on a GPU): its
+    /// steps go through [`Self::device_loss_and_grads`] and [`Self::update_on_device`].
+    pub fn is_on_device(&self) -> bool {
+        matches!(self, Weights::DeviceLora(_) | Weights::DeviceFull(_))
+    }
+
     /// Summed loss of one micro-batch and its gradients left on the device, in optimizer order (one
-    /// flat tensor for an adapter, one per parameter for full fine-tuning); `None` for host weights.
+    /// flat tensor for an adapter, one per parameter for full fine-tuning).
     pub fn device_loss_and_grads(
         &self,
         model: &QloraModel,
         batch: &[Sequence],
         dropout: Option<Dropout>,
-    ) -> Option<Result<(LossSum, Vec<Tensor<1>>)>> {
+    ) -> Result<(LossSum, Vec<Tensor<1>>)> {
         match self {
-            Weights::DeviceLora(d) => Some(
-                d.loss_and_grads(model, batch, dropout)
-                    .map(|(loss, g)| (loss, vec![g])),
-            ),
-            Weights::DeviceFull(_) => {
-                Some(model.device_full_loss_and_grads(batch).map_err(Into::into))
-            }
-            Weights::Lora(_) | Weights::Full => None,
+            Weights::DeviceLora(d) => d
+                .loss_and_grads(model, batch, dropout)
+                .map(|(loss, g)| (loss, vec![g])),
+            Weights::DeviceFull(_) => Ok(model.device_full_loss_and_grads(batch)?),
+            Weights::Lora(_) | Weights::Full => Err(TrainError::Internal(
+                "device gradients asked of weights trained on the host".into(),
+            )),
         }
     }
 
@@ -245,20 +259,10 @@ impl Weights {
 
     /// The length of every trained tensor, in optimizer order.
     pub fn sizes(&self, model: &QloraModel) -> Vec<usize> {
-        let adapter_sizes = |a: &Adapter| {
-            a.weights
-                .values()
-                .flat_map(|p| [p.a.len(), p.b.len()])
-                .collect()
-        };
         match self {
             Weights::Lora(a) => adapter_sizes(a),
             Weights::DeviceLora(d) => adapter_sizes(&d.template),
-            Weights::Full | Weights::DeviceFull(_) => model
-                .full_parameters()
-                .iter()
-                .map(|p| p.shape.iter().product())
-                .collect(),
+            Weights::Full | Weights::DeviceFull(_) => model.full_sizes(),
         }
     }
 

@@ -285,15 +285,14 @@ fn training(
                 Some(l) => TrainWeights::Lora(Adapter::init(l.clone(), config, "bench", 1)?),
                 None => TrainWeights::Full,
             };
-            let mut adam = AdamState::new(&weights.sizes(&model));
-            let trainable: usize = weights.sizes(&model).iter().sum();
+            let sizes = weights.sizes(&model);
+            let mut adam = AdamState::new(&sizes);
+            let trainable: usize = sizes.iter().sum();
             let mut weights = weights.resident(&model, &adam)?;
             let opt = AdamW::default();
             let dropout = Some(Dropout { p: 0.05, seed: 1 });
             let mut step = |model: &mut QloraModel| -> anyhow::Result<()> {
-                let (_, grads) = weights
-                    .device_loss_and_grads(model, &data, dropout)
-                    .context("the weights are not on the device")??;
+                let (_, grads) = weights.device_loss_and_grads(model, &data, dropout)?;
                 let (grads, _) = clip_global_norm_on_device(grads, 1.0)?;
                 weights.update_on_device(model, opt.begin_step(&mut adam, 1e-5), grads)?;
                 Ok(())
