@@ -271,6 +271,8 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
             ];
             supportlm(&exe, &root, &log, &a)?;
         }
+        // After every point, so an interrupted sweep leaves a summary of what it has finished.
+        summarise(&plan, &cells, &dir)?;
     }
     summarise(&plan, &cells, &dir)
 }
@@ -303,7 +305,11 @@ fn summarise(plan: &Plan, cells: &[Cell], dir: &Path) -> anyhow::Result<()> {
         &dir.join("summary.json"),
         serde_json::to_string_pretty(&results)?.as_bytes(),
     )?;
-    write_atomic(&dir.join("summary.md"), markdown(plan, &results).as_bytes())?;
+    let pending = cells.len() - results.len();
+    write_atomic(
+        &dir.join("summary.md"),
+        markdown(plan, &results, pending).as_bytes(),
+    )?;
     eprintln!("[sweep] {}", dir.join("summary.md").display());
     Ok(())
 }
@@ -322,9 +328,18 @@ fn mean_sd(v: &[f64]) -> (f64, Option<f64>) {
 }
 
 /// The summary's Markdown: per axis, per label, macro-F1 of each seed (with its bootstrap interval
-/// when there is one seed), mean ± sd over seeds, accuracy, best validation loss and training time.
-pub fn markdown(plan: &Plan, results: &[CellResult]) -> String {
+/// when there is one seed), mean ± sd over seeds, accuracy, best validation loss and training time;
+/// first, while `pending` cells of the plan have no result yet, a line saying the sweep is unfinished.
+pub fn markdown(plan: &Plan, results: &[CellResult], pending: usize) -> String {
     let mut md = String::new();
+    if pending > 0 {
+        let _ = writeln!(
+            md,
+            "*Unfinished: {} of {} settings × seeds scored; `cargo xtask sweep` continues it.*\n",
+            results.len(),
+            results.len() + pending
+        );
+    }
     for axis in &plan.axes {
         let rows: Vec<&CellResult> = results.iter().filter(|r| r.axis == axis.name).collect();
         if rows.is_empty() {
@@ -415,6 +430,36 @@ mod tests {
         assert_ne!(of("seeds", "config"), of("lr", "3e-3"));
         let err = plan.cells(&root, &["nope".into()], 10).unwrap_err();
         assert!(err.to_string().contains("no axis \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn an_unfinished_sweep_says_so() {
+        let root = crate::utils::workspace_root();
+        let plan = Plan::load(&root.join("configs/sweep-task1.toml")).unwrap();
+        let interval = |x: f64| supportlm_metrics::Interval {
+            estimate: x,
+            low: x - 0.01,
+            high: x + 0.01,
+        };
+        let result = CellResult {
+            axis: "lr".into(),
+            label: "3e-3".into(),
+            seed: 42,
+            folder: "points/x".into(),
+            macro_f1: interval(0.99),
+            accuracy: interval(0.98),
+            best_val_loss: 0.01,
+            train_seconds: 200.0,
+            train_examples: 1100,
+        };
+        let md = markdown(&plan, std::slice::from_ref(&result), 3);
+        assert!(md.starts_with("*Unfinished: 1 of 4 settings"), "{md}");
+        assert!(
+            md.contains("| 3e-3 | 1100 | 1 | 0.9900 [0.9800, 1.0000] |"),
+            "{md}"
+        );
+        let md = markdown(&plan, &[result], 0);
+        assert!(md.starts_with("**lr**"), "{md}");
     }
 
     #[test]
