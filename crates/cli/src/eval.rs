@@ -9,7 +9,7 @@ use supportlm_data::kshot::balanced_kshot;
 use supportlm_data::{Record, SplitName, SplitSet, Task};
 use supportlm_prompting::report::{metrics, write_run, RunInfo};
 use supportlm_prompting::Prediction;
-use supportlm_prompting::{classify, classify_both, ClassifyOptions, Decision, Method};
+use supportlm_prompting::{classify, classify_rules, ClassifyOptions, Decision, Method};
 
 use crate::resume::{claim_folder, item_bar, run_chunks};
 use crate::shared::{load_model, load_splits, method_of, sample, MethodArg, DEFAULT_MODEL};
@@ -72,6 +72,10 @@ pub struct ClassifyArgs {
     /// With --decision both: the output folder of the generate rule (--out gets the constrained one).
     #[arg(long)]
     generate_out: Option<PathBuf>,
+    /// With --decision constrained or both: the calibrated rule's results too, from the same pass
+    /// (its scores are the constrained rule's, divided by the content-free ones), in this folder.
+    #[arg(long)]
+    calibrated_out: Option<PathBuf>,
 }
 
 /// Which Task 1 items are evaluated (the same for every method).
@@ -132,16 +136,11 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
     if task == Task::Response {
         bail!("eval classify is for the category and intent tasks (the response task has `eval respond`)");
     }
-    let outputs: Vec<(Decision, PathBuf)> = match (args.decision, &args.generate_out) {
-        (DecisionArg::Both, Some(g)) => {
-            if g == &args.out {
-                bail!("--generate-out must differ from --out");
-            }
-            vec![
-                (Decision::Constrained, args.out.clone()),
-                (Decision::Generate, g.clone()),
-            ]
-        }
+    let mut outputs: Vec<(Decision, PathBuf)> = match (args.decision, &args.generate_out) {
+        (DecisionArg::Both, Some(g)) => vec![
+            (Decision::Constrained, args.out.clone()),
+            (Decision::Generate, g.clone()),
+        ],
         (DecisionArg::Both, None) => {
             bail!("--decision both needs --generate-out DIR for the generate rule's results")
         }
@@ -150,6 +149,20 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
         (DecisionArg::Constrained, None) => vec![(Decision::Constrained, args.out.clone())],
         (DecisionArg::Calibrated, None) => vec![(Decision::Calibrated, args.out.clone())],
     };
+    if let Some(c) = &args.calibrated_out {
+        if !matches!(args.decision, DecisionArg::Constrained | DecisionArg::Both) {
+            bail!("--calibrated-out goes with --decision constrained or both (it reuses their scores)");
+        }
+        outputs.push((Decision::Calibrated, c.clone()));
+    }
+    for (i, (_, out)) in outputs.iter().enumerate() {
+        if outputs[..i].iter().any(|(_, o)| o == out) {
+            bail!(
+                "each rule needs its own output folder: {} is given twice",
+                out.display()
+            );
+        }
+    }
     let splits = load_splits(args.items.data.as_deref(), task)?;
     let method = method_of(args.method, args.adapter.as_deref(), &args.model)?;
     let adapter = args.adapter.clone();
@@ -189,24 +202,42 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
     }
     let bar = item_bar(records.len(), "items");
     let started = Instant::now();
-    let (per_rule, todo_items, partial): (Vec<Vec<Prediction>>, usize, PathBuf) = if outputs.len()
-        == 2
+    let rules: Vec<Decision> = outputs.iter().map(|(d, _)| *d).collect();
+    let (per_rule, todo_items, partial): (Vec<Vec<Prediction>>, usize, PathBuf) = if rules.len() > 1
     {
-        let partial = args.out.join("predictions-both.partial.jsonl");
+        // One line per item: its prediction under each rule, in `rules`' order.
+        let partial = args.out.join("predictions-rules.partial.jsonl");
         let (done, todo) = run_chunks(
             &partial,
             &records,
             64,
-            |p: &(Prediction, Prediction)| p.0.id,
+            |p: &Vec<Prediction>| p.first().map_or(usize::MAX, |p| p.id),
             &bar,
             &mut |chunk, progress| {
-                Ok(classify_both(&model, chunk, &options, &mut |n, _| {
-                    progress(n)
-                })?)
+                Ok(classify_rules(
+                    &model,
+                    chunk,
+                    &options,
+                    &rules,
+                    &mut |n, _| progress(n),
+                )?)
             },
         )?;
-        let (c, g) = done.into_iter().unzip();
-        (vec![c, g], todo, partial)
+        let mut per_rule = vec![Vec::with_capacity(done.len()); rules.len()];
+        for item in done {
+            if item.len() != rules.len() {
+                bail!(
+                    "{} holds an item with {} predictions for {} rules: remove it to start over",
+                    partial.display(),
+                    item.len(),
+                    rules.len()
+                );
+            }
+            for (rule, p) in per_rule.iter_mut().zip(item) {
+                rule.push(p);
+            }
+        }
+        (per_rule, todo, partial)
     } else {
         let partial = args.out.join("predictions.partial.jsonl");
         let (done, todo) = run_chunks(
@@ -230,10 +261,10 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
             split: source.clone(),
             few_shot_k: if method == Method::FewShot { args.k } else { 0 },
             seed: args.items.seed,
-            // With both rules the time is the shared pass's.
+            // With several rules the time is the shared pass's.
             seconds,
             items_timed: todo_items,
-            shared_pass: outputs.len() == 2,
+            shared_pass: outputs.len() > 1,
             prompts: supportlm_data::prompts::sha256().to_string(),
         };
         let m = metrics(
@@ -256,7 +287,7 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
             m.macro_f1.high,
             100.0 * m.extraction_failed_rate,
             m.items_per_s,
-            if outputs.len() == 2 { " (both rules in one pass)" } else { "" }
+            if outputs.len() > 1 { " (rules from one pass)" } else { "" }
         );
         println!("written to {}", out.display());
     }

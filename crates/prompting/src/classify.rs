@@ -111,14 +111,31 @@ impl Prediction {
     }
 }
 
-/// Classifies `records`; `progress(done, total)` is called after each item. `model` must already
-/// carry the adapter for [`Method::Sft`].
+/// Classifies `records` by `options.decision`; `progress(done, total)` is called after each batch.
+/// `model` must already carry the adapter for [`Method::Sft`].
 pub fn classify(
     model: &Model,
     records: &[Record],
     options: &ClassifyOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Prediction>> {
+    let per_item = classify_rules(model, records, options, &[options.decision], progress)?;
+    Ok(per_item.into_iter().flat_map(|mut p| p.pop()).collect())
+}
+
+/// Several decision rules from one pass per item (`options.decision` is not read): each batch of
+/// items is run once after the prefix with the label candidates laid out as a tree, which gives the
+/// constrained scores (and, divided by the content-free ones, the calibrated rule's), and with
+/// [`Decision::Generate`] among `rules` the same keys and values continue into greedy generation.
+/// Returns per record one prediction per rule, in `rules`' order, each equal to what [`classify`]
+/// gives for that rule alone.
+pub fn classify_rules(
+    model: &Model,
+    records: &[Record],
+    options: &ClassifyOptions,
+    rules: &[Decision],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Vec<Prediction>>> {
     let task = options.task;
     let Setup {
         labels,
@@ -127,46 +144,69 @@ pub fn classify(
         candidates,
     } = setup(model, records, options)?;
     let started = Instant::now();
-    let calibration = match options.decision {
-        Decision::Calibrated => Some(content_free_log_probs(
+    let calibration = if rules.contains(&Decision::Calibrated) {
+        Some(content_free_log_probs(
             model,
             options,
             &prompts.prefix,
             &prefix,
             &candidates,
-        )?),
-        _ => None,
+        )?)
+    } else {
+        None
     };
+    let generates = rules.contains(&Decision::Generate);
+    let scores = rules.iter().any(|&r| r != Decision::Generate);
     let chunk = options.batch.max(1);
     let mut out = Vec::with_capacity(records.len());
     for (chunk_r, chunk_items) in records.chunks(chunk).zip(prompts.items.chunks(chunk)) {
-        match options.decision {
-            Decision::Constrained | Decision::Calibrated => {
-                let all = score_items(model, &prefix, chunk_items, &candidates)?;
-                for (r, scores) in chunk_r.iter().zip(all) {
-                    let p = scored(
-                        options,
-                        &labels,
-                        &candidates,
-                        r,
-                        scores,
-                        calibration.as_deref(),
-                    );
-                    out.push(p);
-                }
-            }
-            Decision::Generate => {
-                let gens = generate_after(
-                    model,
-                    &prefix,
-                    chunk_items,
-                    &generate_options(options),
-                    &mut |_, _, _| {},
-                )?;
-                for (r, g) in chunk_r.iter().zip(gens) {
-                    out.push(generated(task, &labels, r, g));
-                }
-            }
+        // Per item: the label scores (when a scored rule is asked for) and the generation.
+        let passes: Vec<(Option<Vec<f32>>, Option<Generation>)> = match (scores, generates) {
+            (true, true) => score_and_generate(
+                model,
+                &prefix,
+                chunk_items,
+                &candidates,
+                &generate_options(options),
+                &mut |_, _, _| {},
+            )?
+            .into_iter()
+            .map(|(s, g)| (Some(s), Some(g)))
+            .collect(),
+            (true, false) => score_items(model, &prefix, chunk_items, &candidates)?
+                .into_iter()
+                .map(|s| (Some(s), None))
+                .collect(),
+            (false, _) => generate_after(
+                model,
+                &prefix,
+                chunk_items,
+                &generate_options(options),
+                &mut |_, _, _| {},
+            )?
+            .into_iter()
+            .map(|g| (None, Some(g)))
+            .collect(),
+        };
+        for (r, (item_scores, mut generation)) in chunk_r.iter().zip(passes) {
+            let per_rule = rules
+                .iter()
+                .map(|rule| match rule {
+                    Decision::Generate => {
+                        let g = generation.take().expect("generated once, for its one rule");
+                        generated(task, &labels, r, g)
+                    }
+                    Decision::Constrained | Decision::Calibrated => {
+                        let cal = match rule {
+                            Decision::Calibrated => calibration.as_deref(),
+                            _ => None,
+                        };
+                        let s = item_scores.clone().expect("scored for a scored rule");
+                        scored(options, &labels, &candidates, r, s, cal)
+                    }
+                })
+                .collect();
+            out.push(per_rule);
         }
         progress(out.len(), records.len());
     }
@@ -174,54 +214,11 @@ pub fn classify(
         items = records.len(),
         seconds = started.elapsed().as_secs_f64(),
         method = options.method.as_str(),
-        decision = options.decision.as_str(),
-        "classified"
-    );
-    Ok(out)
-}
-
-/// Both decision rules from one pass per item (`options.decision` is not read): each batch of items is
-/// run once after the prefix with the label candidates laid out as a tree, which gives the constrained
-/// scores, and the same keys and values continue into greedy generation. Returns `(constrained,
-/// generate)` per record, equal to what [`classify`] gives for each rule.
-pub fn classify_both(
-    model: &Model,
-    records: &[Record],
-    options: &ClassifyOptions,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<Vec<(Prediction, Prediction)>> {
-    let task = options.task;
-    let Setup {
-        labels,
-        prompts,
-        prefix,
-        candidates,
-    } = setup(model, records, options)?;
-    let started = Instant::now();
-    let chunk = options.batch.max(1);
-    let mut out = Vec::with_capacity(records.len());
-    for (chunk_r, chunk_items) in records.chunks(chunk).zip(prompts.items.chunks(chunk)) {
-        let both = score_and_generate(
-            model,
-            &prefix,
-            chunk_items,
-            &candidates,
-            &generate_options(options),
-            &mut |_, _, _| {},
-        )?;
-        for (r, (scores, g)) in chunk_r.iter().zip(both) {
-            out.push((
-                scored(options, &labels, &candidates, r, scores, None),
-                generated(task, &labels, r, g),
-            ));
-        }
-        progress(out.len(), records.len());
-    }
-    tracing::info!(
-        items = records.len(),
-        seconds = started.elapsed().as_secs_f64(),
-        method = options.method.as_str(),
-        decision = "constrained+generate",
+        decision = rules
+            .iter()
+            .map(|r| r.as_str())
+            .collect::<Vec<_>>()
+            .join("+"),
         "classified"
     );
     Ok(out)
@@ -243,19 +240,7 @@ pub fn label_probabilities(
             "{task} is not a classification task"
         )));
     }
-    // The prompts read only the message; the labels of these records are never looked at.
-    let records: Vec<Record> = messages
-        .iter()
-        .enumerate()
-        .map(|(id, m)| Record {
-            id,
-            flags: None,
-            instruction: m.clone(),
-            category: supportlm_data::Category::ALL[0],
-            intent: supportlm_data::Intent::ALL[0],
-            response: None,
-        })
-        .collect();
+    let records = unlabelled(messages);
     let options = ClassifyOptions {
         task,
         method,
@@ -357,17 +342,10 @@ fn rule_scores(
     scores
 }
 
-/// `ln` of each label's probability (softmax of the rule's scores) averaged over the content-free
-/// messages: the prompt's own bias, which [`Decision::Calibrated`] divides out.
-fn content_free_log_probs(
-    model: &Model,
-    options: &ClassifyOptions,
-    prefix_tokens: &[u32],
-    prefix: &PrefixCache,
-    candidates: &[Vec<u32>],
-) -> Result<Vec<f32>> {
-    let free = content_free();
-    let records: Vec<Record> = free
+/// Records holding only a message, to build prompts from: the prompts read the message alone, so
+/// the placeholder labels are never looked at.
+fn unlabelled(messages: &[String]) -> Vec<Record> {
+    messages
         .iter()
         .enumerate()
         .map(|(id, m)| Record {
@@ -378,7 +356,19 @@ fn content_free_log_probs(
             intent: supportlm_data::Intent::ALL[0],
             response: None,
         })
-        .collect();
+        .collect()
+}
+
+/// `ln` of each label's probability (softmax of the rule's scores) averaged over the content-free
+/// messages: the prompt's own bias, which [`Decision::Calibrated`] divides out.
+fn content_free_log_probs(
+    model: &Model,
+    options: &ClassifyOptions,
+    prefix_tokens: &[u32],
+    prefix: &PrefixCache,
+    candidates: &[Vec<u32>],
+) -> Result<Vec<f32>> {
+    let records = unlabelled(content_free());
     let prompts = encode_prompts(
         options.task,
         examples(options),
@@ -397,7 +387,7 @@ fn content_free_log_probs(
             .iter_mut()
             .zip(softmax(&rule_scores(options, candidates, scores)))
         {
-            *m += p / free.len() as f64;
+            *m += p / records.len() as f64;
         }
     }
     Ok(mean
@@ -487,7 +477,7 @@ mod tests {
     }
 
     #[test]
-    fn both_rules_from_one_pass_equal_each_rule_alone() {
+    fn rules_from_one_pass_equal_each_rule_alone() {
         let model = tiny_model(Architecture::Qwen2, 3);
         let records: Vec<Record> = records(&[
             ("where is my order?", "ORDER", "track_order"),
@@ -510,14 +500,36 @@ mod tests {
             // Two items per pass, so one pass holds several items and the last one is alone.
             batch: 2,
         };
-        let both = classify_both(&model, &records, &options, &mut |_, _| {}).unwrap();
-        let constrained = classify(&model, &records, &options, &mut |_, _| {}).unwrap();
-        options.decision = Decision::Generate;
-        let generated = classify(&model, &records, &options, &mut |_, _| {}).unwrap();
-        let (c, g): (Vec<Prediction>, Vec<Prediction>) = both.into_iter().unzip();
-        assert_eq!(c, constrained);
-        assert_eq!(g, generated);
-        assert!(g.iter().all(|p| !p.raw.is_empty()));
+        let rules = [
+            Decision::Generate,
+            Decision::Constrained,
+            Decision::Calibrated,
+        ];
+        let together = classify_rules(&model, &records, &options, &rules, &mut |_, _| {}).unwrap();
+        let mut calibration_moved = false;
+        for (i, rule) in rules.into_iter().enumerate() {
+            options.decision = rule;
+            let alone = classify(&model, &records, &options, &mut |_, _| {}).unwrap();
+            let from_one_pass: Vec<Prediction> = together.iter().map(|p| p[i].clone()).collect();
+            assert_eq!(from_one_pass, alone, "{}", rule.as_str());
+            if rule == Decision::Calibrated {
+                calibration_moved = from_one_pass
+                    .iter()
+                    .zip(&together)
+                    .any(|(c, p)| c.confidence != p[1].confidence);
+            }
+        }
+        assert!(together.iter().all(|p| !p[0].raw.is_empty()));
+        assert!(
+            calibration_moved,
+            "the calibrated rule is the constrained one"
+        );
+        // Scored rules alone (no generation) and one rule in a list.
+        let scored_only = [Decision::Calibrated, Decision::Constrained];
+        let two = classify_rules(&model, &records, &options, &scored_only, &mut |_, _| {}).unwrap();
+        for (a, b) in two.iter().zip(&together) {
+            assert_eq!((&a[0], &a[1]), (&b[2], &b[1]));
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //!   each item's own tokens.
 //! - [`classify`]: the evaluator: a method (zero-shot, few-shot, SFT adapter) and a decision rule
 //!   (generate and extract, or constrained label scoring) over a split, with a progress callback;
-//!   `classify_both` gives both rules from one pass per item.
+//!   `classify_rules` gives several rules (constrained, calibrated, generate) from one pass per item.
 //! - [`report`]: the run files: Task 1's `predictions.jsonl`, `metrics.json`,
 //!   `classification_report.csv`, most-confused pairs and hardest errors; Task 2's `metrics.json`
 //!   ([`report::RespondRunMetrics`]).
@@ -41,6 +41,6 @@ pub mod robust_reply;
 pub mod robustness;
 
 pub use classify::{
-    classify, classify_both, label_probabilities, ClassifyOptions, Decision, Method, Prediction,
+    classify, classify_rules, label_probabilities, ClassifyOptions, Decision, Method, Prediction,
 };
 pub use error::{PromptError, Result};

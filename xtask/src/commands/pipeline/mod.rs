@@ -195,7 +195,10 @@ impl Budget {
                 quick,
                 t1_items: None,
                 t1_config: "configs/task1-category.toml",
-                t1_intent_items: None,
+                // Scoring 27 candidate labels per item runs at about 1 item/s for the prompting
+                // methods on 2 cores (categories: 4-5): the whole intent split (2,692 items) would
+                // take about 2 h of the 2.5 h budget, 810 items (30 per intent on average) 35 min.
+                t1_intent_items: Some(810),
                 t1_intent_config: "configs/task1-intent.toml",
                 t2_items: 200,
                 judge_items: 50,
@@ -472,8 +475,9 @@ fn step_outputs(run: &Run, step: Step) -> anyhow::Result<Vec<PathBuf>> {
     })
 }
 
-/// Task 1's evaluations for `task` (category or intent): the prompting baselines (both decision
-/// rules from one pass, the calibrated rule, TF-IDF) or the SFT adapter's, in `t1/` or `t1-intent/`.
+/// Task 1's evaluations for `task` (category or intent): the prompting baselines (the constrained,
+/// calibrated and generate rules from one pass; TF-IDF) or the SFT adapter's (constrained and
+/// generate), in `t1/` or `t1-intent/`.
 fn task1_evaluations(run: &Run, step: Step, task: &str) -> anyhow::Result<()> {
     let b = &run.budget;
     let seed = b.seed.to_string();
@@ -521,18 +525,24 @@ fn task1_evaluations(run: &Run, step: Step, task: &str) -> anyhow::Result<()> {
             args.extend([s("--decision"), s(decision), s("--out"), out(decision)]);
             args
         };
-        // Both rules from one pass per item, unless one of them was run alone before (a
-        // finished result is kept, a partial one continued).
-        let started_alone = ["constrained", "generate"].iter().any(|d| {
+        // A rule run alone before (a finished result is kept, a partial one continued) stays alone.
+        let started_alone = |d: &str| {
             let dir = PathBuf::from(out(d));
             std::fs::metadata(dir.join("predictions.partial.jsonl")).is_ok_and(|m| m.len() > 0)
                 || finished_evaluation(&dir)
-        });
-        if started_alone {
+        };
+        // Contextual calibration (prompting only) reuses the constrained rule's scores, divided by
+        // those of content-free messages.
+        let calibrated = *method != "sft";
+        if ["constrained", "generate"].iter().any(|d| started_alone(d)) {
             for decision in ["constrained", "generate"] {
                 run.evaluation(step, &alone(decision))?;
             }
+            if calibrated {
+                run.evaluation(step, &alone("calibrated"))?;
+            }
         } else {
+            // Every rule from one pass per item.
             let mut args = common.clone();
             args.extend([
                 s("--decision"),
@@ -542,12 +552,14 @@ fn task1_evaluations(run: &Run, step: Step, task: &str) -> anyhow::Result<()> {
                 s("--generate-out"),
                 out("generate"),
             ]);
+            let calibrated_alone = calibrated && started_alone("calibrated");
+            if calibrated && !calibrated_alone {
+                args.extend([s("--calibrated-out"), out("calibrated")]);
+            }
             run.supportlm(step, &args)?;
-        }
-        if *method != "sft" {
-            // Contextual calibration: the constrained rule's scores over those of
-            // content-free messages (a scoring pass, no generation).
-            run.evaluation(step, &alone("calibrated"))?;
+            if calibrated_alone {
+                run.evaluation(step, &alone("calibrated"))?;
+            }
         }
     }
     if baselines {

@@ -213,7 +213,8 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
             )
         } else {
             format!(
-                "Full variant: Task 1 on the whole test split, SFT with `{}`; Task 2 on {} test items, {} judged.",
+                "Full variant: Task 1 on the whole test split ({}), SFT with `{}`; Task 2 on {} test items, {} judged.",
+                b.t1_intent_items.map_or("intents too".to_string(), |n| format!("intents: {n} seeded test items")),
                 b.t1_config, b.t2_items, b.judge_items
             )
         }
