@@ -202,10 +202,11 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
         b.seed,
         if b.quick {
             format!(
-                "**Quick variant**: Task 1 on {} seeded test items, SFT with `{}`; Task 2 on {} test items, \
-                 {} judged; efficiency at {:?}. The full run (`cargo xtask pipeline`) uses the whole test \
-                 split and the larger training budget.",
+                "**Quick variant**: Task 1 on {} seeded test items (intents: {}), SFT with `{}`; Task 2 on {} \
+                 test items, {} judged; efficiency at {:?}. The full run (`cargo xtask pipeline`) uses the \
+                 whole category test split, more intent items and the larger training budgets.",
                 b.t1_items.unwrap_or(0),
+                b.t1_intent_items.unwrap_or(0),
                 b.t1_config,
                 b.t2_items,
                 b.judge_items,
