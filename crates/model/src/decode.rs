@@ -75,33 +75,60 @@ fn add_lora(
 /// Keys or values by sequence and layer, each `[position][kv_heads × head_dim]`.
 type PerSequence = Vec<Vec<Vec<f32>>>;
 
-/// Per-sequence KV cache of the decode path: `k[row][layer]` is `[position][kv_heads × head_dim]`.
+/// KV cache of the decode path. Every row first sees the `shared` positions (a prompt prefix common
+/// to the batch, kept once: each step reads them once for all rows), then its own: `k[row][layer]` is
+/// `[position][kv_heads × head_dim]` for the row's positions after the shared ones.
 #[derive(Debug, Clone)]
 pub struct DecodeState {
+    shared: Shared,
     k: PerSequence,
     v: PerSequence,
+    /// Per row, whether each of its own positions is a real token (padding is masked out).
     valid: Vec<Vec<bool>>,
     next_pos: Vec<usize>,
+}
+
+/// Keys and values per layer (`[position][kv_heads × head_dim]`) of the positions every row sees first.
+#[derive(Debug, Clone, Default)]
+struct Shared {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
 }
 
 impl DecodeState {
     /// Takes over a cache filled by the Burn model's prefill.
     pub fn from_cache(cache: &KvCache, config: &ModelConfig) -> Result<Self> {
+        Self::from_cache_shared(cache, config, 0)
+    }
+
+    /// [`DecodeState::from_cache`] for a cache whose first `shared` positions hold the same keys and
+    /// values in every row, all valid (a prefix repeated for a batch, as `KvCache::repeat` makes):
+    /// they are kept once. The caller vouches for the sameness; the validity is checked.
+    pub fn from_cache_shared(cache: &KvCache, config: &ModelConfig, shared: usize) -> Result<Self> {
         let t = cache.len();
-        let picks: Vec<(usize, Vec<usize>)> =
-            (0..cache.batch()).map(|r| (r, (0..t).collect())).collect();
+        if shared > t || cache.valid.iter().any(|v| v[..shared].contains(&false)) {
+            return Err(ModelError::Input(format!(
+                "{shared} shared positions of a {t}-position cache must be valid in every row"
+            )));
+        }
+        let picks: Vec<(usize, Vec<usize>)> = (0..cache.batch())
+            .map(|r| (r, (shared..t).collect()))
+            .collect();
         let (k, v) = gather_layers(cache, config, &picks)?;
         Ok(DecodeState {
+            shared: Shared::gather(cache, config, 0, shared)?,
             k,
             v,
-            valid: cache.valid.clone(),
+            valid: cache.valid.iter().map(|v| v[shared..].to_vec()).collect(),
             next_pos: cache.next_pos.clone(),
         })
     }
 
     /// Several sequences from one batch-1 cache: sequence `r` gets the cached positions `positions[r]`,
     /// in that order (e.g. a shared prefix and that sequence's own tokens of a tree-masked pass), and
-    /// continues at RoPE position `next_pos[r]`.
+    /// continues at RoPE position `next_pos[r]`. The leading positions all sequences have in common
+    /// are kept once.
     pub fn from_positions(
         cache: &KvCache,
         config: &ModelConfig,
@@ -113,12 +140,32 @@ impl DecodeState {
                 "picking sequences needs a batch-1 cache and one next position per sequence".into(),
             ));
         }
-        let picks: Vec<(usize, Vec<usize>)> = positions.iter().map(|p| (0, p.clone())).collect();
+        let common = positions.first().map_or(0, |first| {
+            (0..first.len())
+                .take_while(|&i| positions.iter().all(|p| p.get(i) == Some(&first[i])))
+                .count()
+        });
+        let shared_positions: Vec<usize> = positions
+            .first()
+            .map_or(Vec::new(), |p| p[..common].to_vec());
+        let picks: Vec<(usize, Vec<usize>)> = positions
+            .iter()
+            .map(|p| (0, p[common..].to_vec()))
+            .collect();
         let (k, v) = gather_layers(cache, config, &picks)?;
+        let (mut sk, mut sv) = gather_layers(cache, config, &[(0, shared_positions)])?;
         Ok(DecodeState {
+            shared: Shared {
+                k: sk.pop().unwrap_or_default(),
+                v: sv.pop().unwrap_or_default(),
+                len: common,
+            },
             k,
             v,
-            valid: positions.iter().map(|p| vec![true; p.len()]).collect(),
+            valid: positions
+                .iter()
+                .map(|p| vec![true; p.len() - common])
+                .collect(),
             next_pos,
         })
     }
@@ -126,6 +173,18 @@ impl DecodeState {
     /// Rows (sequences) being decoded.
     pub fn batch(&self) -> usize {
         self.valid.len()
+    }
+}
+
+impl Shared {
+    /// Positions `0..len` of batch row `row` of `cache`.
+    fn gather(cache: &KvCache, config: &ModelConfig, row: usize, len: usize) -> Result<Self> {
+        let (mut k, mut v) = gather_layers(cache, config, &[(row, (0..len).collect())])?;
+        Ok(Shared {
+            k: k.pop().unwrap_or_default(),
+            v: v.pop().unwrap_or_default(),
+            len,
+        })
     }
 }
 
@@ -234,41 +293,101 @@ struct HeadShape {
     d: usize,
 }
 
-/// One row's attention output (`[heads × d]`) for query `q` over its cached keys and values
-/// (`[position][kvh × d]`); positions not `valid` are skipped. The query heads sharing a key/value head
-/// are scored in one pass over that head's keys.
-fn attend(q: &[f32], ks: &[f32], vs: &[f32], valid: &[bool], shape: HeadShape) -> Vec<f32> {
+/// One row's cached keys and values (`[position][kvh × d]`) after the shared positions, and which of
+/// those positions are real.
+struct OwnKv<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    valid: &'a [bool],
+}
+
+/// Attention outputs (`[heads × d]` each) of several rows, for queries `qs[i]` over the shared
+/// positions and then row `i`'s own (positions not valid are skipped). A row gets exactly what it would
+/// with the shared keys and values copied into its own cache (the same operations in the same order:
+/// scores, softmax, then the weighted values in position order), but each shared key and value is
+/// read once for all the rows. The query heads sharing a key/value head are scored in one pass.
+fn attend(
+    qs: &[&[f32]],
+    shared: &Shared,
+    li: usize,
+    own: &[OwnKv<'_>],
+    shape: HeadShape,
+) -> Vec<Vec<f32>> {
     let HeadShape { kvh, rep, d } = shape;
-    let t = valid.len();
     let scale = 1.0 / (d as f32).sqrt();
-    let mut out = vec![0f32; kvh * rep * d];
-    let mut scores = vec![f32::NEG_INFINITY; rep * t];
+    let (sk, sv) = match (shared.k.get(li), shared.v.get(li)) {
+        (Some(k), Some(v)) if shared.len > 0 => (k.as_slice(), v.as_slice()),
+        _ => (&[][..], &[][..]),
+    };
+    let at = |pos: usize, g: usize| (pos * kvh + g) * d..(pos * kvh + g + 1) * d;
+    let lens: Vec<usize> = own.iter().map(|o| shared.len + o.valid.len()).collect();
+    let mut out = vec![vec![0f32; kvh * rep * d]; qs.len()];
+    let mut scores: Vec<Vec<f32>> = lens
+        .iter()
+        .map(|&t| vec![f32::NEG_INFINITY; rep * t])
+        .collect();
+    // Per row and query head of the group: the softmax's sum (`None`: nothing to attend to).
+    let mut totals = vec![vec![None::<f32>; rep]; qs.len()];
     for g in 0..kvh {
-        let heads = &q[g * rep * d..(g + 1) * rep * d];
-        for (pos, _) in valid.iter().enumerate().filter(|(_, v)| **v) {
-            let key = &ks[(pos * kvh + g) * d..(pos * kvh + g + 1) * d];
-            for (r, qh) in heads.chunks_exact(d).enumerate() {
-                scores[r * t + pos] = dot(qh, key) * scale;
+        let heads = |i: usize| qs[i][g * rep * d..(g + 1) * rep * d].chunks_exact(d);
+        for pos in 0..shared.len {
+            let key = &sk[at(pos, g)];
+            for (i, row_scores) in scores.iter_mut().enumerate() {
+                for (r, qh) in heads(i).enumerate() {
+                    row_scores[r * lens[i] + pos] = dot(qh, key) * scale;
+                }
             }
         }
-        for (r, row_scores) in scores.chunks_exact_mut(t).enumerate() {
-            let max = row_scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            if max == f32::NEG_INFINITY {
-                continue; // a padding row with nothing to attend to
+        for (i, (o, row_scores)) in own.iter().zip(&mut scores).enumerate() {
+            for (p, _) in o.valid.iter().enumerate().filter(|(_, v)| **v) {
+                let key = &o.k[at(p, g)];
+                for (r, qh) in heads(i).enumerate() {
+                    row_scores[r * lens[i] + shared.len + p] = dot(qh, key) * scale;
+                }
             }
-            let mut total = 0f32;
-            for s in row_scores.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
+        }
+        for (i, row_scores) in scores.iter_mut().enumerate() {
+            for (r, head_scores) in row_scores.chunks_exact_mut(lens[i]).enumerate() {
+                let max = head_scores
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                totals[i][r] = (max != f32::NEG_INFINITY).then(|| {
+                    let mut total = 0f32;
+                    for s in head_scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        total += *s;
+                    }
+                    total
+                });
             }
-            let o = &mut out[(g * rep + r) * d..(g * rep + r + 1) * d];
-            for (pos, p) in row_scores.iter_mut().enumerate() {
+        }
+        // The weighted values, shared positions first: each value is read once for every row.
+        let mut add = |i: usize, r: usize, pos: usize, value: &[f32]| {
+            let p = &mut scores[i][r * lens[i] + pos];
+            if let Some(total) = totals[i][r] {
                 if *p != 0.0 {
                     let w = *p / total;
-                    let value = &vs[(pos * kvh + g) * d..(pos * kvh + g + 1) * d];
+                    let o = &mut out[i][(g * rep + r) * d..(g * rep + r + 1) * d];
                     o.iter_mut().zip(value).for_each(|(o, v)| *o += w * v);
                 }
-                *p = f32::NEG_INFINITY; // reset for the next key/value head
+            }
+            *p = f32::NEG_INFINITY; // reset for the next key/value head
+        };
+        for pos in 0..shared.len {
+            let value = &sv[at(pos, g)];
+            for i in 0..qs.len() {
+                for r in 0..rep {
+                    add(i, r, pos, value);
+                }
+            }
+        }
+        for (i, o) in own.iter().enumerate() {
+            for p in 0..o.valid.len() {
+                let value = &o.v[at(p, g)];
+                for r in 0..rep {
+                    add(i, r, shared.len + p, value);
+                }
             }
         }
     }
@@ -532,18 +651,24 @@ impl DecodeWeights {
                 state.k[row][li].extend_from_slice(&k[row]);
                 state.v[row][li].extend_from_slice(&v[row]);
             }
-            // Rows are independent: attend in parallel over the cached keys and values.
+            // Rows are independent: attend in parallel, one group of rows per thread, so that each
+            // thread reads the shared keys and values once for its rows.
             let shape = HeadShape { kvh, rep, d };
-            let attn_out: Vec<Vec<f32>> = (0..b)
-                .into_par_iter()
-                .map(|row| {
-                    attend(
-                        &q[row],
-                        &state.k[row][li],
-                        &state.v[row][li],
-                        &state.valid[row],
-                        shape,
-                    )
+            let per_thread = b.div_ceil(rayon::current_num_threads().max(1)).max(1);
+            let rows: Vec<usize> = (0..b).collect();
+            let attn_out: Vec<Vec<f32>> = rows
+                .par_chunks(per_thread)
+                .flat_map_iter(|group| {
+                    let qs: Vec<&[f32]> = group.iter().map(|&row| q[row].as_slice()).collect();
+                    let own: Vec<OwnKv<'_>> = group
+                        .iter()
+                        .map(|&row| OwnKv {
+                            k: &state.k[row][li],
+                            v: &state.v[row][li],
+                            valid: &state.valid[row],
+                        })
+                        .collect();
+                    attend(&qs, &state.shared, li, &own, shape)
                 })
                 .collect();
             let mut o = matvec(&layer.o, &attn_out, layer.o_bias.as_ref());

@@ -90,7 +90,7 @@ pub fn generate_controlled(
     }
     let input = left_padded(prompts, pad_id(model));
     let cache = model.llama.new_cache(prompts.len());
-    continue_generation(model, cache, &input, options, on_token)
+    continue_generation(model, cache, 0, &input, options, on_token)
 }
 
 /// Adapts a streaming callback to the controlled form (never stops a row).
@@ -119,7 +119,14 @@ pub fn generate_after(
     // Left padding between the prefix and each item: masked out, and positions count real tokens only.
     let input = left_padded(items, pad_id(model));
     let cache = prefix.cache.repeat(items.len());
-    continue_generation(model, cache, &input, options, &mut always(on_token))
+    continue_generation(
+        model,
+        cache,
+        prefix.len,
+        &input,
+        options,
+        &mut always(on_token),
+    )
 }
 
 /// Scores `candidates` after each item (as [`crate::score::score_items`]) and generates a continuation
@@ -254,10 +261,13 @@ fn read_ids(ids: Tensor<1, Int>, done: &[bool]) -> Result<Vec<Option<u32>>> {
         .collect())
 }
 
-/// Runs `input` after `cache` (prefill), then decodes token by token (see [`Steps`]).
+/// Runs `input` after `cache` (prefill), then decodes token by token (see [`Steps`]). The first
+/// `shared` positions of `cache` are the same in every row (a repeated prefix): the CPU decode path
+/// keeps them once.
 fn continue_generation(
     model: &Model,
     mut cache: KvCache,
+    shared: usize,
     input: &StepInput,
     options: &GenerateOptions,
     on_token: &mut dyn FnMut(usize, u32, &str) -> bool,
@@ -276,7 +286,7 @@ fn continue_generation(
     let vocab = llama.config.vocab_size;
     let prefill = to_vec(logits)?;
     let logits: Vec<Vec<f32>> = prefill.chunks_exact(vocab).map(<[f32]>::to_vec).collect();
-    let state = DecodeState::from_cache(&cache, &llama.config)?;
+    let state = DecodeState::from_cache_shared(&cache, &llama.config, shared)?;
     drop(cache);
     decode(
         model,

@@ -235,6 +235,45 @@ fn quantized_decode_path_matches_the_burn_forward() {
 }
 
 #[test]
+fn a_shared_prefix_kept_once_decodes_bit_for_bit_as_copies_per_row() {
+    use supportlm_model::decode::DecodeState;
+    let (_dir, m, _) = models(Architecture::Llama);
+    let weights = m.decode_weights().unwrap();
+    // A 6-token prefix repeated for 3 rows, then each row's own tokens (left-padded to one length).
+    let prefix: Vec<u32> = vec![1, 30, 31, 32, 33, 34];
+    let mut cache = m.llama.new_cache(1);
+    m.llama
+        .forward_last(&StepInput::dense(vec![prefix.clone()]), &mut cache)
+        .unwrap();
+    let mut cache = cache.repeat(3);
+    m.llama
+        .forward_last(
+            &StepInput {
+                tokens: vec![vec![2, 40, 41], vec![2, 2, 42], vec![43, 44, 45]],
+                valid: vec![vec![true; 3], vec![false, false, true], vec![true; 3]],
+            },
+            &mut cache,
+        )
+        .unwrap();
+    let mut copies = DecodeState::from_cache(&cache, &m.llama.config).unwrap();
+    let mut shared = DecodeState::from_cache_shared(&cache, &m.llama.config, prefix.len()).unwrap();
+    for (step, next) in [[50u32, 51, 52], [53, 54, 55], [56, 57, 58]]
+        .iter()
+        .enumerate()
+    {
+        // The middle row sits out the second step (padding fed, masked out).
+        let active = [true, step != 1, true];
+        let a = weights.step(next, &active, &mut copies).unwrap();
+        let b = weights.step(next, &active, &mut shared).unwrap();
+        assert_eq!(a, b, "step {step}: the logits differ");
+    }
+    // Positions past the prefix are not the same in every row: refused if said to be shared.
+    let err =
+        DecodeState::from_cache_shared(&cache, &m.llama.config, prefix.len() + 2).unwrap_err();
+    assert!(err.to_string().contains("must be valid"), "{err}");
+}
+
+#[test]
 fn generation_after_a_shared_prefix_equals_generation_from_scratch() {
     use supportlm_model::generate::generate_after;
     let (_dir, m, _) = models(Architecture::Llama);
