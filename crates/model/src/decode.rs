@@ -330,11 +330,15 @@ fn attend(
     let mut totals = vec![vec![None::<f32>; rep]; qs.len()];
     for g in 0..kvh {
         let heads = |i: usize| qs[i][g * rep * d..(g + 1) * rep * d].chunks_exact(d);
-        for pos in 0..shared.len {
-            let key = &sk[at(pos, g)];
+        // Shared positions in blocks whose keys stay in L1 while every row's heads are scored.
+        for start in (0..shared.len).step_by(SHARED_BLOCK) {
+            let end = (start + SHARED_BLOCK).min(shared.len);
             for (i, row_scores) in scores.iter_mut().enumerate() {
                 for (r, qh) in heads(i).enumerate() {
-                    row_scores[r * lens[i] + pos] = dot(qh, key) * scale;
+                    let head_scores = &mut row_scores[r * lens[i]..][start..end];
+                    for (pos, s) in (start..end).zip(head_scores) {
+                        *s = dot(qh, &sk[at(pos, g)]) * scale;
+                    }
                 }
             }
         }
@@ -362,36 +366,53 @@ fn attend(
                 });
             }
         }
-        // The weighted values, shared positions first: each value is read once for every row.
-        let mut add = |i: usize, r: usize, pos: usize, value: &[f32]| {
-            let p = &mut scores[i][r * lens[i] + pos];
-            if let Some(total) = totals[i][r] {
-                if *p != 0.0 {
-                    let w = *p / total;
+        // The weighted values, shared positions first, in blocks whose values stay in L1 while every
+        // row's heads add them up.
+        for start in (0..shared.len).step_by(SHARED_BLOCK) {
+            let end = (start + SHARED_BLOCK).min(shared.len);
+            for (i, row_scores) in scores.iter_mut().enumerate() {
+                for (r, head_scores) in row_scores.chunks_exact_mut(lens[i]).enumerate() {
                     let o = &mut out[i][(g * rep + r) * d..(g * rep + r + 1) * d];
-                    o.iter_mut().zip(value).for_each(|(o, v)| *o += w * v);
-                }
-            }
-            *p = f32::NEG_INFINITY; // reset for the next key/value head
-        };
-        for pos in 0..shared.len {
-            let value = &sv[at(pos, g)];
-            for i in 0..qs.len() {
-                for r in 0..rep {
-                    add(i, r, pos, value);
+                    add_values(o, &mut head_scores[start..end], totals[i][r], |k| {
+                        &sv[at(start + k, g)]
+                    });
                 }
             }
         }
-        for (i, o) in own.iter().enumerate() {
-            for p in 0..o.valid.len() {
-                let value = &o.v[at(p, g)];
-                for r in 0..rep {
-                    add(i, r, shared.len + p, value);
-                }
+        for (i, (own, row_scores)) in own.iter().zip(&mut scores).enumerate() {
+            for (r, head_scores) in row_scores.chunks_exact_mut(lens[i]).enumerate() {
+                let o = &mut out[i][(g * rep + r) * d..(g * rep + r + 1) * d];
+                add_values(o, &mut head_scores[shared.len..], totals[i][r], |k| {
+                    &own.v[at(k, g)]
+                });
             }
         }
     }
     out
+}
+
+/// Shared positions scored, then added up, per block in [`attend`]: 64 keys or values of one head
+/// (16 KiB at width 64) stay in L1 while every row of a thread uses them.
+const SHARED_BLOCK: usize = 64;
+
+/// `o += (p / total) · value(k)` over one head's softmax numerators `probs` in order (zero weights
+/// skipped; nothing added when the head has nothing to attend to, `total` `None`), each then reset to
+/// `-inf` for the next key/value head.
+fn add_values<'a>(
+    o: &mut [f32],
+    probs: &mut [f32],
+    total: Option<f32>,
+    value: impl Fn(usize) -> &'a [f32],
+) {
+    for (k, p) in probs.iter_mut().enumerate() {
+        if let Some(total) = total {
+            if *p != 0.0 {
+                let w = *p / total;
+                o.iter_mut().zip(value(k)).for_each(|(o, v)| *o += w * v);
+            }
+        }
+        *p = f32::NEG_INFINITY;
+    }
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
