@@ -115,14 +115,14 @@ impl DecodeState {
         let picks: Vec<(usize, Vec<usize>)> = (0..cache.batch())
             .map(|r| (r, (shared..t).collect()))
             .collect();
-        let (k, v) = gather_layers(cache, config, &picks)?;
-        Ok(DecodeState {
-            shared: Shared::gather(cache, config, 0, shared)?,
-            k,
-            v,
-            valid: cache.valid.iter().map(|v| v[shared..].to_vec()).collect(),
-            next_pos: cache.next_pos.clone(),
-        })
+        Self::gather(
+            cache,
+            config,
+            (0..shared).collect(),
+            picks,
+            cache.valid.iter().map(|v| v[shared..].to_vec()).collect(),
+            cache.next_pos.clone(),
+        )
     }
 
     /// Several sequences from one batch-1 cache: sequence `r` gets the cached positions `positions[r]`,
@@ -145,27 +145,43 @@ impl DecodeState {
                 .take_while(|&i| positions.iter().all(|p| p.get(i) == Some(&first[i])))
                 .count()
         });
-        let shared_positions: Vec<usize> = positions
+        let shared = positions
             .first()
             .map_or(Vec::new(), |p| p[..common].to_vec());
         let picks: Vec<(usize, Vec<usize>)> = positions
             .iter()
             .map(|p| (0, p[common..].to_vec()))
             .collect();
-        let (k, v) = gather_layers(cache, config, &picks)?;
-        let (mut sk, mut sv) = gather_layers(cache, config, &[(0, shared_positions)])?;
+        let valid = positions
+            .iter()
+            .map(|p| vec![true; p.len() - common])
+            .collect();
+        Self::gather(cache, config, shared, picks, valid, next_pos)
+    }
+
+    /// The state whose rows see `shared` (positions of `cache`'s row 0) and then their own `picks`
+    /// (batch row, positions), gathered in one read of each layer's cache.
+    fn gather(
+        cache: &KvCache,
+        config: &ModelConfig,
+        shared: Vec<usize>,
+        mut picks: Vec<(usize, Vec<usize>)>,
+        valid: Vec<Vec<bool>>,
+        next_pos: Vec<usize>,
+    ) -> Result<Self> {
+        let len = shared.len();
+        picks.push((0, shared));
+        let (mut k, mut v) = gather_layers(cache, config, &picks)?;
+        let shared = Shared {
+            k: k.pop().unwrap_or_default(),
+            v: v.pop().unwrap_or_default(),
+            len,
+        };
         Ok(DecodeState {
-            shared: Shared {
-                k: sk.pop().unwrap_or_default(),
-                v: sv.pop().unwrap_or_default(),
-                len: common,
-            },
+            shared,
             k,
             v,
-            valid: positions
-                .iter()
-                .map(|p| vec![true; p.len() - common])
-                .collect(),
+            valid,
             next_pos,
         })
     }
@@ -173,18 +189,6 @@ impl DecodeState {
     /// Rows (sequences) being decoded.
     pub fn batch(&self) -> usize {
         self.valid.len()
-    }
-}
-
-impl Shared {
-    /// Positions `0..len` of batch row `row` of `cache`.
-    fn gather(cache: &KvCache, config: &ModelConfig, row: usize, len: usize) -> Result<Self> {
-        let (mut k, mut v) = gather_layers(cache, config, &[(row, (0..len).collect())])?;
-        Ok(Shared {
-            k: k.pop().unwrap_or_default(),
-            v: v.pop().unwrap_or_default(),
-            len,
-        })
     }
 }
 
