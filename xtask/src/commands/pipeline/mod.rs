@@ -195,9 +195,10 @@ impl Budget {
                 quick,
                 t1_items: None,
                 t1_config: "configs/task1-category.toml",
-                // Scoring 27 candidate labels per item runs at about 1 item/s for the prompting
-                // methods on 2 cores (categories: 4-5): the whole intent split (2,692 items) would
-                // take about 2 h of the 2.5 h budget, 810 items (30 per intent on average) 35 min.
+                // Scoring 27 candidate labels per item runs at 1.3-2 items/s for the prompting
+                // methods on 2 cores (categories: 3.4-5.2): the whole intent split (2,692 items)
+                // would take about 1 h for them alone; 810 items (30 per intent on average) took
+                // 19 min with TF-IDF (2026-12-07).
                 t1_intent_items: Some(810),
                 t1_intent_config: "configs/task1-intent.toml",
                 t2_items: 200,
@@ -534,12 +535,11 @@ fn task1_evaluations(run: &Run, step: Step, task: &str) -> anyhow::Result<()> {
         // Contextual calibration (prompting only) reuses the constrained rule's scores, divided by
         // those of content-free messages.
         let calibrated = *method != "sft";
-        if ["constrained", "generate"].iter().any(|d| started_alone(d)) {
+        let scored_alone = ["constrained", "generate"].iter().any(|d| started_alone(d));
+        let calibrated_alone = calibrated && (scored_alone || started_alone("calibrated"));
+        if scored_alone {
             for decision in ["constrained", "generate"] {
                 run.evaluation(step, &alone(decision))?;
-            }
-            if calibrated {
-                run.evaluation(step, &alone("calibrated"))?;
             }
         } else {
             // Every rule from one pass per item.
@@ -552,14 +552,13 @@ fn task1_evaluations(run: &Run, step: Step, task: &str) -> anyhow::Result<()> {
                 s("--generate-out"),
                 out("generate"),
             ]);
-            let calibrated_alone = calibrated && started_alone("calibrated");
             if calibrated && !calibrated_alone {
                 args.extend([s("--calibrated-out"), out("calibrated")]);
             }
             run.supportlm(step, &args)?;
-            if calibrated_alone {
-                run.evaluation(step, &alone("calibrated"))?;
-            }
+        }
+        if calibrated_alone {
+            run.evaluation(step, &alone("calibrated"))?;
         }
     }
     if baselines {
