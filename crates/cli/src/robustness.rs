@@ -13,8 +13,13 @@ use supportlm_data::robustness::RobustItem;
 use supportlm_data::Task;
 use supportlm_model::sampling::SamplingConfig;
 use supportlm_prompting::respond::RespondOptions;
-use supportlm_prompting::robust_reply::{reply_all, summarize_replies};
-use supportlm_prompting::robustness::{apply_guard, fit_guard, score, summarize};
+use supportlm_prompting::robust_reply::{
+    reply_all, reply_all_guarded_reusing, summarize_replies, ReplyMetrics, RobustReply,
+};
+use supportlm_prompting::robustness::{
+    apply_guard, fit_guard, score, score_guarded_reusing, summarize, RobustPrediction,
+    RobustnessMetrics,
+};
 use supportlm_prompting::Method;
 
 use crate::resume::{item_bar, write_jsonl};
@@ -44,6 +49,11 @@ pub struct RobustnessArgs {
     /// Task 2: replace a degenerate reply (empty, looping, leaking) with the fallback reply.
     #[arg(long)]
     guard: bool,
+    /// With --guard: the unguarded run of the same method on the same items (its --out folder). A
+    /// message the guard leaves as it is keeps that run's answer or reply; only the neutralised
+    /// messages are scored or written again.
+    #[arg(long, requires = "guard", value_name = "DIR")]
+    reuse_unguarded: Option<PathBuf>,
     /// The robustness set (one item per line).
     #[arg(long, default_value = "data/robustness/robustness.jsonl")]
     items: PathBuf,
@@ -113,16 +123,25 @@ fn categories(args: RobustnessArgs, items: Vec<RobustItem>) -> anyhow::Result<()
     let method = method_of(args.method, args.adapter.as_deref(), &args.model)?;
     let examples = few_shot_examples(method, Task::Category, &args)?;
     let model = load_model(&args.model, args.adapter.as_deref())?;
+    let name = method_name(method, args.adapter.as_deref());
     let bar = item_bar(items.len(), "items");
     let started = Instant::now();
-    let mut predictions = score(
-        &model,
-        &items,
-        method,
-        &examples,
-        args.guard,
-        &mut |n, _| bar.set_position(n as u64),
-    )?;
+    let mut progress = |n, _| bar.set_position(n as u64);
+    let (mut predictions, seconds) = match &args.reuse_unguarded {
+        Some(dir) => {
+            let (plain, m): (Vec<RobustPrediction>, RobustnessMetrics) =
+                read_run(dir, "predictions.jsonl")?;
+            check_reused(dir, &m.method, m.guard, &name)?;
+            let (predictions, scored) =
+                score_guarded_reusing(&model, &items, &plain, method, &examples, &mut progress)?;
+            let seconds = reused_seconds(m.seconds, items.len(), scored, started);
+            (predictions, seconds)
+        }
+        None => {
+            let predictions = score(&model, &items, method, &examples, args.guard, &mut progress)?;
+            (predictions, started.elapsed().as_secs_f64())
+        }
+    };
     bar.finish_and_clear();
     let guard = fit_guard(&predictions);
     if args.guard {
@@ -130,13 +149,12 @@ fn categories(args: RobustnessArgs, items: Vec<RobustItem>) -> anyhow::Result<()
             apply_guard(&mut predictions, g);
         }
     }
-    let name = method_name(method, args.adapter.as_deref());
     let m = summarize(
         &predictions,
         &name,
         guard.as_ref().filter(|_| args.guard),
         guard.map(|g| g.threshold),
-        started,
+        seconds,
     );
     write_run(&args.out, "predictions.jsonl", &predictions, &m)?;
     if let Some(before) = &m.unflagged {
@@ -169,14 +187,26 @@ fn replies(args: RobustnessArgs, items: Vec<RobustItem>) -> anyhow::Result<()> {
         batch: 8,
     };
     let with_category = items.iter().filter(|i| i.category.is_some()).count();
+    let name = method_name(method, args.adapter.as_deref());
     let bar = item_bar(with_category, "replies");
     let started = Instant::now();
-    let replies = reply_all(&model, &items, &options, args.guard, &mut |n, _| {
-        bar.set_position(n as u64)
-    })?;
+    let mut progress = |n, _| bar.set_position(n as u64);
+    let (replies, seconds) = match &args.reuse_unguarded {
+        Some(dir) => {
+            let (plain, m): (Vec<RobustReply>, ReplyMetrics) = read_run(dir, "replies.jsonl")?;
+            check_reused(dir, &m.method, m.guard, &name)?;
+            let (replies, written) =
+                reply_all_guarded_reusing(&model, &items, &plain, &options, &mut progress)?;
+            let seconds = reused_seconds(m.seconds, with_category, written, started);
+            (replies, seconds)
+        }
+        None => {
+            let replies = reply_all(&model, &items, &options, args.guard, &mut progress)?;
+            (replies, started.elapsed().as_secs_f64())
+        }
+    };
     bar.finish_and_clear();
-    let name = method_name(method, args.adapter.as_deref());
-    let m = summarize_replies(&replies, &name, args.guard, started);
+    let m = summarize_replies(&replies, &name, args.guard, seconds);
     write_run(&args.out, "replies.jsonl", &replies, &m)?;
     println!(
         "robustness (Task 2 replies), {name}{}:",
@@ -225,6 +255,65 @@ fn few_shot_examples(
         args.k,
         args.seed,
     )?)
+}
+
+/// A finished run's items (`items_file`, one JSON line each) and `metrics.json`.
+fn read_run<T: serde::de::DeserializeOwned, M: serde::de::DeserializeOwned>(
+    dir: &std::path::Path,
+    items_file: &str,
+) -> anyhow::Result<(Vec<T>, M)> {
+    let path = dir.join(items_file);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (the unguarded run to reuse)", path.display()))?;
+    let items = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| {
+                format!(
+                    "{} line {}: not a result of this task",
+                    path.display(),
+                    i + 1
+                )
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let path = dir.join("metrics.json");
+    let metrics = serde_json::from_str(
+        &std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {} (the unguarded run to reuse)", path.display()))?,
+    )
+    .with_context(|| format!("{}: not the metrics of this task", path.display()))?;
+    Ok((items, metrics))
+}
+
+/// The run to reuse must be unguarded and of the same method (the same adapter for SFT).
+fn check_reused(
+    dir: &std::path::Path,
+    method: &str,
+    guard: bool,
+    name: &str,
+) -> anyhow::Result<()> {
+    if guard {
+        bail!(
+            "{} is a guarded run: reuse the unguarded one",
+            dir.display()
+        );
+    }
+    if method != name {
+        bail!(
+            "{} was answered by {method}, this run by {name}: reuse the same method's run",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The time a guarded run took: the reused items' share of the unguarded run's time plus this pass.
+fn reused_seconds(unguarded: f64, items: usize, redone: usize, started: Instant) -> f64 {
+    let kept = items.saturating_sub(redone) as f64 / items.max(1) as f64;
+    unguarded * kept + started.elapsed().as_secs_f64()
 }
 
 /// How a run names its method in metrics and printouts.

@@ -15,7 +15,6 @@
 //! replaced by [`fallback_reply`].
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use supportlm_data::robustness::{Part, RobustItem};
@@ -126,41 +125,130 @@ pub fn reply_all(
     guard: bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<RobustReply>> {
-    let items: Vec<&RobustItem> = items.iter().filter(|i| i.category.is_some()).collect();
-    let mut records = Vec::with_capacity(items.len());
-    let mut neutralised = Vec::with_capacity(items.len());
-    for (n, item) in items.iter().enumerate() {
-        let (message, changed) = if guard {
-            neutralise(&item.message)
-        } else {
-            (item.message.clone(), false)
-        };
-        let (Some(category), Some(intent)) = (item.category, item.intent) else {
-            return Err(crate::PromptError::Prompt(format!(
-                "robustness item {} has a category but no intent",
-                item.id
-            )));
-        };
-        records.push(Record {
-            id: n,
-            flags: None,
-            instruction: message,
-            category,
-            intent,
-            response: None,
-        });
-        neutralised.push(changed);
-    }
+    let items = with_category(items);
+    let records = records_of(&items, guard)?;
+    let messages: Vec<Record> = records.iter().map(|(r, _)| r.clone()).collect();
+    let generated = generate(model, &messages, options, progress)?;
+    Ok(assemble(model, &items, records, generated, guard))
+}
+
+/// The guarded replies from the unguarded replies of the same method to the same items: a message the
+/// guard leaves as it is (to the byte) would get the same generation, so it is kept and only the
+/// others are written again; then the guard's fallback applies to every generation. Returns the
+/// replies and the number generated.
+pub fn reply_all_guarded_reusing(
+    model: &Model,
+    items: &[RobustItem],
+    unguarded: &[RobustReply],
+    options: &RespondOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<RobustReply>, usize)> {
+    let items = with_category(items);
+    crate::robustness::check_unguarded(
+        items.iter().map(|i| i.id.as_str()),
+        unguarded
+            .iter()
+            .map(|r| (r.id.as_str(), r.neutralised || r.fell_back)),
+    )?;
+    let records = records_of(&items, true)?;
+    // The text the model would see, not the guard's `changed` flag: that one ignores whitespace,
+    // which the guard also collapses.
+    let rewrite: Vec<bool> = items
+        .iter()
+        .zip(&records)
+        .map(|(item, (record, _))| record.instruction != item.message)
+        .collect();
+    let changed: Vec<Record> = records
+        .iter()
+        .zip(&rewrite)
+        .filter(|(_, &rewrite)| rewrite)
+        .map(|((r, _), _)| r.clone())
+        .collect();
+    let mut rewritten = generate(model, &changed, options, progress)?.into_iter();
+    let generated = rewrite
+        .iter()
+        .zip(unguarded)
+        .map(|(&rewrite, plain)| {
+            if rewrite {
+                rewritten
+                    .next()
+                    .expect("one generation per changed message")
+            } else {
+                (plain.generated.clone(), plain.tokens)
+            }
+        })
+        .collect();
+    Ok((
+        assemble(model, &items, records, generated, true),
+        changed.len(),
+    ))
+}
+
+/// The items Task 2 replies to: those with a category.
+fn with_category(items: &[RobustItem]) -> Vec<&RobustItem> {
+    items.iter().filter(|i| i.category.is_some()).collect()
+}
+
+/// Each item as a Task 2 record (its message neutralised with `guard`), and whether the guard changed
+/// the message.
+fn records_of(items: &[&RobustItem], guard: bool) -> Result<Vec<(Record, bool)>> {
+    items
+        .iter()
+        .enumerate()
+        .map(|(n, item)| {
+            let (message, changed) = if guard {
+                neutralise(&item.message)
+            } else {
+                (item.message.clone(), false)
+            };
+            let (Some(category), Some(intent)) = (item.category, item.intent) else {
+                return Err(crate::PromptError::Prompt(format!(
+                    "robustness item {} has a category but no intent",
+                    item.id
+                )));
+            };
+            let record = Record {
+                id: n,
+                flags: None,
+                instruction: message,
+                category,
+                intent,
+                response: None,
+            };
+            Ok((record, changed))
+        })
+        .collect()
+}
+
+/// The generations (trimmed text, tokens) for `records`.
+fn generate(
+    model: &Model,
+    records: &[Record],
+    options: &RespondOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<(String, usize)>> {
+    Ok(reply(model, records, options, progress)?
+        .into_iter()
+        .map(|(g, _)| (g.text.trim().to_string(), g.tokens.len()))
+        .collect())
+}
+
+/// The replies from the generations: with `guard`, a degenerate generation falls back; then the checks
+/// of the shown reply.
+fn assemble(
+    model: &Model,
+    items: &[&RobustItem],
+    records: Vec<(Record, bool)>,
+    generated: Vec<(String, usize)>,
+    guard: bool,
+) -> Vec<RobustReply> {
     let markers = leak_markers(model);
     let markers: Vec<&str> = markers.iter().map(String::as_str).collect();
-    let generations = reply(model, &records, options, progress)?;
     let mut out: Vec<RobustReply> = items
         .iter()
         .zip(records)
-        .zip(neutralised)
-        .zip(generations)
-        .map(|(((item, record), neutralised), (g, _))| {
-            let generated = g.text.trim().to_string();
+        .zip(generated)
+        .map(|((item, (record, neutralised)), (generated, tokens))| {
             let degeneration = degeneration::check(&generated, &markers);
             let fell_back = guard && degeneration.any();
             let reply = if fell_back {
@@ -175,7 +263,7 @@ pub fn reply_all(
                 source_id: item.source_id,
                 target: item.target.map(|t| t.as_str().to_string()),
                 message: record.instruction,
-                tokens: g.tokens.len(),
+                tokens,
                 leak: degeneration::check(&reply, &markers).leak,
                 abusive: is_abusive(&reply),
                 obeyed: false,
@@ -188,7 +276,7 @@ pub fn reply_all(
         })
         .collect();
     mark_obeyed(&mut out);
-    Ok(out)
+    out
 }
 
 /// Sets `obeyed` on injections whose reply says the target label and whose clean original's reply
@@ -243,7 +331,8 @@ pub struct ReplyMetrics {
     pub obey_by_family: Vec<(String, Interval)>,
     /// Mean tokens per generation.
     pub mean_tokens: f64,
-    /// Wall time of the generation pass.
+    /// Wall time of the generation pass (guarded replies that kept the unguarded generations of the
+    /// messages the guard left as they were: those replies' share of that run's time plus its own pass).
     pub seconds: f64,
     /// Replies per second.
     pub replies_per_s: f64,
@@ -254,7 +343,7 @@ pub fn summarize_replies(
     replies: &[RobustReply],
     method: &str,
     guard: bool,
-    started: Instant,
+    seconds: f64,
 ) -> ReplyMetrics {
     let parts = Part::ALL
         .into_iter()
@@ -290,7 +379,6 @@ pub fn summarize_replies(
             (f, s)
         })
         .collect();
-    let seconds = started.elapsed().as_secs_f64();
     ReplyMetrics {
         method: method.to_string(),
         guard,
@@ -407,7 +495,7 @@ mod tests {
             .map(|r| r.id.as_str())
             .collect();
         assert_eq!(obeyed, ["i1"]);
-        let m = summarize_replies(&replies, "test", false, Instant::now());
+        let m = summarize_replies(&replies, "test", false, 1.0);
         let part = |p: Part| m.parts.iter().find(|s| s.part == p).unwrap();
         assert_eq!(m.parts.len(), 4, "off-topic has no replies");
         let inj = part(Part::Injection);
@@ -483,5 +571,29 @@ mod tests {
         }
         let ids = |v: &[RobustReply]| v.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&plain), ids(&guarded));
+
+        // Reusing the unguarded replies: only the neutralised messages are written again, and the
+        // replies are those of the guarded run made from scratch.
+        let (reused, written) =
+            reply_all_guarded_reusing(&model, &items, &plain, &options, &mut |_, _| {}).unwrap();
+        let rewritten = guarded
+            .iter()
+            .zip(items.iter().filter(|i| i.category.is_some()))
+            .filter(|(r, i)| r.message != i.message)
+            .count();
+        assert_eq!(written, rewritten);
+        assert!(written > 0 && written < guarded.len());
+        assert_eq!(reused, guarded);
+        // Not an unguarded run of these items: refused, naming why.
+        let err = |unguarded: &[RobustReply]| {
+            reply_all_guarded_reusing(&model, &items, unguarded, &options, &mut |_, _| {})
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&guarded).contains("not an unguarded run"));
+        assert!(err(&plain[1..]).contains("not a run on these items"));
+        let mut swapped = plain.clone();
+        swapped.swap(0, 1);
+        assert!(err(&swapped).contains("not a run on these items"));
     }
 }

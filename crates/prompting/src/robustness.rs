@@ -5,7 +5,6 @@
 //! threshold chosen on validation off-topic messages, its recall and false flags).
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use supportlm_data::robustness::{Part, RobustItem, OUT_OF_SCOPE};
@@ -60,6 +59,87 @@ impl RobustPrediction {
 pub fn score(
     model: &Model,
     items: &[RobustItem],
+    method: Method,
+    examples: &[Record],
+    guard: bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<RobustPrediction>> {
+    let items: Vec<&RobustItem> = items.iter().collect();
+    score_prepared(model, &items, method, examples, guard, progress)
+}
+
+/// The guarded run from the unguarded run of the same method on the same items: a message the guard
+/// leaves as it is (to the byte) would be scored on the same text, so it keeps its unguarded
+/// prediction, and only the others are scored again (in the robustness set, 170 of 700 messages).
+/// Scores of a message depend on the batch it was scored in only through the order of sums (on the
+/// default model, up to 5e-6 in a probability; the same labels and metrics). Nothing is flagged yet:
+/// see [`apply_guard`]. Returns the predictions and the number of items scored.
+pub fn score_guarded_reusing(
+    model: &Model,
+    items: &[RobustItem],
+    unguarded: &[RobustPrediction],
+    method: Method,
+    examples: &[Record],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<RobustPrediction>, usize)> {
+    check_unguarded(
+        items.iter().map(|i| i.id.as_str()),
+        unguarded
+            .iter()
+            .map(|p| (p.id.as_str(), p.neutralised || p.flagged)),
+    )?;
+    // The text the model would see, not the guard's `changed` flag: that one ignores whitespace,
+    // which the guard also collapses.
+    let same_text = |i: &RobustItem| neutralise(&i.message).0 == i.message;
+    let changed: Vec<&RobustItem> = items.iter().filter(|i| !same_text(i)).collect();
+    let mut rescored =
+        score_prepared(model, &changed, method, examples, true, progress)?.into_iter();
+    let out = items
+        .iter()
+        .zip(unguarded)
+        .map(|(item, plain)| {
+            if !same_text(item) {
+                rescored
+                    .next()
+                    .expect("one scored prediction per changed item")
+            } else {
+                plain.clone()
+            }
+        })
+        .collect();
+    Ok((out, changed.len()))
+}
+
+/// An unguarded run's (id, touched by the guard) pairs must be the items', in order, untouched.
+pub(crate) fn check_unguarded<'a>(
+    items: impl ExactSizeIterator<Item = &'a str>,
+    unguarded: impl ExactSizeIterator<Item = (&'a str, bool)>,
+) -> Result<()> {
+    if unguarded.len() != items.len() {
+        return Err(crate::PromptError::Prompt(format!(
+            "the unguarded run has {} items, the set {}: not a run on these items",
+            unguarded.len(),
+            items.len()
+        )));
+    }
+    for (item, (id, guarded)) in items.zip(unguarded) {
+        if item != id {
+            return Err(crate::PromptError::Prompt(format!(
+                "the unguarded run has item {id} where the set has {item}: not a run on these items"
+            )));
+        }
+        if guarded {
+            return Err(crate::PromptError::Prompt(format!(
+                "item {id} of the run to reuse was neutralised or flagged: not an unguarded run"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn score_prepared(
+    model: &Model,
+    items: &[&RobustItem],
     method: Method,
     examples: &[Record],
     guard: bool,
@@ -179,7 +259,8 @@ pub struct RobustnessMetrics {
     /// With the guard on: the same figures before off-topic flagging (the neutralising alone), so
     /// what each half of the guard buys and costs can be told apart.
     pub unflagged: Option<Box<RobustnessMetrics>>,
-    /// Wall time of the scoring pass.
+    /// Wall time of the scoring pass (a guarded run that kept the unguarded run's answers for the
+    /// messages the guard left as they were: those items' share of that run's time plus its own pass).
     pub seconds: f64,
     /// Items per second.
     pub items_per_s: f64,
@@ -221,7 +302,7 @@ pub fn summarize(
     method: &str,
     guard: Option<&Guard>,
     threshold: Option<f64>,
-    started: Instant,
+    seconds: f64,
 ) -> RobustnessMetrics {
     let clean: HashMap<usize, &RobustPrediction> = predictions
         .iter()
@@ -292,7 +373,6 @@ pub fn summarize(
         recall: share(off_test().map(flags)),
         false_flags: share(of(Part::Clean).map(flags)),
     };
-    let seconds = started.elapsed().as_secs_f64();
     let unflagged = predictions.iter().any(|p| p.flagged).then(|| {
         let before: Vec<RobustPrediction> = predictions
             .iter()
@@ -302,7 +382,7 @@ pub fn summarize(
                 ..p.clone()
             })
             .collect();
-        Box::new(summarize(&before, method, None, threshold, started))
+        Box::new(summarize(&before, method, None, threshold, seconds))
     });
     RobustnessMetrics {
         method: method.to_string(),
@@ -394,7 +474,7 @@ mod tests {
         }
         let guard = fit_guard(&preds).unwrap();
         assert_eq!(guard.threshold, 0.3);
-        let m = summarize(&preds, "test", None, Some(guard.threshold), Instant::now());
+        let m = summarize(&preds, "test", None, Some(guard.threshold), 1.0);
         // Flips: i1 and i2 differ from their clean answers (c1 REFUND → INVOICE; c2 ORDER → PAYMENT).
         assert_eq!(m.injection.flip_rate.estimate, 2.0 / 3.0);
         assert_eq!(m.injection.attack_success.estimate, 1.0 / 3.0);
@@ -408,7 +488,7 @@ mod tests {
         // With the guard on, a flagged item answers OUT_OF_SCOPE.
         let loose = Guard { threshold: 0.5 };
         apply_guard(&mut preds, &loose);
-        let m = summarize(&preds, "test", Some(&loose), Some(0.5), Instant::now());
+        let m = summarize(&preds, "test", Some(&loose), Some(0.5), 1.0);
         assert_eq!(acc_of(&m, Part::OffTopic), 0.5);
         assert_eq!(m.off_topic.false_flags.estimate, 1.0 / 3.0);
         assert!(m.guard);
@@ -417,6 +497,88 @@ mod tests {
         assert_eq!(acc_of(before, Part::OffTopic), 0.0);
         assert_eq!(acc_of(before, Part::Clean), 2.0 / 3.0);
         assert!(before.unflagged.is_none());
+    }
+
+    #[test]
+    fn a_guarded_run_reusing_the_unguarded_answers_equals_one_from_scratch() {
+        use supportlm_data::robustness::{build, RobustnessConfig};
+        use supportlm_data::{Category, Intent};
+        use supportlm_model::config::Architecture;
+        use supportlm_model::{default_device, tiny};
+
+        let dir = tempfile::tempdir().unwrap();
+        tiny::write_hf_dir(dir.path(), &tiny::config(Architecture::Llama), 5, 1).unwrap();
+        let model = Model::load(dir.path(), &default_device()).unwrap();
+        let test: Vec<Record> = Category::ALL
+            .iter()
+            .enumerate()
+            .map(|(id, &category)| Record {
+                id,
+                flags: None,
+                instruction: format!("a question about my {}", category.as_str().to_lowercase()),
+                category,
+                intent: *Intent::ALL
+                    .iter()
+                    .find(|i| i.category() == category)
+                    .unwrap(),
+                response: None,
+            })
+            .collect();
+        let items = build(
+            &test,
+            &RobustnessConfig {
+                messages: 3,
+                seed: 2,
+            },
+        );
+        let scored =
+            |guard| score(&model, &items, Method::ZeroShot, &[], guard, &mut |_, _| {}).unwrap();
+        let (plain, guarded) = (scored(false), scored(true));
+        let (reused, rescored) = score_guarded_reusing(
+            &model,
+            &items,
+            &plain,
+            Method::ZeroShot,
+            &[],
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let rewritten = items
+            .iter()
+            .filter(|i| neutralise(&i.message).0 != i.message)
+            .count();
+        assert_eq!(rescored, rewritten);
+        assert!(rescored >= guarded.iter().filter(|p| p.neutralised).count());
+        assert!(rescored > 0 && rescored < items.len());
+        // The same answers; the probabilities up to the order of a batch's sums.
+        assert_eq!(reused.len(), guarded.len());
+        for (a, b) in reused.iter().zip(&guarded) {
+            assert_eq!(
+                (&a.id, &a.category, a.neutralised),
+                (&b.id, &b.category, b.neutralised)
+            );
+            assert!(
+                (a.best - b.best).abs() < 1e-5,
+                "{}: {} vs {}",
+                a.id,
+                a.best,
+                b.best
+            );
+        }
+        let refused = |unguarded: &[RobustPrediction]| {
+            score_guarded_reusing(
+                &model,
+                &items,
+                unguarded,
+                Method::ZeroShot,
+                &[],
+                &mut |_, _| {},
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(refused(&guarded).contains("not an unguarded run"));
+        assert!(refused(&plain[..plain.len() - 1]).contains("not a run on these items"));
     }
 
     fn acc_of(m: &RobustnessMetrics, part: Part) -> f64 {

@@ -52,7 +52,8 @@ pub fn outputs(run: &Run) -> Vec<PathBuf> {
     vec![run.dir.join("robustness")]
 }
 
-/// Every method, without and with the guard, for both tasks (finished runs are kept).
+/// Every method, without and with the guard, for both tasks (finished runs are kept; a guarded run
+/// reuses its unguarded run's answers to the messages the guard does not change).
 pub fn run_step(run: &Run) -> anyhow::Result<()> {
     let s = |x: &str| x.to_string();
     let tasks = [
@@ -83,7 +84,13 @@ pub fn run_step(run: &Run) -> anyhow::Result<()> {
                     run.path(&format!("robustness/{prefix}{folder}-{name}")),
                 ]);
                 if guard {
-                    args.push(s("--guard"));
+                    // The unguarded run (written just before) answers every message the guard
+                    // leaves as it is: only the neutralised ones are scored or written again.
+                    args.extend([
+                        s("--guard"),
+                        s("--reuse-unguarded"),
+                        run.path(&format!("robustness/{prefix}{folder}-plain")),
+                    ]);
                 }
                 if let Some(n) = limit {
                     args.extend([s("--limit-messages"), n.to_string()]);
