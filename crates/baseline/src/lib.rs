@@ -1,9 +1,13 @@
-//! The classical baseline of Task 1: TF-IDF features (word unigrams and bigrams, scikit-learn's
-//! `TfidfVectorizer` conventions: smoothed idf, sublinear tf off, rows L2-normalised) and a multinomial
-//! logistic regression fitted by linfa (L-BFGS, L2 penalty). A sanity anchor for what SFT must beat.
+//! The classical baselines: TF-IDF features (word unigrams and bigrams, scikit-learn's
+//! `TfidfVectorizer` conventions: smoothed idf, sublinear tf off, rows L2-normalised), for Task 1 with a
+//! multinomial logistic regression fitted by linfa (L-BFGS, L2 penalty), for Task 2 as nearest-neighbour
+//! retrieval of a training reply. Sanity anchors for what the language model must beat.
 //!
 //! - [`TfIdf`]: the vocabulary and idf weights, fitted on training texts.
 //! - [`TfIdfLogReg`]: features + classifier; `predict` gives each text's label index and probability.
+//! - [`retrieval::Nearest`]: the training text most like a query (cosine of the TF-IDF rows).
+
+pub mod retrieval;
 
 use std::collections::HashMap;
 
@@ -82,17 +86,29 @@ impl TfIdf {
     pub fn transform(&self, texts: &[&str]) -> Array2<f32> {
         let mut x = Array2::<f32>::zeros((texts.len(), self.features()));
         for (r, t) in texts.iter().enumerate() {
-            for term in terms(t) {
-                if let Some(&j) = self.index.get(&term) {
-                    x[[r, j]] += self.idf[j];
-                }
-            }
-            let norm = x.row(r).iter().map(|v| v * v).sum::<f32>().sqrt();
-            if norm > 0.0 {
-                x.row_mut(r).mapv_inplace(|v| v / norm);
+            for (j, v) in self.sparse_row(t) {
+                x[[r, j]] = v;
             }
         }
         x
+    }
+
+    /// One text's L2-normalised tf-idf weights as (term index, weight), by term index; empty when
+    /// no term of the text is in the vocabulary.
+    pub fn sparse_row(&self, text: &str) -> Vec<(usize, f32)> {
+        let mut weights: HashMap<usize, f32> = HashMap::new();
+        for term in terms(text) {
+            if let Some(&j) = self.index.get(&term) {
+                *weights.entry(j).or_insert(0.0) += self.idf[j];
+            }
+        }
+        let mut row: Vec<(usize, f32)> = weights.into_iter().collect();
+        row.sort_by_key(|&(j, _)| j);
+        let norm = row.iter().map(|(_, v)| v * v).sum::<f32>().sqrt();
+        if norm > 0.0 {
+            row.iter_mut().for_each(|(_, v)| *v /= norm);
+        }
+        row
     }
 }
 

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
 use supportlm_data::kshot::balanced_kshot;
 use supportlm_data::{Category, Record, SplitName, Task};
@@ -31,10 +31,21 @@ use crate::shared::{load_model, load_splits, method_of, sample, MethodArg, DEFAU
 /// Where `cargo xtask setup` puts the sentence encoder.
 pub const DEFAULT_EMBEDDER: &str = "checkpoints/embed/all-MiniLM-L6-v2";
 
+/// `--method` of `eval respond`: the language model's methods, or the classical baseline.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RespondMethod {
+    ZeroShot,
+    FewShot,
+    Sft,
+    /// The reply of the most similar training message of the same category (TF-IDF cosine), cut to
+    /// --max-new-tokens: no language model writes anything.
+    Retrieval,
+}
+
 #[derive(Args)]
 pub struct RespondArgs {
     #[arg(long, value_enum)]
-    method: MethodArg,
+    method: RespondMethod,
     /// The fine-tuned adapter (PEFT format) for --method sft (a fully fine-tuned model is given as
     /// --model instead).
     #[arg(long)]
@@ -125,8 +136,74 @@ fn predict_categories(
     Ok(out)
 }
 
+/// Task 2's classical baseline: for each record, the reply of the training message most similar to
+/// its message (TF-IDF cosine) among the training messages of its category (the category the
+/// language model is given: the dataset's, or the one the chain predicted), cut to `max_tokens` tokens
+/// as generation would be. A message sharing no term with its category's messages gets that
+/// category's first training reply.
+fn retrieve(
+    train: &[Record],
+    records: &[Record],
+    model: &Model,
+    max_tokens: usize,
+) -> anyhow::Result<Vec<Response>> {
+    use supportlm_baseline::retrieval::Nearest;
+    use supportlm_model::generate::StopReason;
+
+    let started = Instant::now();
+    let texts: Vec<&str> = train.iter().map(|r| r.instruction.as_str()).collect();
+    let index = Nearest::fit(&texts, 1, usize::MAX)?;
+    let mut out = Vec::with_capacity(records.len());
+    for r in records {
+        let same = |i: usize| train[i].category == r.category;
+        let best = index
+            .nearest(&r.instruction, same)
+            .map(|(i, _)| i)
+            .or_else(|| index.first(same))
+            .with_context(|| format!("no training reply of category {}", r.category.as_str()))?;
+        let reply = train[best]
+            .response
+            .as_deref()
+            .with_context(|| format!("training record {} has no response", train[best].id))?;
+        let ids = model.tokenizer.encode(reply, false)?;
+        let (text, tokens, stop) = if ids.len() > max_tokens {
+            let text = model.tokenizer.decode(&ids[..max_tokens])?;
+            (text, max_tokens, StopReason::MaxTokens)
+        } else {
+            (reply.to_string(), ids.len(), StopReason::Eos)
+        };
+        out.push(Response {
+            id: r.id,
+            message: r.instruction.clone(),
+            category: r.category.to_string(),
+            reference: r
+                .response
+                .clone()
+                .with_context(|| format!("test record {} has no reference response", r.id))?,
+            generated: text,
+            tokens,
+            seconds: 0.0,
+            stop,
+        });
+    }
+    let per_item = started.elapsed().as_secs_f64() / records.len().max(1) as f64;
+    out.iter_mut().for_each(|r| r.seconds = per_item);
+    Ok(out)
+}
+
 pub fn run(args: RespondArgs) -> anyhow::Result<()> {
-    let method = method_of(args.method, args.adapter.as_deref(), &args.model)?;
+    let method = match args.method {
+        RespondMethod::ZeroShot => Some(MethodArg::ZeroShot),
+        RespondMethod::FewShot => Some(MethodArg::FewShot),
+        RespondMethod::Sft => Some(MethodArg::Sft),
+        RespondMethod::Retrieval if args.adapter.is_some() => {
+            bail!("--adapter goes with --method sft, not retrieval")
+        }
+        RespondMethod::Retrieval => None,
+    }
+    .map(|m| method_of(m, args.adapter.as_deref(), &args.model))
+    .transpose()?;
+    let method_name = method.map_or("retrieval", Method::as_str);
     let splits = load_splits(args.data.as_deref(), Task::Response)?;
     let records = sample(&splits.get(args.split).records, Some(args.limit), args.seed);
     let (records, chain) = match &args.category_adapter {
@@ -152,7 +229,7 @@ pub fn run(args: RespondArgs) -> anyhow::Result<()> {
         None => (records, None),
     };
     let model = load_model(&args.model, args.adapter.as_deref())?;
-    let examples = if method == Method::FewShot {
+    let examples = if method == Some(Method::FewShot) {
         balanced_kshot(
             &splits.validation.records,
             &splits.test.records,
@@ -163,7 +240,7 @@ pub fn run(args: RespondArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let options = RespondOptions {
+    let options = method.map(|method| RespondOptions {
         method,
         examples,
         max_new_tokens: args.max_new_tokens,
@@ -173,10 +250,10 @@ pub fn run(args: RespondArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         batch: 8,
-    };
+    });
     let settings = RespondSettings {
         task: "response".into(),
-        method: method.as_str().into(),
+        method: method_name.into(),
         model: args.model.display().to_string(),
         adapter: args.adapter.as_ref().map(|a| a.display().to_string()),
         split: args.split.as_str().into(),
@@ -197,14 +274,22 @@ pub fn run(args: RespondArgs) -> anyhow::Result<()> {
     let partial = args.out.join("responses.partial.jsonl");
     let bar = item_bar(records.len(), "responses");
     let started = Instant::now();
-    let (responses, timed) = run_chunks(
-        &partial,
-        &records,
-        32,
-        |r: &Response| r.id,
-        &bar,
-        &mut |chunk, progress| Ok(respond(&model, chunk, &options, &mut |n, _| progress(n))?),
-    )?;
+    let (responses, timed) = match &options {
+        Some(options) => run_chunks(
+            &partial,
+            &records,
+            32,
+            |r: &Response| r.id,
+            &bar,
+            &mut |chunk, progress| Ok(respond(&model, chunk, options, &mut |n, _| progress(n))?),
+        )?,
+        None => {
+            let replies = retrieve(&splits.train.records, &records, &model, args.max_new_tokens)?;
+            bar.finish_and_clear();
+            let n = replies.len();
+            (replies, n)
+        }
+    };
     let gen_seconds = started.elapsed().as_secs_f64();
 
     // 2. Overlap and embedding scores, degeneration.
@@ -348,7 +433,7 @@ pub fn run(args: RespondArgs) -> anyhow::Result<()> {
     }
     println!(
         "response {}: ROUGE-L {:.4} [{:.4}, {:.4}], BLEU {:.2}, chrF {:.2}, cosine {}, degenerate {} empty / {} looping / {} leaking of {}",
-        method.as_str(),
+        method_name,
         summary.rouge_l.estimate,
         summary.rouge_l.low,
         summary.rouge_l.high,

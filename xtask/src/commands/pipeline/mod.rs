@@ -2,7 +2,8 @@
 //! setup → data (check, splits, statistics) → t1-baselines (TF-IDF + logistic regression; 0-shot and
 //! 10-shot, both decision rules and the calibrated constrained rule) →
 //! t1-sft (QLoRA training) → t1-sft-eval → t1-intent-baselines, t1-intent-sft, t1-intent-sft-eval (the
-//! same on the 27 intents, in `t1-intent/`) → t2-baselines (0-shot and 10-shot responses) → t2-sft →
+//! same on the 27 intents, in `t1-intent/`) → t2-baselines (0-shot and 10-shot responses, TF-IDF
+//! retrieval of a training reply) → t2-sft →
 //! t2-sft-eval (gold categories, and the chain: categories predicted by the Task 1 adapter) →
 //! efficiency (one training step per mode) → learning-curve (SFT macro-F1 against the
 //! number of training examples) → hparams (learning rates on the quick training budget) → t1-ood (every
@@ -221,6 +222,10 @@ impl Budget {
     }
 }
 
+/// Task 2's baselines (folders under `t2/`, each its `eval respond --method`); `retrieval` is the
+/// classical one, the nearest training message's reply.
+const T2_BASELINES: [&str; 3] = ["zero-shot", "few-shot", "retrieval"];
+
 /// What a finished step leaves in `steps/<step>.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRecord {
@@ -271,9 +276,10 @@ impl Run {
             Step::T1IntentBaselines | Step::T1IntentSftEval => {
                 serde_json::json!({ "items": b.t1_intent_items })
             }
-            Step::T2Baselines | Step::T2SftEval => {
-                serde_json::json!({ "items": b.t2_items, "judge": b.judge_items })
-            }
+            Step::T2Baselines => serde_json::json!({
+                "items": b.t2_items, "judge": b.judge_items, "runs": T2_BASELINES
+            }),
+            Step::T2SftEval => serde_json::json!({ "items": b.t2_items, "judge": b.judge_items }),
             Step::Efficiency => serde_json::json!({ "shapes": b.shapes }),
             Step::LearningCurve => serde_json::json!({
                 "sizes": b.curve_sizes, "min_seen": b.curve_min_seen, "items": b.sweep_items
@@ -464,7 +470,7 @@ fn step_outputs(run: &Run, step: Step) -> anyhow::Result<Vec<PathBuf>> {
         Step::T1IntentSft => vec![d("t1-intent/sft-train")],
         Step::T1SftEval => vec![d("t1/sft-constrained"), d("t1/sft-generate")],
         Step::T1IntentSftEval => vec![d("t1-intent/sft-constrained"), d("t1-intent/sft-generate")],
-        Step::T2Baselines => vec![d("t2/zero-shot"), d("t2/few-shot")],
+        Step::T2Baselines => T2_BASELINES.iter().map(|f| d(&format!("t2/{f}"))).collect(),
         Step::T2Sft => vec![d("t2/sft-train")],
         Step::T2SftEval => vec![d("t2/sft"), d("t2/sft-chain")],
         Step::Efficiency => vec![d("efficiency")],
@@ -604,7 +610,7 @@ fn run_step(run: &Run, step: Step) -> anyhow::Result<()> {
             // `sft-chain`: the demo's chain, the Task 2 adapter writing for the category the Task 1
             // adapter predicts.
             let runs: &[&str] = if step == Step::T2Baselines {
-                &["zero-shot", "few-shot"]
+                &T2_BASELINES
             } else {
                 &["sft", "sft-chain"]
             };

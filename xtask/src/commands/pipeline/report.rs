@@ -30,11 +30,16 @@ const T1_RUNS: [(&str, &str); 9] = [
     ("sft-generate", "SFT (QLoRA), generate + extract"),
 ];
 
-const T2_RUNS: [(&str, &str); 4] = [
+/// Task 2's runs (folder under `t2/`, name); the first three are the human-evaluation sheet's.
+const T2_RUNS: [(&str, &str); 5] = [
     ("zero-shot", "0-shot"),
     ("few-shot", "10-shot"),
     ("sft", "SFT (QLoRA)"),
     ("sft-chain", "SFT (QLoRA), category predicted by Task 1 SFT"),
+    (
+        "retrieval",
+        "TF-IDF retrieval (nearest training message's reply, same category)",
+    ),
 ];
 
 /// Whether Task 1 run `folder` took both decision rules from one pass: recorded in its metrics, or (for
