@@ -15,7 +15,7 @@ use supportlm_metrics::wilson_interval;
 use supportlm_model::bert::{cosine, SentenceEncoder};
 use supportlm_model::sampling::SamplingConfig;
 use supportlm_model::Model;
-use supportlm_prompting::classify::label_probabilities;
+use supportlm_prompting::classify::LabelScorer;
 use supportlm_prompting::judge::{summarize, HttpJudge, Judge, Verdict};
 use supportlm_prompting::report::{
     CategoryChain, GenerationSpeed, RespondRunMetrics, RespondSettings, ScoredResponse,
@@ -117,8 +117,9 @@ fn predict_categories(
     let messages: Vec<String> = records.iter().map(|r| r.instruction.clone()).collect();
     let bar = item_bar(messages.len(), "categories");
     let mut out = Vec::with_capacity(messages.len());
+    let mut scorer = LabelScorer::new(&classifier, Task::Category, Method::Sft, &[])?;
     for chunk in messages.chunks(16) {
-        let dists = label_probabilities(&classifier, chunk, Task::Category, Method::Sft, &[])?;
+        let dists = scorer.probabilities(chunk)?;
         for d in dists {
             let best = d
                 .iter()

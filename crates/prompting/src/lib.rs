@@ -41,6 +41,7 @@ pub mod robust_reply;
 pub mod robustness;
 
 pub use classify::{
-    classify, classify_rules, label_probabilities, ClassifyOptions, Decision, Method, Prediction,
+    classify, classify_rules, label_probabilities, ClassifyOptions, Decision, LabelScorer, Method,
+    Prediction,
 };
 pub use error::{PromptError, Result};

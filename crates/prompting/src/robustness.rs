@@ -12,7 +12,7 @@ use supportlm_data::{Record, Task};
 use supportlm_metrics::{mcnemar, wilson_interval, Interval, McNemar};
 use supportlm_model::Model;
 
-use crate::classify::{label_probabilities, Method};
+use crate::classify::{LabelScorer, Method};
 use crate::error::Result;
 use crate::guard::{neutralise, Guard};
 
@@ -146,6 +146,7 @@ fn score_prepared(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<RobustPrediction>> {
     let mut out = Vec::with_capacity(items.len());
+    let mut scorer = LabelScorer::new(model, Task::Category, method, examples)?;
     for chunk in items.chunks(8) {
         let prepared: Vec<(String, bool)> = chunk
             .iter()
@@ -158,7 +159,7 @@ fn score_prepared(
             })
             .collect();
         let messages: Vec<String> = prepared.iter().map(|p| p.0.clone()).collect();
-        let dists = label_probabilities(model, &messages, Task::Category, method, examples)?;
+        let dists = scorer.probabilities(&messages)?;
         for ((item, (_, neutralised)), dist) in chunk.iter().zip(prepared).zip(dists) {
             let (label, best) =
                 dist.iter()

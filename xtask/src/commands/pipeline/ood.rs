@@ -104,11 +104,22 @@ pub fn outputs(run: &Run) -> Vec<PathBuf> {
     vec![run.dir.join("t1-ood")]
 }
 
-/// Scores every method on the OOD set (finished runs are kept).
+/// Scores every method on the OOD set (finished runs are kept). A prompting method's calibrated rule
+/// comes from the pass of its constrained rule; it runs alone only when that pass had finished before
+/// without it.
 pub fn run_step(run: &Run) -> anyhow::Result<()> {
     let file = run.root.join(OOD_FILE);
-    for m in methods(run)? {
+    let all = methods(run)?;
+    for m in &all {
         let mut args = m.args.clone();
+        let calibrated = m
+            .folder
+            .strip_suffix("-constrained")
+            .map(|method| format!("{method}-calibrated"))
+            .filter(|c| all.iter().any(|o| &o.folder == c));
+        if let Some(c) = calibrated {
+            args.extend(["--calibrated-out".into(), run.path(&format!("t1-ood/{c}"))]);
+        }
         args.extend([
             "--items-file".into(),
             file.display().to_string(),
