@@ -299,6 +299,10 @@ fn classify_cmd(args: ClassifyArgs) -> anyhow::Result<()> {
 pub struct TfidfArgs {
     #[command(flatten)]
     items: Items,
+    /// Fit on N training rows, balanced over the labels and drawn with --seed (default: the whole
+    /// train split).
+    #[arg(long)]
+    train_limit: Option<usize>,
     #[arg(long, default_value_t = 1000)]
     bootstrap: usize,
     /// Output folder (the files of `eval classify`).
@@ -318,7 +322,15 @@ fn tfidf_cmd(args: TfidfArgs) -> anyhow::Result<()> {
         let l = task.label_of(r);
         labels.iter().position(|x| *x == l).unwrap_or(0)
     };
-    let train = &splits.train.records;
+    let train = match args.train_limit {
+        Some(n) => supportlm_train::examples::balanced_subset(
+            &splits.train.records,
+            task,
+            n,
+            args.items.seed,
+        ),
+        None => splits.train.records.clone(),
+    };
     let texts: Vec<&str> = train.iter().map(|r| r.instruction.as_str()).collect();
     let y: Vec<usize> = train.iter().map(index).collect();
     let started = Instant::now();

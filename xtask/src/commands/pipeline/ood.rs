@@ -47,7 +47,16 @@ fn methods(run: &Run) -> anyhow::Result<Vec<Method>> {
             folder: s("tfidf"),
             name: s("TF-IDF + logistic regression"),
             in_distribution: Some(s("t1/tfidf")),
-            args: vec![s("eval"), s("tfidf"), s("--data"), data.clone()],
+            args: [s("eval"), s("tfidf"), s("--data"), data.clone()]
+                .into_iter()
+                .chain(
+                    run.budget
+                        .tfidf_train
+                        .map(|n| [s("--train-limit"), n.to_string()])
+                        .into_iter()
+                        .flatten(),
+                )
+                .collect(),
         },
         Method {
             folder: s("zero-shot-constrained"),

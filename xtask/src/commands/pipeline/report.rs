@@ -207,12 +207,14 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
         b.seed,
         if b.quick {
             format!(
-                "**Quick variant**: Task 1 on {} seeded test items (intents: {}), SFT with `{}`; Task 2 on {} \
-                 test items, {} judged; efficiency at {:?}. The full run (`cargo xtask pipeline`) uses the \
-                 whole category test split, more intent items and the larger training budgets.",
+                "**Quick variant**: Task 1 on {} seeded test items (intents: {}), SFT with `{}`, TF-IDF \
+                 fitted on {} balanced training rows; Task 2 on {} test items, {} judged; efficiency at \
+                 {:?}. The full run (`cargo xtask pipeline`) uses the whole category test split, more \
+                 intent items, the whole train split for TF-IDF and the larger training budgets.",
                 b.t1_items.unwrap_or(0),
                 b.t1_intent_items.unwrap_or(0),
                 b.t1_config,
+                b.tfidf_train.map_or("all".into(), |n| n.to_string()),
                 b.t2_items,
                 b.judge_items,
                 b.shapes
