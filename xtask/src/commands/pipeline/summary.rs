@@ -190,18 +190,29 @@ fn sentences(d: &Path, h: &[Headline]) -> Vec<String> {
                     .unwrap_or_default()
             ));
             if let Some(r) = rouge(TFIDF) {
+                let cosine = |name: &str| by(name).and_then(|x| x.cosine);
+                let cosines = match (cosine(TFIDF), cosine("SFT (QLoRA)")) {
+                    (Some(rc), Some(sc)) => {
+                        format!(
+                            "; MiniLM cosine {:.3} against SFT's {:.3}",
+                            rc.estimate, sc.estimate
+                        )
+                    }
+                    _ => String::new(),
+                };
                 let verdict = if r.low > s.high {
-                    "above SFT, with disjoint intervals: ROUGE-L rewards the wording of Bitext's \
-                     reply templates, which a retrieved training reply of the same category shares"
+                    "above SFT's, with disjoint intervals: the replies of one category follow shared \
+                     templates, which a retrieved training reply copies and the fine-tuned model \
+                     reproduces only in part"
                 } else if s.low > r.high {
-                    "below SFT, with disjoint intervals"
+                    "below SFT's, with disjoint intervals"
                 } else {
                     "within SFT's interval"
                 };
                 out.push(format!(
                     "The reply of the most similar training message of the same category (TF-IDF \
                      retrieval, no language model) reaches ROUGE-L {:.3} [{:.3}, {:.3}] ({:.2}× \
-                     0-shot): {verdict}.",
+                     0-shot{cosines}), {verdict}.",
                     r.estimate,
                     r.low,
                     r.high,
