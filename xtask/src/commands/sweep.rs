@@ -102,8 +102,13 @@ pub struct CellResult {
     pub macro_f1: supportlm_metrics::Interval,
     pub accuracy: supportlm_metrics::Interval,
     pub best_val_loss: f64,
+    /// Wall time of the training; not compared in the summary (points trained while other work
+    /// shared the cores took several times longer).
     pub train_seconds: f64,
     pub train_examples: usize,
+    /// Optimizer steps taken.
+    #[serde(default)]
+    pub steps: usize,
 }
 
 impl Plan {
@@ -194,6 +199,9 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     let examples = args.examples.unwrap_or(plan.train_examples);
     let items = args.items.unwrap_or(plan.test_items);
     let cells = plan.cells(&root, &args.axis, examples)?;
+    // The summary covers the whole plan, whatever `--axis` runs now: a one-axis run neither hides the
+    // other axes' finished points nor calls the sweep complete.
+    let every_cell = plan.cells(&root, &[], examples)?;
     let dir = root.join("runs").join(&args.name).join("sweep");
     let mut points: Vec<&Point> = Vec::new();
     for c in &cells {
@@ -272,9 +280,9 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
             supportlm(&exe, &root, &log, &a)?;
         }
         // After every point, so an interrupted sweep leaves a summary of what it has finished.
-        summarise(&plan, &cells, &dir)?;
+        summarise(&plan, &every_cell, &dir)?;
     }
-    summarise(&plan, &cells, &dir)
+    summarise(&plan, &every_cell, &dir)
 }
 
 /// Writes `summary.json` (one result per cell) and `summary.md` (a table per axis: each label's
@@ -299,6 +307,7 @@ fn summarise(plan: &Plan, cells: &[Cell], dir: &Path) -> anyhow::Result<()> {
             best_val_loss: o.best_val_loss,
             train_seconds: o.seconds,
             train_examples: o.train_examples,
+            steps: o.steps,
         });
     }
     write_atomic(
@@ -328,8 +337,9 @@ fn mean_sd(v: &[f64]) -> (f64, Option<f64>) {
 }
 
 /// The summary's Markdown: per axis, per label, macro-F1 of each seed (with its bootstrap interval
-/// when there is one seed), mean ± sd over seeds, accuracy, best validation loss and training time;
-/// first, while `pending` cells of the plan have no result yet, a line saying the sweep is unfinished.
+/// when there is one seed), mean ± sd over seeds, accuracy, best validation loss and optimizer steps
+/// (not wall time: a point trained beside other work takes longer); first, while `pending` cells of
+/// the plan have no result yet, a line saying the sweep is unfinished.
 pub fn markdown(plan: &Plan, results: &[CellResult], pending: usize) -> String {
     let mut md = String::new();
     if pending > 0 {
@@ -360,7 +370,7 @@ pub fn markdown(plan: &Plan, results: &[CellResult], pending: usize) -> String {
         }
         let _ = writeln!(
             md,
-            "| setting | examples | seeds | macro-F1 per seed | macro-F1 mean ± sd | accuracy mean | best val loss mean | train s mean |"
+            "| setting | examples | steps | seeds | macro-F1 per seed | macro-F1 mean ± sd | accuracy mean | best val loss mean |"
         );
         let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
         for (_, (label, rs)) in by {
@@ -379,13 +389,13 @@ pub fn markdown(plan: &Plan, results: &[CellResult], pending: usize) -> String {
                 |f: fn(&CellResult) -> f64| mean_sd(&rs.iter().map(|r| f(r)).collect::<Vec<_>>()).0;
             let _ = writeln!(
                 md,
-                "| {label} | {} | {} | {per_seed} | {m:.4}{} | {:.4} | {:.4} | {:.0} |",
+                "| {label} | {} | {} | {} | {per_seed} | {m:.4}{} | {:.4} | {:.4} |",
                 rs[0].train_examples,
+                rs[0].steps,
                 rs.len(),
                 sd.map_or(String::new(), |s| format!(" ± {s:.4}")),
                 avg(|r| r.accuracy.estimate),
                 avg(|r| r.best_val_loss),
-                avg(|r| r.train_seconds),
             );
         }
         md.push('\n');
@@ -451,11 +461,12 @@ mod tests {
             best_val_loss: 0.01,
             train_seconds: 200.0,
             train_examples: 1100,
+            steps: 138,
         };
         let md = markdown(&plan, std::slice::from_ref(&result), 3);
         assert!(md.starts_with("*Unfinished: 1 of 4 settings"), "{md}");
         assert!(
-            md.contains("| 3e-3 | 1100 | 1 | 0.9900 [0.9800, 1.0000] |"),
+            md.contains("| 3e-3 | 1100 | 138 | 1 | 0.9900 [0.9800, 1.0000] |"),
             "{md}"
         );
         let md = markdown(&plan, &[result], 0);
