@@ -232,8 +232,11 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
 
     // Steps and their wall time.
     let mut rows = Vec::new();
+    let (mut total, mut interrupted) = (0.0, 0.0);
     for step in Step::ALL {
         if let Some(r) = run.record(step) {
+            total += r.seconds;
+            interrupted += r.interrupted_seconds;
             let mut seconds = format!("{:.0}", r.seconds);
             if r.interrupted_seconds > 0.0 {
                 seconds += &format!(
@@ -252,6 +255,16 @@ pub fn write(run: &Run) -> anyhow::Result<()> {
         machine()
     )?;
     table(&mut md, &["step", "seconds"], &rows);
+    writeln!(
+        md,
+        "Steps in all: {total:.0} s ({}){}.\n",
+        hours_minutes(total),
+        if interrupted > 0.0 {
+            format!(", of which {interrupted:.0} s in attempts that were interrupted and resumed")
+        } else {
+            String::new()
+        }
+    )?;
 
     writeln!(md, "## Data\n")?;
     md += &std::fs::read_to_string(d.join("data/summary.md")).unwrap_or_default();
@@ -517,6 +530,15 @@ fn machine() -> String {
         std::env::consts::ARCH
     ));
     parts.join(", ")
+}
+
+/// `1 h 05 min`, `12 min`.
+fn hours_minutes(seconds: f64) -> String {
+    let minutes = (seconds / 60.0).round() as u64;
+    match minutes / 60 {
+        0 => format!("{minutes} min"),
+        h => format!("{h} h {:02} min", minutes % 60),
+    }
 }
 
 /// Publishes a run's report into `docs`: `RESULTS.md` (the report with its figure links pointing
@@ -808,6 +830,14 @@ pub fn to_html(md: &str, base: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hours_and_minutes() {
+        assert_eq!(hours_minutes(0.0), "0 min");
+        assert_eq!(hours_minutes(719.0), "12 min");
+        assert_eq!(hours_minutes(3_900.0), "1 h 05 min");
+        assert_eq!(hours_minutes(9_000.0), "2 h 30 min");
+    }
 
     #[test]
     fn publishing_copies_the_linked_figures_and_points_the_links_at_them() {
