@@ -49,9 +49,9 @@ pub struct RobustnessArgs {
     /// Task 2: replace a degenerate reply (empty, looping, leaking) with the fallback reply.
     #[arg(long)]
     guard: bool,
-    /// With --guard: the unguarded run of the same method on the same items (its --out folder). A
-    /// message the guard leaves as it is keeps that run's answer or reply; only the neutralised
-    /// messages are scored or written again.
+    /// With --guard: the unguarded run of the same method on the same items (its --out folder; for
+    /// few-shot, with the same --seed and --k). A message the guard leaves as it is keeps that run's
+    /// answer or reply; only the messages the guard rewrites are scored or written again.
     #[arg(long, requires = "guard", value_name = "DIR")]
     reuse_unguarded: Option<PathBuf>,
     /// The robustness set (one item per line).
