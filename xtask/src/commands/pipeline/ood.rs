@@ -181,7 +181,10 @@ pub fn report(md: &mut String, run: &Run) -> anyhow::Result<()> {
         let (drop, p) = match &inside {
             Some(i) => {
                 let t = two_proportion_test(hits(i), i.items, hits(&ood), ood.items);
-                (format!("{:+.4}", t.difference), format!("{:.2e}", t.p))
+                (
+                    format!("{:+.4}", t.difference),
+                    super::tables::p_value(t.p, 2),
+                )
             }
             None => ("–".into(), "–".into()),
         };

@@ -254,7 +254,12 @@ pub fn report(md: &mut String, run: &Run) -> anyhow::Result<()> {
         let versus = match (first, correct) {
             (Some(a), Some(b)) => {
                 let (_, t) = paired_mcnemar(b, a);
-                format!("{} / {} · p = {:.2e}", t.a_only, t.b_only, t.exact_p)
+                format!(
+                    "{} / {} · {}",
+                    t.a_only,
+                    t.b_only,
+                    super::tables::p_is(t.exact_p)
+                )
             }
             _ => "–".into(),
         };

@@ -168,7 +168,7 @@ pub fn report(md: &mut String, run: &Run) -> anyhow::Result<()> {
                         (t.both_correct + t.a_only + t.b_only + t.both_wrong).to_string(),
                         t.b_only.to_string(),
                         t.a_only.to_string(),
-                        format!("{:.3e}", t.exact_p),
+                        super::tables::p_value(t.exact_p, 3),
                     ]);
                 }
             }

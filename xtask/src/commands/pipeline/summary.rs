@@ -130,8 +130,12 @@ fn sentences(d: &Path, h: &[Headline]) -> Vec<String> {
             ) {
                 let (items, t) = paired_mcnemar(&a, &b);
                 line += &format!(
-                    " (McNemar on {} items: {} right only for SFT, {} only for {}, p = {:.1e})",
-                    items, t.a_only, t.b_only, p.name, t.exact_p
+                    " (McNemar on {} items: {} right only for SFT, {} only for {}, {})",
+                    items,
+                    t.a_only,
+                    t.b_only,
+                    p.name,
+                    super::tables::p_is(t.exact_p)
                 );
             }
             if let Some(t) = by(TFIDF).and_then(f1) {

@@ -63,8 +63,8 @@ pub(super) fn mcnemar_table(md: &mut String, correct: &[(&str, HashMap<u64, bool
                 items.to_string(),
                 t.a_only.to_string(),
                 t.b_only.to_string(),
-                format!("{:.3e}", t.exact_p),
-                format!("{:.3e}", t.chi2_p),
+                p_value(t.exact_p, 3),
+                p_value(t.chi2_p, 3),
             ]);
         }
     }
@@ -100,4 +100,37 @@ pub(super) fn correctness(dir: &Path) -> Option<HashMap<u64, bool>> {
             .map(|p| (p.id as u64, p.truth == p.prediction))
             .collect(),
     )
+}
+
+/// A p-value in scientific notation; one that underflowed an f64 (McNemar on thousands of paired
+/// items) as `< 1e-300` rather than a misleading `0.000e0`.
+pub fn p_value(p: f64, digits: usize) -> String {
+    if p < 1e-300 {
+        "< 1e-300".into()
+    } else {
+        format!("{p:.digits$e}")
+    }
+}
+
+/// `p = 3.1e-15`, or `p < 1e-300`.
+pub fn p_is(p: f64) -> String {
+    let v = p_value(p, 1);
+    if v.starts_with('<') {
+        format!("p {v}")
+    } else {
+        format!("p = {v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p_values_that_underflow_are_bounded_not_zero() {
+        assert_eq!(p_value(3.14e-15, 1), "3.1e-15");
+        assert_eq!(p_value(0.0, 3), "< 1e-300");
+        assert_eq!(p_is(0.0), "p < 1e-300");
+        assert_eq!(p_is(0.042), "p = 4.2e-2");
+    }
 }
