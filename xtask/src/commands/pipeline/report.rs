@@ -130,8 +130,9 @@ fn task1(md: &mut String, d: &Path, t1: &str, task: &str, shots: &str) -> anyhow
     if shared_pass_mark {
         writeln!(
             md,
-            "† Both decision rules from one pass per item (the scoring pass's keys and values continue \
-             into generation); the rate is that pass's, for both rules together.\n"
+            "† The method's rules from one pass per item (the calibrated rule divides the constrained \
+             rule's scores; the scoring pass's keys and values continue into generation); the rate is \
+             that pass's, for all its rules together.\n"
         )?;
     }
     if correct.len() >= 2 {
