@@ -323,12 +323,9 @@ fn tfidf_cmd(args: TfidfArgs) -> anyhow::Result<()> {
         labels.iter().position(|x| *x == l).unwrap_or(0)
     };
     let train = match args.train_limit {
-        Some(n) => supportlm_train::examples::balanced_subset(
-            &splits.train.records,
-            task,
-            n,
-            args.items.seed,
-        ),
+        Some(n) => {
+            supportlm_data::kshot::balanced_subset(&splits.train.records, task, n, args.items.seed)
+        }
         None => splits.train.records.clone(),
     };
     let texts: Vec<&str> = train.iter().map(|r| r.instruction.as_str()).collect();

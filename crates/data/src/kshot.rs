@@ -1,7 +1,9 @@
-//! The balanced k-shot sampler: k examples per label, drawn with a seed from a pool (the validation
-//! split), never using an instruction that also occurs in the excluded rows (the test split).
+//! Balanced draws. The k-shot sampler: k examples per label, drawn with a seed from a pool (the
+//! validation split), never using an instruction that also occurs in the excluded rows (the test
+//! split). [`balanced_subset`]: up to n records with the labels taking turns (training sets, the
+//! TF-IDF baseline's limited fit).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -47,6 +49,37 @@ pub fn balanced_kshot(
     Ok(chosen)
 }
 
+/// Up to `n` records balanced over the task's labels: labels take turns, each contributing its records
+/// in a seeded order, until `n` are chosen or every label is used up. The result is in a seeded order.
+pub fn balanced_subset(records: &[Record], task: Task, n: usize, seed: u64) -> Vec<Record> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut by_label: BTreeMap<&str, Vec<&Record>> = BTreeMap::new();
+    for r in records.iter().filter(|r| task.accepts(r)) {
+        by_label.entry(task.label_of(r)).or_default().push(r);
+    }
+    let mut queues: Vec<Vec<&Record>> = by_label
+        .into_values()
+        .map(|mut v| {
+            v.shuffle(&mut rng);
+            v.reverse();
+            v
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n && queues.iter().any(|q| !q.is_empty()) {
+        for q in queues.iter_mut() {
+            if out.len() == n {
+                break;
+            }
+            if let Some(r) = q.pop() {
+                out.push(r.clone());
+            }
+        }
+    }
+    out.shuffle(&mut rng);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +118,24 @@ mod tests {
         );
         let intents = balanced_kshot(&pool, &[], Task::Intent, 2, 1).unwrap();
         assert_eq!(intents.len(), 54);
+    }
+
+    #[test]
+    fn a_balanced_subset_takes_labels_in_turn_until_they_run_out() {
+        let pool = pool();
+        // 27 intents × 4 records: 54 is two of each; seeded, so the same draw twice.
+        let two = balanced_subset(&pool, Task::Intent, 54, 7);
+        let mut per: std::collections::HashMap<Intent, usize> = Default::default();
+        two.iter()
+            .for_each(|r| *per.entry(r.intent).or_default() += 1);
+        assert!(per.len() == 27 && per.values().all(|&c| c == 2), "{per:?}");
+        assert_eq!(two, balanced_subset(&pool, Task::Intent, 54, 7));
+        assert_ne!(two, balanced_subset(&pool, Task::Intent, 54, 8));
+        // More than the pool holds: all of it, once.
+        let all = balanced_subset(&pool, Task::Intent, 1000, 7);
+        let mut ids: Vec<usize> = all.iter().map(|r| r.id).collect();
+        ids.sort();
+        assert_eq!(ids, (0..pool.len()).collect::<Vec<_>>());
     }
 
     #[test]

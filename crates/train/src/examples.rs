@@ -1,12 +1,7 @@
 //! Records → training sequences: the task's conversation rendered with the model's chat template, the
 //! loss on the assistant turn only (its text and its end-of-turn token).
 
-use std::collections::BTreeMap;
-
 use crate::qlora::Sequence;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use supportlm_data::{Record, Task};
 use supportlm_model::chat::ChatTemplate;
 use supportlm_model::tokenizer::Tokenizer;
@@ -87,35 +82,4 @@ pub fn encode_all(
         }
     }
     Ok(out)
-}
-
-/// Up to `n` records balanced over the task's labels: labels take turns, each contributing its records
-/// in a seeded order, until `n` are chosen or every label is used up. The result is in a seeded order.
-pub fn balanced_subset(records: &[Record], task: Task, n: usize, seed: u64) -> Vec<Record> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut by_label: BTreeMap<&str, Vec<&Record>> = BTreeMap::new();
-    for r in records.iter().filter(|r| task.accepts(r)) {
-        by_label.entry(task.label_of(r)).or_default().push(r);
-    }
-    let mut queues: Vec<Vec<&Record>> = by_label
-        .into_values()
-        .map(|mut v| {
-            v.shuffle(&mut rng);
-            v.reverse();
-            v
-        })
-        .collect();
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n && queues.iter().any(|q| !q.is_empty()) {
-        for q in queues.iter_mut() {
-            if out.len() == n {
-                break;
-            }
-            if let Some(r) = q.pop() {
-                out.push(r.clone());
-            }
-        }
-    }
-    out.shuffle(&mut rng);
-    out
 }

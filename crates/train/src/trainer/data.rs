@@ -2,13 +2,14 @@
 //! the step schedule that follows from them and the config.
 
 use supportlm_data::augment::augment;
+use supportlm_data::kshot::balanced_subset;
 use supportlm_data::Record;
 use supportlm_model::chat::ChatTemplate;
 use supportlm_model::tokenizer::Tokenizer;
 
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
-use crate::examples::{balanced_subset, encode_all, Encoded};
+use crate::examples::{encode_all, Encoded};
 
 /// Mixed into the run's seed for the rewrites of [`supportlm_data::augment`] (their own stream).
 const AUGMENT_SEED: u64 = 0xA06_0E27;
