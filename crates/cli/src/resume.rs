@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -43,6 +43,26 @@ pub fn item_bar(len: usize, what: &str) -> ProgressBar {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar
+}
+
+/// Every line of a finished JSON-lines file (blank lines skipped). A file that cannot be read is an
+/// error naming it with `hint` (where it comes from); a line that does not parse names the file, the
+/// line and `item` (what each line should be).
+pub fn read_jsonl<T: DeserializeOwned>(
+    path: &Path,
+    hint: &str,
+    item: &str,
+) -> anyhow::Result<Vec<T>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {} ({hint})", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{} line {}: not {item}", path.display(), i + 1))
+        })
+        .collect()
 }
 
 /// The results saved so far. A line cut short by a crash (and anything after it) is named and

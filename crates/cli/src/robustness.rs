@@ -22,7 +22,7 @@ use supportlm_prompting::robustness::{
 };
 use supportlm_prompting::Method;
 
-use crate::resume::{item_bar, write_jsonl};
+use crate::resume::{item_bar, read_jsonl, write_jsonl};
 use crate::shared::{load_model, load_splits, method_of, MethodArg, DEFAULT_MODEL};
 
 #[derive(Args)]
@@ -81,26 +81,11 @@ pub fn run(args: RobustnessArgs) -> anyhow::Result<()> {
 
 /// The set's items, limited to the first `--limit-messages` clean messages and what was made from them.
 fn read_items(args: &RobustnessArgs) -> anyhow::Result<Vec<RobustItem>> {
-    let text = std::fs::read_to_string(&args.items).with_context(|| {
-        format!(
-            "reading {} (write it with `supportlm data robustness`)",
-            args.items.display()
-        )
-    })?;
-    let items: Vec<RobustItem> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| {
-                format!(
-                    "{} line {}: not a robustness item",
-                    args.items.display(),
-                    i + 1
-                )
-            })
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let items: Vec<RobustItem> = read_jsonl(
+        &args.items,
+        "write it with `supportlm data robustness`",
+        "a robustness item",
+    )?;
     Ok(match args.limit_messages {
         Some(n) => {
             let kept: std::collections::HashSet<usize> = items
@@ -262,23 +247,11 @@ fn read_run<T: serde::de::DeserializeOwned, M: serde::de::DeserializeOwned>(
     dir: &std::path::Path,
     items_file: &str,
 ) -> anyhow::Result<(Vec<T>, M)> {
-    let path = dir.join(items_file);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {} (the unguarded run to reuse)", path.display()))?;
-    let items = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| {
-                format!(
-                    "{} line {}: not a result of this task",
-                    path.display(),
-                    i + 1
-                )
-            })
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let items = read_jsonl(
+        &dir.join(items_file),
+        "the unguarded run to reuse",
+        "a result of this task",
+    )?;
     let path = dir.join("metrics.json");
     let metrics = serde_json::from_str(
         &std::fs::read_to_string(&path)
