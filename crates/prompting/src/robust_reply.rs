@@ -126,10 +126,16 @@ pub fn reply_all(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<RobustReply>> {
     let items = with_category(items);
-    let records = records_of(&items, guard)?;
-    let messages: Vec<Record> = records.iter().map(|(r, _)| r.clone()).collect();
-    let generated = generate(model, &messages, options, progress)?;
-    Ok(assemble(model, &items, records, generated, guard))
+    let (records, neutralised) = records_of(&items, guard)?;
+    let generated = generate(model, &records, options, progress)?;
+    Ok(assemble(
+        model,
+        &items,
+        records,
+        neutralised,
+        generated,
+        guard,
+    ))
 }
 
 /// The guarded replies from the unguarded replies of the same method to the same items: a message the
@@ -150,19 +156,19 @@ pub fn reply_all_guarded_reusing(
             .iter()
             .map(|r| (r.id.as_str(), r.neutralised || r.fell_back)),
     )?;
-    let records = records_of(&items, true)?;
+    let (records, neutralised) = records_of(&items, true)?;
     // The text the model would see, not the guard's `changed` flag: that one ignores whitespace,
     // which the guard also collapses.
     let rewrite: Vec<bool> = items
         .iter()
         .zip(&records)
-        .map(|(item, (record, _))| record.instruction != item.message)
+        .map(|(item, record)| record.instruction != item.message)
         .collect();
     let changed: Vec<Record> = records
         .iter()
         .zip(&rewrite)
         .filter(|(_, &rewrite)| rewrite)
-        .map(|((r, _), _)| r.clone())
+        .map(|(r, _)| r.clone())
         .collect();
     let mut rewritten = generate(model, &changed, options, progress)?.into_iter();
     let generated = rewrite
@@ -179,7 +185,7 @@ pub fn reply_all_guarded_reusing(
         })
         .collect();
     Ok((
-        assemble(model, &items, records, generated, true),
+        assemble(model, &items, records, neutralised, generated, true),
         changed.len(),
     ))
 }
@@ -189,9 +195,9 @@ fn with_category(items: &[RobustItem]) -> Vec<&RobustItem> {
     items.iter().filter(|i| i.category.is_some()).collect()
 }
 
-/// Each item as a Task 2 record (its message neutralised with `guard`), and whether the guard changed
-/// the message.
-fn records_of(items: &[&RobustItem], guard: bool) -> Result<Vec<(Record, bool)>> {
+/// Each item as a Task 2 record (its message neutralised with `guard`), and per item whether the
+/// guard changed the message.
+fn records_of(items: &[&RobustItem], guard: bool) -> Result<(Vec<Record>, Vec<bool>)> {
     items
         .iter()
         .enumerate()
@@ -217,7 +223,8 @@ fn records_of(items: &[&RobustItem], guard: bool) -> Result<Vec<(Record, bool)>>
             };
             Ok((record, changed))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .map(|pairs| pairs.into_iter().unzip())
 }
 
 /// The generations (trimmed text, tokens) for `records`.
@@ -238,7 +245,8 @@ fn generate(
 fn assemble(
     model: &Model,
     items: &[&RobustItem],
-    records: Vec<(Record, bool)>,
+    records: Vec<Record>,
+    neutralised: Vec<bool>,
     generated: Vec<(String, usize)>,
     guard: bool,
 ) -> Vec<RobustReply> {
@@ -247,8 +255,9 @@ fn assemble(
     let mut out: Vec<RobustReply> = items
         .iter()
         .zip(records)
+        .zip(neutralised)
         .zip(generated)
-        .map(|((item, (record, neutralised)), (generated, tokens))| {
+        .map(|(((item, record), neutralised), (generated, tokens))| {
             let degeneration = degeneration::check(&generated, &markers);
             let fell_back = guard && degeneration.any();
             let reply = if fell_back {
@@ -517,36 +526,8 @@ mod tests {
 
     #[test]
     fn replies_on_a_tiny_model_with_and_without_the_guard() {
-        use supportlm_data::robustness::{build, RobustnessConfig};
-        use supportlm_model::config::Architecture;
-        use supportlm_model::{default_device, tiny};
-
-        let dir = tempfile::tempdir().unwrap();
-        tiny::write_hf_dir(dir.path(), &tiny::config(Architecture::Llama), 7, 1).unwrap();
-        let model = Model::load(dir.path(), &default_device()).unwrap();
-        use supportlm_data::{Category, Intent};
-        let test: Vec<Record> = Category::ALL
-            .iter()
-            .enumerate()
-            .map(|(id, &category)| Record {
-                id,
-                flags: None,
-                instruction: format!("help with my {} please", category.as_str().to_lowercase()),
-                category,
-                intent: *Intent::ALL
-                    .iter()
-                    .find(|i| i.category() == category)
-                    .unwrap(),
-                response: None,
-            })
-            .collect();
-        let items = build(
-            &test,
-            &RobustnessConfig {
-                messages: 2,
-                seed: 1,
-            },
-        );
+        let (_dir, model, items) =
+            crate::robustness::tests::tiny_model_and_set(7, "help with my {} please", 2, 1);
         let options = RespondOptions {
             method: crate::Method::ZeroShot,
             examples: Vec::new(),

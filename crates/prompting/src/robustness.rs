@@ -90,15 +90,22 @@ pub fn score_guarded_reusing(
     )?;
     // The text the model would see, not the guard's `changed` flag: that one ignores whitespace,
     // which the guard also collapses.
-    let same_text = |i: &RobustItem| neutralise(&i.message).0 == i.message;
-    let changed: Vec<&RobustItem> = items.iter().filter(|i| !same_text(i)).collect();
+    let rewritten: Vec<bool> = items
+        .iter()
+        .map(|i| neutralise(&i.message).0 != i.message)
+        .collect();
+    let changed: Vec<&RobustItem> = items
+        .iter()
+        .zip(&rewritten)
+        .filter_map(|(i, &r)| r.then_some(i))
+        .collect();
     let mut rescored =
         score_prepared(model, &changed, method, examples, true, progress)?.into_iter();
-    let out = items
+    let out = unguarded
         .iter()
-        .zip(unguarded)
-        .map(|(item, plain)| {
-            if !same_text(item) {
+        .zip(&rewritten)
+        .map(|(plain, &r)| {
+            if r {
                 rescored
                     .next()
                     .expect("one scored prediction per changed item")
@@ -399,7 +406,7 @@ pub fn summarize(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn p(
@@ -502,36 +509,7 @@ mod tests {
 
     #[test]
     fn a_guarded_run_reusing_the_unguarded_answers_equals_one_from_scratch() {
-        use supportlm_data::robustness::{build, RobustnessConfig};
-        use supportlm_data::{Category, Intent};
-        use supportlm_model::config::Architecture;
-        use supportlm_model::{default_device, tiny};
-
-        let dir = tempfile::tempdir().unwrap();
-        tiny::write_hf_dir(dir.path(), &tiny::config(Architecture::Llama), 5, 1).unwrap();
-        let model = Model::load(dir.path(), &default_device()).unwrap();
-        let test: Vec<Record> = Category::ALL
-            .iter()
-            .enumerate()
-            .map(|(id, &category)| Record {
-                id,
-                flags: None,
-                instruction: format!("a question about my {}", category.as_str().to_lowercase()),
-                category,
-                intent: *Intent::ALL
-                    .iter()
-                    .find(|i| i.category() == category)
-                    .unwrap(),
-                response: None,
-            })
-            .collect();
-        let items = build(
-            &test,
-            &RobustnessConfig {
-                messages: 3,
-                seed: 2,
-            },
-        );
+        let (_dir, model, items) = tiny_model_and_set(5, "a question about my {}", 3, 2);
         let scored =
             |guard| score(&model, &items, Method::ZeroShot, &[], guard, &mut |_, _| {}).unwrap();
         let (plain, guarded) = (scored(false), scored(true));
@@ -580,6 +558,48 @@ mod tests {
         };
         assert!(refused(&guarded).contains("not an unguarded run"));
         assert!(refused(&plain[..plain.len() - 1]).contains("not a run on these items"));
+    }
+
+    /// A tiny random llama (`model_seed`; its folder must outlive the model's use) and the robustness
+    /// set built from one test message per category (`phrase` with the category in lower case for
+    /// `{}`), `messages` of them turned into variants with `seed`.
+    pub(crate) fn tiny_model_and_set(
+        model_seed: u64,
+        phrase: &str,
+        messages: usize,
+        seed: u64,
+    ) -> (tempfile::TempDir, Model, Vec<RobustItem>) {
+        use supportlm_data::robustness::{build, RobustnessConfig};
+        use supportlm_data::{Category, Intent};
+        use supportlm_model::config::Architecture;
+        use supportlm_model::{default_device, tiny};
+
+        let dir = tempfile::tempdir().unwrap();
+        tiny::write_hf_dir(
+            dir.path(),
+            &tiny::config(Architecture::Llama),
+            model_seed,
+            1,
+        )
+        .unwrap();
+        let model = Model::load(dir.path(), &default_device()).unwrap();
+        let test: Vec<Record> = Category::ALL
+            .iter()
+            .enumerate()
+            .map(|(id, &category)| Record {
+                id,
+                flags: None,
+                instruction: phrase.replace("{}", &category.as_str().to_lowercase()),
+                category,
+                intent: *Intent::ALL
+                    .iter()
+                    .find(|i| i.category() == category)
+                    .unwrap(),
+                response: None,
+            })
+            .collect();
+        let items = build(&test, &RobustnessConfig { messages, seed });
+        (dir, model, items)
     }
 
     fn acc_of(m: &RobustnessMetrics, part: Part) -> f64 {
