@@ -28,6 +28,12 @@ pub struct SweepArgs {
     /// Only these axes (repeatable).
     #[arg(long)]
     axis: Vec<String>,
+    /// Only the cells with these seeds (repeatable; e.g. one seed of a three-seed axis at a time).
+    #[arg(long)]
+    seed: Vec<u64>,
+    /// Only the cells with these settings' labels (repeatable; e.g. `--setting 3300`).
+    #[arg(long)]
+    setting: Vec<String>,
     /// Train each point on this many examples instead of the plan's (a smaller, separate run: use
     /// another --name).
     #[arg(long)]
@@ -180,6 +186,26 @@ impl Plan {
     }
 }
 
+/// The cells with one of `seeds` and one of `settings` (either empty: any); a seed or setting that no
+/// cell of the chosen axes has is an error, not an empty sweep.
+fn select(cells: Vec<Cell>, seeds: &[u64], settings: &[String]) -> anyhow::Result<Vec<Cell>> {
+    for s in seeds {
+        if !cells.iter().any(|c| c.seed == *s) {
+            bail!("no cell of the chosen axes has seed {s}");
+        }
+    }
+    for s in settings {
+        if !cells.iter().any(|c| &c.label == s) {
+            bail!("no cell of the chosen axes has the setting {s:?}");
+        }
+    }
+    Ok(cells
+        .into_iter()
+        .filter(|c| seeds.is_empty() || seeds.contains(&c.seed))
+        .filter(|c| settings.is_empty() || settings.contains(&c.label))
+        .collect())
+}
+
 /// Runs `supportlm` with `args`, appending its output to `log`.
 fn supportlm(exe: &Path, root: &Path, log: &Path, args: &[String]) -> anyhow::Result<()> {
     let status = crate::utils::run_logged(exe, root, log, "sweep", args)?;
@@ -198,7 +224,11 @@ pub fn run(args: SweepArgs) -> anyhow::Result<()> {
     let plan = Plan::load(&root.join(&args.plan))?;
     let examples = args.examples.unwrap_or(plan.train_examples);
     let items = args.items.unwrap_or(plan.test_items);
-    let cells = plan.cells(&root, &args.axis, examples)?;
+    let cells = select(
+        plan.cells(&root, &args.axis, examples)?,
+        &args.seed,
+        &args.setting,
+    )?;
     // The summary covers the whole plan, whatever `--axis` runs now: a one-axis run neither hides the
     // other axes' finished points nor calls the sweep complete.
     let every_cell = plan.cells(&root, &[], examples)?;
@@ -440,6 +470,26 @@ mod tests {
         assert_ne!(of("seeds", "config"), of("lr", "3e-3"));
         let err = plan.cells(&root, &["nope".into()], 10).unwrap_err();
         assert!(err.to_string().contains("no axis \"nope\""), "{err}");
+    }
+
+    #[test]
+    fn seeds_and_settings_select_cells() {
+        let root = crate::utils::workspace_root();
+        let plan = Plan::load(&root.join("configs/sweep-task1.toml")).unwrap();
+        let examples = || plan.cells(&root, &["examples".into()], 1100).unwrap();
+        assert_eq!(examples().len(), 12);
+        let seven = select(examples(), &[7, 1234], &[]).unwrap();
+        assert_eq!(seven.len(), 8);
+        assert!(seven.iter().all(|c| c.seed != 42));
+        let one = select(examples(), &[42], &["3300".into()]).unwrap();
+        assert_eq!(
+            (one.len(), one[0].seed, one[0].label.as_str()),
+            (1, 42, "3300")
+        );
+        let err = select(examples(), &[5], &[]).unwrap_err();
+        assert!(err.to_string().contains("seed 5"), "{err}");
+        let err = select(examples(), &[], &["9".into()]).unwrap_err();
+        assert!(err.to_string().contains("setting \"9\""), "{err}");
     }
 
     #[test]
