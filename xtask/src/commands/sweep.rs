@@ -417,11 +417,19 @@ pub fn markdown(plan: &Plan, results: &[CellResult], pending: usize) -> String {
             let (m, sd) = mean_sd(&f1);
             let avg =
                 |f: fn(&CellResult) -> f64| mean_sd(&rs.iter().map(|r| f(r)).collect::<Vec<_>>()).0;
+            // Seeds can stop early at different steps.
+            let (lo, hi) = rs.iter().fold((usize::MAX, 0), |(lo, hi), r| {
+                (lo.min(r.steps), hi.max(r.steps))
+            });
+            let steps = if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}–{hi}")
+            };
             let _ = writeln!(
                 md,
-                "| {label} | {} | {} | {} | {per_seed} | {m:.4}{} | {:.4} | {:.4} |",
+                "| {label} | {} | {steps} | {} | {per_seed} | {m:.4}{} | {:.4} | {:.4} |",
                 rs[0].train_examples,
-                rs[0].steps,
                 rs.len(),
                 sd.map_or(String::new(), |s| format!(" ± {s:.4}")),
                 avg(|r| r.accuracy.estimate),
@@ -521,6 +529,38 @@ mod tests {
         );
         let md = markdown(&plan, &[result], 0);
         assert!(md.starts_with("**lr**"), "{md}");
+    }
+
+    #[test]
+    fn several_seeds_give_mean_sd_and_the_range_of_steps() {
+        let root = crate::utils::workspace_root();
+        let plan = Plan::load(&root.join("configs/sweep-task1.toml")).unwrap();
+        let cell = |seed: u64, f1: f64, steps: usize| CellResult {
+            axis: "examples".into(),
+            label: "110".into(),
+            seed,
+            folder: format!("points/{seed}"),
+            macro_f1: supportlm_metrics::Interval {
+                estimate: f1,
+                low: f1 - 0.01,
+                high: f1 + 0.01,
+            },
+            accuracy: supportlm_metrics::Interval {
+                estimate: 0.9,
+                low: 0.8,
+                high: 1.0,
+            },
+            best_val_loss: 0.5,
+            train_seconds: 1.0,
+            train_examples: 110,
+            steps,
+        };
+        let md = markdown(&plan, &[cell(42, 0.9, 250), cell(7, 0.8, 180)], 0);
+        // mean 0.85, sample sd 0.0707.
+        assert!(
+            md.contains("| 110 | 110 | 180–250 | 2 | 0.9000 (s42), 0.8000 (s7) | 0.8500 ± 0.0707 | 0.9000 | 0.5000 |"),
+            "{md}"
+        );
     }
 
     #[test]
