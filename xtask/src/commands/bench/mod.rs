@@ -22,8 +22,8 @@ use supportlm_model::{default_device, Model};
 pub enum Suite {
     /// Model inference: matmul, prefill, decode, scoring.
     Model,
-    /// The decode kernels alone: one LM-head-sized Q4_1 product (49152 x 576) per batch size, timed in
-    /// turns, against the same product at batch 1.
+    /// The decode kernels alone: LM-head-sized Q4_1 products (49152 x 576, and 18432 x 1536 as wide as
+    /// the down projection) per batch size, timed in turns, against the same product at batch 1.
     Kernels,
     /// Base memory per format and the peak RSS of one LoRA training step (none / int8 / nf4).
     Qlora,
@@ -201,14 +201,86 @@ pub fn gemm_gflops_sustained(gemm: Gemm, window: f64) -> f64 {
     flops / t.elapsed().as_secs_f64() / 1e9
 }
 
-/// The quantized decode kernels on their own: a random Q4_1 matrix the size of SmolLM2's LM head times
-/// 1, 2, 4 and 8 vectors, 5 rounds in turns, the fastest of each; tokens/s relative to batch 1 is what a
+/// `(m, k, n)` of one decoder layer's products at `tokens` tokens: stacked q/k/v, the output
+/// projection, stacked gate/up, down.
+fn prefill_shapes(
+    tokens: usize,
+    c: &supportlm_model::config::ModelConfig,
+) -> Vec<(usize, usize, usize)> {
+    let (hidden, d) = (c.hidden_size, c.head_dim());
+    let q = c.num_attention_heads * d;
+    vec![
+        (tokens, hidden, q + 2 * c.kv_heads() * d),
+        (tokens, q, hidden),
+        (tokens, hidden, 2 * c.intermediate_size),
+        (tokens, c.intermediate_size, hidden),
+    ]
+}
+
+/// One run of the products `shapes` (`(m, k, n)`, random operands made once) through `gemm`.
+fn products_once(gemm: Gemm, shapes: &[(usize, usize, usize)]) -> Box<dyn FnMut()> {
+    let mut state = 0x2545_f491u32;
+    let mut random = move |len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    let operands: Vec<(Vec<f32>, Vec<f32>, (usize, usize, usize))> = shapes
+        .iter()
+        .map(|&(m, k, n)| (random(m * k), random(k * n), (m, k, n)))
+        .collect();
+    match gemm {
+        Gemm::Burn => {
+            let device = default_device();
+            let tensors: Vec<(Tensor<2>, Tensor<2>)> = operands
+                .into_iter()
+                .map(|(a, b, (m, k, n))| {
+                    (
+                        Tensor::<1>::from_floats(a.as_slice(), &device).reshape([m, k]),
+                        Tensor::<1>::from_floats(b.as_slice(), &device).reshape([k, n]),
+                    )
+                })
+                .collect();
+            Box::new(move || {
+                for (a, b) in &tensors {
+                    let _ = to_vec(a.clone().matmul(b.clone()));
+                }
+            })
+        }
+        Gemm::Step => {
+            let mut outs: Vec<Vec<f32>> = operands
+                .iter()
+                .map(|(_, _, (m, _, n))| vec![0f32; m * n])
+                .collect();
+            Box::new(move || {
+                for ((a, b, (m, k, n)), c) in operands.iter().zip(&mut outs) {
+                    supportlm_train::qlora::product(c, a, b, (*m, *n, *k));
+                    std::hint::black_box(&c);
+                }
+            })
+        }
+    }
+}
+
+/// The quantized decode kernels on their own: random Q4_1 matrices of the LM head's size (17.7 MB) in
+/// two widths, SmolLM2's hidden size (576 columns, as the LM head and the q/k/v/o/gate/up projections)
+/// and its FFN width (1536, the down projection: 8 vectors of it are 48 KiB, past a 32 KiB L1), times 1,
+/// 2, 4 and 8 vectors, 5 rounds in turns, the fastest of each; tokens/s relative to batch 1 is what a
 /// decode batch can gain at most (the model's step adds attention and norms per row).
 fn kernels() -> anyhow::Result<()> {
+    println!("{}", cpu_line());
+    for (rows, cols) in [(49152usize, 576usize), (18432, 1536)] {
+        kernels_at(rows, cols);
+    }
+    Ok(())
+}
+
+fn kernels_at(rows: usize, cols: usize) {
     use supportlm_quant::ggml::GgmlType;
     use supportlm_quant::kernels::QMatrix;
-    println!("{}", cpu_line());
-    let (rows, cols) = (49152usize, 576usize);
     let n_blocks = rows * cols / 32;
     let mut state = 0x2545_f491u32;
     let mut bytes: Vec<u8> = (0..n_blocks * 20)
@@ -252,7 +324,6 @@ fn kernels() -> anyhow::Result<()> {
             b as f64 * fastest[0] / t
         );
     }
-    Ok(())
 }
 
 /// The CPU's model name, SIMD features, L3 size and the kernel level that runs, so figures from
@@ -340,6 +411,40 @@ fn model(args: &BenchArgs) -> anyhow::Result<()> {
         n as f64 / t.as_secs_f64(),
         100.0 * prefill_gflops / gemm
     );
+
+    // Where prefill's gap to the matmul rate lies: its linear layers' products alone (the shapes of
+    // one layer at 128 tokens, stacked q/k/v and gate/up as the model runs them), through Burn and
+    // through the training step's GEMM. What they miss of the matmul rate, no fusion of the rest recovers.
+    let shapes = prefill_shapes(n, &c);
+    let shape_flops: f64 = shapes
+        .iter()
+        .map(|&(m, k, w)| 2.0 * (m * k * w) as f64)
+        .sum();
+    let mut products: Vec<(Gemm, Box<dyn FnMut()>)> = [Gemm::Burn, Gemm::Step]
+        .into_iter()
+        .map(|g| (g, products_once(g, &shapes)))
+        .collect();
+    let mut fastest = [f64::INFINITY; 2];
+    for _round in 0..10 {
+        for (slot, (_, run)) in products.iter_mut().enumerate() {
+            let t = Instant::now();
+            run();
+            fastest[slot] = fastest[slot].min(t.elapsed().as_secs_f64());
+        }
+    }
+    for ((g, _), t) in products.iter().zip(fastest) {
+        let rate = shape_flops / t / 1e9;
+        println!(
+            "prefill's linear products alone ({n} tokens, one layer's shapes {}): {} {rate:.1} GFLOP/s = {:.0}% of matmul",
+            shapes
+                .iter()
+                .map(|(m, k, w)| format!("{m}x{k}x{w}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            g.name(),
+            100.0 * rate / gemm
+        );
+    }
 
     // Decode reads every weight once per step: its bound is DRAM read bandwidth, measured on a buffer
     // at least 4x the L3 (so it cannot be served from cache) and at least 1 GiB.
