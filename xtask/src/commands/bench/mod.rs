@@ -201,23 +201,41 @@ pub fn gemm_gflops_sustained(gemm: Gemm, window: f64) -> f64 {
     flops / t.elapsed().as_secs_f64() / 1e9
 }
 
-/// `(m, k, n)` of one decoder layer's products at `tokens` tokens: stacked q/k/v, the output
-/// projection, stacked gate/up, down.
+/// `(m, k, n)` of one decoder layer's products at `tokens` tokens: as the Burn model runs them (q, k,
+/// v, o, gate, up, down) or with the projections that read one input stacked (q/k/v, o, gate/up, down).
 fn prefill_shapes(
     tokens: usize,
     c: &supportlm_model::config::ModelConfig,
+    stacked: bool,
 ) -> Vec<(usize, usize, usize)> {
-    let (hidden, d) = (c.hidden_size, c.head_dim());
-    let q = c.num_attention_heads * d;
-    vec![
-        (tokens, hidden, q + 2 * c.kv_heads() * d),
-        (tokens, q, hidden),
-        (tokens, hidden, 2 * c.intermediate_size),
-        (tokens, c.intermediate_size, hidden),
-    ]
+    let (hidden, ffn) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim(),
+        c.kv_heads() * c.head_dim(),
+    );
+    if stacked {
+        vec![
+            (tokens, hidden, q + 2 * kv),
+            (tokens, q, hidden),
+            (tokens, hidden, 2 * ffn),
+            (tokens, ffn, hidden),
+        ]
+    } else {
+        [q, kv, kv]
+            .map(|n| (tokens, hidden, n))
+            .into_iter()
+            .chain([
+                (tokens, q, hidden),
+                (tokens, hidden, ffn),
+                (tokens, hidden, ffn),
+            ])
+            .chain([(tokens, ffn, hidden)])
+            .collect()
+    }
 }
 
-/// One run of the products `shapes` (`(m, k, n)`, random operands made once) through `gemm`.
+/// One run of the products `shapes` (`(m, k, n)`, random operands made once) through `gemm`; Burn's
+/// right operands are `[n, k]` weights used transposed, as its linear layers hold them.
 fn products_once(gemm: Gemm, shapes: &[(usize, usize, usize)]) -> Box<dyn FnMut()> {
     let mut state = 0x2545_f491u32;
     let mut random = move |len: usize| -> Vec<f32> {
@@ -240,13 +258,13 @@ fn products_once(gemm: Gemm, shapes: &[(usize, usize, usize)]) -> Box<dyn FnMut(
                 .map(|(a, b, (m, k, n))| {
                     (
                         Tensor::<1>::from_floats(a.as_slice(), &device).reshape([m, k]),
-                        Tensor::<1>::from_floats(b.as_slice(), &device).reshape([k, n]),
+                        Tensor::<1>::from_floats(b.as_slice(), &device).reshape([n, k]),
                     )
                 })
                 .collect();
             Box::new(move || {
-                for (a, b) in &tensors {
-                    let _ = to_vec(a.clone().matmul(b.clone()));
+                for (a, w) in &tensors {
+                    let _ = to_vec(a.clone().matmul(w.clone().transpose()));
                 }
             })
         }
@@ -412,35 +430,37 @@ fn model(args: &BenchArgs) -> anyhow::Result<()> {
         100.0 * prefill_gflops / gemm
     );
 
-    // Where prefill's gap to the matmul rate lies: its linear layers' products alone (the shapes of
-    // one layer at 128 tokens, stacked q/k/v and gate/up as the model runs them), through Burn and
-    // through the training step's GEMM. What they miss of the matmul rate, no fusion of the rest recovers.
-    let shapes = prefill_shapes(n, &c);
-    let shape_flops: f64 = shapes
+    // Where prefill's gap to the matmul rate lies: its linear layers' products alone (one layer's at
+    // 128 tokens), through Burn as the model runs them and stacked, and stacked through the training
+    // step's GEMM. What the products miss of the matmul rate, no fusion of the rest recovers.
+    let sets = [
+        (Gemm::Burn, false, "as the model runs them"),
+        (Gemm::Burn, true, "q/k/v and gate/up stacked"),
+        (Gemm::Step, true, "q/k/v and gate/up stacked"),
+    ];
+    let mut products: Vec<(Box<dyn FnMut()>, f64)> = sets
         .iter()
-        .map(|&(m, k, w)| 2.0 * (m * k * w) as f64)
-        .sum();
-    let mut products: Vec<(Gemm, Box<dyn FnMut()>)> = [Gemm::Burn, Gemm::Step]
-        .into_iter()
-        .map(|g| (g, products_once(g, &shapes)))
+        .map(|&(g, stacked, _)| {
+            let shapes = prefill_shapes(n, &c, stacked);
+            let flops = shapes
+                .iter()
+                .map(|&(m, k, w)| 2.0 * (m * k * w) as f64)
+                .sum();
+            (products_once(g, &shapes), flops)
+        })
         .collect();
-    let mut fastest = [f64::INFINITY; 2];
+    let mut fastest = [f64::INFINITY; 3];
     for _round in 0..10 {
-        for (slot, (_, run)) in products.iter_mut().enumerate() {
+        for (slot, (run, _)) in products.iter_mut().enumerate() {
             let t = Instant::now();
             run();
             fastest[slot] = fastest[slot].min(t.elapsed().as_secs_f64());
         }
     }
-    for ((g, _), t) in products.iter().zip(fastest) {
-        let rate = shape_flops / t / 1e9;
+    for ((g, _, how), ((_, flops), t)) in sets.iter().zip(products.iter().zip(fastest)) {
+        let rate = flops / t / 1e9;
         println!(
-            "prefill's linear products alone ({n} tokens, one layer's shapes {}): {} {rate:.1} GFLOP/s = {:.0}% of matmul",
-            shapes
-                .iter()
-                .map(|(m, k, w)| format!("{m}x{k}x{w}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            "prefill's linear products alone ({n} tokens, one layer's, {how}): {} {rate:.1} GFLOP/s = {:.0}% of matmul",
             g.name(),
             100.0 * rate / gemm
         );
