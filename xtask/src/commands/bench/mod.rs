@@ -150,21 +150,32 @@ impl Gemm {
     }
 }
 
+/// A seeded source of `len` values uniform in [-0.5, 0.5) per call (an LCG: operands for timing, no
+/// statistics asked of them).
+fn uniform(seed: u32) -> impl FnMut(usize) -> Vec<f32> {
+    let mut state = seed;
+    move |len| {
+        (0..len)
+            .map(|_| {
+                state = lcg(state);
+                (state >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+}
+
+/// The next state of the LCG of [`uniform`].
+fn lcg(state: u32) -> u32 {
+    state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223)
+}
+
 /// One timed unit of `gemm`'s rate: a `MATMUL_N`³ product. Returns its FLOPs.
 fn product_once(gemm: Gemm) -> Box<dyn FnMut() -> f64> {
     match gemm {
         Gemm::Burn => Box::new(matmul_once()),
         Gemm::Step => {
             let n = MATMUL_N;
-            let mut state = 0x9e37_79b9u32;
-            let mut random = move |len: usize| -> Vec<f32> {
-                (0..len)
-                    .map(|_| {
-                        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                        (state >> 8) as f32 / (1 << 24) as f32 - 0.5
-                    })
-                    .collect()
-            };
+            let mut random = uniform(0x9e37_79b9);
             let (a, b, mut c) = (random(n * n), random(n * n), vec![0f32; n * n]);
             Box::new(move || {
                 supportlm_train::qlora::product(&mut c, &a, &b, (n, n, n));
@@ -237,15 +248,7 @@ fn prefill_shapes(
 /// One run of the products `shapes` (`(m, k, n)`, random operands made once) through `gemm`; Burn's
 /// right operands are `[n, k]` weights used transposed, as its linear layers hold them.
 fn products_once(gemm: Gemm, shapes: &[(usize, usize, usize)]) -> Box<dyn FnMut()> {
-    let mut state = 0x2545_f491u32;
-    let mut random = move |len: usize| -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 8) as f32 / (1 << 24) as f32 - 0.5
-            })
-            .collect()
-    };
+    let mut random = uniform(0x2545_f491);
     let operands: Vec<(Vec<f32>, Vec<f32>, (usize, usize, usize))> = shapes
         .iter()
         .map(|&(m, k, n)| (random(m * k), random(k * n), (m, k, n)))
@@ -303,7 +306,7 @@ fn kernels_at(rows: usize, cols: usize) {
     let mut state = 0x2545_f491u32;
     let mut bytes: Vec<u8> = (0..n_blocks * 20)
         .map(|_| {
-            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            state = lcg(state);
             (state >> 24) as u8
         })
         .collect();
