@@ -218,7 +218,7 @@ fn prefill_shapes(
     tokens: usize,
     c: &supportlm_model::config::ModelConfig,
     stacked: bool,
-) -> Vec<(usize, usize, usize)> {
+) -> Vec<Shape> {
     let (hidden, ffn) = (c.hidden_size, c.intermediate_size);
     let (q, kv) = (
         c.num_attention_heads * c.head_dim(),
@@ -245,11 +245,14 @@ fn prefill_shapes(
     }
 }
 
-/// One run of the products `shapes` (`(m, k, n)`, random operands made once) through `gemm`; Burn's
+/// A product's `(m, k, n)`: `[m, k] · [k, n]`.
+type Shape = (usize, usize, usize);
+
+/// One run of the products `shapes` (random operands made once) through `gemm`; Burn's
 /// right operands are `[n, k]` weights used transposed, as its linear layers hold them.
-fn products_once(gemm: Gemm, shapes: &[(usize, usize, usize)]) -> Box<dyn FnMut()> {
+fn products_once(gemm: Gemm, shapes: &[Shape]) -> Box<dyn FnMut()> {
     let mut random = uniform(0x2545_f491);
-    let operands: Vec<(Vec<f32>, Vec<f32>, (usize, usize, usize))> = shapes
+    let operands: Vec<(Vec<f32>, Vec<f32>, Shape)> = shapes
         .iter()
         .map(|&(m, k, n)| (random(m * k), random(k * n), (m, k, n)))
         .collect();
