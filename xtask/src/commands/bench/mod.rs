@@ -117,6 +117,25 @@ fn best<T>(reps: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     (best, last.expect("reps > 0"))
 }
 
+/// A measurement for [`fastest_in_turns`].
+type Run<'a> = Box<dyn FnMut() -> anyhow::Result<()> + 'a>;
+
+/// The fastest time (seconds) of each of `runs`, timed in turns: per round, each run `reps` times in a
+/// row, so that a drift of this machine's speed hits them alike and the ratios between them hold.
+fn fastest_in_turns(rounds: usize, reps: usize, runs: &mut [Run<'_>]) -> anyhow::Result<Vec<f64>> {
+    let mut fastest = vec![f64::INFINITY; runs.len()];
+    for _round in 0..rounds {
+        for (run, best) in runs.iter_mut().zip(&mut fastest) {
+            for _ in 0..reps {
+                let t = Instant::now();
+                run()?;
+                *best = best.min(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    Ok(fastest)
+}
+
 /// Side of the square matmul both rates below time.
 const MATMUL_N: usize = 1024;
 
@@ -232,16 +251,15 @@ fn prefill_shapes(
             (tokens, ffn, hidden),
         ]
     } else {
-        [q, kv, kv]
-            .map(|n| (tokens, hidden, n))
-            .into_iter()
-            .chain([
-                (tokens, q, hidden),
-                (tokens, hidden, ffn),
-                (tokens, hidden, ffn),
-            ])
-            .chain([(tokens, ffn, hidden)])
-            .collect()
+        vec![
+            (tokens, hidden, q),
+            (tokens, hidden, kv),
+            (tokens, hidden, kv),
+            (tokens, q, hidden),
+            (tokens, hidden, ffn),
+            (tokens, hidden, ffn),
+            (tokens, ffn, hidden),
+        ]
     }
 }
 
@@ -250,7 +268,7 @@ type Shape = (usize, usize, usize);
 
 /// One run of the products `shapes` (random operands made once) through `gemm`; Burn's
 /// right operands are `[n, k]` weights used transposed, as its linear layers hold them.
-fn products_once(gemm: Gemm, shapes: &[Shape]) -> Box<dyn FnMut()> {
+fn products_once(gemm: Gemm, shapes: &[Shape]) -> Run<'static> {
     let mut random = uniform(0x2545_f491);
     let operands: Vec<(Vec<f32>, Vec<f32>, Shape)> = shapes
         .iter()
@@ -270,8 +288,9 @@ fn products_once(gemm: Gemm, shapes: &[Shape]) -> Box<dyn FnMut()> {
                 .collect();
             Box::new(move || {
                 for (a, w) in &tensors {
-                    let _ = to_vec(a.clone().matmul(w.clone().transpose()));
+                    to_vec(a.clone().matmul(w.clone().transpose()))?;
                 }
+                Ok(())
             })
         }
         Gemm::Step => {
@@ -284,6 +303,7 @@ fn products_once(gemm: Gemm, shapes: &[Shape]) -> Box<dyn FnMut()> {
                     supportlm_train::qlora::product(c, a, b, (*m, *n, *k));
                     std::hint::black_box(&c);
                 }
+                Ok(())
             })
         }
     }
@@ -297,12 +317,12 @@ fn products_once(gemm: Gemm, shapes: &[Shape]) -> Box<dyn FnMut()> {
 fn kernels() -> anyhow::Result<()> {
     println!("{}", cpu_line());
     for (rows, cols) in [(49152usize, 576usize), (18432, 1536)] {
-        kernels_at(rows, cols);
+        kernels_at(rows, cols)?;
     }
     Ok(())
 }
 
-fn kernels_at(rows: usize, cols: usize) {
+fn kernels_at(rows: usize, cols: usize) -> anyhow::Result<()> {
     use supportlm_quant::ggml::GgmlType;
     use supportlm_quant::kernels::QMatrix;
     let n_blocks = rows * cols / 32;
@@ -326,18 +346,19 @@ fn kernels_at(rows: usize, cols: usize) {
         })
         .collect();
     let batches = [1usize, 2, 4, 8];
-    let mut fastest = [f64::INFINITY; 4];
-    for _round in 0..5 {
-        for (slot, &b) in batches.iter().enumerate() {
+    let mut runs: Vec<Run> = batches
+        .iter()
+        .map(|&b| {
             let refs: Vec<&[f32]> = xs[..b].iter().map(Vec::as_slice).collect();
             let mut ys = vec![0f32; rows * b];
-            for _ in 0..5 {
-                let t = Instant::now();
+            let m = &m;
+            Box::new(move || {
                 m.matvecs(&refs, &mut ys);
-                fastest[slot] = fastest[slot].min(t.elapsed().as_secs_f64());
-            }
-        }
-    }
+                Ok(())
+            }) as Run
+        })
+        .collect();
+    let fastest = fastest_in_turns(5, 5, &mut runs)?;
     for (&b, &t) in batches.iter().zip(&fastest) {
         println!(
             "Q4_1 {rows}x{cols} ({:.1} MB) x {b} vector(s): {:.2} ms, {:.1} GB/s of weights, {:.1} GFLOP/s, {:.2}x batch 1's vectors/s",
@@ -348,6 +369,7 @@ fn kernels_at(rows: usize, cols: usize) {
             b as f64 * fastest[0] / t
         );
     }
+    Ok(())
 }
 
 /// The CPU's model name, SIMD features, L3 size and the kernel level that runs, so figures from
@@ -444,26 +466,19 @@ fn model(args: &BenchArgs) -> anyhow::Result<()> {
         (Gemm::Burn, true, "q/k/v and gate/up stacked"),
         (Gemm::Step, true, "q/k/v and gate/up stacked"),
     ];
-    let mut products: Vec<(Box<dyn FnMut()>, f64)> = sets
+    let (mut runs, flops): (Vec<Run>, Vec<f64>) = sets
         .iter()
         .map(|&(g, stacked, _)| {
             let shapes = prefill_shapes(n, &c, stacked);
-            let flops = shapes
+            let flops: f64 = shapes
                 .iter()
                 .map(|&(m, k, w)| 2.0 * (m * k * w) as f64)
                 .sum();
             (products_once(g, &shapes), flops)
         })
-        .collect();
-    let mut fastest = [f64::INFINITY; 3];
-    for _round in 0..10 {
-        for (slot, (run, _)) in products.iter_mut().enumerate() {
-            let t = Instant::now();
-            run();
-            fastest[slot] = fastest[slot].min(t.elapsed().as_secs_f64());
-        }
-    }
-    for ((g, _, how), ((_, flops), t)) in sets.iter().zip(products.iter().zip(fastest)) {
+        .unzip();
+    let fastest = fastest_in_turns(10, 1, &mut runs)?;
+    for ((g, _, how), (flops, t)) in sets.iter().zip(flops.into_iter().zip(fastest)) {
         let rate = flops / t / 1e9;
         println!(
             "prefill's linear products alone ({n} tokens, one layer's, {how}): {} {rate:.1} GFLOP/s = {:.0}% of matmul",
@@ -493,7 +508,7 @@ fn model(args: &BenchArgs) -> anyhow::Result<()> {
     // Batch 1 and batch 8 timed in turns (3 rounds, best of each) so that the ratio between them is not
     // a drift of this machine's speed between two measurements.
     let batches = [1usize, 8];
-    let mut runs = Vec::new();
+    let mut states = Vec::new();
     for &batch in &batches {
         let prompts: Vec<Vec<u32>> = (0..batch).map(|b| prompt[..16 + b].to_vec()).collect();
         let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -509,28 +524,32 @@ fn model(args: &BenchArgs) -> anyhow::Result<()> {
         };
         let mut cache = model.llama.new_cache(batch);
         model.llama.forward_last(&input, &mut cache)?;
-        runs.push(DecodeState::from_cache(&cache, &c)?);
+        states.push(DecodeState::from_cache(&cache, &c)?);
     }
-    let mut fastest = [Duration::MAX; 2];
-    for _round in 0..3 {
-        for (slot, (&batch, state0)) in batches.iter().zip(&runs).enumerate() {
-            let t = Instant::now();
-            let mut state = state0.clone();
-            let mut tokens = vec![100u32; batch];
-            for _ in 0..args.steps {
-                let logits = decode.step(&tokens, &vec![true; batch], &mut state)?;
-                tokens = logits
-                    .iter()
-                    .map(|l| supportlm_model::sampling::argmax(l) as u32)
-                    .collect();
-            }
-            fastest[slot] = fastest[slot].min(t.elapsed());
-        }
-    }
+    let decode = &decode;
+    let mut runs: Vec<Run> = batches
+        .iter()
+        .zip(states)
+        .map(|(&batch, state0)| {
+            Box::new(move || {
+                let mut state = state0.clone();
+                let mut tokens = vec![100u32; batch];
+                for _ in 0..args.steps {
+                    let logits = decode.step(&tokens, &vec![true; batch], &mut state)?;
+                    tokens = logits
+                        .iter()
+                        .map(|l| supportlm_model::sampling::argmax(l) as u32)
+                        .collect();
+                }
+                Ok(())
+            }) as Run
+        })
+        .collect();
+    let fastest = fastest_in_turns(3, 1, &mut runs)?;
     let tokens_per_s: Vec<f64> = batches
         .iter()
         .zip(&fastest)
-        .map(|(&b, t)| (args.steps * b) as f64 / t.as_secs_f64())
+        .map(|(&b, t)| (args.steps * b) as f64 / t)
         .collect();
     for (&batch, &tps) in batches.iter().zip(&tokens_per_s) {
         let gbs = weight_bytes as f64 * tps / batch as f64 / 1e9;
