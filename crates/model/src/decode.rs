@@ -1,8 +1,8 @@
 //! The token-by-token decode path: one new token per sequence per step, computed in plain Rust over
 //! quantized weights ([`supportlm_quant::kernels`]) so that each step reads the compact GGUF blocks once instead of
-//! f32 copies. Prompts are prefilled by the Burn model ([`crate::llama`], compute-bound batched matmuls);
-//! its KV cache is then carried over into a [`DecodeState`]. Same math, same layout (Hugging Face RoPE),
-//! tested against the Burn forward.
+//! f32 copies. Prompts are prefilled by [`crate::llama`] (compute-bound batched products: on the CPU its
+//! host path, elsewhere tensor ops); its KV cache is then carried over into a [`DecodeState`]. Same
+//! math, same layout (Hugging Face RoPE), tested against the Burn forward.
 
 use rayon::prelude::*;
 
@@ -97,7 +97,7 @@ struct Shared {
 }
 
 impl DecodeState {
-    /// Takes over a cache filled by the Burn model's prefill.
+    /// Takes over a cache filled by the model's prefill ([`crate::llama::Llama::forward_hidden`]).
     pub fn from_cache(cache: &KvCache, config: &ModelConfig) -> Result<Self> {
         Self::from_cache_shared(cache, config, 0)
     }

@@ -1,4 +1,4 @@
-//! Text generation: batched prompts (left-padded, masked) prefilled by the Burn model, then token by token
+//! Text generation: batched prompts (left-padded, masked) prefilled by [`crate::llama`], then token by token
 //! (on the CPU, the quantized decode path of [`crate::decode`] with its own KV cache; on a GPU device, the
 //! Burn model with its KV cache on the device, greedy choices made there); stop conditions (EOS / end of
 //! turn, stop strings, max new tokens) and a per-token streaming callback.

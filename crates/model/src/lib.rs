@@ -5,7 +5,8 @@
 //! - [`config`] mirrors `config.json`; [`names`] spells every checkpoint tensor name (Hugging Face and
 //!   GGUF); [`loader`] maps checkpoints to fields through it.
 //! - [`llama`] is the decoder (llama and qwen2) in Burn ([`weight`]: its linear weights, f32 or int8 / NF4
-//!   dequantized when a layer runs), [`cache`] its KV cache; [`decode`] is the
+//!   dequantized when a layer runs), [`cache`] its KV cache (its passes of several tokens, prefill and
+//!   scoring, run on host buffers on the CPU backend: `llama/host.rs`); [`decode`] is the
 //!   token-by-token path over quantized weights with the kernels of `supportlm_quant`.
 //! - [`tokenizer`] builds tokenizers from `tokenizer.json` or GGUF metadata; [`chat`] renders chat templates.
 //! - [`sampling`], [`generate`]: picking tokens and the generation loop; [`score`]: candidate log-probs

@@ -16,7 +16,7 @@ use supportlm_quant::ggml::GgmlType;
 use supportlm_quant::gguf::GgufFile;
 
 use crate::error::{ModelError, Result};
-use crate::llama::{Attention, DecoderLayer, Linear, Llama, Mlp, RmsNorm, Rope};
+use crate::llama::{Attention, DecoderLayer, Linear, Llama, Mlp, PromptPath, RmsNorm, Rope};
 use crate::names::{self, Target};
 use crate::weight::BaseWeight;
 use supportlm_quant::BaseQuant;
@@ -343,6 +343,7 @@ pub fn load_llama_as(
         lm_head,
         rope: Rope::for_config(c, device),
         device: device.clone(),
+        prompt_path: PromptPath::default(),
     })
 }
 

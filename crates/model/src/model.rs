@@ -228,7 +228,7 @@ impl Model {
 
     /// A model that runs this base with `adapter` attached, unmerged: the base's weights (Burn tensors,
     /// memory-mapped checkpoint, decode weights) are shared, not copied; the adapter's factors are added
-    /// on every adapted projection, in prefill and scoring (Burn) and in decoding. One base in memory
+    /// on every adapted projection, in prefill and scoring and in decoding. One base in memory
     /// serves any number of adapters this way; each costs its factors (`r × (in + out)` f32 values per
     /// adapted projection, twice: once as Burn tensors, once as the adapter the decode path reads).
     pub fn attach_adapter(&self, adapter: Adapter) -> Result<Self> {

@@ -86,12 +86,7 @@ impl BaseWeight {
         let BaseWeight::F32(t) = self else {
             return None;
         };
-        let tensor = t.clone().try_into_primitive::<Flex>().ok()?;
-        let (start, end) = tensor.layout().contiguous_offsets()?;
-        (tensor.dtype() == burn::tensor::DType::F32).then_some(HostF32 {
-            tensor,
-            range: start..end,
-        })
+        HostF32::of(t)
     }
 
     /// The weight as f32 values, row-major, into `out` (exactly its size).
@@ -261,7 +256,7 @@ fn pack(values: impl Iterator<Item = u32>, bits: usize) -> Vec<i32> {
     words
 }
 
-/// An f32 weight's values in the CPU backend's own storage (shared with the weight's tensor: holding
+/// An f32 tensor's values in the CPU backend's own storage (shared with the weight's tensor: holding
 /// this keeps them alive, no copy).
 #[derive(Debug, Clone)]
 pub struct HostF32 {
@@ -271,6 +266,17 @@ pub struct HostF32 {
 }
 
 impl HostF32 {
+    /// The values of `t` in place: `Some` when it lies in the CPU backend's storage as one contiguous
+    /// row-major block of f32, `None` otherwise.
+    pub fn of<const D: usize>(t: &Tensor<D>) -> Option<HostF32> {
+        let tensor = t.clone().try_into_primitive::<Flex>().ok()?;
+        let (start, end) = tensor.layout().contiguous_offsets()?;
+        (tensor.dtype() == burn::tensor::DType::F32).then_some(HostF32 {
+            tensor,
+            range: start..end,
+        })
+    }
+
     /// Row-major values.
     pub fn values(&self) -> &[f32] {
         &self.tensor.storage::<f32>()[self.range.clone()]

@@ -55,7 +55,6 @@ pub use driver::StepPath;
 pub use dropout::{splitmix, Dropout};
 pub use factors::DeviceFactors;
 pub use full::{FullStep, ParamInfo};
-pub use host::{gemm_library, product};
 pub use supportlm_model::weight::BaseWeight;
 
 /// One training sequence: token ids and which of them are predicted (`loss_mask[t]`: the loss includes

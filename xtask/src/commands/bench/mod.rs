@@ -15,7 +15,7 @@ use burn::tensor::{Distribution, Tensor};
 use clap::{Args, ValueEnum};
 use rayon::prelude::*;
 use supportlm_model::decode::DecodeState;
-use supportlm_model::llama::{to_vec, StepInput};
+use supportlm_model::llama::{to_vec, PromptPath, StepInput};
 use supportlm_model::{default_device, Model};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -153,7 +153,8 @@ fn matmul_once() -> impl FnMut() -> f64 {
 }
 
 /// The fp32 GEMMs the project runs: Burn's CPU backend (the `gemm` crate: prefill, scoring) and the
-/// training step's own products (faer's kernels on x86-64, `supportlm_train::qlora::product`).
+/// host paths' own products (the training step, the prompt pass: faer's kernels on x86-64,
+/// `supportlm_quant::gemm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gemm {
     Burn,
@@ -164,7 +165,7 @@ impl Gemm {
     pub fn name(self) -> String {
         match self {
             Gemm::Burn => "burn-flex (gemm crate)".into(),
-            Gemm::Step => supportlm_train::qlora::gemm_library().into(),
+            Gemm::Step => supportlm_quant::gemm::library().into(),
         }
     }
 }
@@ -197,7 +198,7 @@ fn product_once(gemm: Gemm) -> Box<dyn FnMut() -> f64> {
             let mut random = uniform(0x9e37_79b9);
             let (a, b, mut c) = (random(n * n), random(n * n), vec![0f32; n * n]);
             Box::new(move || {
-                supportlm_train::qlora::product(&mut c, &a, &b, (n, n, n));
+                supportlm_quant::gemm::product(&mut c, &a, &b, (n, n, n));
                 std::hint::black_box(&c);
                 2.0 * (n * n * n) as f64
             })
@@ -300,7 +301,7 @@ fn products_once(gemm: Gemm, shapes: &[Shape]) -> Run<'static> {
                 .collect();
             Box::new(move || {
                 for ((a, b, (m, k, n)), c) in operands.iter().zip(&mut outs) {
-                    supportlm_train::qlora::product(c, a, b, (*m, *n, *k));
+                    supportlm_quant::gemm::product(c, a, b, (*m, *n, *k));
                     std::hint::black_box(&c);
                 }
                 Ok(())
@@ -444,25 +445,40 @@ fn model(args: &BenchArgs) -> anyhow::Result<()> {
     let flops = 2.0 * (linear_params * n) as f64
         + attn_flops as f64
         + 2.0 * (c.vocab_size * c.hidden_size) as f64;
-    let (t, _) = best(3, || {
-        let mut cache = model.llama.new_cache(1);
-        model
-            .llama
-            .forward_last(&StepInput::dense(vec![prompt.clone()]), &mut cache)
-            .map(|l| l.dims())
-    });
-    let prefill_gflops = flops / t.as_secs_f64() / 1e9;
-    println!(
-        "prefill {n} tokens: {:.0} tokens/s, {prefill_gflops:.1} GFLOP/s effective = {:.0}% of matmul (target >= 70%)",
-        n as f64 / t.as_secs_f64(),
-        100.0 * prefill_gflops / gemm
-    );
+    // The host path (what runs on the CPU) and the tensor ops it replaced, timed in turns.
+    let paths = [
+        (PromptPath::Host, "host path"),
+        (PromptPath::Tensors, "Burn tensor ops"),
+    ];
+    let mut runs: Vec<Run> = paths
+        .iter()
+        .map(|&(path, _)| {
+            let mut llama = model.llama.clone();
+            llama.prompt_path = path;
+            let input = StepInput::dense(vec![prompt.clone()]);
+            Box::new(move || {
+                let mut cache = llama.new_cache(1);
+                to_vec(llama.forward_last(&input, &mut cache)?)?;
+                Ok(())
+            }) as Run
+        })
+        .collect();
+    let fastest = fastest_in_turns(5, 1, &mut runs)?;
+    for ((_, how), t) in paths.iter().zip(fastest) {
+        let prefill_gflops = flops / t / 1e9;
+        println!(
+            "prefill {n} tokens ({how}): {:.0} tokens/s, {prefill_gflops:.1} GFLOP/s effective = {:.0}% of matmul (target >= 70%)",
+            n as f64 / t,
+            100.0 * prefill_gflops / gemm
+        );
+    }
 
-    // Where prefill's gap to the matmul rate lies: its linear layers' products alone (one layer's at
-    // 128 tokens), through Burn as the model runs them and stacked, and stacked through the training
-    // step's GEMM. What the products miss of the matmul rate, no fusion of the rest recovers.
+    // The ceiling of prefill's products: its linear layers' products alone (one layer's at 128
+    // tokens), through Burn as the tensor path runs them and stacked, and stacked through the host
+    // paths' GEMM (`supportlm_quant::gemm`). What the products miss of the matmul rate, no fusion of
+    // the rest recovers.
     let sets = [
-        (Gemm::Burn, false, "as the model runs them"),
+        (Gemm::Burn, false, "as the tensor path runs them"),
         (Gemm::Burn, true, "q/k/v and gate/up stacked"),
         (Gemm::Step, true, "q/k/v and gate/up stacked"),
     ];

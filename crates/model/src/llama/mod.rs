@@ -5,6 +5,8 @@
 //! `(i, i + d/2)`); an explicit [`KvCache`] passed to every forward. Weights are kept as
 //! `[out, in]` (the checkpoint layout) and multiplied through a transposed view.
 
+mod host;
+
 use std::sync::Arc;
 
 use burn::tensor::activation::silu;
@@ -195,8 +197,8 @@ pub fn rope_tables(head_dim: usize, theta: f64, max_positions: usize) -> (Vec<f3
 /// Rotary embedding tables, `[max_positions, head_dim]`, Hugging Face layout (frequencies repeated twice).
 #[derive(Debug, Clone)]
 pub struct Rope {
-    cos: Tensor<2>,
-    sin: Tensor<2>,
+    pub(crate) cos: Tensor<2>,
+    pub(crate) sin: Tensor<2>,
     /// Positions the tables cover (the context length).
     pub max_positions: usize,
 }
@@ -302,7 +304,7 @@ impl DecoderLayer {
 }
 
 /// Mask entries below this are hidden positions (the masks hold `0` for visible and `-1e30` for hidden).
-const MASK_BELOW: f32 = -1e29;
+pub(crate) const MASK_BELOW: f32 = -1e29;
 
 /// The whole decoder: embeddings, layers, final norm and LM head.
 #[derive(Debug, Clone)]
@@ -321,6 +323,19 @@ pub struct Llama {
     pub rope: Rope,
     /// The device every tensor lives on.
     pub device: Device,
+    /// What runs passes of several tokens (prefill, scoring) on the CPU backend.
+    pub prompt_path: PromptPath,
+}
+
+/// Which implementation runs [`Llama`]'s passes on the CPU backend (other devices always run tensor
+/// ops).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PromptPath {
+    /// Host buffers: matrix products plus fused row loops (`llama/host.rs`).
+    #[default]
+    Host,
+    /// Burn tensor ops, as on every other device: the reference the host path is tested against.
+    Tensors,
 }
 
 /// One step's input: `tokens[row]` (all rows the same length) and which of them are real (not padding).
@@ -460,6 +475,9 @@ impl Llama {
         cache: &mut KvCache,
         mut collect: Option<&mut Vec<Tensor<3>>>,
     ) -> Result<Tensor<3>> {
+        if self.prompt_path == PromptPath::Host && crate::device::is_cpu(&self.device) {
+            return host::run(self, tokens, b, s, positions, &mask, cache, collect);
+        }
         let total = cache
             .layers
             .first()

@@ -1,0 +1,461 @@
+//! [`Llama`]'s forward on the CPU backend, on host buffers: prefill, scoring trees, and every other
+//! pass of several tokens. The same maths and layout as the tensor forward of [`crate::llama`] (the
+//! tests hold the two to each other), written as matrix products through `supportlm_quant::gemm` plus
+//! fused row loops.
+//!
+//! Why: through tensor ops the prompt pass ran at half the matmul rate on AVX2 machines (README:
+//! inference speed): its seven products per layer reached ~70% of it, and every elementwise op (RMSNorm, RoPE,
+//! the head transposes, SiLU, the residual adds) allocated and filled a fresh tensor. Here the
+//! projections write straight into column blocks of one activation (`[q | k | v]`, `[gate | up]`), the
+//! residual adds are the output products' accumulation (`x += a·b`), and RMSNorm, RoPE and SwiGLU are
+//! single passes over rows.
+//!
+//! Weights: f32 ones are read in place from the backend's storage ([`HostF32`]); int8 and NF4 ones are
+//! dequantized into one buffer reused from projection to projection. An attached adapter's update runs
+//! in tensor ops on the projection's input (a thin product) and is added to its columns. Keys and
+//! values already cached are read in place too; the cache gets each layer's keys and values as one new
+//! tensor, as the tensor path's concatenation leaves them.
+
+use burn::tensor::{Device, Tensor, TensorData};
+use rayon::prelude::*;
+use supportlm_quant::gemm::{mm, Op};
+use supportlm_quant::kernels::dot;
+use supportlm_quant::pointwise::{exp, softmax_row};
+use supportlm_quant::simd_fn;
+
+use super::{to_vec, DecoderLayer, Linear, Llama, RmsNorm, MASK_BELOW};
+use crate::cache::{KvCache, LayerCache};
+use crate::error::Result;
+use crate::weight::HostF32;
+
+/// Rows per rayon task in row loops.
+const ROWS_PER_TASK: usize = 16;
+
+/// Shapes of one pass and its per-row tables.
+struct Geometry<'a> {
+    b: usize,
+    s: usize,
+    /// Cached positions before this pass plus its `s`.
+    total: usize,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    eps: f32,
+    /// RoPE position of each of the `b·s` rows.
+    positions: Vec<usize>,
+    /// RoPE tables `[max_positions, d]`.
+    cos: &'a [f32],
+    sin: &'a [f32],
+    /// Additive mask `[b, s, total]` (0 visible, -1e30 hidden).
+    mask: &'a [f32],
+    device: &'a Device,
+}
+
+impl Geometry<'_> {
+    fn rows(&self) -> usize {
+        self.b * self.s
+    }
+
+    fn q_width(&self) -> usize {
+        self.heads * self.d
+    }
+
+    fn kv_width(&self) -> usize {
+        self.kv_heads * self.d
+    }
+
+    /// Width of a row of `[q | k | v]`.
+    fn qkv_width(&self) -> usize {
+        self.q_width() + 2 * self.kv_width()
+    }
+}
+
+/// Runs `b × s` tokens through `llama` with explicit RoPE positions and an additive mask
+/// `[b, 1, s, cached + s]`, appending their keys and values to `cache`: `Llama::run`'s contract, on
+/// host buffers. Returns the final hidden states (after the last norm), `[b, s, hidden]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run(
+    llama: &Llama,
+    tokens: &[u32],
+    b: usize,
+    s: usize,
+    positions: &[Vec<usize>],
+    mask: &[f32],
+    cache: &mut KvCache,
+    mut collect: Option<&mut Vec<Tensor<3>>>,
+) -> Result<Tensor<3>> {
+    let c = &llama.config;
+    let past = cache
+        .layers
+        .first()
+        .and_then(|l| l.k.as_ref())
+        .map_or(0, |k| k.dims()[2]);
+    let (cos, sin) = (host(&llama.rope.cos)?, host(&llama.rope.sin)?);
+    let g = Geometry {
+        b,
+        s,
+        total: past + s,
+        hidden: c.hidden_size,
+        heads: c.num_attention_heads,
+        kv_heads: c.kv_heads(),
+        d: c.head_dim(),
+        eps: c.rms_norm_eps as f32,
+        positions: positions.iter().flatten().copied().collect(),
+        cos: cos.values(),
+        sin: sin.values(),
+        mask,
+        device: &llama.device,
+    };
+    let device = &llama.device;
+    let as_tensor =
+        |x: &[f32]| Tensor::<3>::from_data(TensorData::new(x.to_vec(), [b, s, g.hidden]), device);
+
+    let embed = host(&llama.embed_tokens)?;
+    let mut x = vec![0f32; g.rows() * g.hidden];
+    for (row, &t) in x.chunks_mut(g.hidden).zip(tokens) {
+        let t = t as usize;
+        row.copy_from_slice(&embed.values()[t * g.hidden..(t + 1) * g.hidden]);
+    }
+    if let Some(c) = collect.as_deref_mut() {
+        c.push(as_tensor(&x));
+    }
+    let mut scratch = Vec::new();
+    for (layer, lc) in llama.layers.iter().zip(cache.layers.iter_mut()) {
+        forward_layer(layer, &mut x, lc, &g, &mut scratch)?;
+        if let Some(c) = collect.as_deref_mut() {
+            c.push(as_tensor(&x));
+        }
+    }
+    let normed = rms(&x, &to_vec(llama.norm.weight.clone())?, g.eps);
+    Ok(as_tensor(&normed))
+}
+
+/// A tensor's values in place on the CPU backend, or a copy where they are not one contiguous block.
+fn host<const D: usize>(t: &Tensor<D>) -> Result<Values> {
+    Ok(match HostF32::of(t) {
+        Some(view) => Values::InPlace(view),
+        None => Values::Copied(to_vec(t.clone())?),
+    })
+}
+
+enum Values {
+    InPlace(HostF32),
+    Copied(Vec<f32>),
+}
+
+impl Values {
+    fn values(&self) -> &[f32] {
+        match self {
+            Values::InPlace(v) => v.values(),
+            Values::Copied(v) => v,
+        }
+    }
+}
+
+/// One decoder layer on the residual stream `x` (`[b·s, hidden]`, updated in place), appending the
+/// pass's keys and values to `cache`. `scratch` holds dequantized weights.
+fn forward_layer(
+    layer: &DecoderLayer,
+    x: &mut [f32],
+    cache: &mut LayerCache,
+    g: &Geometry,
+    scratch: &mut Vec<f32>,
+) -> Result<()> {
+    let rows = g.rows();
+    let attn = &layer.self_attn;
+    let (qw, kvw, w) = (g.q_width(), g.kv_width(), g.qkv_width());
+
+    let n = rms(x, &norm_weight(&layer.input_layernorm)?, g.eps);
+    let mut qkv = vec![0f32; rows * w];
+    for (linear, offset) in [
+        (&attn.q_proj, 0),
+        (&attn.k_proj, qw),
+        (&attn.v_proj, qw + kvw),
+    ] {
+        project(
+            linear, &n, rows, &mut qkv, w, offset, false, scratch, g.device,
+        )?;
+    }
+    rope(&mut qkv, g);
+    let (keys, values) = cached_with_new(cache, &qkv, g)?;
+    let out = attention(&qkv, &keys, &values, g);
+    let dims = [g.b, g.kv_heads, g.total, g.d];
+    cache.k = Some(Tensor::from_data(TensorData::new(keys, dims), g.device));
+    cache.v = Some(Tensor::from_data(TensorData::new(values, dims), g.device));
+    project(
+        &attn.o_proj,
+        &out,
+        rows,
+        x,
+        g.hidden,
+        0,
+        true,
+        scratch,
+        g.device,
+    )?;
+
+    let mlp = &layer.mlp;
+    let n = rms(x, &norm_weight(&layer.post_attention_layernorm)?, g.eps);
+    let inter = mlp.down_proj.weight.dims()[1];
+    let mut gate_up = vec![0f32; rows * 2 * inter];
+    project(
+        &mlp.gate_proj,
+        &n,
+        rows,
+        &mut gate_up,
+        2 * inter,
+        0,
+        false,
+        scratch,
+        g.device,
+    )?;
+    project(
+        &mlp.up_proj,
+        &n,
+        rows,
+        &mut gate_up,
+        2 * inter,
+        inter,
+        false,
+        scratch,
+        g.device,
+    )?;
+    let act = swiglu(&gate_up, inter);
+    project(
+        &mlp.down_proj,
+        &act,
+        rows,
+        x,
+        g.hidden,
+        0,
+        true,
+        scratch,
+        g.device,
+    )?;
+    Ok(())
+}
+
+fn norm_weight(norm: &RmsNorm) -> Result<Vec<f32>> {
+    to_vec(norm.weight.clone())
+}
+
+/// `dst[:, offset..offset + out] (+)= x Wᵀ + bias (+ LoRA)` for `x` `[rows, in]` and `dst` rows of
+/// stride `dst_rs`; replaces those columns unless `add`.
+#[allow(clippy::too_many_arguments)]
+fn project(
+    linear: &Linear,
+    x: &[f32],
+    rows: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    offset: usize,
+    add: bool,
+    scratch: &mut Vec<f32>,
+    device: &Device,
+) -> Result<()> {
+    let [out, inp] = linear.weight.dims();
+    let view = linear.weight.host_f32();
+    let w: &[f32] = match &view {
+        Some(view) => view.values(),
+        None => {
+            scratch.resize(out * inp, 0.0);
+            linear.weight.dequantize_into(scratch)?;
+            scratch
+        }
+    };
+    let dst = &mut dst[offset..];
+    mm(
+        dst,
+        dst_rs,
+        (rows, out, inp),
+        Op::rows(x, inp),
+        Op::rows(w, inp).t(),
+        1.0,
+        add,
+        true,
+    );
+    if let Some(bias) = &linear.bias {
+        add_rows(dst, dst_rs, rows, &to_vec(bias.clone())?, out);
+    }
+    if let Some(lora) = &linear.lora {
+        let input = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [rows, inp]), device);
+        add_rows(dst, dst_rs, rows, &to_vec(lora.forward(input))?, out);
+    }
+    Ok(())
+}
+
+/// Adds `values` (one row of `width` for every row, or a single row broadcast to all) to the first
+/// `width` columns of `rows` rows of stride `rs`.
+fn add_rows(dst: &mut [f32], rs: usize, rows: usize, values: &[f32], width: usize) {
+    let per_row = values.len() == rows * width;
+    for r in 0..rows {
+        let src = if per_row {
+            &values[r * width..(r + 1) * width]
+        } else {
+            &values[..width]
+        };
+        dst[r * rs..r * rs + width]
+            .iter_mut()
+            .zip(src)
+            .for_each(|(d, v)| *d += v);
+    }
+}
+
+/// RMSNorm of each row: `x · inv · w` with `inv = 1/sqrt(mean(x²) + eps)`.
+fn rms(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len();
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(n * ROWS_PER_TASK)
+        .zip(x.par_chunks(n * ROWS_PER_TASK))
+        .for_each(|(out, x)| {
+            for (o, x) in out.chunks_mut(n).zip(x.chunks(n)) {
+                let inv = 1.0 / (dot(x, x) / n as f32 + eps).sqrt();
+                for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                    *o = x * inv * w;
+                }
+            }
+        });
+    out
+}
+
+/// Rotates the query and key heads of `[q | k | v]` rows by each row's position (Hugging Face layout:
+/// pairs `(i, i + d/2)`).
+fn rope(qkv: &mut [f32], g: &Geometry) {
+    let d = g.d;
+    let half = d / 2;
+    let rotated = g.q_width() + g.kv_width();
+    qkv.par_chunks_mut(g.qkv_width())
+        .zip(&g.positions)
+        .for_each(|(row, &pos)| {
+            let cos = &g.cos[pos * d..(pos + 1) * d];
+            let sin = &g.sin[pos * d..(pos + 1) * d];
+            for head in row[..rotated].chunks_mut(d) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * cos[i] - b * sin[i];
+                    x2[i] = b * cos[half + i] + a * sin[half + i];
+                }
+            }
+        });
+}
+
+/// The layer's keys and values over every position, `[b, kv_heads, total, d]` each: the cached ones
+/// (read in place) followed by this pass's (the rotated keys and the values of `qkv`).
+fn cached_with_new(cache: &LayerCache, qkv: &[f32], g: &Geometry) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (s, d, total) = (g.s, g.d, g.total);
+    let past = total - s;
+    let (qw, kvw, w) = (g.q_width(), g.kv_width(), g.qkv_width());
+    let gather = |old: Option<&Tensor<4>>, column: usize| -> Result<Vec<f32>> {
+        let old = match old {
+            Some(t) if past > 0 => Some(host(t)?),
+            _ => None,
+        };
+        let mut all = vec![0f32; g.b * g.kv_heads * total * d];
+        all.par_chunks_mut(total * d)
+            .enumerate()
+            .for_each(|(bh, dst)| {
+                let (bi, head) = (bh / g.kv_heads, bh % g.kv_heads);
+                if let Some(old) = &old {
+                    dst[..past * d]
+                        .copy_from_slice(&old.values()[bh * past * d..(bh + 1) * past * d]);
+                }
+                for i in 0..s {
+                    let src = &qkv[(bi * s + i) * w + column + head * d..][..d];
+                    dst[(past + i) * d..(past + i + 1) * d].copy_from_slice(src);
+                }
+            });
+        Ok(all)
+    };
+    Ok((
+        gather(cache.k.as_ref(), qw)?,
+        gather(cache.v.as_ref(), qw + kvw)?,
+    ))
+}
+
+/// Attention of every query head of `qkv` over `keys` and `values` (`[b, kv_heads, total, d]`), masked
+/// by the pass's mask: `[b·s, heads·d]`. A query that sees no position gets zeros. One task per
+/// (sequence, query head).
+fn attention(qkv: &[f32], keys: &[f32], values: &[f32], g: &Geometry) -> Vec<f32> {
+    let (s, d, total, w) = (g.s, g.d, g.total, g.qkv_width());
+    let rep = g.heads / g.kv_heads;
+    let scale = (d as f32).powf(-0.5);
+    let heads: Vec<Vec<f32>> = (0..g.b * g.heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (bi, head) = (bh / g.heads, bh % g.heads);
+            let kv = (bi * g.kv_heads + head / rep) * total * d;
+            let mut scores = vec![0f32; s * total];
+            let q = Op::strided(&qkv[bi * s * w + head * d..], w);
+            let k = Op::rows(&keys[kv..kv + total * d], d).t();
+            mm(&mut scores, total, (s, total, d), q, k, scale, false, false);
+            let mask = &g.mask[bi * s * total..(bi + 1) * s * total];
+            for (row, mask) in scores.chunks_mut(total).zip(mask.chunks(total)) {
+                masked_softmax(row, mask);
+            }
+            let mut out = vec![0f32; s * d];
+            let v = Op::rows(&values[kv..kv + total * d], d);
+            mm(
+                &mut out,
+                d,
+                (s, d, total),
+                Op::rows(&scores, total),
+                v,
+                1.0,
+                false,
+                false,
+            );
+            out
+        })
+        .collect();
+    let qw = g.q_width();
+    let mut out = vec![0f32; g.rows() * qw];
+    for (bh, head_out) in heads.iter().enumerate() {
+        let (bi, head) = (bh / g.heads, bh % g.heads);
+        for (i, src) in head_out.chunks(d).enumerate() {
+            out[(bi * s + i) * qw + head * d..][..d].copy_from_slice(src);
+        }
+    }
+    out
+}
+
+/// Softmax over the positions `mask` leaves visible (`0` visible, below [`MASK_BELOW`] hidden); all
+/// zeros when none is.
+fn masked_softmax(row: &mut [f32], mask: &[f32]) {
+    let mut any = false;
+    for (x, &m) in row.iter_mut().zip(mask) {
+        if m < MASK_BELOW {
+            *x = f32::NEG_INFINITY;
+        } else {
+            any = true;
+        }
+    }
+    if any {
+        softmax_row(row);
+    } else {
+        row.fill(0.0);
+    }
+}
+
+simd_fn! {
+    fn swiglu_chunk(act: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((a, &g), &u) in act.iter_mut().zip(gate).zip(up) {
+            *a = g / (1.0 + exp(-g)) * u;
+        }
+    }
+}
+
+/// `silu(gate) · up` from `[gate | up]` rows (`[T, 2·inter]`): `[T, inter]`.
+fn swiglu(gate_up: &[f32], inter: usize) -> Vec<f32> {
+    let mut act = vec![0f32; gate_up.len() / 2];
+    act.par_chunks_mut(inter * ROWS_PER_TASK)
+        .zip(gate_up.par_chunks(2 * inter * ROWS_PER_TASK))
+        .for_each(|(act, gu)| {
+            for (a, gu) in act.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
+                let (g, u) = gu.split_at(inter);
+                swiglu_chunk(a, g, u);
+            }
+        });
+    act
+}
