@@ -14,6 +14,7 @@ use crate::loader::{unpermute_order, TensorSource};
 use crate::lora::Adapter;
 use crate::names::{self, Target};
 use supportlm_quant::kernels::{dot, QMatrix, MAX_BATCH};
+use supportlm_quant::pointwise::swiglu_chunk;
 use supportlm_quant::BaseQuant;
 
 /// One layer's weights in kernel formats.
@@ -716,10 +717,9 @@ impl DecodeWeights {
                 .iter()
                 .map(|r| {
                     let (g, u) = r.split_at(c.intermediate_size);
-                    g.iter()
-                        .zip(u)
-                        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                        .collect()
+                    let mut act = vec![0f32; g.len()];
+                    swiglu_chunk(&mut act, g, u);
+                    act
                 })
                 .collect();
             let mut down = matvec(&layer.down, &act, None);

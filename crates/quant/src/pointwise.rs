@@ -94,6 +94,15 @@ simd_fn! {
     }
 }
 
+simd_fn! {
+    /// SwiGLU's product: `act = silu(gate) · up = gate / (1 + e^−gate) · up`, element by element.
+    pub fn swiglu_chunk(act: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((a, &g), &u) in act.iter_mut().zip(gate).zip(up) {
+            *a = g / (1.0 + exp(-g)) * u;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,8 +20,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 use supportlm_quant::gemm::{mm, Op};
 use supportlm_quant::kernels::dot;
-use supportlm_quant::pointwise::{exp, softmax_row};
-use supportlm_quant::simd_fn;
+use supportlm_quant::pointwise::{softmax_row, swiglu_chunk};
 
 use super::{to_vec, DecoderLayer, Linear, Llama, RmsNorm, MASK_BELOW};
 use crate::cache::{KvCache, LayerCache};
@@ -435,14 +434,6 @@ fn masked_softmax(row: &mut [f32], mask: &[f32]) {
         softmax_row(row);
     } else {
         row.fill(0.0);
-    }
-}
-
-simd_fn! {
-    fn swiglu_chunk(act: &mut [f32], gate: &[f32], up: &[f32]) {
-        for ((a, &g), &u) in act.iter_mut().zip(gate).zip(up) {
-            *a = g / (1.0 + exp(-g)) * u;
-        }
     }
 }
 

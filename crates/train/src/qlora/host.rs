@@ -35,7 +35,7 @@ use supportlm_model::lora::{Adapter, LoraPair, Target};
 use supportlm_model::weight::HostF32;
 use supportlm_quant::gemm::{mm, Op};
 use supportlm_quant::kernels::dot;
-use supportlm_quant::pointwise::{exp, softmax_row};
+use supportlm_quant::pointwise::{exp, softmax_row, swiglu_chunk};
 use supportlm_quant::simd_fn;
 
 /// Rows per rayon task in row loops.
@@ -437,14 +437,6 @@ fn attention_backward(saved: &Saved, dout: &[f32], g: &Geometry) -> Vec<f32> {
             }
         });
     dqkv
-}
-
-simd_fn! {
-    fn swiglu_chunk(act: &mut [f32], gate: &[f32], up: &[f32]) {
-        for ((a, &g), &u) in act.iter_mut().zip(gate).zip(up) {
-            *a = g / (1.0 + exp(-g)) * u;
-        }
-    }
 }
 
 /// `silu(gate) · up` from stacked `[gate | up]` rows (`[T, 2·inter]`): `[T, inter]`.
