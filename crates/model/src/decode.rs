@@ -4,6 +4,8 @@
 //! host path, elsewhere tensor ops); its KV cache is then carried over into a [`DecodeState`]. Same
 //! math, same layout (Hugging Face RoPE), tested against the Burn forward.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::cache::KvCache;
@@ -313,7 +315,8 @@ simd_fn! {
     /// would with the shared keys and values copied into its own cache (the same operations in the
     /// same order: scores, softmax, then the weighted values in position order), but each shared key
     /// and value is read once for all the rows. The query heads sharing a key/value head are scored in
-    /// one pass.
+    /// one pass. Only the key/value heads `groups` (and their query heads) are computed: the outputs
+    /// are `[groups.len() × rep × d]` each.
     ///
     /// Compiled for AVX2 + FMA too (the dot products and the weighted sums in 8 lanes), with the
     /// vectorizable `exp` of `supportlm_quant::pointwise`.
@@ -323,6 +326,7 @@ simd_fn! {
         li: usize,
         own: &[OwnKv<'_>],
         shape: HeadShape,
+        groups: Range<usize>,
     ) -> Vec<Vec<f32>> {
         let HeadShape { kvh, rep, d } = shape;
         let scale = 1.0 / (d as f32).sqrt();
@@ -332,14 +336,16 @@ simd_fn! {
         };
         let at = |pos: usize, g: usize| (pos * kvh + g) * d..(pos * kvh + g + 1) * d;
         let lens: Vec<usize> = own.iter().map(|o| shared.len + o.valid.len()).collect();
-        let mut out = vec![vec![0f32; kvh * rep * d]; qs.len()];
+        let mut out = vec![vec![0f32; groups.len() * rep * d]; qs.len()];
         let mut scores: Vec<Vec<f32>> = lens
             .iter()
             .map(|&t| vec![f32::NEG_INFINITY; rep * t])
             .collect();
         // Per row and query head of the group: the softmax's sum (`None`: nothing to attend to).
         let mut totals = vec![vec![None::<f32>; rep]; qs.len()];
-        for g in 0..kvh {
+        for g in groups.clone() {
+            // This group's query heads in the output.
+            let o_at = |r: usize| ((g - groups.start) * rep + r) * d..((g - groups.start) * rep + r + 1) * d;
             let heads = |i: usize| qs[i][g * rep * d..(g + 1) * rep * d].chunks_exact(d);
             // Shared positions in blocks whose keys stay in L1 while every row's heads are scored.
             for start in (0..shared.len).step_by(SHARED_BLOCK) {
@@ -383,7 +389,7 @@ simd_fn! {
                 let end = (start + SHARED_BLOCK).min(shared.len);
                 for (i, row_scores) in scores.iter_mut().enumerate() {
                     for (r, head_scores) in row_scores.chunks_exact_mut(lens[i]).enumerate() {
-                        let o = &mut out[i][(g * rep + r) * d..(g * rep + r + 1) * d];
+                        let o = &mut out[i][o_at(r)];
                         add_values(o, &mut head_scores[start..end], totals[i][r], |k| {
                             &sv[at(start + k, g)]
                         });
@@ -392,7 +398,7 @@ simd_fn! {
             }
             for (i, (own, row_scores)) in own.iter().zip(&mut scores).enumerate() {
                 for (r, head_scores) in row_scores.chunks_exact_mut(lens[i]).enumerate() {
-                    let o = &mut out[i][(g * rep + r) * d..(g * rep + r + 1) * d];
+                    let o = &mut out[i][o_at(r)];
                     add_values(o, &mut head_scores[shared.len..], totals[i][r], |k| {
                         &own.v[at(k, g)]
                     });
@@ -686,13 +692,25 @@ impl DecodeWeights {
                 state.v[row][li].extend_from_slice(&v[row]);
             }
             // Rows are independent: attend in parallel, one group of rows per thread, so that each
-            // thread reads the shared keys and values once for its rows.
+            // thread reads the shared keys and values once for its rows. With fewer rows than
+            // threads the key/value heads are split between threads too (each head's outputs are
+            // computed alike either way).
             let shape = HeadShape { kvh, rep, d };
-            let per_thread = b.div_ceil(rayon::current_num_threads().max(1)).max(1);
+            let threads = rayon::current_num_threads().max(1);
+            let per_thread = b.div_ceil(threads).max(1);
+            let per_split = kvh.div_ceil((threads / b.max(1)).clamp(1, kvh));
             let rows: Vec<usize> = (0..b).collect();
-            let attn_out: Vec<Vec<f32>> = rows
-                .par_chunks(per_thread)
-                .flat_map_iter(|group| {
+            let tasks: Vec<(&[usize], Range<usize>)> = rows
+                .chunks(per_thread)
+                .flat_map(|rows| {
+                    (0..kvh)
+                        .step_by(per_split)
+                        .map(move |g| (rows, g..(g + per_split).min(kvh)))
+                })
+                .collect();
+            let parts: Vec<Vec<Vec<f32>>> = tasks
+                .par_iter()
+                .map(|(group, heads)| {
                     let qs: Vec<&[f32]> = group.iter().map(|&row| q[row].as_slice()).collect();
                     let own: Vec<OwnKv<'_>> = group
                         .iter()
@@ -702,9 +720,15 @@ impl DecodeWeights {
                             valid: &state.valid[row],
                         })
                         .collect();
-                    attend(&qs, &state.shared, li, &own, shape)
+                    attend(&qs, &state.shared, li, &own, shape, heads.clone())
                 })
                 .collect();
+            let mut attn_out: Vec<Vec<f32>> = vec![Vec::with_capacity(h * d); b];
+            for ((group, _), part) in tasks.iter().zip(parts) {
+                for (&row, out) in group.iter().zip(part) {
+                    attn_out[row].extend(out);
+                }
+            }
             let mut o = matvec(&layer.o, &attn_out, layer.o_bias.as_ref());
             if let Some(l) = lora {
                 add_lora(l, li, Target::OProj, &attn_out, &mut o, 0);
