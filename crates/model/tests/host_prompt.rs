@@ -1,6 +1,6 @@
 //! The host prompt path (`supportlm_model::host`) against the tensor forward it replaces on the CPU:
-//! same hidden states after every layer and the same KV cache, for padded batches, a second pass over
-//! a filled cache and a tree-masked scoring pass; llama and qwen2 (q/k/v biases), f32, int8 and NF4
+//! same hidden states after every layer and the same KV cache, for padded batches (short, and longer
+//! than one block of queries), a second pass over a filled cache and a tree-masked scoring pass; llama and qwen2 (q/k/v biases), f32, int8 and NF4
 //! bases, with and without an attached adapter.
 
 use burn::tensor::Tensor;
@@ -124,6 +124,21 @@ fn host_prompt_pass_matches_the_tensor_forward() {
                     (&mut ch, &mut ct),
                     &format!("{what}, second pass"),
                     |m, c, seen| m.forward_hidden(&next, c, Some(seen)).unwrap(),
+                );
+
+                // Longer than one block of queries (64), padded: several attention tasks per head.
+                let long = StepInput {
+                    tokens: (0..2)
+                        .map(|r| (0..150u32).map(|i| (i * 7 + r * 3) % 260 + 3).collect())
+                        .collect(),
+                    valid: vec![(0..150).map(|i| i >= 20).collect(), vec![true; 150]],
+                };
+                let (mut lh, mut lt) = (llama.new_cache(2), llama.new_cache(2));
+                agree(
+                    &llama,
+                    (&mut lh, &mut lt),
+                    &format!("{what}, long"),
+                    |m, c, seen| m.forward_hidden(&long, c, Some(seen)).unwrap(),
                 );
 
                 // A scoring tree after a prompt: two branches of two tokens over a shared first one.

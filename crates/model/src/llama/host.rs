@@ -373,47 +373,67 @@ fn cached_with_new(cache: &LayerCache, qkv: &[f32], g: &Geometry) -> Result<(Vec
     ))
 }
 
+/// Query rows per attention task.
+const QUERY_ROWS: usize = 64;
+
 /// Attention of every query head of `qkv` over `keys` and `values` (`[b, kv_heads, total, d]`), masked
 /// by the pass's mask: `[b·s, heads·d]`. A query that sees no position gets zeros. One task per
-/// (sequence, query head).
+/// (sequence, query head, block of [`QUERY_ROWS`] queries), so that two threads share even a single
+/// sequence's heads evenly; a block skips the keys after the last one any of its queries sees (half
+/// of a causal prompt's scores).
 fn attention(qkv: &[f32], keys: &[f32], values: &[f32], g: &Geometry) -> Vec<f32> {
     let (s, d, total, w) = (g.s, g.d, g.total, g.qkv_width());
     let rep = g.heads / g.kv_heads;
     let scale = (d as f32).powf(-0.5);
-    let heads: Vec<Vec<f32>> = (0..g.b * g.heads)
+    let blocks = s.div_ceil(QUERY_ROWS);
+    let parts: Vec<Vec<f32>> = (0..g.b * g.heads * blocks)
         .into_par_iter()
-        .map(|bh| {
+        .map(|task| {
+            let (bh, block) = (task / blocks, task % blocks);
             let (bi, head) = (bh / g.heads, bh % g.heads);
-            let kv = (bi * g.kv_heads + head / rep) * total * d;
-            let mut scores = vec![0f32; s * total];
-            let q = Op::strided(&qkv[bi * s * w + head * d..], w);
-            let k = Op::rows(&keys[kv..kv + total * d], d).t();
-            mm(&mut scores, total, (s, total, d), q, k, scale, false, false);
-            let mask = &g.mask[bi * s * total..(bi + 1) * s * total];
-            for (row, mask) in scores.chunks_mut(total).zip(mask.chunks(total)) {
-                masked_softmax(row, mask);
+            let (first, end) = (block * QUERY_ROWS, ((block + 1) * QUERY_ROWS).min(s));
+            let rows = end - first;
+            let mask = &g.mask[(bi * s + first) * total..(bi * s + end) * total];
+            let seen = mask
+                .chunks(total)
+                .filter_map(|m| m.iter().rposition(|&x| x >= MASK_BELOW))
+                .max()
+                .map_or(0, |last| last + 1);
+            let mut out = vec![0f32; rows * d];
+            if seen == 0 {
+                return out;
             }
-            let mut out = vec![0f32; s * d];
-            let v = Op::rows(&values[kv..kv + total * d], d);
+            let kv = (bi * g.kv_heads + head / rep) * total * d;
+            let mut scores = vec![0f32; rows * seen];
+            let q = Op::strided(&qkv[(bi * s + first) * w + head * d..], w);
+            let k = Op::rows(&keys[kv..kv + seen * d], d).t();
             mm(
-                &mut out,
-                d,
-                (s, d, total),
-                Op::rows(&scores, total),
-                v,
-                1.0,
+                &mut scores,
+                seen,
+                (rows, seen, d),
+                q,
+                k,
+                scale,
                 false,
                 false,
             );
+            for (row, mask) in scores.chunks_mut(seen).zip(mask.chunks(total)) {
+                masked_softmax(row, &mask[..seen]);
+            }
+            let v = Op::rows(&values[kv..kv + seen * d], d);
+            let p = Op::rows(&scores, seen);
+            mm(&mut out, d, (rows, d, seen), p, v, 1.0, false, false);
             out
         })
         .collect();
     let qw = g.q_width();
     let mut out = vec![0f32; g.rows() * qw];
-    for (bh, head_out) in heads.iter().enumerate() {
+    for (task, part) in parts.iter().enumerate() {
+        let (bh, block) = (task / blocks, task % blocks);
         let (bi, head) = (bh / g.heads, bh % g.heads);
-        for (i, src) in head_out.chunks(d).enumerate() {
-            out[(bi * s + i) * qw + head * d..][..d].copy_from_slice(src);
+        for (i, src) in part.chunks(d).enumerate() {
+            let row = bi * s + block * QUERY_ROWS + i;
+            out[row * qw + head * d..][..d].copy_from_slice(src);
         }
     }
     out
