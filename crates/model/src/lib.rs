@@ -8,6 +8,8 @@
 //!   dequantized when a layer runs), [`cache`] its KV cache (its passes of several tokens, prefill and
 //!   scoring, run on host buffers on the CPU backend: `llama/host.rs`); [`decode`] is the
 //!   token-by-token path over quantized weights with the kernels of `supportlm_quant`.
+//! - [`rows`]: RMSNorm, RoPE and SwiGLU as row passes on host buffers (the prompt pass's and the
+//!   training step's).
 //! - [`tokenizer`] builds tokenizers from `tokenizer.json` or GGUF metadata; [`chat`] renders chat templates.
 //! - [`sampling`], [`generate`]: picking tokens and the generation loop; [`score`]: candidate log-probs
 //!   with a reusable prefix cache.
@@ -38,6 +40,7 @@ pub mod loader;
 pub mod lora;
 pub mod model;
 pub mod names;
+pub mod rows;
 pub mod sampling;
 pub mod score;
 pub mod tiny;

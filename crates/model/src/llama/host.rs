@@ -19,16 +19,13 @@
 use burn::tensor::{Device, Tensor, TensorData};
 use rayon::prelude::*;
 use supportlm_quant::gemm::{mm, Op};
-use supportlm_quant::kernels::dot;
-use supportlm_quant::pointwise::{softmax_row, swiglu_chunk};
+use supportlm_quant::pointwise::softmax_row;
 
 use super::{to_vec, DecoderLayer, Linear, Llama, RmsNorm, MASK_BELOW};
 use crate::cache::{KvCache, LayerCache};
 use crate::error::Result;
+use crate::rows::{rms, rope, swiglu};
 use crate::weight::HostF32;
-
-/// Rows per rayon task in row loops.
-const ROWS_PER_TASK: usize = 16;
 
 /// Shapes of one pass and its per-row tables.
 struct Geometry<'a> {
@@ -119,14 +116,17 @@ pub(crate) fn run(
     if let Some(c) = collect.as_deref_mut() {
         c.push(as_tensor(&x));
     }
-    let mut scratch = Vec::new();
+    let mut weights = Projector {
+        scratch: Vec::new(),
+        device,
+    };
     for (layer, lc) in llama.layers.iter().zip(cache.layers.iter_mut()) {
-        forward_layer(layer, &mut x, lc, &g, &mut scratch)?;
+        forward_layer(layer, &mut x, lc, &g, &mut weights)?;
         if let Some(c) = collect.as_deref_mut() {
             c.push(as_tensor(&x));
         }
     }
-    let normed = rms(&x, &to_vec(llama.norm.weight.clone())?, g.eps);
+    let (normed, _) = rms(&x, &to_vec(llama.norm.weight.clone())?, g.eps);
     Ok(as_tensor(&normed))
 }
 
@@ -153,85 +153,54 @@ impl Values {
 }
 
 /// One decoder layer on the residual stream `x` (`[b·s, hidden]`, updated in place), appending the
-/// pass's keys and values to `cache`. `scratch` holds dequantized weights.
+/// pass's keys and values to `cache`.
 fn forward_layer(
     layer: &DecoderLayer,
     x: &mut [f32],
     cache: &mut LayerCache,
     g: &Geometry,
-    scratch: &mut Vec<f32>,
+    weights: &mut Projector,
 ) -> Result<()> {
     let rows = g.rows();
     let attn = &layer.self_attn;
     let (qw, kvw, w) = (g.q_width(), g.kv_width(), g.qkv_width());
 
-    let n = rms(x, &norm_weight(&layer.input_layernorm)?, g.eps);
+    let (n, _) = rms(x, &norm_weight(&layer.input_layernorm)?, g.eps);
     let mut qkv = vec![0f32; rows * w];
-    for (linear, offset) in [
-        (&attn.q_proj, 0),
-        (&attn.k_proj, qw),
-        (&attn.v_proj, qw + kvw),
-    ] {
-        project(
-            linear, &n, rows, &mut qkv, w, offset, false, scratch, g.device,
-        )?;
-    }
-    rope(&mut qkv, g);
+    weights.project(&attn.q_proj, &n, rows, &mut qkv, w, false)?;
+    weights.project(&attn.k_proj, &n, rows, &mut qkv[qw..], w, false)?;
+    weights.project(&attn.v_proj, &n, rows, &mut qkv[qw + kvw..], w, false)?;
+    rope(
+        &mut qkv,
+        w,
+        qw + kvw,
+        g.d,
+        &g.positions,
+        (g.cos, g.sin),
+        1.0,
+    );
     let (keys, values) = cached_with_new(cache, &qkv, g)?;
     let out = attention(&qkv, &keys, &values, g);
     let dims = [g.b, g.kv_heads, g.total, g.d];
     cache.k = Some(Tensor::from_data(TensorData::new(keys, dims), g.device));
     cache.v = Some(Tensor::from_data(TensorData::new(values, dims), g.device));
-    project(
-        &attn.o_proj,
-        &out,
-        rows,
-        x,
-        g.hidden,
-        0,
-        true,
-        scratch,
-        g.device,
-    )?;
+    weights.project(&attn.o_proj, &out, rows, x, g.hidden, true)?;
 
     let mlp = &layer.mlp;
-    let n = rms(x, &norm_weight(&layer.post_attention_layernorm)?, g.eps);
+    let (n, _) = rms(x, &norm_weight(&layer.post_attention_layernorm)?, g.eps);
     let inter = mlp.down_proj.weight.dims()[1];
     let mut gate_up = vec![0f32; rows * 2 * inter];
-    project(
-        &mlp.gate_proj,
-        &n,
-        rows,
-        &mut gate_up,
-        2 * inter,
-        0,
-        false,
-        scratch,
-        g.device,
-    )?;
-    project(
+    weights.project(&mlp.gate_proj, &n, rows, &mut gate_up, 2 * inter, false)?;
+    weights.project(
         &mlp.up_proj,
         &n,
         rows,
-        &mut gate_up,
+        &mut gate_up[inter..],
         2 * inter,
-        inter,
         false,
-        scratch,
-        g.device,
     )?;
     let act = swiglu(&gate_up, inter);
-    project(
-        &mlp.down_proj,
-        &act,
-        rows,
-        x,
-        g.hidden,
-        0,
-        true,
-        scratch,
-        g.device,
-    )?;
+    weights.project(&mlp.down_proj, &act, rows, x, g.hidden, true)?;
     Ok(())
 }
 
@@ -239,49 +208,57 @@ fn norm_weight(norm: &RmsNorm) -> Result<Vec<f32>> {
     to_vec(norm.weight.clone())
 }
 
-/// `dst[:, offset..offset + out] (+)= x Wᵀ + bias (+ LoRA)` for `x` `[rows, in]` and `dst` rows of
-/// stride `dst_rs`; replaces those columns unless `add`.
-#[allow(clippy::too_many_arguments)]
-fn project(
-    linear: &Linear,
-    x: &[f32],
-    rows: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    offset: usize,
-    add: bool,
-    scratch: &mut Vec<f32>,
-    device: &Device,
-) -> Result<()> {
-    let [out, inp] = linear.weight.dims();
-    let view = linear.weight.host_f32();
-    let w: &[f32] = match &view {
-        Some(view) => view.values(),
-        None => {
-            scratch.resize(out * inp, 0.0);
-            linear.weight.dequantize_into(scratch)?;
-            scratch
+/// Runs the linear layers: reads f32 weights in place, dequantizes the others into one buffer reused
+/// from projection to projection.
+struct Projector<'a> {
+    scratch: Vec<f32>,
+    /// Where an attached adapter's update runs (tensor ops).
+    device: &'a Device,
+}
+
+impl Projector<'_> {
+    /// `dst[:, ..out] (+)= x Wᵀ + bias (+ LoRA)` for `x` `[rows, in]` and `dst` rows of stride `dst_rs`
+    /// (a column block of a wider activation: `dst` starts at the block); replaces those columns
+    /// unless `add`.
+    fn project(
+        &mut self,
+        linear: &Linear,
+        x: &[f32],
+        rows: usize,
+        dst: &mut [f32],
+        dst_rs: usize,
+        add: bool,
+    ) -> Result<()> {
+        let [out, inp] = linear.weight.dims();
+        let view = linear.weight.host_f32();
+        let w: &[f32] = match &view {
+            Some(view) => view.values(),
+            None => {
+                self.scratch.resize(out * inp, 0.0);
+                linear.weight.dequantize_into(&mut self.scratch)?;
+                &self.scratch
+            }
+        };
+        mm(
+            dst,
+            dst_rs,
+            (rows, out, inp),
+            Op::rows(x, inp),
+            Op::rows(w, inp).t(),
+            1.0,
+            add,
+            true,
+        );
+        if let Some(bias) = &linear.bias {
+            add_rows(dst, dst_rs, rows, &to_vec(bias.clone())?, out);
         }
-    };
-    let dst = &mut dst[offset..];
-    mm(
-        dst,
-        dst_rs,
-        (rows, out, inp),
-        Op::rows(x, inp),
-        Op::rows(w, inp).t(),
-        1.0,
-        add,
-        true,
-    );
-    if let Some(bias) = &linear.bias {
-        add_rows(dst, dst_rs, rows, &to_vec(bias.clone())?, out);
+        if let Some(lora) = &linear.lora {
+            let input =
+                Tensor::<2>::from_data(TensorData::new(x.to_vec(), [rows, inp]), self.device);
+            add_rows(dst, dst_rs, rows, &to_vec(lora.forward(input))?, out);
+        }
+        Ok(())
     }
-    if let Some(lora) = &linear.lora {
-        let input = Tensor::<2>::from_data(TensorData::new(x.to_vec(), [rows, inp]), device);
-        add_rows(dst, dst_rs, rows, &to_vec(lora.forward(input))?, out);
-    }
-    Ok(())
 }
 
 /// Adds `values` (one row of `width` for every row, or a single row broadcast to all) to the first
@@ -299,45 +276,6 @@ fn add_rows(dst: &mut [f32], rs: usize, rows: usize, values: &[f32], width: usiz
             .zip(src)
             .for_each(|(d, v)| *d += v);
     }
-}
-
-/// RMSNorm of each row: `x · inv · w` with `inv = 1/sqrt(mean(x²) + eps)`.
-fn rms(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let n = w.len();
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(n * ROWS_PER_TASK)
-        .zip(x.par_chunks(n * ROWS_PER_TASK))
-        .for_each(|(out, x)| {
-            for (o, x) in out.chunks_mut(n).zip(x.chunks(n)) {
-                let inv = 1.0 / (dot(x, x) / n as f32 + eps).sqrt();
-                for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-                    *o = x * inv * w;
-                }
-            }
-        });
-    out
-}
-
-/// Rotates the query and key heads of `[q | k | v]` rows by each row's position (Hugging Face layout:
-/// pairs `(i, i + d/2)`).
-fn rope(qkv: &mut [f32], g: &Geometry) {
-    let d = g.d;
-    let half = d / 2;
-    let rotated = g.q_width() + g.kv_width();
-    qkv.par_chunks_mut(g.qkv_width())
-        .zip(&g.positions)
-        .for_each(|(row, &pos)| {
-            let cos = &g.cos[pos * d..(pos + 1) * d];
-            let sin = &g.sin[pos * d..(pos + 1) * d];
-            for head in row[..rotated].chunks_mut(d) {
-                let (x1, x2) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (x1[i], x2[i]);
-                    x1[i] = a * cos[i] - b * sin[i];
-                    x2[i] = b * cos[half + i] + a * sin[half + i];
-                }
-            }
-        });
 }
 
 /// The layer's keys and values over every position, `[b, kv_heads, total, d]` each: the cached ones
@@ -455,18 +393,4 @@ fn masked_softmax(row: &mut [f32], mask: &[f32]) {
     } else {
         row.fill(0.0);
     }
-}
-
-/// `silu(gate) · up` from `[gate | up]` rows (`[T, 2·inter]`): `[T, inter]`.
-fn swiglu(gate_up: &[f32], inter: usize) -> Vec<f32> {
-    let mut act = vec![0f32; gate_up.len() / 2];
-    act.par_chunks_mut(inter * ROWS_PER_TASK)
-        .zip(gate_up.par_chunks(2 * inter * ROWS_PER_TASK))
-        .for_each(|(act, gu)| {
-            for (a, gu) in act.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
-                let (g, u) = gu.split_at(inter);
-                swiglu_chunk(a, g, u);
-            }
-        });
-    act
 }

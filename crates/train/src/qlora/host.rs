@@ -32,14 +32,12 @@ use super::{target_index, LossSum, QloraModel};
 use supportlm_model::error::Result;
 use supportlm_model::llama::{rope_tables, to_vec};
 use supportlm_model::lora::{Adapter, LoraPair, Target};
+use supportlm_model::rows::{normed, rms, rope, swiglu, ROWS_PER_TASK};
 use supportlm_model::weight::HostF32;
 use supportlm_quant::gemm::{mm, Op};
 use supportlm_quant::kernels::dot;
-use supportlm_quant::pointwise::{exp, softmax_row, swiglu_chunk};
+use supportlm_quant::pointwise::{exp, softmax_row};
 use supportlm_quant::simd_fn;
-
-/// Rows per rayon task in row loops.
-const ROWS_PER_TASK: usize = 16;
 
 /// One product of a layer: the projections that read the same input (`[q; k; v]`, `[gate; up]`, or
 /// one projection alone) with their frozen weights, biases and LoRA factors. With the weights stacked
@@ -248,33 +246,22 @@ impl Geometry<'_> {
     fn qkv_width(&self) -> usize {
         self.hidden + 2 * self.kv_width()
     }
-}
 
-/// RMSNorm of each row: returns `x · inv · w` and `inv = 1/sqrt(mean(x²) + eps)` per row.
-fn rms(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
-    let n = w.len();
-    let inv: Vec<f32> = x
-        .par_chunks(n)
-        .map(|x| 1.0 / (dot(x, x) / n as f32 + eps).sqrt())
-        .collect();
-    (normed(x, &inv, w), inv)
-}
-
-/// `x · inv · w` from a kept factor.
-fn normed(x: &[f32], inv: &[f32], w: &[f32]) -> Vec<f32> {
-    let n = w.len();
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(n * ROWS_PER_TASK)
-        .zip(x.par_chunks(n * ROWS_PER_TASK))
-        .zip(inv.par_chunks(ROWS_PER_TASK))
-        .for_each(|((out, x), inv)| {
-            for ((o, x), iv) in out.chunks_mut(n).zip(x.chunks(n)).zip(inv) {
-                for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-                    *o = x * iv * w;
-                }
-            }
-        });
-    out
+    /// Rotates the query and key heads of stacked `qkv` rows by each row's position; `sign = -1`
+    /// rotates back (the backward of the rotation).
+    fn rope(&self, qkv: &mut [f32], sign: f32) {
+        let rotated = self.hidden + self.kv_width();
+        let tables = (&self.cos[..], &self.sin[..]);
+        rope(
+            qkv,
+            self.qkv_width(),
+            rotated,
+            self.d,
+            &self.positions,
+            tables,
+            sign,
+        );
+    }
 }
 
 /// `acc += dx` where `n = x · inv · w` and `dn` is the gradient at `n`:
@@ -302,28 +289,6 @@ fn rms_backward_add(acc: &mut [f32], dn: &[f32], x: &[f32], inv: &[f32], w: &[f3
                 let c = iv * iv * iv * mean_gx;
                 for (((a, d), x), w) in acc.iter_mut().zip(dn).zip(x).zip(w) {
                     *a += d * w * iv - x * c;
-                }
-            }
-        });
-}
-
-/// Rotates the query and key heads of stacked `qkv` rows (the first `hidden + kv_width` columns) by
-/// each row's position; `sign = -1` rotates back (the backward of the rotation).
-fn rope(qkv: &mut [f32], g: &Geometry, sign: f32) {
-    let d = g.d;
-    let half = d / 2;
-    let rotated = g.hidden + g.kv_width();
-    qkv.par_chunks_mut(g.qkv_width())
-        .zip(&g.positions)
-        .for_each(|(row, &pos)| {
-            let cos = &g.cos[pos * d..(pos + 1) * d];
-            let sin = &g.sin[pos * d..(pos + 1) * d];
-            for head in row[..rotated].chunks_mut(d) {
-                let (x1, x2) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (x1[i], x2[i]);
-                    x1[i] = a * cos[i] - b * sign * sin[i];
-                    x2[i] = b * cos[half + i] + a * sign * sin[half + i];
                 }
             }
         });
@@ -439,20 +404,6 @@ fn attention_backward(saved: &Saved, dout: &[f32], g: &Geometry) -> Vec<f32> {
     dqkv
 }
 
-/// `silu(gate) · up` from stacked `[gate | up]` rows (`[T, 2·inter]`): `[T, inter]`.
-fn swiglu(gate_up: &[f32], inter: usize) -> Vec<f32> {
-    let mut act = vec![0f32; gate_up.len() / 2];
-    act.par_chunks_mut(inter * ROWS_PER_TASK)
-        .zip(gate_up.par_chunks(2 * inter * ROWS_PER_TASK))
-        .for_each(|(act, gu)| {
-            for (a, gu) in act.chunks_mut(inter).zip(gu.chunks(2 * inter)) {
-                let (g, u) = gu.split_at(inter);
-                swiglu_chunk(a, g, u);
-            }
-        });
-    act
-}
-
 simd_fn! {
     fn swiglu_backward_chunk(dgate: &mut [f32], dup: &mut [f32], dact: &[f32], gate: &[f32], up: &[f32]) {
         for ((((dg, du), &da), &g), &u) in dgate.iter_mut().zip(dup).zip(dact).zip(gate).zip(up) {
@@ -497,7 +448,7 @@ fn forward_layer(
     let mut qkv = vec![0f32; rows * l.qkv.out];
     l.qkv.forward(&n1, &masks, rows, &mut qkv, false, &mut lows);
     drop(n1);
-    rope(&mut qkv, g, 1.0);
+    g.rope(&mut qkv, 1.0);
     let (probs, attn) = attention(&qkv, g);
     let mut mid = x.clone();
     l.o.forward(&attn, &masks, rows, &mut mid, true, &mut lows);
@@ -571,7 +522,7 @@ fn backward_layer(
     );
     let mut dqkv = attention_backward(&saved, &dattn, g);
     drop(dattn);
-    rope(&mut dqkv, g, -1.0);
+    g.rope(&mut dqkv, -1.0);
     let n1 = normed(&saved.x, &saved.inv1, &l.norm1);
     let mut dn1 = vec![0f32; rows * hidden];
     l.qkv
