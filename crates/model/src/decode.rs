@@ -345,7 +345,10 @@ simd_fn! {
         let mut totals = vec![vec![None::<f32>; rep]; qs.len()];
         for g in groups.clone() {
             // This group's query heads in the output.
-            let o_at = |r: usize| ((g - groups.start) * rep + r) * d..((g - groups.start) * rep + r + 1) * d;
+            let o_at = |r: usize| {
+                let head = (g - groups.start) * rep + r;
+                head * d..(head + 1) * d
+            };
             let heads = |i: usize| qs[i][g * rep * d..(g + 1) * rep * d].chunks_exact(d);
             // Shared positions in blocks whose keys stay in L1 while every row's heads are scored.
             for start in (0..shared.len).step_by(SHARED_BLOCK) {

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use supportlm_quant::gemm::{mm, Op};
 use supportlm_quant::pointwise::softmax_row;
 
-use super::{to_vec, DecoderLayer, Linear, Llama, RmsNorm, MASK_BELOW};
+use super::{to_vec, DecoderLayer, Linear, Llama, MASK_BELOW};
 use crate::cache::{KvCache, LayerCache};
 use crate::error::Result;
 use crate::rows::{rms, rope, swiglu};
@@ -126,7 +126,7 @@ pub(crate) fn run(
             c.push(as_tensor(&x));
         }
     }
-    let (normed, _) = rms(&x, &to_vec(llama.norm.weight.clone())?, g.eps);
+    let (normed, _) = rms(&x, host(&llama.norm.weight)?.values(), g.eps);
     Ok(as_tensor(&normed))
 }
 
@@ -165,7 +165,7 @@ fn forward_layer(
     let attn = &layer.self_attn;
     let (qw, kvw, w) = (g.q_width(), g.kv_width(), g.qkv_width());
 
-    let (n, _) = rms(x, &norm_weight(&layer.input_layernorm)?, g.eps);
+    let (n, _) = rms(x, host(&layer.input_layernorm.weight)?.values(), g.eps);
     let mut qkv = vec![0f32; rows * w];
     weights.project(&attn.q_proj, &n, rows, &mut qkv, w, false)?;
     weights.project(&attn.k_proj, &n, rows, &mut qkv[qw..], w, false)?;
@@ -187,7 +187,11 @@ fn forward_layer(
     weights.project(&attn.o_proj, &out, rows, x, g.hidden, true)?;
 
     let mlp = &layer.mlp;
-    let (n, _) = rms(x, &norm_weight(&layer.post_attention_layernorm)?, g.eps);
+    let (n, _) = rms(
+        x,
+        host(&layer.post_attention_layernorm.weight)?.values(),
+        g.eps,
+    );
     let inter = mlp.down_proj.weight.dims()[1];
     let mut gate_up = vec![0f32; rows * 2 * inter];
     weights.project(&mlp.gate_proj, &n, rows, &mut gate_up, 2 * inter, false)?;
@@ -202,10 +206,6 @@ fn forward_layer(
     let act = swiglu(&gate_up, inter);
     weights.project(&mlp.down_proj, &act, rows, x, g.hidden, true)?;
     Ok(())
-}
-
-fn norm_weight(norm: &RmsNorm) -> Result<Vec<f32>> {
-    to_vec(norm.weight.clone())
 }
 
 /// Runs the linear layers: reads f32 weights in place, dequantizes the others into one buffer reused
@@ -250,30 +250,32 @@ impl Projector<'_> {
             true,
         );
         if let Some(bias) = &linear.bias {
-            add_rows(dst, dst_rs, rows, &to_vec(bias.clone())?, out);
+            let bias = host(bias)?;
+            add_rows(dst, dst_rs, rows, out, |_| bias.values());
         }
         if let Some(lora) = &linear.lora {
             let input =
                 Tensor::<2>::from_data(TensorData::new(x.to_vec(), [rows, inp]), self.device);
-            add_rows(dst, dst_rs, rows, &to_vec(lora.forward(input))?, out);
+            let delta = to_vec(lora.forward(input))?;
+            add_rows(dst, dst_rs, rows, out, |r| &delta[r * out..(r + 1) * out]);
         }
         Ok(())
     }
 }
 
-/// Adds `values` (one row of `width` for every row, or a single row broadcast to all) to the first
-/// `width` columns of `rows` rows of stride `rs`.
-fn add_rows(dst: &mut [f32], rs: usize, rows: usize, values: &[f32], width: usize) {
-    let per_row = values.len() == rows * width;
+/// Adds `values(r)` (`width` values) to the first `width` columns of each row `r` of `rows` rows of
+/// stride `rs`.
+fn add_rows<'v>(
+    dst: &mut [f32],
+    rs: usize,
+    rows: usize,
+    width: usize,
+    values: impl Fn(usize) -> &'v [f32],
+) {
     for r in 0..rows {
-        let src = if per_row {
-            &values[r * width..(r + 1) * width]
-        } else {
-            &values[..width]
-        };
         dst[r * rs..r * rs + width]
             .iter_mut()
-            .zip(src)
+            .zip(values(r))
             .for_each(|(d, v)| *d += v);
     }
 }

@@ -2,9 +2,8 @@
 //! attention softmax and the LM head's cross-entropy.
 //!
 //! Burn's CPU backend calls libm's `expf` once per element; these loops use `supportlm_quant`'s
-//! vectorizable [`exp`] (see its `pointwise` module). Rows are split
-//! across threads with rayon; each element's value depends only on its own row, so results do not
-//! depend on the thread count. On other devices the same steps are Burn's tensor ops there (a host
+//! vectorizable [`exp`] (see its `pointwise` module). Rows are split across threads with rayon; each
+//! element's value depends only on its own row, so results do not depend on the thread count. On other devices the same steps are Burn's tensor ops there (a host
 //! loop would read every activation back).
 
 use burn::tensor::{Tensor, TensorData};
